@@ -1,0 +1,26 @@
+# flanpipe: FLAN-style instruction tuning as a DAG.
+#   synthetic/ingest -> templated shards -> capped, mixed mixtures (Polars) -> SentencePiece + packing
+#   -> Megatron-Core training (one model per held-out cluster) -> zero-shot evaluation -> report
+# Every rule's work is one function in the flanpipe package; `flanpipe --help` runs any step by hand.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/mixture.smk"
+include: "rules/tokenize.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,168 @@
+"""Experiment config: schema validation with defaults, and the plan derived from it.
+
+The same function validates the config for the Snakefile and for the CLI, so a wrong key or type fails
+before any job runs, with the key's path in the message.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from flanpipe.io import PROJECT_ROOT, read_yaml
+from flanpipe.registry import FLAN_OVERLAPS, DatasetSpec, RegistryError, load_registry, training_datasets
+from flanpipe.templates import Template, load_validated
+
+SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The experiment config is wrong; the message names the key path."""
+
+
+def _with_defaults(validator_cls: type) -> type:
+    """A validator that fills schema defaults in place (as snakemake.utils.validate does)."""
+    validate_props = validator_cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if "default" in sub and prop not in instance:
+                    instance[prop] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+
+
+def validate_config(config: Mapping[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    """Return a validated copy of ``config`` with defaults filled in."""
+    schema = read_yaml(schema_path)
+    out = copy.deepcopy(dict(config))
+    cls = _with_defaults(jsonschema.validators.validator_for(schema))
+    errors = sorted(cls(schema).iter_errors(out), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        path = [str(p) for p in e.absolute_path]
+        if e.validator == "additionalProperties":  # name the unknown key itself, with its full path
+            unknown = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+            allowed = ", ".join(sorted(e.schema.get("properties", {})))
+            keys = ", ".join(".".join([*path, k]) for k in unknown)
+            raise ConfigError(f"config key {keys}: unknown key (allowed here: {allowed})")
+        key = ".".join(path) or "<top level>"
+        raise ConfigError(f"config key {key}: {e.message}")
+    check_cross_fields(out)
+    return out
+
+
+def check_cross_fields(config: Mapping[str, Any]) -> None:
+    """Checks a JSON schema cannot express, with the arithmetic in the message."""
+    n = config["lengths"]
+    if n["pack"] < n["inputs"] + n["targets"]:
+        raise ConfigError(
+            f"config key lengths.pack: {n['pack']} is smaller than lengths.inputs + lengths.targets "
+            f"= {n['inputs']} + {n['targets']} = {n['inputs'] + n['targets']}; a full example would not fit"
+        )
+    t = config["train"]
+    if t["global_batch_size"] % t["micro_batch_size"]:
+        raise ConfigError(
+            f"config key train.global_batch_size: {t['global_batch_size']} is not divisible by "
+            f"train.micro_batch_size {t['micro_batch_size']}"
+        )
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping")
+    try:
+        return validate_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dataset_spec(config: Mapping[str, Any], name: str) -> DatasetSpec:
+    """One dataset's registry entry (what a rule's script needs; cheaper than a whole plan)."""
+    registry = load_registry(list(config["registry"]))
+    if name not in registry:
+        raise ConfigError(f"dataset {name!r} is not in the registry files {config['registry']}")
+    return registry[name]
+
+
+def mixture_name(held_out: str) -> str:
+    return f"heldout_{held_out}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the DAG needs to know, derived once from the validated config."""
+
+    registry: dict[str, DatasetSpec]
+    templates: dict[str, list[Template]]
+    mixtures: dict[str, list[str]]  # mixture -> training datasets
+    evaluations: dict[str, list[str]] = field(default_factory=dict)  # mixture -> held-out datasets
+
+    @property
+    def train_datasets(self) -> list[str]:
+        return sorted({d for ds in self.mixtures.values() for d in ds})
+
+    @property
+    def eval_datasets(self) -> list[str]:
+        return sorted({d for ds in self.evaluations.values() for d in ds})
+
+
+def plan_experiment(config: Mapping[str, Any]) -> Plan:
+    """Load the registry, validate every used template against its dataset, and name the mixtures."""
+    registry = load_registry(list(config["registry"]))
+    if config.get("datasets"):
+        unknown = sorted(set(config["datasets"]) - set(registry))
+        if unknown:
+            raise ConfigError(f"config key datasets: unknown dataset(s) {unknown}")
+        registry = {k: v for k, v in registry.items() if k in config["datasets"]}
+    overlaps = config.get("overlaps")
+    overlaps = FLAN_OVERLAPS if overlaps is None else overlaps
+    mixtures: dict[str, list[str]] = {}
+    evaluations: dict[str, list[str]] = {}
+    for cluster in config["held_out"]:
+        try:
+            mixtures[mixture_name(cluster)] = training_datasets(registry, [cluster], overlaps)
+        except RegistryError as e:
+            raise ConfigError(f"config key held_out: {e}") from None
+        evaluations[mixture_name(cluster)] = [s.name for s in registry.values() if s.cluster == cluster]
+    used = {d for ds in mixtures.values() for d in ds} | {d for ds in evaluations.values() for d in ds}
+    templates = {name: load_validated(registry[name]) for name in registry if name in used}
+    return Plan(registry=registry, templates=templates, mixtures=mixtures, evaluations=evaluations)
+
+
+def train_spec(config: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON run spec the training entry point reads (model config + training facts)."""
+    t = config["train"]
+    return {
+        "model": dict(model),
+        "train": {
+            "steps": t["steps"],
+            "lr": t["lr"],
+            "warmup_steps": t["warmup_steps"],
+            "micro_batch_size": t["micro_batch_size"],
+            "global_batch_size": t["global_batch_size"],
+            "seq_length": config["lengths"]["pack"],
+            "seed": t["seed"],
+            "log_interval": t["log_interval"],
+            "tensor_model_parallel_size": t["tensor_model_parallel_size"],
+            "pipeline_model_parallel_size": t["pipeline_model_parallel_size"],
+            "optimizer": t["optimizer"],
+            "weight_decay": t["weight_decay"],
+            "clip_grad": t["clip_grad"],
+        },
+    }
+
+
+def budget_tokens(config: Mapping[str, Any]) -> int:
+    """Training tokens of one run: steps x global batch (rows) x sequence length."""
+    t = config["train"]
+    return t["steps"] * t["global_batch_size"] * config["lengths"]["pack"]

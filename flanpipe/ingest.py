@@ -1,0 +1,217 @@
+"""Ingest: raw dataset splits (local files or HuggingFace ``datasets``) -> canonical Parquet.
+
+The canonical form has ``example_id`` (the row's position in the source split, so every later stage can
+point back to the raw example) and one column per canonical field of the registry entry. For
+classification datasets ``answer`` holds the option *text*, so templates and metrics never see label ids.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from flanpipe.io import atomic_path
+from flanpipe.registry import DatasetSpec
+
+Policy = Literal["fail", "drop"]
+
+
+class DataError(ValueError):
+    """Raw data does not fit its registry entry; the message names dataset, split, file and field."""
+
+
+def local_path(spec: DatasetSpec, role: str, root: Path = Path(".")) -> Path:
+    """The local file holding ``role`` (train/validation/test) of ``spec``."""
+    return root / spec.source.path.format(split=spec.splits[role])
+
+
+def _local_format(spec: DatasetSpec, path: Path) -> str:
+    fmt = spec.source.format or path.suffix.lstrip(".").replace("json", "jsonl").replace("jsonll", "jsonl")
+    if fmt not in {"jsonl", "parquet", "csv"}:
+        raise DataError(f"dataset {spec.name!r}: cannot tell the format of {path}; set source.format")
+    return fmt
+
+
+def read_local(spec: DatasetSpec, role: str, root: Path = Path(".")) -> pl.LazyFrame:
+    """Scan a local JSONL / Parquet / CSV split lazily."""
+    path = local_path(spec, role, root)
+    if not path.exists():
+        raise DataError(
+            f"dataset {spec.name!r} ({role}): source file {path} does not exist; "
+            f"create it or point 'source.path' in {spec.defined_in or 'the registry'} at the right file"
+        )
+    fmt = _local_format(spec, path)
+    if fmt == "jsonl":
+        return pl.scan_ndjson(path, infer_schema_length=None)
+    if fmt == "parquet":
+        return pl.scan_parquet(path)
+    return pl.scan_csv(path, infer_schema_length=None)
+
+
+def read_hf(spec: DatasetSpec, role: str, cache_dir: str | None = None) -> pl.LazyFrame:
+    """Load one split with ``datasets.load_dataset`` (run on a login node with internet, or offline
+    from its cache when ``HF_DATASETS_OFFLINE=1``); ``source.path`` may also be a local directory."""
+    import datasets  # imported lazily: heavy, and only this source type needs it
+
+    split = spec.splits[role]
+    try:
+        ds = datasets.load_dataset(
+            spec.source.path,
+            spec.source.name,
+            split=split,
+            data_dir=spec.source.data_dir,
+            cache_dir=cache_dir or os.environ.get("FLANPIPE_HF_CACHE"),
+        )
+    except Exception as e:  # datasets raises many types; all mean "not loadable here"
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        hint = (
+            "HF_DATASETS_OFFLINE=1 is set: run `flanpipe download` (or the download rule) on a machine "
+            "with internet first, or point the registry at local files"
+            if offline
+            else "check the dataset id/config, or download it where the hub is reachable"
+        )
+        raise DataError(
+            f"dataset {spec.name!r} ({role}): cannot load HuggingFace source "
+            f"{spec.source.path!r} config {spec.source.name!r} split {split!r}: {e}. {hint}"
+        ) from e
+    table = ds.flatten_indices().data.table
+    return pl.from_arrow(table).lazy()  # type: ignore[union-attr]
+
+
+def _column_expr(source: str) -> pl.Expr:
+    """``a.b.c`` addresses struct field b.c of column a (HF's nested columns)."""
+    head, *rest = source.split(".")
+    expr = pl.col(head)
+    for part in rest:
+        expr = expr.struct.field(part)
+    return expr
+
+
+def canonical_exprs(spec: DatasetSpec, schema: pl.Schema) -> list[pl.Expr]:
+    """One expression per canonical field (answer last, as it may depend on the options)."""
+    missing = [
+        src
+        for srcs in spec.fields.values()
+        for src in ((srcs,) if isinstance(srcs, str) else srcs)
+        if src.split(".")[0] not in schema
+    ]
+    if missing:
+        raise DataError(f"dataset {spec.name!r}: source column(s) {missing} not found; the source has {list(schema)}")
+    exprs: list[pl.Expr] = []
+    for name, src in spec.fields.items():
+        if name == "answer":
+            continue
+        if isinstance(src, tuple):  # several source columns gathered into one list field
+            expr = pl.concat_list([_column_expr(s).cast(pl.Utf8) for s in src])
+        elif name == spec.options_field:
+            expr = _column_expr(src).cast(pl.List(pl.Utf8))
+        else:
+            expr = _column_expr(src)
+            dtype = _resolved_dtype(src, schema)
+            if isinstance(dtype, pl.List):  # a list of references: train on the first one
+                expr = expr.list.first()
+            expr = expr.cast(pl.Utf8)
+        exprs.append(expr.alias(name))
+    exprs.append(_answer_expr(spec, schema).alias("answer"))
+    return exprs
+
+
+def _resolved_dtype(source: str, schema: pl.Schema) -> pl.DataType:
+    head, *rest = source.split(".")
+    dtype = schema[head]
+    for part in rest:
+        if isinstance(dtype, pl.List):
+            dtype = dtype.inner
+        dtype = {f.name: f.dtype for f in dtype.fields}[part]  # type: ignore[attr-defined]
+    return dtype
+
+
+def _answer_expr(spec: DatasetSpec, schema: pl.Schema) -> pl.Expr:
+    """The gold target as text: an int label indexes the options; anything else is cast to text."""
+    src = spec.fields["answer"]
+    assert isinstance(src, str), "answer maps exactly one source column"
+    raw = _column_expr(src)
+    dtype = _resolved_dtype(src, schema)
+    if isinstance(dtype, pl.List):
+        return raw.list.first().cast(pl.Utf8)
+    if spec.options is not None and (dtype.is_integer() or spec.answer_is_index):
+        # Out-of-range labels (e.g. GLUE's -1 on unlabeled test splits) become null and are then
+        # handled by the bad-row policy instead of silently mapping to some option.
+        idx = raw.cast(pl.Int64)
+        lookup = pl.lit(pl.Series(list(spec.options), dtype=pl.Utf8)).implode()
+        return pl.when((idx >= 0) & (idx < len(spec.options))).then(lookup.list.get(idx)).otherwise(None)
+    if spec.options_field is not None and (dtype.is_integer() or spec.answer_is_index):
+        return pl.col(spec.options_field).list.get(raw.cast(pl.Int64), null_on_oob=True)
+    return raw.cast(pl.Utf8)
+
+
+def bad_row_reasons(spec: DatasetSpec) -> dict[str, pl.Expr]:
+    """Named predicates for rows that cannot become examples (checked on canonical columns)."""
+    reasons = {f"null {name}": pl.col(name).is_null() for name in spec.fields}
+    if spec.options is not None:
+        reasons["answer not in options"] = pl.col("answer").is_not_null() & ~pl.col("answer").is_in(list(spec.options))
+    if spec.options_field is not None:
+        reasons["answer not in its options"] = (
+            pl.col("answer").is_not_null()
+            & pl.col(spec.options_field).is_not_null()
+            & ~pl.col(spec.options_field).list.contains(pl.col("answer"))
+        )
+    return reasons
+
+
+def canonicalize(
+    lf: pl.LazyFrame, spec: DatasetSpec, role: str, policy: Policy = "fail", origin: str = ""
+) -> tuple[pl.LazyFrame, dict[str, int]]:
+    """Map raw columns to canonical fields, then fail on or drop bad rows per ``policy``.
+
+    Returns the canonical frame and the count of dropped rows per reason (never silent).
+    """
+    schema = lf.collect_schema()
+    canon = lf.with_row_index("example_id").select(pl.col("example_id").cast(pl.Int64), *canonical_exprs(spec, schema))
+    reasons = bad_row_reasons(spec)
+    counts_row = canon.select(pl.len().alias("rows"), *[pred.sum().alias(r) for r, pred in reasons.items()]).collect()
+    counts = {k: int(v) for k, v in counts_row.row(0, named=True).items()}
+    n_rows = counts.pop("rows")
+    where = f"dataset {spec.name!r} split {role!r} ({origin or spec.source.path})"
+    if n_rows == 0:
+        raise DataError(f"{where}: the split is empty")
+    bad = {r: n for r, n in counts.items() if n}
+    if bad and policy == "fail":
+        any_bad = pl.any_horizontal(list(reasons.values()))
+        first = canon.filter(any_bad).select("example_id").head(1).collect().item()
+        raise DataError(
+            f"{where}: {sum(bad.values())} bad row(s) {bad}; first at example_id {first}. "
+            "Fix the data or the registry entry, or set data.bad_rows: drop to drop and count them"
+        )
+    if bad:
+        canon = canon.filter(~pl.any_horizontal(list(reasons.values())))
+        if n_rows == sum(bad.values()):
+            raise DataError(f"{where}: every row is bad {bad}; nothing would remain")
+    return canon, bad
+
+
+def ingest_split(
+    spec: DatasetSpec,
+    role: str,
+    out_path: str | os.PathLike[str],
+    policy: Policy = "fail",
+    root: Path = Path("."),
+) -> dict[str, object]:
+    """Read one split of ``spec`` and write its canonical Parquet; return a small report."""
+    if spec.source.type == "local":
+        lf = read_local(spec, role, root)
+        origin = str(local_path(spec, role, root))
+    else:
+        lf = read_hf(spec, role)
+        origin = f"hf:{spec.source.path}/{spec.source.name or ''}:{spec.splits[role]}"
+    try:
+        canon, dropped = canonicalize(lf, spec, role, policy, origin)
+        with atomic_path(out_path) as tmp:
+            df = canon.collect()
+            df.write_parquet(tmp)
+    except pl.exceptions.ComputeError as e:  # e.g. invalid UTF-8 or malformed JSON in the raw file
+        raise DataError(f"dataset {spec.name!r} split {role!r}: cannot read {origin}: {e}") from e
+    return {"dataset": spec.name, "split": role, "rows": df.height, "dropped": dropped, "source": origin}

@@ -1,0 +1,194 @@
+"""The task registry: which datasets exist, where they come from, and how they are scored.
+
+Like seqio's TaskRegistry, the registry is the single source of truth for dataset facts and fails loudly
+on duplicates. Unlike seqio it is pure data (YAML under ``config/registry/``), so adding a dataset needs
+a registry entry and a template file, no code.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+
+from flanpipe.io import PROJECT_ROOT, read_yaml, resolve_config_path
+
+SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "registry.schema.yaml"
+ROLES = ("train", "validation", "test")
+
+# FLAN's overlap rules (paper section 3): holding out one of these clusters also removes its partners
+# from training, because their tasks are near-duplicates (NLI <-> paraphrase) or share passages.
+FLAN_OVERLAPS: dict[str, tuple[str, ...]] = {
+    "nli": ("paraphrase",),
+    "paraphrase": ("nli",),
+    "reading_comprehension": ("reading_comprehension_with_commonsense",),
+    "commonsense": ("reading_comprehension_with_commonsense",),
+    "reading_comprehension_with_commonsense": ("reading_comprehension", "commonsense"),
+}
+
+
+class RegistryError(ValueError):
+    """A registry file or entry is wrong; the message names the file and dataset."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a dataset's raw splits come from."""
+
+    type: Literal["local", "hf"]
+    path: str  # local: file pattern with {split}; hf: dataset id
+    format: str | None = None  # local only: jsonl | parquet | csv (default: from the suffix)
+    name: str | None = None  # hf config name
+    data_dir: str | None = None  # hf data_dir (manual downloads)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: its cluster, source, field mapping, options and metric."""
+
+    name: str
+    cluster: str
+    source: SourceSpec
+    fields: Mapping[str, str | tuple[str, ...]]  # canonical field -> source column(s) (dot path for nesting)
+    metric: str
+    templates: Path
+    splits: Mapping[str, str] = field(default_factory=lambda: {r: r for r in ROLES})
+    options: tuple[str, ...] | None = None  # static label options (classification)
+    options_field: str | None = None  # canonical list field with per-example options
+    answer_is_index: bool = False  # the source answer is an index into the options
+    defined_in: str = ""  # registry file, for error messages
+
+    @property
+    def has_options(self) -> bool:
+        return self.options is not None or self.options_field is not None
+
+    @property
+    def canonical_fields(self) -> tuple[str, ...]:
+        return tuple(self.fields)
+
+
+def _expand(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand globs; a pattern that matches nothing is an error (a typo would silently drop datasets)."""
+    out: list[Path] = []
+    for p in paths:
+        matches = sorted(glob.glob(str(resolve_config_path(p))))
+        if not matches and not Path(p).is_absolute():
+            matches = sorted(glob.glob(str(PROJECT_ROOT / p)))
+        if not matches:
+            raise RegistryError(f"registry: no file matches {str(p)!r}")
+        out.extend(Path(m) for m in matches)
+    return out
+
+
+def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
+    src = raw["source"]
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw["fields"].items()}
+    spec = DatasetSpec(
+        name=name,
+        cluster=raw["cluster"],
+        source=SourceSpec(
+            type=src["type"],
+            path=src["path"],
+            format=src.get("format"),
+            name=src.get("name"),
+            data_dir=src.get("data_dir"),
+        ),
+        fields=fields,
+        metric=raw["metric"],
+        templates=resolve_config_path(raw.get("templates", f"config/templates/{name}.yaml")),
+        splits=raw.get("splits") or {r: r for r in ROLES},
+        options=tuple(str(o) for o in raw["options"]) if raw.get("options") is not None else None,
+        options_field=raw.get("options_field"),
+        answer_is_index=bool(raw.get("answer_is_index", False)),
+        defined_in=str(path),
+    )
+    where = f"{path}: dataset {name!r}"
+    if spec.options is not None and spec.options_field is not None:
+        raise RegistryError(f"{where}: give either 'options' or 'options_field', not both")
+    if spec.options_field is not None and spec.options_field not in spec.fields:
+        raise RegistryError(
+            f"{where}: options_field {spec.options_field!r} is not one of its fields {sorted(spec.fields)}"
+        )
+    if "answer" not in spec.fields:
+        raise RegistryError(f"{where}: 'fields' must map the target field 'answer'")
+    if spec.source.type == "local" and "{split}" not in spec.source.path:
+        raise RegistryError(f"{where}: local source path must contain '{{split}}': {spec.source.path!r}")
+    return spec
+
+
+def load_registry(paths: Sequence[str | Path]) -> dict[str, DatasetSpec]:
+    """Load and validate registry files; duplicate dataset names across files are an error."""
+    schema = read_yaml(SCHEMA_PATH)
+    specs: dict[str, DatasetSpec] = {}
+    for path in _expand(paths):
+        raw = read_yaml(path)
+        try:
+            jsonschema.validate(raw, schema)
+        except jsonschema.ValidationError as e:
+            key = "/".join(str(p) for p in e.absolute_path) or "<top>"
+            raise RegistryError(f"{path}: at {key}: {e.message}") from None
+        for name, entry in raw["datasets"].items():
+            if name in specs:
+                raise RegistryError(f"{path}: dataset {name!r} is already defined in {specs[name].defined_in}")
+            specs[name] = _entry_to_spec(name, entry, path)
+    return specs
+
+
+def clusters(registry: Mapping[str, DatasetSpec]) -> dict[str, list[str]]:
+    """Cluster -> its dataset names, in registry order."""
+    out: dict[str, list[str]] = {}
+    for spec in registry.values():
+        out.setdefault(spec.cluster, []).append(spec.name)
+    return out
+
+
+def excluded_clusters(held_out: Iterable[str], overlaps: Mapping[str, Sequence[str]]) -> set[str]:
+    """Clusters removed from training when ``held_out`` are evaluated (the held-out ones plus overlaps)."""
+    out: set[str] = set()
+    for c in held_out:
+        out.add(c)
+        out.update(overlaps.get(c, ()))
+    return out
+
+
+def training_datasets(
+    registry: Mapping[str, DatasetSpec],
+    held_out: Sequence[str],
+    overlaps: Mapping[str, Sequence[str]] = FLAN_OVERLAPS,
+    train_clusters: Sequence[str] | None = None,
+) -> list[str]:
+    """Datasets a model evaluated on ``held_out`` may train on.
+
+    ``train_clusters`` restricts training to those clusters (the number-of-clusters ablation); held-out
+    and overlapping clusters are removed even if listed there.
+    """
+    known = clusters(registry)
+    for c in list(held_out) + list(train_clusters or []):
+        if c not in known:
+            raise RegistryError(f"unknown cluster {c!r}; the registry has {sorted(known)}")
+    drop = excluded_clusters(held_out, overlaps)
+    allowed = set(train_clusters) if train_clusters is not None else set(known)
+    names = [s.name for s in registry.values() if s.cluster in allowed and s.cluster not in drop]
+    if not names:
+        raise RegistryError(f"holding out {list(held_out)} removes clusters {sorted(drop)} and leaves no training data")
+    return names
+
+
+def registry_table(registry: Mapping[str, DatasetSpec], n_templates: Mapping[str, tuple[int, int]]) -> list[dict]:
+    """Rows for ``flanpipe tasks``: name, cluster, template counts, metric, source."""
+    return [
+        {
+            "name": s.name,
+            "cluster": s.cluster,
+            "n_templates": n_templates[s.name][0],
+            "n_turned_around": n_templates[s.name][1],
+            "metric": s.metric,
+            "options": list(s.options) if s.options else ([f"<{s.options_field}>"] if s.options_field else []),
+            "source": s.source.type + ":" + s.source.path + (f"/{s.source.name}" if s.source.name else ""),
+        }
+        for s in registry.values()
+    ]

@@ -1,0 +1,285 @@
+"""Instruction templates: pure data in ``config/templates/*.yaml``, rendered with Polars expressions.
+
+A template is a pair of patterns (inputs, targets) with ``{field}`` placeholders naming canonical fields,
+plus ``{options_}`` for FLAN's options block. Patterns are parsed by a small regex and turned into
+``pl.concat_str`` expressions: nothing in a template file is ever evaluated as code, and rendering a
+million examples is a handful of vectorized string concatenations, not a Python loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import polars as pl
+
+from flanpipe.io import atomic_path, read_yaml
+from flanpipe.registry import DatasetSpec
+
+OPTIONS_PLACEHOLDER = "options_"
+MAX_TURNED_AROUND = 3  # FLAN: "up to three" templates that turn the task around
+InstructionMode = Literal["natural", "no_template", "dataset_name"]
+INSTRUCTION_MODES: tuple[str, ...] = ("natural", "no_template", "dataset_name")
+
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+SHARD_SCHEMA = {
+    "dataset": pl.Utf8,
+    "cluster": pl.Utf8,
+    "split": pl.Utf8,
+    "example_id": pl.Int64,
+    "template_id": pl.Int32,
+    "turned_around": pl.Boolean,
+    "inputs": pl.Utf8,
+    "targets": pl.Utf8,
+    "options": pl.List(pl.Utf8),
+}
+
+
+class TemplateError(ValueError):
+    """A template file is wrong; the message names the file, the template's index and the culprit."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """One (inputs, targets) pattern pair; ``index`` is its position in the file (its template id)."""
+
+    index: int
+    inputs: str
+    targets: str
+    turned_around: bool = False
+
+
+Piece = tuple[Literal["text", "field"], str]
+
+
+def parse_pattern(pattern: str) -> list[Piece]:
+    """Split a pattern into literal text and field references; ``{{``/``}}`` are literal braces."""
+    pieces: list[Piece] = []
+    pos = 0
+    for m in _TOKEN.finditer(pattern):
+        if m.start() > pos:
+            pieces.append(("text", pattern[pos : m.start()]))
+        tok = m.group(0)
+        if tok in ("{{", "}}"):
+            pieces.append(("text", tok[0]))
+        elif tok in ("{", "}"):
+            raise ValueError(f"unbalanced {tok!r} at character {m.start()} (write {tok * 2} for a literal brace)")
+        else:
+            name = m.group(1)
+            if not _NAME.match(name):
+                raise ValueError(f"invalid placeholder {tok!r}: placeholders are plain field names")
+            pieces.append(("field", name))
+        pos = m.end()
+    if pos < len(pattern):
+        pieces.append(("text", pattern[pos:]))
+    return pieces
+
+
+def placeholders(pattern: str) -> list[str]:
+    return [v for k, v in parse_pattern(pattern) if k == "field"]
+
+
+def load_templates(path: str | os.PathLike[str]) -> list[Template]:
+    """Read a template file; structural problems name the file and template index."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("templates"), list):
+        raise TemplateError(f"{path}: expected a mapping with a 'templates' list")
+    if not raw["templates"]:
+        raise TemplateError(f"{path}: the template list is empty")
+    out: list[Template] = []
+    for i, t in enumerate(raw["templates"]):
+        if not isinstance(t, dict):
+            raise TemplateError(f"{path}: template {i}: expected a mapping with 'inputs' and 'targets'")
+        unknown = set(t) - {"inputs", "targets", "turned_around"}
+        if unknown:
+            raise TemplateError(f"{path}: template {i}: unknown key(s) {sorted(unknown)}")
+        for key in ("inputs", "targets"):
+            if not isinstance(t.get(key), str) or not t[key].strip():
+                raise TemplateError(f"{path}: template {i}: '{key}' must be a non-empty string")
+        if not isinstance(t.get("turned_around", False), bool):
+            raise TemplateError(f"{path}: template {i}: 'turned_around' must be true or false")
+        out.append(Template(i, t["inputs"], t["targets"], bool(t.get("turned_around", False))))
+    return out
+
+
+def validate_templates(templates: Sequence[Template], spec: DatasetSpec, path: str | os.PathLike[str]) -> None:
+    """Check every placeholder against the dataset's fields, before any job runs."""
+    fields = set(spec.fields)
+    n_turned = sum(t.turned_around for t in templates)
+    if n_turned > MAX_TURNED_AROUND:
+        raise TemplateError(f"{path}: {n_turned} turned-around templates; FLAN allows at most {MAX_TURNED_AROUND}")
+    if n_turned == len(templates):
+        raise TemplateError(f"{path}: every template is turned around; at least one must do the task itself")
+    for t in templates:
+        for key in ("inputs", "targets"):
+            try:
+                names = placeholders(getattr(t, key))
+            except ValueError as e:
+                raise TemplateError(f"{path}: template {t.index} ({key}): {e}") from None
+            for name in names:
+                if name == OPTIONS_PLACEHOLDER:
+                    if not spec.has_options:
+                        raise TemplateError(
+                            f"{path}: template {t.index} ({key}): {{options_}} used but dataset "
+                            f"{spec.name!r} has no options"
+                        )
+                elif name not in fields:
+                    raise TemplateError(
+                        f"{path}: template {t.index} ({key}): field {name!r} is not a field of dataset "
+                        f"{spec.name!r} (fields: {sorted(fields)})"
+                    )
+
+
+def load_validated(spec: DatasetSpec) -> list[Template]:
+    templates = load_templates(spec.templates)
+    validate_templates(templates, spec, spec.templates)
+    return templates
+
+
+def select_templates(templates: Sequence[Template], num_templates: int | None) -> list[Template]:
+    """All templates, or (template-count ablation) the first ``k`` that do the task itself."""
+    if num_templates is None:
+        return list(templates)
+    natural = [t for t in templates if not t.turned_around]
+    return natural[:num_templates]
+
+
+def options_expr(spec: DatasetSpec) -> pl.Expr:
+    """The options as a List(Utf8) expression (empty list when the dataset has none)."""
+    if spec.options is not None:
+        return pl.lit(pl.Series([list(spec.options)], dtype=pl.List(pl.Utf8))).first()
+    if spec.options_field is not None:
+        return pl.col(spec.options_field)
+    return pl.lit(pl.Series([[]], dtype=pl.List(pl.Utf8))).first()
+
+
+def options_block(options: pl.Expr) -> pl.Expr:
+    """FLAN's block: ``OPTIONS:\\n- a\\n- b``."""
+    return pl.concat_str([pl.lit("OPTIONS:\n- "), options.list.join("\n- ")])
+
+
+def pattern_expr(pattern: str, options_text: pl.Expr) -> pl.Expr:
+    parts = [
+        pl.lit(v) if k == "text" else (options_text if v == OPTIONS_PLACEHOLDER else pl.col(v).cast(pl.Utf8))
+        for k, v in parse_pattern(pattern)
+    ]
+    return pl.concat_str(parts) if parts else pl.lit("")
+
+
+def instruction_free_templates(spec: DatasetSpec, mode: InstructionMode) -> list[Template]:
+    """Paper Table 3 ablations: the inputs with no instruction, optionally prefixed by the dataset name."""
+    input_fields = [f for f in spec.fields if f not in ("answer", spec.options_field)]
+    body = "\n".join("{" + f + "}" for f in input_fields)
+    if spec.has_options:
+        body += "\n\n{options_}"
+    if mode == "dataset_name":
+        body = f"[{spec.cluster}: {spec.name}]\n" + body
+    return [Template(0, body, "{answer}")]
+
+
+def templates_for_mode(
+    templates: Sequence[Template], spec: DatasetSpec, mode: InstructionMode, num_templates: int | None
+) -> list[Template]:
+    if mode not in INSTRUCTION_MODES:
+        raise ValueError(f"unknown instruction mode {mode!r}; choose one of {INSTRUCTION_MODES}")
+    if mode == "natural":
+        return select_templates(templates, num_templates)
+    return instruction_free_templates(spec, mode)
+
+
+def _rendered_columns(spec: DatasetSpec, split: str, template_id: pl.Expr, chosen: Sequence[Template]) -> list[pl.Expr]:
+    """Shard columns for rows whose template id is given by ``template_id``."""
+    opts = options_expr(spec)
+    block = options_block(opts)
+
+    def choose(attr: str) -> pl.Expr:
+        expr: pl.Expr | pl.When | pl.Then | None = None
+        for t in chosen:
+            e = pattern_expr(getattr(t, attr), block)
+            cond = template_id == t.index
+            expr = pl.when(cond).then(e) if expr is None else expr.when(cond).then(e)  # type: ignore[union-attr]
+        return expr.otherwise(None)  # type: ignore[union-attr]
+
+    turned = pl.lit(False)
+    for t in chosen:
+        if t.turned_around:
+            turned = turned | (template_id == t.index)
+    return [
+        pl.lit(spec.name).alias("dataset"),
+        pl.lit(spec.cluster).alias("cluster"),
+        pl.lit(split).alias("split"),
+        pl.col("example_id").cast(pl.Int64),
+        template_id.cast(pl.Int32).alias("template_id"),
+        turned.alias("turned_around"),
+        choose("inputs").alias("inputs"),
+        choose("targets").alias("targets"),
+        opts.cast(pl.List(pl.Utf8)).alias("options"),
+    ]
+
+
+def render_train(lf: pl.LazyFrame, spec: DatasetSpec, chosen: Sequence[Template]) -> pl.LazyFrame:
+    """Each example gets exactly one template, round-robin over consecutive examples (FLAN's code)."""
+    ids = pl.Series([t.index for t in chosen], dtype=pl.Int32)
+    template_id = pl.lit(ids).implode().list.get(pl.int_range(pl.len()) % len(chosen))
+    return lf.select(_rendered_columns(spec, "train", template_id, chosen))
+
+
+def render_eval(
+    lf: pl.LazyFrame, spec: DatasetSpec, split: str, chosen: Sequence[Template], max_examples: int | None
+) -> pl.LazyFrame:
+    """Every example under every template that does the task (turned-around ones are not scored)."""
+    scored = [t for t in chosen if not t.turned_around]
+    base = lf.head(max_examples) if max_examples else lf
+    frames = [base.select(_rendered_columns(spec, split, pl.lit(t.index), [t])) for t in scored]
+    return pl.concat(frames)
+
+
+def render_shard(
+    spec: DatasetSpec,
+    canonical: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    mode: InstructionMode = "natural",
+    num_templates: int | None = None,
+) -> dict[str, object]:
+    """Render the training split of one dataset into its templated shard."""
+    chosen = templates_for_mode(load_validated(spec), spec, mode, num_templates)
+    lf = render_train(pl.scan_parquet(canonical), spec, chosen)
+    with atomic_path(out_path) as tmp:
+        lf.sink_parquet(tmp)
+    rows = pl.scan_parquet(out_path).select(pl.len()).collect().item()
+    return {"dataset": spec.name, "rows": rows, "templates": [t.index for t in chosen], "mode": mode}
+
+
+def render_eval_shard(
+    spec: DatasetSpec,
+    canonical: Mapping[str, str | os.PathLike[str]],
+    out_path: str | os.PathLike[str],
+    *,
+    mode: InstructionMode = "natural",
+    max_examples: int | None = 200,
+) -> dict[str, object]:
+    """Render validation and test splits under every scored template into one eval shard."""
+    chosen = templates_for_mode(load_validated(spec), spec, mode, None)
+    frames = [render_eval(pl.scan_parquet(p), spec, split, chosen, max_examples) for split, p in canonical.items()]
+    with atomic_path(out_path) as tmp:
+        pl.concat(frames).sink_parquet(tmp)
+    return {"dataset": spec.name, "splits": list(canonical), "mode": mode}
+
+
+def preview(spec: DatasetSpec, canonical: str | os.PathLike[str], n: int) -> str:
+    """Human-readable rendering of the first ``n`` examples under each template."""
+    templates = load_validated(spec)
+    lf = pl.scan_parquet(canonical).head(n)
+    blocks: list[str] = []
+    for t in templates:
+        df = lf.select(_rendered_columns(spec, "train", pl.lit(t.index), [t])).collect()
+        tag = " (turned around)" if t.turned_around else ""
+        for inp, tgt in zip(df["inputs"], df["targets"], strict=True):
+            blocks.append(f"--- {spec.name} template {t.index}{tag}\n[inputs]\n{inp}\n[targets]\n{tgt}")
+    return "\n\n".join(blocks)

@@ -1,0 +1,17 @@
+"""Rule generate_synthetic -> flanpipe.synthetic.generate_dataset."""
+
+from pathlib import Path
+
+from flanpipe.io import log_to
+from flanpipe.synthetic import generate_dataset
+
+snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
+
+with log_to(snakemake.log[0]):
+    paths = generate_dataset(
+        snakemake.wildcards.synthetic,
+        Path(snakemake.output[0]).parent,
+        sizes=dict(snakemake.params.sizes),
+        seed=snakemake.params.seed,
+    )
+    print("wrote", *paths)

@@ -1,0 +1,14 @@
+"""Rule ingest -> flanpipe.ingest.ingest_split."""
+
+import json
+
+from flanpipe.config import dataset_spec
+from flanpipe.ingest import ingest_split
+from flanpipe.io import log_to
+
+snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
+
+with log_to(snakemake.log[0]):
+    spec = dataset_spec(snakemake.config, snakemake.wildcards.dataset)
+    report = ingest_split(spec, snakemake.wildcards.split, snakemake.output[0], policy=snakemake.params.bad_rows)
+    print(json.dumps(report))

@@ -1,0 +1,20 @@
+"""Rule mix -> flanpipe.mixing.build_mixture."""
+
+import json
+
+from flanpipe.io import log_to
+from flanpipe.mixing import MixtureConfig, build_mixture
+
+snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
+
+with log_to(snakemake.log[0]):
+    stats = build_mixture(
+        dict(snakemake.input.items()),
+        MixtureConfig(**snakemake.params.mixture),
+        snakemake.output.parquet,
+        snakemake.output.stats,
+        budget_tokens=snakemake.params.budget_tokens,
+        inputs_length=snakemake.params.lengths["inputs"],
+        targets_length=snakemake.params.lengths["targets"],
+    )
+    print(json.dumps(stats, indent=2))

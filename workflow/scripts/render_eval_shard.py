@@ -1,0 +1,20 @@
+"""Rule render_eval_shard -> flanpipe.templates.render_eval_shard."""
+
+import json
+
+from flanpipe.config import dataset_spec
+from flanpipe.io import log_to
+from flanpipe.templates import render_eval_shard
+
+snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
+
+with log_to(snakemake.log[0]):
+    spec = dataset_spec(snakemake.config, snakemake.wildcards.dataset)
+    report = render_eval_shard(
+        spec,
+        {"validation": snakemake.input.validation, "test": snakemake.input.test},
+        snakemake.output[0],
+        mode=snakemake.params.mode,
+        max_examples=snakemake.params.max_examples,
+    )
+    print(json.dumps(report))

@@ -1,0 +1,20 @@
+"""Rule render_shard -> flanpipe.templates.render_shard."""
+
+import json
+
+from flanpipe.config import dataset_spec
+from flanpipe.io import log_to
+from flanpipe.templates import render_shard
+
+snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
+
+with log_to(snakemake.log[0]):
+    spec = dataset_spec(snakemake.config, snakemake.wildcards.dataset)
+    report = render_shard(
+        spec,
+        snakemake.input.canonical,
+        snakemake.output[0],
+        mode=snakemake.params.mode,
+        num_templates=snakemake.params.num_templates,
+    )
+    print(json.dumps(report))

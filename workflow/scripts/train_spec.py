@@ -1,0 +1,8 @@
+"""Rule train_spec -> the JSON run spec flanpipe.train reads (built by flanpipe.config.train_spec)."""
+
+from flanpipe.io import log_to, write_json
+
+snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
+
+with log_to(snakemake.log[0]):
+    write_json(snakemake.output[0], dict(snakemake.params.spec))
