@@ -91,7 +91,8 @@ def _column_expr(source: str) -> pl.Expr:
 
 
 def canonical_exprs(spec: DatasetSpec, schema: pl.Schema) -> list[pl.Expr]:
-    """One expression per canonical field (answer last, as it may depend on the options)."""
+    """One expression per canonical field; ``answer`` is taken raw here and mapped by ``answer_expr``
+    in a second step, because it may index the options column this step creates."""
     missing = [
         src
         for srcs in spec.fields.values()
@@ -102,20 +103,17 @@ def canonical_exprs(spec: DatasetSpec, schema: pl.Schema) -> list[pl.Expr]:
         raise DataError(f"dataset {spec.name!r}: source column(s) {missing} not found; the source has {list(schema)}")
     exprs: list[pl.Expr] = []
     for name, src in spec.fields.items():
-        if name == "answer":
-            continue
         if isinstance(src, tuple):  # several source columns gathered into one list field
             expr = pl.concat_list([_column_expr(s).cast(pl.Utf8) for s in src])
         elif name == spec.options_field:
             expr = _column_expr(src).cast(pl.List(pl.Utf8))
         else:
             expr = _column_expr(src)
-            dtype = _resolved_dtype(src, schema)
-            if isinstance(dtype, pl.List):  # a list of references: train on the first one
+            if isinstance(_resolved_dtype(src, schema), pl.List):  # a list of references: train on the first
                 expr = expr.list.first()
-            expr = expr.cast(pl.Utf8)
+            if name != "answer":  # the answer keeps its dtype: an int label indexes the options
+                expr = expr.cast(pl.Utf8)
         exprs.append(expr.alias(name))
-    exprs.append(_answer_expr(spec, schema).alias("answer"))
     return exprs
 
 
@@ -129,22 +127,20 @@ def _resolved_dtype(source: str, schema: pl.Schema) -> pl.DataType:
     return dtype
 
 
-def _answer_expr(spec: DatasetSpec, schema: pl.Schema) -> pl.Expr:
+def answer_expr(spec: DatasetSpec, dtype: pl.DataType) -> pl.Expr:
     """The gold target as text: an int label indexes the options; anything else is cast to text."""
-    src = spec.fields["answer"]
-    assert isinstance(src, str), "answer maps exactly one source column"
-    raw = _column_expr(src)
-    dtype = _resolved_dtype(src, schema)
-    if isinstance(dtype, pl.List):
-        return raw.list.first().cast(pl.Utf8)
-    if spec.options is not None and (dtype.is_integer() or spec.answer_is_index):
+    raw = pl.col("answer")
+    is_index = dtype.is_integer() or spec.answer_is_index
+    if spec.options is not None and is_index:
         # Out-of-range labels (e.g. GLUE's -1 on unlabeled test splits) become null and are then
         # handled by the bad-row policy instead of silently mapping to some option.
         idx = raw.cast(pl.Int64)
         lookup = pl.lit(pl.Series(list(spec.options), dtype=pl.Utf8)).implode()
         return pl.when((idx >= 0) & (idx < len(spec.options))).then(lookup.list.get(idx)).otherwise(None)
-    if spec.options_field is not None and (dtype.is_integer() or spec.answer_is_index):
-        return pl.col(spec.options_field).list.get(raw.cast(pl.Int64), null_on_oob=True)
+    if spec.options_field is not None and is_index:
+        idx = raw.cast(pl.Int64)
+        n = pl.col(spec.options_field).list.len()
+        return pl.when((idx >= 0) & (idx < n)).then(pl.col(spec.options_field).list.get(idx, null_on_oob=True))
     return raw.cast(pl.Utf8)
 
 
@@ -171,6 +167,7 @@ def canonicalize(
     """
     schema = lf.collect_schema()
     canon = lf.with_row_index("example_id").select(pl.col("example_id").cast(pl.Int64), *canonical_exprs(spec, schema))
+    canon = canon.with_columns(answer_expr(spec, canon.collect_schema()["answer"]).alias("answer"))
     reasons = bad_row_reasons(spec)
     counts_row = canon.select(pl.len().alias("rows"), *[pred.sum().alias(r) for r, pred in reasons.items()]).collect()
     counts = {k: int(v) for k, v in counts_row.row(0, named=True).items()}

@@ -74,6 +74,10 @@ def eval_inputs(wildcards):
     }
 
 
+def dataset_metric(wildcards):
+    return PLAN.registry[wildcards.dataset].metric
+
+
 def eval_results(mixture):
     return [f"results/eval/{mixture}/{d}.json" for d in PLAN.evaluations[mixture]]
 

@@ -7,6 +7,7 @@ rule evaluate:
     output:
         "results/eval/{mixture}/{dataset}.json",
     params:
+        metric=dataset_metric,
         lengths=config["lengths"],
         batch_size=config["eval"]["batch_size"],
     log:

@@ -1,0 +1,327 @@
+"""Zero-shot evaluation: rank classification for option tasks, greedy decoding otherwise.
+
+The model is only seen through `Scorer.logits`, a plain causal LM over right-padded rows,
+so the same code evaluates a Megatron checkpoint (flanpipe.model.load_scorer) or a toy
+PyTorch module in the tests.
+
+Decisions (FLAN-compatible, written down so train and eval agree):
+- Option scoring: an option is scored as its text tokens *plus EOS*, i.e. exactly the target
+  sequence the model was trained to emit (targets are encoded as ids[:targets_length-1] + EOS).
+  Without EOS an option that is a prefix of another ("yes" vs "yes, definitely") could never
+  lose to it, since every extra token only adds a log-prob <= 0. Scores are summed, not
+  length-normalized, as in FLAN's rank classification.
+- Input truncation: inputs longer than inputs_length keep their END by default (keep_end=True).
+  FLAN templates put the instruction and the OPTIONS block last, and those are what the answer
+  depends on; cutting them would turn a classification prompt into an unanswerable one. It
+  also keeps the answer adjacent to the prompt text the model conditions on most. Training
+  (flanpipe.tokenize) keeps the START; pass keep_end=False to evaluate with the training rule.
+- Right padding + per-row lengths (not left padding): a causal LM with absolute or rotary
+  positions sees each row's real tokens at positions 0..len-1 exactly as in training, and
+  padding after a row's end cannot influence earlier positions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import polars as pl
+import sentencepiece as spm
+import torch
+
+from flanpipe.metrics import get_metric
+
+SPLITS = ("validation", "test")
+
+
+class Scorer(Protocol):
+    """Anything that maps right-padded token rows to next-token logits."""
+
+    def logits(self, tokens: torch.LongTensor) -> torch.FloatTensor:
+        """tokens [b, s] -> logits [b, s, V]; logits[:, t] predicts tokens[:, t + 1]."""
+        ...
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> torch.LongTensor:
+    """Stack ragged id lists into one [b, max_len] tensor, padding on the right."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):  # one copy per row, not per token
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def _float_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision logits before log_softmax; keep float64 if the model uses it."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def truncate_input(ids: Sequence[int], inputs_length: int, keep_end: bool = True) -> list[int]:
+    """Cut ids to inputs_length, keeping the end by default (see module docstring for why)."""
+    if len(ids) <= inputs_length:
+        return list(ids)
+    return list(ids[len(ids) - inputs_length :]) if keep_end else list(ids[:inputs_length])
+
+
+def encode_target(ids: Sequence[int], targets_length: int, eos_id: int) -> list[int]:
+    """Target ids as trained: first targets_length-1 ids, then EOS (so len <= targets_length)."""
+    return [*ids[: targets_length - 1], eos_id]
+
+
+@torch.inference_mode()
+def option_logprobs(
+    scorer: Scorer,
+    input_ids: Sequence[Sequence[int]],
+    options_ids: Sequence[Sequence[Sequence[int]]],
+    batch_size: int,
+) -> list[list[float]]:
+    """log p(option | input) for every example and option, summed over the option's tokens.
+
+    All (example, option) pairs are flattened, sorted by length (longest first, so an
+    out-of-memory shows up on the first batch) and right-padded per batch. For a pair with
+    input length L and total length T, option token t in [L, T) is predicted by the logits
+    at t - 1, so
+        score = sum_{j=0}^{T-L-1} log_softmax(logits[L - 1 + j])[tokens[L + j]]
+    The option positions are gathered first ([b, s, V] -> [b, J, V], J = longest option),
+    so log_softmax runs on J positions per row instead of s: with s = 1024 + 256 and
+    J <= 256 that is 5x less memory than normalizing every input position.
+    """
+    if len(input_ids) != len(options_ids):
+        raise ValueError(f"{len(input_ids)} inputs but {len(options_ids)} option lists")
+    if any(len(ids) == 0 for ids in input_ids):
+        raise ValueError("rank classification needs a non-empty input (no BOS token exists)")
+    pairs = [
+        (ex, list(inp) + list(opt), len(inp))
+        for ex, (inp, opts) in enumerate(zip(input_ids, options_ids, strict=True))
+        for opt in opts
+    ]
+    if any(len(seq) == n_in for _, seq, n_in in pairs):
+        raise ValueError("every option needs at least one token")
+    order = sorted(range(len(pairs)), key=lambda k: -len(pairs[k][1]))
+    scores = torch.empty(len(pairs), dtype=torch.float64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        tokens = _right_pad([pairs[k][1] for k in idx])
+        logits = scorer.logits(tokens)
+        dev, width, vocab = logits.device, tokens.shape[1], logits.shape[-1]
+        tokens = tokens.to(dev)
+        n_in = torch.tensor([pairs[k][2] for k in idx], device=dev)
+        n_opt = torch.tensor([len(pairs[k][1]) - pairs[k][2] for k in idx], device=dev)
+        j = torch.arange(int(n_opt.max()), device=dev)[None, :]
+        valid = j < n_opt[:, None]  # [b, J]: real option tokens, not padding
+        # predicting position for option token j is L - 1 + j; clamp keeps padded slots in range
+        pos = (n_in[:, None] - 1 + j).clamp(max=width - 2)
+        picked_logits = logits.gather(1, pos[..., None].expand(-1, -1, vocab))  # [b, J, V]
+        logp = torch.log_softmax(_float_logits(picked_logits), dim=-1)
+        tok_logp = logp.gather(-1, tokens.gather(1, pos + 1)[..., None]).squeeze(-1)  # [b, J]
+        scores[idx] = torch.where(valid, tok_logp, torch.zeros_like(tok_logp)).sum(-1).double().cpu()
+    out: list[list[float]] = [[] for _ in input_ids]
+    for (ex, _, _), s in zip(pairs, scores.tolist(), strict=True):
+        out[ex].append(s)
+    return out
+
+
+def rank_classification(
+    scorer: Scorer,
+    input_ids: Sequence[Sequence[int]],
+    options_ids: Sequence[Sequence[Sequence[int]]],
+    batch_size: int,
+) -> list[int]:
+    """Index of the most likely option per example (ties go to the earliest option)."""
+    scores = option_logprobs(scorer, input_ids, options_ids, batch_size)
+    return [max(range(len(s)), key=s.__getitem__) for s in scores]
+
+
+@torch.inference_mode()
+def greedy_generate(
+    scorer: Scorer,
+    input_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    batch_size: int,
+) -> list[list[int]]:
+    """Greedy continuation of every input, stopping a row at EOS (EOS not returned).
+
+    No KV cache: each step re-runs the prefix, which costs O(steps x len) forwards but is
+    trivially correct for the tiny models this pipeline trains. Rows are right-padded and
+    each row reads the logit at its OWN last position (lengths - 1); finished rows drop
+    out of the forward pass, and the forward is cut to the longest active row.
+    """
+    if any(len(ids) == 0 for ids in input_ids):
+        raise ValueError("greedy generation needs a non-empty input (no BOS token exists)")
+    order = sorted(range(len(input_ids)), key=lambda k: -len(input_ids[k]))
+    out: list[list[int]] = [[] for _ in input_ids]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        prompts = [input_ids[k] for k in idx]
+        lengths = torch.tensor([len(p) for p in prompts])
+        buf = _right_pad(prompts)
+        buf = torch.cat([buf, torch.zeros(len(idx), max_new_tokens, dtype=torch.long)], dim=1)
+        n_new = torch.zeros(len(idx), dtype=torch.long)
+        active = torch.ones(len(idx), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            rows = active.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                break
+            width = int(lengths[rows].max())
+            logits = scorer.logits(buf[rows, :width])
+            last = (lengths[rows] - 1).to(logits.device)
+            nxt = logits[torch.arange(rows.numel(), device=logits.device), last].argmax(-1).cpu()
+            done = nxt == eos_id
+            keep = rows[~done]
+            buf[keep, lengths[keep]] = nxt[~done]
+            lengths[keep] += 1
+            n_new[keep] += 1
+            active[rows[done]] = False
+        for j, k in enumerate(idx):
+            start_new = len(prompts[j])
+            out[k] = buf[j, start_new : start_new + int(n_new[j])].tolist()
+    return out
+
+
+def predict_shard(
+    scorer: Scorer,
+    sp: spm.SentencePieceProcessor,
+    shard: pl.DataFrame,
+    inputs_length: int,
+    targets_length: int,
+    batch_size: int = 32,
+    keep_end: bool = True,
+) -> pl.DataFrame:
+    """Add a `prediction` column: the chosen option text, or the greedy decode.
+
+    Rows with a non-empty `options` list are rank-classified; the others are generated
+    (up to targets_length tokens, the trained target budget including EOS). Turned-around
+    templates are dropped: they invert the task, so they are not evaluations of it.
+    """
+    eos = sp.eos_id()
+    df = shard.filter(~pl.col("turned_around")).with_row_index("_row")
+    is_cls = pl.col("options").list.len() > 0
+    cls, gen = df.filter(is_cls), df.filter(~is_cls)
+    parts: list[pl.DataFrame] = []
+    if cls.height:
+        inputs = [truncate_input(ids, inputs_length, keep_end) for ids in sp.encode(cls["inputs"].to_list())]
+        flat = cls.select("_row", "options").explode("options")
+        flat_ids = [encode_target(ids, targets_length, eos) for ids in sp.encode(flat["options"].to_list())]
+        options_ids = (
+            flat.with_columns(_ids=pl.Series(flat_ids, dtype=pl.List(pl.Int64)))
+            .group_by("_row", maintain_order=True)
+            .agg("_ids")["_ids"]
+            .to_list()
+        )
+        best = rank_classification(scorer, inputs, options_ids, batch_size)
+        parts.append(cls.with_columns(prediction=pl.col("options").list.get(pl.Series(best))))
+    if gen.height:
+        inputs = [truncate_input(ids, inputs_length, keep_end) for ids in sp.encode(gen["inputs"].to_list())]
+        new = greedy_generate(scorer, inputs, targets_length, eos, batch_size)
+        parts.append(gen.with_columns(prediction=pl.Series(sp.decode(new), dtype=pl.Utf8)))
+    if not parts:
+        return df.drop("_row").with_columns(prediction=pl.lit(None, dtype=pl.Utf8))
+    return pl.concat(parts).sort("_row").drop("_row")
+
+
+def score_templates(predictions: pl.DataFrame, metric: str) -> pl.DataFrame:
+    """One row per template: validation/test score and counts (score null if no examples).
+
+    Metrics are corpus-level functions (BLEU is not a mean of per-row scores), so each
+    (template, split) group is handed to the metric whole; the loop is over groups only.
+    """
+    fn = get_metric(metric)
+    groups = (
+        predictions.group_by("template_id", "split")
+        .agg("prediction", "targets", n=pl.len())
+        .filter(pl.col("split").is_in(SPLITS))
+    )
+    scores = [fn(p, t) for p, t in zip(groups["prediction"].to_list(), groups["targets"].to_list(), strict=True)]
+    long = groups.select("template_id", "split", "n").with_columns(score=pl.Series(scores, dtype=pl.Float64))
+    templates = predictions.select(pl.col("template_id").unique().sort())
+    for split in SPLITS:
+        one = long.filter(pl.col("split") == split).select(
+            "template_id", pl.col("score").alias(split), pl.col("n").alias(f"n_{split}")
+        )
+        templates = templates.join(one, on="template_id", how="left")
+    return templates.select("template_id", *SPLITS, *(pl.col(f"n_{s}").fill_null(0).cast(pl.Int64) for s in SPLITS))
+
+
+def summarize(per_template: pl.DataFrame) -> dict:
+    """Mean/std over templates (test split) and the best-dev-template test score.
+
+    The template is chosen by its VALIDATION score only (ties -> lowest template_id);
+    its test score is then read off. Looking at test here would overstate zero-shot
+    performance. std is the population std (ddof=0) so a single template gives 0, not NaN.
+    """
+    test = per_template["test"].drop_nulls()
+    dev = per_template.filter(pl.col("validation").is_not_null()).sort(
+        ["validation", "template_id"], descending=[True, False]
+    )
+    best = dev.row(0, named=True) if dev.height else None
+    return {
+        "mean": float(test.mean()) if test.len() else None,
+        "std": float(test.std(ddof=0)) if test.len() else None,
+        "best_dev_template": int(best["template_id"]) if best else None,
+        "best_dev_test": best["test"] if best else None,
+    }
+
+
+def evaluate_shard(
+    scorer: Scorer,
+    sp: spm.SentencePieceProcessor,
+    shard: pl.DataFrame,
+    metric: str,
+    inputs_length: int,
+    targets_length: int,
+    batch_size: int = 32,
+    keep_end: bool = True,
+) -> dict:
+    """Zero-shot result for one dataset's eval shard (schema: see ARCH.md, Evaluation)."""
+    names = shard.select("dataset", "cluster").unique()
+    if names.height != 1:
+        raise ValueError(f"eval shard must hold exactly one dataset, got {names.rows()}")
+    dataset, cluster = names.row(0)
+    get_metric(metric)  # fail before spending model time on an unknown metric
+    t0 = time.perf_counter()
+    preds = predict_shard(scorer, sp, shard, inputs_length, targets_length, batch_size, keep_end)
+    seconds = time.perf_counter() - t0
+    per_template = score_templates(preds, metric)
+    return {
+        "dataset": dataset,
+        "cluster": cluster,
+        "metric": metric,
+        "n_templates": per_template.height,
+        "per_template": per_template.to_dicts(),
+        **summarize(per_template),
+        "examples_per_s": preds.height / seconds if seconds > 0 else None,
+    }
+
+
+def run_evaluation(
+    model_dir: Path,
+    tokenizer: Path,
+    shard: Path,
+    out: Path,
+    *,
+    metric: str,
+    lengths: dict[str, int],
+    batch_size: int = 32,
+) -> dict:
+    """Rule ``evaluate``: load a trained model and its tokenizer, score one dataset's eval shard.
+
+    Inputs are truncated like training inputs (keep the start, as seqio does) so the model is scored
+    on the same view of an example it was trained on.
+    """
+    from flanpipe.io import write_json
+    from flanpipe.model import load_scorer
+    from flanpipe.tokenize import load_tokenizer
+
+    get_metric(metric)
+    scorer = load_scorer(model_dir)
+    sp = load_tokenizer(tokenizer)
+    df = pl.read_parquet(shard)
+    result = evaluate_shard(
+        scorer, sp, df, metric, lengths["inputs"], lengths["targets"], batch_size=batch_size, keep_end=False
+    )
+    result["model"] = str(model_dir)
+    write_json(out, result)
+    return result

@@ -1,0 +1,282 @@
+"""SentencePiece tokenizer: train on a seeded sample, load, and batch-encode examples into flat arrays.
+
+The encoding rule is the contract the packer, trainer and evaluator share (ARCH.md, "Tokenizer"):
+input ids truncated to ``inputs_length``; target ids truncated to ``targets_length - 1`` and then EOS
+(id 1) appended, so a target always ends in EOS and never exceeds ``targets_length``.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import sentencepiece as spm
+
+from flanpipe.io import atomic_path
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+
+# Encode this many examples per sp.encode call: a Python list of lists costs ~36 bytes per token, so
+# 65,536 examples x ~300 tokens x 36 B ~= 0.7 GB is the peak; the numpy result is 4 B per token.
+_ENCODE_CHUNK = 65_536
+
+
+def _sample_sentences(parquet_paths: Sequence[Path], sample_size: int, seed: int) -> list[str]:
+    """Pick ``sample_size`` examples by smallest seeded hash of (inputs, targets).
+
+    Hashing content (not position) makes the sample independent of file order and row order, and
+    ``bottom_k`` keeps it a streaming top-k instead of a full sort. Ties are broken by the text itself.
+    Polars documents its hash as stable within a version, which is what "same inputs + seed" needs.
+    """
+    lf = pl.concat([pl.scan_parquet(p).select("inputs", "targets") for p in parquet_paths])
+    sample = (
+        lf.with_columns(_key=pl.struct("inputs", "targets").hash(seed))
+        .bottom_k(sample_size, by=["_key", "inputs", "targets"])
+        .sort("_key", "inputs", "targets")
+        # one sentence per field: inputs and targets are encoded separately, so train on them separately
+        .select(sentence=pl.concat_list("inputs", "targets"))
+        .explode("sentence")
+        .filter(pl.col("sentence").str.len_bytes() > 0)
+    )
+    return sample.collect()["sentence"].to_list()
+
+
+def _normalize_model_bytes(model: bytes) -> bytes:
+    """Record ``num_threads = 1`` in the model's trainer spec.
+
+    SentencePiece BPE training gives the same pieces and scores for any thread count (checked in the
+    tests), but it copies ``num_threads`` into the saved proto, so the bytes would depend on the
+    machine's core count. Fixing the recorded value makes same sample + seed -> byte-identical file.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    proto.trainer_spec.num_threads = 1
+    return proto.SerializeToString(deterministic=True)
+
+
+def _vocab_text(model: bytes) -> str:
+    """The ``.vocab`` side file SentencePiece writes with ``model_prefix``: ``piece<TAB>score`` per id."""
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+
+
+def train_tokenizer(
+    parquet_paths: Sequence[Path],
+    out_model: Path,
+    vocab_size: int,
+    sample_size: int,
+    seed: int,
+    num_threads: int | None = None,
+) -> Path:
+    """Train a byte-fallback BPE tokenizer on a seeded sample of mixture/shard text; return the .model path.
+
+    Normalization is 'identity' with whitespace kept, because FLAN templates carry meaning in newlines
+    ("OPTIONS:\\n- a\\n- b") and the default nmt_nfkc rule would fold them into spaces.
+    ``vocab_size`` is a soft limit (hard_vocab_limit=False): a tiny corpus yields a smaller vocabulary
+    instead of an error; ``check_vocab`` guards the other direction.
+    """
+    out_model = Path(out_model)
+    if out_model.suffix != ".model":
+        raise ValueError(f"tokenizer path must end in .model, got {out_model}")
+    sentences = _sample_sentences(parquet_paths, sample_size, seed)
+    if not sentences:
+        raise ValueError(f"no non-empty inputs/targets text to train a tokenizer on in {list(parquet_paths)}")
+    spm.set_random_generator_seed(seed)
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=buf,  # in-memory: no temp prefix or input path recorded in the proto
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            character_coverage=1.0,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            input_sentence_size=0,  # use the whole (already sampled) set; no SentencePiece-side shuffling
+            max_sentence_length=1 << 16,  # default 4192 bytes would silently drop long FLAN inputs
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        raise ValueError(
+            f"SentencePiece training for {out_model} failed (vocab_size={vocab_size}; byte fallback "
+            f"reserves 256 + 3 special ids and every character of the sample needs one more): {err}"
+        ) from err
+    model = _normalize_model_bytes(buf.getvalue())
+    vocab_path = out_model.with_suffix(".vocab")
+    with atomic_path(vocab_path) as tmp:
+        tmp.write_text(_vocab_text(model), encoding="utf-8")
+    with atomic_path(out_model) as tmp:  # .model last: its presence means both are complete
+        tmp.write_bytes(model)
+    return out_model
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> spm.SentencePieceProcessor:
+    """Load a .model file; fails with the path in the message rather than SentencePiece's bare OSError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def check_vocab(
+    sp: spm.SentencePieceProcessor, model_vocab_size: int, path: str | os.PathLike[str] = "tokenizer"
+) -> None:
+    """Raise if token ids could index past the model's embedding table (a silent crash on GPU)."""
+    n = sp.get_piece_size()
+    if n > model_vocab_size:
+        raise ValueError(
+            f"tokenizer {path} has {n} pieces but the model's vocab_size is {model_vocab_size}; "
+            f"raise the model's vocab_size to >= {n} or train a smaller tokenizer"
+        )
+
+
+@dataclass(frozen=True)
+class EncodedExamples:
+    """A batch of encoded examples as flat arrays (no per-example Python objects).
+
+    Example i is ``tokens[offsets[i]:offsets[i + 1]]``: its first ``input_lengths[i]`` tokens are the
+    input, the rest the target ending in EOS.
+    """
+
+    tokens: np.ndarray  # int32 [total]
+    offsets: np.ndarray  # int64 [n + 1], offsets[0] == 0
+    input_lengths: np.ndarray  # int32 [n]
+    truncated_inputs: int  # examples whose input was cut to inputs_length
+    truncated_targets: int  # examples whose target was cut to targets_length - 1 (+ EOS)
+    inputs_length: int
+    targets_length: int
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Total tokens per example (input + target + EOS), int64."""
+        return np.diff(self.offsets)
+
+    @property
+    def target_lengths(self) -> np.ndarray:
+        """Target tokens per example including EOS, int64."""
+        return self.lengths - self.input_lengths
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, target ids incl. EOS) of example i, for tests and debugging."""
+        seq = self.tokens[self.offsets[i] : self.offsets[i + 1]]
+        return seq[: self.input_lengths[i]], seq[self.input_lengths[i] :]
+
+
+def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """List of id lists -> (flat int32 ids, int64 lengths) without a Python loop over tokens."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def token_positions(lengths: np.ndarray) -> np.ndarray:
+    """Position of every token within its own sequence: lengths [2, 3] -> [0, 1, 0, 1, 2]."""
+    starts = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+
+
+def _encode_chunk(
+    sp: spm.SentencePieceProcessor,
+    inputs: list[str],
+    targets: list[str],
+    inputs_length: int,
+    targets_length: int,
+    num_threads: int,
+) -> EncodedExamples:
+    in_flat, in_len = _flatten(sp.encode(inputs, out_type=int, num_threads=num_threads))
+    tg_flat, tg_len = _flatten(sp.encode(targets, out_type=int, num_threads=num_threads))
+    in_pos, tg_pos = token_positions(in_len), token_positions(tg_len)
+    keep_in = np.minimum(in_len, inputs_length)
+    keep_tg = np.minimum(tg_len, targets_length - 1)
+    # example i occupies keep_in[i] + keep_tg[i] + 1 (EOS) slots starting at offsets[i]
+    offsets = np.zeros(len(in_len) + 1, dtype=np.int64)
+    np.cumsum(keep_in + keep_tg + 1, out=offsets[1:])
+    tokens = np.empty(int(offsets[-1]), dtype=np.int32)
+    # scatter: a kept input token at position p of example i goes to offsets[i] + p,
+    # a kept target token to offsets[i] + keep_in[i] + p; EOS fills the last slot
+    m = in_pos < np.repeat(keep_in, in_len)
+    tokens[np.repeat(offsets[:-1], in_len)[m] + in_pos[m]] = in_flat[m]
+    m = tg_pos < np.repeat(keep_tg, tg_len)
+    tokens[np.repeat(offsets[:-1] + keep_in, tg_len)[m] + tg_pos[m]] = tg_flat[m]
+    tokens[offsets[1:] - 1] = EOS_ID
+    return EncodedExamples(
+        tokens=tokens,
+        offsets=offsets,
+        input_lengths=keep_in.astype(np.int32),
+        truncated_inputs=int((in_len > inputs_length).sum()),
+        truncated_targets=int((tg_len > targets_length - 1).sum()),
+        inputs_length=inputs_length,
+        targets_length=targets_length,
+    )
+
+
+def concat_encoded(parts: Sequence[EncodedExamples]) -> EncodedExamples:
+    """Join encoded batches (same length limits) into one, shifting offsets."""
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    first = parts[0]
+    if any((p.inputs_length, p.targets_length) != (first.inputs_length, first.targets_length) for p in parts):
+        raise ValueError("cannot concatenate examples encoded with different length limits")
+    bases = np.cumsum([0] + [len(p.tokens) for p in parts])
+    offsets = np.concatenate([[0]] + [p.offsets[1:] + b for p, b in zip(parts, bases[:-1], strict=True)])
+    return EncodedExamples(
+        tokens=np.concatenate([p.tokens for p in parts]),
+        offsets=offsets.astype(np.int64),
+        input_lengths=np.concatenate([p.input_lengths for p in parts]),
+        truncated_inputs=sum(p.truncated_inputs for p in parts),
+        truncated_targets=sum(p.truncated_targets for p in parts),
+        inputs_length=first.inputs_length,
+        targets_length=first.targets_length,
+    )
+
+
+def encode_examples(
+    sp: spm.SentencePieceProcessor,
+    inputs: Sequence[str] | pl.Series,
+    targets: Sequence[str] | pl.Series,
+    inputs_length: int,
+    targets_length: int,
+    num_threads: int | None = None,
+) -> EncodedExamples:
+    """Encode (input, target) pairs with the shared truncation + EOS rule, batched and multi-threaded."""
+    if inputs_length < 0 or targets_length < 1:
+        raise ValueError(
+            f"need inputs_length >= 0 and targets_length >= 1 (room for EOS), got {inputs_length} and {targets_length}"
+        )
+    inputs = inputs.to_list() if isinstance(inputs, pl.Series) else list(inputs)
+    targets = targets.to_list() if isinstance(targets, pl.Series) else list(targets)
+    if len(inputs) != len(targets):
+        raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+    threads = num_threads or os.cpu_count() or 1
+    parts = [
+        _encode_chunk(
+            sp,
+            inputs[s : s + _ENCODE_CHUNK],
+            targets[s : s + _ENCODE_CHUNK],
+            inputs_length,
+            targets_length,
+            threads,
+        )
+        for s in range(0, max(len(inputs), 1), _ENCODE_CHUNK)
+    ]
+    return parts[0] if len(parts) == 1 else concat_encoded(parts)

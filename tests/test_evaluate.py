@@ -1,0 +1,393 @@
+"""Zero-shot evaluation against brute-force references on a tiny plain-PyTorch causal LM.
+
+The batched code pads, sorts and masks; the references score one unpadded row at a time with
+explicit Python loops, so any off-by-one in the shift, the mask or the per-row last position
+shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import polars as pl
+import pytest
+import sentencepiece as spm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from flanpipe.evaluate import (
+    encode_target,
+    evaluate_shard,
+    greedy_generate,
+    option_logprobs,
+    predict_shard,
+    rank_classification,
+    score_templates,
+    summarize,
+    truncate_input,
+)
+from flanpipe.metrics import METRICS
+
+VOCAB = 64
+
+
+class Block(nn.Module):
+    """Pre-norm causal self-attention + MLP."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, d // self.heads).unbind(2)
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, s, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyLM(nn.Module):
+    """A 2-layer GPT with learned positions; default (large) init so logits are far from ties."""
+
+    def __init__(self, vocab: int, d: int = 32, layers: int = 2, heads: int = 4, max_len: int = 128) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.head = nn.Linear(d, vocab)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def make_lm(vocab: int = VOCAB, seed: int = 0) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(vocab).eval()
+
+
+@torch.inference_mode()
+def brute_option_logprob(lm: TinyLM, inp: list[int], opt: list[int]) -> float:
+    """log p(opt | inp), one unpadded row, one token at a time."""
+    seq = inp + opt
+    logp = torch.log_softmax(lm.logits(torch.tensor([seq]))[0].float(), dim=-1)
+    return sum(float(logp[t - 1, seq[t]]) for t in range(len(inp), len(seq)))
+
+
+@torch.inference_mode()
+def brute_greedy(lm: TinyLM, inp: list[int], max_new: int, eos: int) -> list[int]:
+    """Greedy decoding of one unpadded row, re-running the whole prefix every step."""
+    seq, new = list(inp), []
+    for _ in range(max_new):
+        nxt = int(lm.logits(torch.tensor([seq]))[0, -1].argmax())
+        if nxt == eos:
+            break
+        seq.append(nxt)
+        new.append(nxt)
+    return new
+
+
+def random_ids(rng: random.Random, lo: int, hi: int) -> list[int]:
+    return [rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))]
+
+
+def test_option_logprobs_match_brute_force() -> None:
+    lm, rng = make_lm(), random.Random(1)
+    inputs = [random_ids(rng, 1, 12) for _ in range(9)]
+    options = [[random_ids(rng, 1, 5) for _ in range(rng.randint(2, 4))] for _ in inputs]
+    # batch_size 4 over ~27 pairs: several batches, each with ragged rows and padding
+    got = option_logprobs(lm, inputs, options, batch_size=4)
+    for inp, opts, scores in zip(inputs, options, got, strict=True):
+        want = [brute_option_logprob(lm, inp, opt) for opt in opts]
+        assert scores == pytest.approx(want, abs=1e-5)
+    best = rank_classification(lm, inputs, options, batch_size=4)
+    want_best = [
+        max(range(len(opts)), key=lambda j, i=i, o=opts: brute_option_logprob(lm, inputs[i], o[j]))
+        for i, opts in enumerate(options)
+    ]
+    assert best == want_best
+    assert len(set(best)) > 1  # the check is not vacuous: different options win
+
+
+def test_rank_classification_batch_size_invariant() -> None:
+    lm, rng = make_lm(), random.Random(2)
+    inputs = [random_ids(rng, 1, 10) for _ in range(7)]
+    options = [[random_ids(rng, 1, 4) for _ in range(3)] for _ in inputs]
+    one = option_logprobs(lm, inputs, options, batch_size=1)
+    many = option_logprobs(lm, inputs, options, batch_size=64)
+    for a, b in zip(one, many, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_rank_classification_rejects_empty_input_or_option() -> None:
+    lm = make_lm()
+    with pytest.raises(ValueError, match="non-empty input"):
+        rank_classification(lm, [[]], [[[5]]], batch_size=2)
+    with pytest.raises(ValueError, match="at least one token"):
+        rank_classification(lm, [[4]], [[[5], []]], batch_size=2)
+
+
+def test_greedy_generate_matches_brute_force_and_stops_at_eos() -> None:
+    lm, rng = make_lm(), random.Random(3)
+    inputs = [random_ids(rng, 1, 12) for _ in range(10)]
+    max_new = 6
+    # Pick as EOS a token the model actually emits mid-continuation for some rows, so that
+    # some rows stop early while others run to max_new: first decode with an unused EOS id.
+    free = greedy_generate(lm, inputs, max_new, eos_id=-1, batch_size=3)
+    assert all(len(g) == max_new for g in free)
+    eos = free[0][2]
+    got = greedy_generate(lm, inputs, max_new, eos_id=eos, batch_size=3)
+    want = [brute_greedy(lm, inp, max_new, eos) for inp in inputs]
+    assert got == want
+    assert any(len(g) < max_new for g in got) and any(len(g) == max_new for g in got)
+    assert all(eos not in g for g in got)
+
+
+def test_truncation_and_target_encoding() -> None:
+    assert truncate_input([1, 2, 3, 4, 5], 3) == [3, 4, 5]  # keep the end (options block)
+    assert truncate_input([1, 2, 3, 4, 5], 3, keep_end=False) == [1, 2, 3]  # training rule
+    assert truncate_input([1, 2], 3) == [1, 2]
+    # targets_length 3 -> at most 2 text ids + EOS, as in training
+    assert encode_target([7, 8, 9, 10], 3, eos_id=1) == [7, 8, 1]
+    assert encode_target([], 3, eos_id=1) == [1]
+
+
+def test_best_dev_template_uses_validation_only() -> None:
+    # template 0: best on validation (90) but worst on test (10)
+    # template 1: worst on validation (50) but best on test (95)
+    # template 2: ties template 0 on validation (90) -> the lower id (0) wins the tie
+    per_template = pl.DataFrame(
+        {
+            "template_id": [0, 1, 2],
+            "validation": [90.0, 50.0, 90.0],
+            "test": [10.0, 95.0, 30.0],
+            "n_validation": [4, 4, 4],
+            "n_test": [4, 4, 4],
+        }
+    )
+    out = summarize(per_template)
+    assert out["best_dev_template"] == 0
+    assert out["best_dev_test"] == 10.0
+    # mean = (10 + 95 + 30) / 3 = 45; population std = sqrt(((-35)^2 + 50^2 + (-15)^2) / 3)
+    assert out["mean"] == pytest.approx(45.0)
+    assert out["std"] == pytest.approx(((35**2 + 50**2 + 15**2) / 3) ** 0.5)
+    # changing only test scores never changes the chosen template
+    shuffled = per_template.with_columns(test=pl.Series([0.0, 100.0, 100.0]))
+    assert summarize(shuffled)["best_dev_template"] == 0
+    # no validation scores at all -> no best template (never fall back to test)
+    no_dev = per_template.with_columns(validation=pl.lit(None, dtype=pl.Float64))
+    assert summarize(no_dev)["best_dev_template"] is None
+    assert summarize(no_dev)["best_dev_test"] is None
+
+
+# ---------------------------------------------------------------- end to end with SentencePiece
+
+WORDS = {
+    "subj": ["the film", "this movie", "the actor", "my friend", "the story", "a critic", "the plot"],
+    "verb": ["was", "seemed", "felt", "became", "looked"],
+    "adj": ["great", "terrible", "boring", "wonderful", "awful", "fun", "slow", "bright"],
+    "tail": ["today", "again", "overall", "at the end", "to me", "in the cinema"],
+}
+
+
+@pytest.fixture(scope="module")
+def sp(tmp_path_factory: pytest.TempPathFactory) -> spm.SentencePieceProcessor:
+    """A tiny BPE model with the project's special ids, trained on ~400 generated sentences."""
+    rng = random.Random(0)
+    sentences = [
+        f"{rng.choice(WORDS['subj'])} {rng.choice(WORDS['verb'])} {rng.choice(WORDS['adj'])} "
+        f"{rng.choice(WORDS['tail'])}. OPTIONS: positive, negative. Answer: yes or no."
+        for _ in range(400)
+    ]
+    prefix = tmp_path_factory.mktemp("spm") / "spm"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=str(prefix),
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+
+
+def make_shard(rows: list[dict]) -> pl.DataFrame:
+    """Eval shard with the ARCH.md schema and dtypes."""
+    return pl.DataFrame(
+        rows,
+        schema={
+            "dataset": pl.Utf8,
+            "cluster": pl.Utf8,
+            "split": pl.Utf8,
+            "example_id": pl.Int64,
+            "template_id": pl.Int32,
+            "turned_around": pl.Boolean,
+            "inputs": pl.Utf8,
+            "targets": pl.Utf8,
+            "options": pl.List(pl.Utf8),
+        },
+    )
+
+
+def sentiment_rows(n: int, templates: int, options: list[str] | None, turned: bool = False) -> list[dict]:
+    """Validation + test rows for every (example, template).
+
+    options None -> generative rows (empty options, target = the review); [] -> per-example
+    options: 2-4 adjectives sampled per example, like a dataset with an options_field, so the
+    winning option text varies between examples; otherwise that fixed options list.
+    """
+    rng = random.Random(4)
+    rows = []
+    for split in ("validation", "test"):
+        for ex in range(n):
+            review = f"{rng.choice(WORDS['subj'])} was {rng.choice(WORDS['adj'])} {rng.choice(WORDS['tail'])}."
+            if options is None:
+                opts = []
+            else:
+                opts = options or rng.sample(WORDS["adj"], rng.randint(2, 4))
+            for t in range(templates):
+                prompt = ["Review: ", "What is the sentiment? "][t % 2] + review
+                if opts:
+                    prompt += "\nOPTIONS:\n" + "\n".join(f"- {o}" for o in opts)
+                rows.append(
+                    {
+                        "dataset": "toy_sentiment",
+                        "cluster": "sentiment",
+                        "split": split,
+                        "example_id": ex,
+                        "template_id": t,
+                        "turned_around": False,
+                        "inputs": prompt,
+                        "targets": rng.choice(opts) if opts else review,
+                        "options": opts,
+                    }
+                )
+    if turned:  # turned-around rows must be ignored by evaluation
+        rows.append({**rows[0], "template_id": 9, "turned_around": True})
+    return rows
+
+
+def test_evaluate_shard_classification_end_to_end(sp: spm.SentencePieceProcessor) -> None:
+    lm = make_lm(sp.vocab_size())
+    shard = make_shard(sentiment_rows(n=6, templates=2, options=[], turned=True))
+    inputs_length, targets_length = 20, 4  # 20 < every prompt's length: truncation is exercised
+    result = evaluate_shard(lm, sp, shard, "accuracy", inputs_length, targets_length, batch_size=4)
+
+    # brute force: same encoding rules, one (example, option) at a time
+    kept = shard.filter(~pl.col("turned_around"))
+    preds = []
+    for text, options in kept.select("inputs", "options").iter_rows():
+        inp = truncate_input(sp.encode(text), inputs_length)
+        assert len(inp) == inputs_length
+        opt_ids = [encode_target(ids, targets_length, sp.eos_id()) for ids in sp.encode(options)]
+        scores = [brute_option_logprob(lm, inp, o) for o in opt_ids]
+        preds.append(options[max(range(len(options)), key=scores.__getitem__)])
+    assert len(set(preds)) > 1  # different options win, so a row mix-up would show
+    kept = kept.with_columns(prediction=pl.Series(preds))
+    assert predict_shard(lm, sp, shard, inputs_length, targets_length, 4)["prediction"].to_list() == preds
+
+    assert result["dataset"] == "toy_sentiment" and result["cluster"] == "sentiment"
+    assert result["metric"] == "accuracy" and result["n_templates"] == 2
+    for row in result["per_template"]:
+        for split in ("validation", "test"):
+            part = kept.filter((pl.col("template_id") == row["template_id"]) & (pl.col("split") == split))
+            assert row[f"n_{split}"] == part.height == 6
+            want = METRICS["accuracy"](part["prediction"].to_list(), part["targets"].to_list())
+            assert row[split] == pytest.approx(want)
+    tests = [r["test"] for r in result["per_template"]]
+    assert result["mean"] == pytest.approx(sum(tests) / 2)
+    assert result["examples_per_s"] > 0
+
+
+def test_evaluate_shard_generation_end_to_end(sp: spm.SentencePieceProcessor) -> None:
+    lm = make_lm(sp.vocab_size(), seed=5)
+    shard = make_shard(sentiment_rows(n=3, templates=2, options=None))
+    inputs_length, targets_length = 12, 5
+    result = evaluate_shard(lm, sp, shard, "rouge", inputs_length, targets_length, batch_size=4)
+
+    want = [
+        sp.decode(brute_greedy(lm, truncate_input(sp.encode(t), inputs_length), targets_length, sp.eos_id()))
+        for t in shard["inputs"].to_list()
+    ]
+    got = predict_shard(lm, sp, shard, inputs_length, targets_length, 4)["prediction"].to_list()
+    assert got == want
+    per = score_templates(shard.with_columns(prediction=pl.Series(want)), "rouge")
+    assert result["per_template"] == per.to_dicts()
+    assert [r["n_test"] for r in result["per_template"]] == [3, 3]
+
+
+class ConstantScorer:
+    """Same next-token distribution at every position: prefers the tokens of one option."""
+
+    def __init__(self, vocab: int, favoured: list[int]) -> None:
+        self.bias = torch.zeros(vocab)
+        self.bias[favoured] = 10.0
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(*tokens.shape, -1)
+
+
+def test_evaluate_shard_picks_best_template_on_validation_not_test(sp: spm.SentencePieceProcessor) -> None:
+    # The scorer always answers "yes". Targets are set so that
+    #   template 0: validation all "yes" (100), test all "no" (0)
+    #   template 1: validation all "no"  (0),   test all "yes" (100)
+    # best_dev_template must be 0 (validation argmax) with best_dev_test 0, although template 1
+    # has the best test score. mean over templates (test) = (0 + 100) / 2 = 50.
+    yes, no = sp.encode("yes"), sp.encode("no")
+    scorer = ConstantScorer(sp.vocab_size(), [i for i in yes if i not in no])
+    rows = []
+    for split in ("validation", "test"):
+        for t in (0, 1):
+            for ex in range(3):
+                answer = "yes" if (split == "validation") == (t == 0) else "no"
+                rows.append(
+                    {
+                        "dataset": "toy_yesno",
+                        "cluster": "nli",
+                        "split": split,
+                        "example_id": ex,
+                        "template_id": t,
+                        "turned_around": False,
+                        "inputs": f"question {ex} in template {t}?",
+                        "targets": answer,
+                        "options": ["no", "yes"],
+                    }
+                )
+    result = evaluate_shard(scorer, sp, make_shard(rows), "accuracy", 32, 4)
+    per = {r["template_id"]: (r["validation"], r["test"]) for r in result["per_template"]}
+    assert per == {0: (100.0, 0.0), 1: (0.0, 100.0)}
+    assert result["best_dev_template"] == 0
+    assert result["best_dev_test"] == 0.0
+    assert result["mean"] == pytest.approx(50.0)
+    assert result["std"] == pytest.approx(50.0)
+
+
+def test_evaluate_shard_rejects_mixed_datasets(sp: spm.SentencePieceProcessor) -> None:
+    rows = sentiment_rows(n=1, templates=1, options=["a", "b"])
+    rows[0] = {**rows[0], "dataset": "other"}
+    with pytest.raises(ValueError, match="exactly one dataset"):
+        evaluate_shard(make_lm(sp.vocab_size()), sp, make_shard(rows), "accuracy", 16, 4)
+
+
+def test_shard_path_smoke(tmp_path: Path, sp: spm.SentencePieceProcessor) -> None:
+    """An eval shard round-tripped through parquet (as the workflow reads it) evaluates the same."""
+    shard = make_shard(sentiment_rows(n=2, templates=1, options=["positive", "negative"]))
+    path = tmp_path / "eval.parquet"
+    shard.write_parquet(path)
+    lm = make_lm(sp.vocab_size())
+    a = evaluate_shard(lm, sp, shard, "accuracy", 24, 4)
+    b = evaluate_shard(lm, sp, pl.read_parquet(path), "accuracy", 24, 4)
+    assert a["per_template"] == b["per_template"]
+    assert json.loads(json.dumps(b))["per_template"] == b["per_template"]  # plain JSON types

@@ -1,0 +1,20 @@
+"""Rule pack -> flanpipe.packing.pack_mixture."""
+
+import json
+from pathlib import Path
+
+from flanpipe.io import log_to
+from flanpipe.packing import pack_mixture
+
+snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
+
+with log_to(snakemake.log[0]):
+    stats = pack_mixture(
+        Path(snakemake.input.mixture),
+        Path(snakemake.input.tokenizer),
+        Path(snakemake.input.model_config),
+        Path(snakemake.output[0]),
+        lengths=snakemake.params.lengths,
+        seed=snakemake.params.seed,
+    )
+    print(json.dumps(stats, indent=2))

@@ -1,0 +1,20 @@
+"""Rule train_tokenizer -> flanpipe.tokenize.train_tokenizer."""
+
+from pathlib import Path
+
+from flanpipe.io import log_to
+from flanpipe.tokenize import train_tokenizer
+
+snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
+
+with log_to(snakemake.log[0]):
+    print(
+        train_tokenizer(
+            [Path(p) for p in snakemake.input],
+            Path(snakemake.output[0]),
+            vocab_size=snakemake.params.vocab_size,
+            sample_size=snakemake.params.sample_size,
+            seed=snakemake.params.seed,
+            num_threads=snakemake.threads,
+        )
+    )
