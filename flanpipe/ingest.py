@@ -63,6 +63,7 @@ def read_hf(spec: DatasetSpec, role: str, cache_dir: str | None = None) -> pl.La
             spec.source.name,
             split=split,
             data_dir=spec.source.data_dir,
+            revision=spec.source.revision,
             cache_dir=cache_dir or os.environ.get("FLANPIPE_HF_CACHE"),
         )
     except Exception as e:  # datasets raises many types; all mean "not loadable here"
@@ -102,6 +103,8 @@ def canonical_exprs(spec: DatasetSpec, schema: pl.Schema) -> list[pl.Expr]:
     if missing:
         raise DataError(f"dataset {spec.name!r}: source column(s) {missing} not found; the source has {list(schema)}")
     exprs: list[pl.Expr] = []
+    if spec.answer_key_field is not None:
+        exprs.append(_column_expr(spec.answer_key_field).cast(pl.List(pl.Utf8)).alias("__answer_keys"))
     for name, src in spec.fields.items():
         if isinstance(src, tuple):  # several source columns gathered into one list field
             expr = pl.concat_list([_column_expr(s).cast(pl.Utf8) for s in src])
@@ -109,7 +112,12 @@ def canonical_exprs(spec: DatasetSpec, schema: pl.Schema) -> list[pl.Expr]:
             expr = _column_expr(src).cast(pl.List(pl.Utf8))
         else:
             expr = _column_expr(src)
-            if isinstance(_resolved_dtype(src, schema), pl.List):  # a list of references: train on the first
+            dtype = _resolved_dtype(src, schema)
+            if isinstance(dtype, pl.List) and name in spec.join:  # e.g. CommonGen's concept list
+                if isinstance(dtype.inner, pl.List):  # e.g. DART's [subject, relation, object] triples
+                    expr = expr.list.eval(pl.element().cast(pl.List(pl.Utf8)).list.join(" | "))
+                expr = expr.cast(pl.List(pl.Utf8)).list.join(spec.join[name])
+            elif isinstance(dtype, pl.List):  # a list of references: train on the first
                 expr = expr.list.first()
             if name != "answer":  # the answer keeps its dtype: an int label indexes the options
                 expr = expr.cast(pl.Utf8)
@@ -130,7 +138,22 @@ def _resolved_dtype(source: str, schema: pl.Schema) -> pl.DataType:
 def answer_expr(spec: DatasetSpec, dtype: pl.DataType) -> pl.Expr:
     """The gold target as text: an int label indexes the options; anything else is cast to text."""
     raw = pl.col("answer")
+    if spec.label_map is not None:  # e.g. Sentiment140's 0/4 -> 0/1; unmapped (neutral 2) -> null
+        keys = list(spec.label_map)
+        values = [None if v is None else str(v) for v in spec.label_map.values()]
+        raw = raw.cast(pl.Utf8).replace_strict(keys, values, default=None, return_dtype=pl.Utf8)
+        dtype = pl.Int64 if all(v is None or isinstance(v, int) for v in spec.label_map.values()) else pl.Utf8
+    if spec.answer_key_field is not None:  # ARC/OpenBookQA: the answer names one of the option keys
+        keys = pl.concat_list([pl.col("__answer_keys"), raw.cast(pl.Utf8)])
+        pos = keys.list.eval((pl.element() == pl.element().last()).arg_max()).list.first()
+        raw = pl.when(pos < pl.col("__answer_keys").list.len()).then(pos).otherwise(None)
+        dtype = pl.Int64
+    if spec.answer_round:
+        raw = raw.cast(pl.Float64).round(0)
+        dtype = pl.Int64
     is_index = dtype.is_integer() or spec.answer_is_index
+    if is_index and spec.answer_offset:
+        raw = raw.cast(pl.Int64) - spec.answer_offset
     if spec.options is not None and is_index:
         # Out-of-range labels (e.g. GLUE's -1 on unlabeled test splits) become null and are then
         # handled by the bad-row policy instead of silently mapping to some option.
@@ -168,6 +191,8 @@ def canonicalize(
     schema = lf.collect_schema()
     canon = lf.with_row_index("example_id").select(pl.col("example_id").cast(pl.Int64), *canonical_exprs(spec, schema))
     canon = canon.with_columns(answer_expr(spec, canon.collect_schema()["answer"]).alias("answer"))
+    if spec.answer_key_field is not None:
+        canon = canon.drop("__answer_keys")
     reasons = bad_row_reasons(spec)
     counts_row = canon.select(pl.len().alias("rows"), *[pred.sum().alias(r) for r, pred in reasons.items()]).collect()
     counts = {k: int(v) for k, v in counts_row.row(0, named=True).items()}
@@ -205,7 +230,7 @@ def ingest_split(
         lf = read_hf(spec, role)
         origin = f"hf:{spec.source.path}/{spec.source.name or ''}:{spec.splits[role]}"
     try:
-        canon, dropped = canonicalize(lf, spec, role, policy, origin)
+        canon, dropped = canonicalize(lf, spec, role, spec.bad_rows or policy, origin)
         with atomic_path(out_path) as tmp:
             df = canon.collect()
             df.write_parquet(tmp)

@@ -44,6 +44,7 @@ class SourceSpec:
     format: str | None = None  # local only: jsonl | parquet | csv (default: from the suffix)
     name: str | None = None  # hf config name
     data_dir: str | None = None  # hf data_dir (manual downloads)
+    revision: str | None = None  # hf revision (refs/convert/parquet serves script repos as Parquet)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class DatasetSpec:
     options: tuple[str, ...] | None = None  # static label options (classification)
     options_field: str | None = None  # canonical list field with per-example options
     answer_is_index: bool = False  # the source answer is an index into the options
+    answer_key_field: str | None = None  # source list column of option keys the answer names (ARC's "A".."E")
+    answer_offset: int = 0  # subtracted from index answers (1 for 1-based labels)
+    answer_round: bool = False  # round numeric answers first (STS-B similarity -> "0".."5")
+    label_map: Mapping[str, str | int | None] | None = None  # raw answer (as text) -> option text / index
+    join: Mapping[str, str] = field(default_factory=dict)  # field -> separator for list-typed sources
+    bad_rows: str | None = None  # per-dataset override of data.bad_rows
     defined_in: str = ""  # registry file, for error messages
 
     @property
@@ -96,6 +103,7 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
             format=src.get("format"),
             name=src.get("name"),
             data_dir=src.get("data_dir"),
+            revision=src.get("revision"),
         ),
         fields=fields,
         metric=raw["metric"],
@@ -104,6 +112,12 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
         options=tuple(str(o) for o in raw["options"]) if raw.get("options") is not None else None,
         options_field=raw.get("options_field"),
         answer_is_index=bool(raw.get("answer_is_index", False)),
+        answer_key_field=raw.get("answer_key_field"),
+        answer_offset=int(raw.get("answer_offset", 0)),
+        answer_round=bool(raw.get("answer_round", False)),
+        label_map={str(k): v for k, v in raw["label_map"].items()} if raw.get("label_map") else None,
+        join=dict(raw.get("join") or {}),
+        bad_rows=raw.get("bad_rows"),
         defined_in=str(path),
     )
     where = f"{path}: dataset {name!r}"
@@ -113,6 +127,9 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
         raise RegistryError(
             f"{where}: options_field {spec.options_field!r} is not one of its fields {sorted(spec.fields)}"
         )
+    unknown_join = sorted(set(spec.join) - set(spec.fields))
+    if unknown_join:
+        raise RegistryError(f"{where}: 'join' names field(s) {unknown_join} that are not in 'fields'")
     if "answer" not in spec.fields:
         raise RegistryError(f"{where}: 'fields' must map the target field 'answer'")
     if spec.source.type == "local" and "{split}" not in spec.source.path:

@@ -13,6 +13,8 @@ config = validate_config(config)  # defaults filled; a wrong key or type fails b
 PLAN = plan_experiment(config)  # registry + templates validated against each dataset's fields
 MODEL_CONFIG = resolve_config_path(config["model"])
 TRAIN_SPEC = train_spec(config, read_yaml(MODEL_CONFIG))
+HUB = sorted(name for name, spec in PLAN.registry.items() if spec.source.type == "hf")
+LOCAL = sorted(name for name, spec in PLAN.registry.items() if spec.source.type == "local")
 SYNTHETIC = sorted(
     name for name, spec in PLAN.registry.items() if spec.source.path.startswith("results/synthetic/")
 )
@@ -24,21 +26,22 @@ def _alternatives(names):
 
 wildcard_constraints:
     dataset=_alternatives(PLAN.registry),
+    hub_dataset=_alternatives(HUB),
+    local_dataset=_alternatives(LOCAL),
     synthetic=_alternatives(SYNTHETIC),
     mixture=_alternatives(PLAN.mixtures),
     split="train|validation|test",
 
 
 localrules:
+    download,
     train_spec,
     report,
 
 
 def raw_inputs(wildcards):
-    """Local source files of one split (hub sources have none: the download rule caches them)."""
-    spec = PLAN.registry[wildcards.dataset]
-    if spec.source.type != "local":
-        return []
+    """The local source file of one split."""
+    spec = PLAN.registry[wildcards.local_dataset]
     return [spec.source.path.format(split=spec.splits[wildcards.split])]
 
 

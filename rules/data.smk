@@ -19,13 +19,30 @@ rule ingest:
     input:
         raw_inputs,
     output:
-        "results/ingest/{dataset}/{split}.parquet",
+        "results/ingest/{local_dataset}/{split}.parquet",
     params:
+        dataset="{local_dataset}",
         bad_rows=config["data"]["bad_rows"],
     log:
-        "logs/ingest/{dataset}/{split}.log",
+        "logs/ingest/{local_dataset}/{split}.log",
     benchmark:
-        "benchmarks/ingest/{dataset}/{split}.tsv"
+        "benchmarks/ingest/{local_dataset}/{split}.tsv"
+    script:
+        "../workflow/scripts/ingest.py"
+
+
+# Hub datasets: a localrule, since compute nodes usually have no internet. datasets.load_dataset
+# caches under HF_HOME (or FLANPIPE_HF_CACHE); with HF_DATASETS_OFFLINE=1 it reads only that cache.
+rule download:
+    output:
+        "results/ingest/{hub_dataset}/{split}.parquet",
+    params:
+        dataset="{hub_dataset}",
+        bad_rows=config["data"]["bad_rows"],
+    log:
+        "logs/download/{hub_dataset}/{split}.log",
+    benchmark:
+        "benchmarks/download/{hub_dataset}/{split}.tsv"
     script:
         "../workflow/scripts/ingest.py"
 

@@ -1,4 +1,4 @@
-"""Rule ingest -> flanpipe.ingest.ingest_split."""
+"""Rules ingest (local files) and download (HuggingFace hub) -> flanpipe.ingest.ingest_split."""
 
 import json
 
@@ -9,6 +9,6 @@ from flanpipe.io import log_to
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
 with log_to(snakemake.log[0]):
-    spec = dataset_spec(snakemake.config, snakemake.wildcards.dataset)
+    spec = dataset_spec(snakemake.config, snakemake.params.dataset)
     report = ingest_split(spec, snakemake.wildcards.split, snakemake.output[0], policy=snakemake.params.bad_rows)
     print(json.dumps(report))
