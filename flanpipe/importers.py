@@ -1,0 +1,853 @@
+"""Import instruction templates from promptsource / P3 and from FLAN into our template files.
+
+Both sources are read strictly as data, never run:
+
+- promptsource ``templates.yaml`` goes through a ``yaml.SafeLoader`` subclass that builds its two custom
+  tags (``!Template``, ``!TemplateMetadata``) as plain dicts; every other tag (``!!python/object``...) is
+  refused. Jinja is only *parsed* (to decide whether a template is a plain substitution) and only
+  *rendered* in jinja2's ``ImmutableSandboxedEnvironment``, to prove each conversion faithful.
+- a FLAN ``PATTERNS`` file is read with ``ast.parse`` + ``ast.literal_eval``: never imported or executed,
+  so a non-literal anywhere in the requested entry is an error naming the file and line.
+
+promptsource -> ``{field}`` pattern (the Jinja AST is walked; nothing is matched with regexes):
+
+- literal text -> the same text (``{``/``}`` doubled); ``{{ "const" }}`` -> its text
+- ``{{ name }}`` -> ``{name}``, renamed by ``--field-map old=new``
+- ``{{ answer_choices[label] }}`` -> ``{answer}``: our canonical ``answer`` column holds the gold option
+  text, exactly what ``answer_choices[label]`` renders to
+- ``{{ answer_choices | join(sep) }}`` -> ``{options_}``: FLAN's ``OPTIONS:`` block replaces the inline list.
+  That is the one deliberate change of surface form; the check renders ``{options_}`` as ``sep.join(choices)``
+  so that everything else must still match byte for byte.
+- ``{{ answer_choices[0] }}`` with static answer choices -> that choice's text
+- ``{% if label != -1 %}...{% endif %}`` (P3's guard for unlabelled test rows) -> its body, since every
+  canonical row we render has a label
+- anything else -- loops, other conditionals, ``{% set %}``, filters, attribute access, calls, slicing --
+  cannot be expressed as a ``{field}`` pattern: the template is SKIPPED with the reason logged and counted.
+
+Every converted template is then rendered both ways on sample records (``--sample FILE.jsonl`` or records
+synthesized from the template's variables, one per label value) and skipped unless the outputs agree.
+promptsource strips each side of ``|||`` after rendering; the conversion strips the pattern's literal edges,
+which agrees as long as field values carry no leading/trailing whitespace (a ``--sample`` with such values
+exposes the difference and the template is skipped).
+
+Answer choices: ``{answer}`` and ``{options_}`` render the dataset's registry options, one list per dataset,
+while promptsource lets each template word its choices differently ("yes ||| no", "True ||| False").
+Templates that use their choices must therefore agree on them: the list given with ``--options`` (your
+registry's ``options:``), else the most common one in the file; the others are skipped. Per-example
+choices (Jinja inside ``answer_choices``) correspond to a registry ``options_field``.
+
+Turned-around rule (metadata ``original_task``): true or missing -> a template that does the task;
+false -> kept as ``turned_around: true`` only if it is the task inverted, i.e. the gold answer is in the
+inputs (``{answer}`` in inputs, not in targets) and an input field is the target ("Write a {answer} review"
+-> "{sentence}"); any other non-original task is skipped. At most ``MAX_TURNED_AROUND`` are kept.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+import yaml
+from jinja2 import StrictUndefined, meta, nodes
+from jinja2.exceptions import TemplateError as JinjaError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from flanpipe.io import atomic_path
+from flanpipe.templates import (
+    MAX_TURNED_AROUND,
+    OPTIONS_PLACEHOLDER,
+    Piece,
+    TemplateError,
+    load_templates,
+    parse_pattern,
+    pattern_expr,
+    placeholders,
+)
+
+log = logging.getLogger(__name__)
+
+ANSWER = "answer"
+CHOICES = "answer_choices"  # promptsource's reserved variable
+SEPARATOR = "|||"  # promptsource: inputs ||| targets (also between answer choices)
+MAX_SAMPLE_RECORDS = 64  # enough to exercise a template; keeps the check instant
+_OPTIONS_COLUMN = "__flanpipe_options_text__"
+Source = Literal["promptsource", "flan"]
+
+
+class TemplateImportError(ValueError):
+    """The source cannot be imported; the message names the file and the template (uuid/name or index)."""
+
+
+class Unconvertible(Exception):
+    """This one template cannot be imported faithfully; it is skipped with the message as the reason."""
+
+
+@dataclass(frozen=True)
+class ImportedTemplate:
+    source: str  # how the source names it, for the comment above it in the output file
+    inputs: str
+    targets: str
+    turned_around: bool = False
+
+
+@dataclass(frozen=True)
+class SkippedTemplate:
+    source: str
+    reason: str
+
+
+@dataclass
+class ImportResult:
+    kind: Source
+    path: Path
+    dataset: str
+    templates: list[ImportedTemplate]
+    skipped: list[SkippedTemplate]
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "from": self.kind,
+            "source": str(self.path),
+            "dataset": self.dataset,
+            "converted": len(self.templates),
+            "turned_around": sum(t.turned_around for t in self.templates),
+            "skipped": len(self.skipped),
+            "skipped_templates": [{"template": s.source, "reason": s.reason} for s in self.skipped],
+            "notes": self.notes,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def parse_field_map(items: Iterable[str]) -> dict[str, str]:
+    """``old=new`` pairs renaming source variables to our canonical field names (registry ``fields`` keys)."""
+    out: dict[str, str] = {}
+    for item in items:
+        old, sep, new = (s.strip() for s in item.partition("="))
+        if not sep or not old.isidentifier():
+            raise TemplateImportError(f"--field-map {item!r}: expected old=new with old a variable name")
+        try:
+            ok = parse_pattern("{" + new + "}") == [("field", new)]
+        except ValueError:
+            ok = False
+        if not ok or new == OPTIONS_PLACEHOLDER:
+            raise TemplateImportError(f"--field-map {item!r}: {new!r} is not a usable field name")
+        if old in out:
+            raise TemplateImportError(f"--field-map: {old!r} is mapped twice")
+        out[old] = new
+    return out
+
+
+def _merge(pieces: Iterable[Piece]) -> list[Piece]:
+    """Join adjacent text pieces and drop empty ones, so two piece lists compare by meaning."""
+    out: list[Piece] = []
+    for kind, value in pieces:
+        if kind == "text" and not value:
+            continue
+        if kind == "text" and out and out[-1][0] == "text":
+            out[-1] = ("text", out[-1][1] + value)
+        else:
+            out.append((kind, value))
+    return out
+
+
+def pieces_to_pattern(pieces: Sequence[Piece]) -> str:
+    """The inverse of ``parse_pattern``: literal braces are doubled so text stays text."""
+    return "".join(
+        value.replace("{", "{{").replace("}", "}}") if kind == "text" else "{" + value + "}" for kind, value in pieces
+    )
+
+
+def _checked_pattern(pieces: Sequence[Piece]) -> str:
+    """Emit a pattern and prove ``parse_pattern`` reads back exactly these pieces."""
+    pattern = pieces_to_pattern(pieces)
+    if _merge(parse_pattern(pattern)) != _merge(pieces):  # raises ValueError on a bad field name
+        raise ValueError(f"pattern {pattern!r} does not read back as written")
+    return pattern
+
+
+def is_task_inverted(inputs: str, targets: str) -> bool:
+    """FLAN's "turned around" shape: the gold answer is given, an input field is asked for."""
+    ins, outs = set(placeholders(inputs)), set(placeholders(targets))
+    return ANSWER in ins and ANSWER not in outs and bool(outs - {ANSWER, OPTIONS_PLACEHOLDER})
+
+
+def _dedupe(templates: list[ImportedTemplate], skipped: list[SkippedTemplate]) -> list[ImportedTemplate]:
+    """Two sources wording that convert to the same pattern would only double one template's weight."""
+    seen: dict[tuple[str, str], str] = {}
+    out = []
+    for t in templates:
+        key = (t.inputs, t.targets)
+        if key in seen:
+            skipped.append(SkippedTemplate(t.source, f"converts to the same patterns as {seen[key]}"))
+        else:
+            seen[key] = t.source
+            out.append(t)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# promptsource: YAML
+
+
+class PromptsourceLoader(yaml.SafeLoader):
+    """SafeLoader that also knows promptsource's ``!Template``/``!TemplateMetadata`` tags, built as dicts."""
+
+
+def _construct_plain_mapping(loader: yaml.SafeLoader, node: yaml.Node) -> dict[Any, Any]:
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(None, None, f"expected a mapping after {node.tag}", node.start_mark)
+    return loader.construct_mapping(node, deep=True)
+
+
+for _tag in ("!Template", "!TemplateMetadata"):
+    PromptsourceLoader.add_constructor(_tag, _construct_plain_mapping)
+
+
+def load_promptsource_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse one promptsource ``templates.yaml`` as pure data (unknown tags are errors, never code)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{p}: file not found") from e
+    loader = PromptsourceLoader(text)
+    try:
+        doc = loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise TemplateImportError(f"{where}: not a promptsource templates file: {getattr(e, 'problem', e)}") from e
+    finally:
+        loader.dispose()
+    if not isinstance(doc, dict) or not isinstance(doc.get("templates"), dict) or not doc["templates"]:
+        raise TemplateImportError(f"{p}: expected a mapping with a non-empty 'templates' mapping (uuid -> !Template)")
+    return doc
+
+
+def _promptsource_name(doc: Mapping[str, Any]) -> str:
+    subset = doc.get("subset")
+    return f"{doc.get('dataset')}/{subset}" if subset else str(doc.get("dataset"))
+
+
+def find_promptsource_file(source: str | os.PathLike[str], dataset: str) -> Path:
+    """``source`` is a templates.yaml, or promptsource's templates root holding ``{dataset}[/{subset}]/``."""
+    root = Path(source)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: not found")
+    path = root if root.is_file() else root / dataset / "templates.yaml"
+    if not path.is_file():
+        found = sorted(str(p.parent.relative_to(root)) for p in root.rglob("templates.yaml"))
+        raise TemplateImportError(
+            f"{root}: no templates for dataset {dataset!r} (looked for {path}); available: {found[:30]}"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# promptsource: Jinja -> pattern
+
+
+def sandbox() -> ImmutableSandboxedEnvironment:
+    """Where source Jinja is rendered: no attribute writes, no unsafe calls; undefined names are errors."""
+    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+
+
+@dataclass(frozen=True)
+class Conversion:
+    inputs: str
+    targets: str
+    label: str | None  # the variable that indexes answer_choices (or guards on it)
+    join_sep: str | None  # separator of the answer_choices | join(...) that became {options_}
+    uses_answer: bool
+
+
+@dataclass
+class _Walk:
+    """State of one template's conversion."""
+
+    choices: list[str] | None  # static answer choices; None when absent or per-example
+    field_map: Mapping[str, str]
+    label: str | None = None
+    join_sep: str | None = None
+    uses_answer: bool = False
+
+    def set_label(self, name: str) -> None:
+        if self.label not in (None, name):
+            raise Unconvertible(f"answer_choices is indexed by both {self.label!r} and {name!r}")
+        self.label = name
+
+
+def static_choices(env: ImmutableSandboxedEnvironment, answer_choices: str | None) -> list[str] | None:
+    """The choices when ``answer_choices`` is plain text ("yes ||| no"); None when absent or templated."""
+    if answer_choices is None:
+        return None
+    body = env.parse(answer_choices).body
+    if all(isinstance(n, nodes.Output) and all(isinstance(c, nodes.TemplateData) for c in n.nodes) for n in body):
+        text = "".join(c.data for n in body for c in n.nodes)  # type: ignore[attr-defined]
+        return [c.strip() for c in text.split(SEPARATOR)]
+    return None
+
+
+def _describe(expr: nodes.Node) -> str:
+    if isinstance(expr, nodes.Filter):
+        return f"filter '{expr.name}'"
+    if isinstance(expr, nodes.Test):
+        return f"test '{expr.name}'"
+    if isinstance(expr, nodes.Getattr):
+        return f"attribute access '.{expr.attr}'"
+    if isinstance(expr, nodes.Call):
+        return "a call"
+    if isinstance(expr, nodes.Getitem):
+        return "indexing/slicing"
+    return f"a {type(expr).__name__} expression"
+
+
+def _is_choices(expr: nodes.Node | None) -> bool:
+    return isinstance(expr, nodes.Name) and expr.name == CHOICES
+
+
+def _const(expr: nodes.Expr) -> Any:
+    try:
+        return expr.as_const()
+    except nodes.Impossible:
+        return None
+
+
+def _convert_expr(expr: nodes.Expr, w: _Walk) -> Piece:
+    """One ``{{ ... }}``: a field, {answer}, {options_} or literal text -- or Unconvertible."""
+    where = f"line {expr.lineno}"
+    if isinstance(expr, nodes.Name):
+        if expr.name == CHOICES:
+            raise Unconvertible(f"{where}: prints answer_choices as a Python list")
+        name = w.field_map.get(expr.name, expr.name)
+        if name == OPTIONS_PLACEHOLDER:
+            raise Unconvertible(f"{where}: variable {expr.name!r} collides with the {{options_}} placeholder")
+        return ("field", name)
+    if isinstance(expr, nodes.Const) and isinstance(expr.value, str):
+        return ("text", expr.value)
+    if isinstance(expr, nodes.Getitem) and _is_choices(expr.node):
+        if isinstance(expr.arg, nodes.Name):
+            w.set_label(expr.arg.name)
+            w.uses_answer = True
+            return ("field", ANSWER)
+        index = _const(expr.arg)
+        if type(index) is not int:
+            raise Unconvertible(f"{where}: answer_choices indexed by {_describe(expr.arg)}")
+        if w.choices is None:
+            raise Unconvertible(f"{where}: answer_choices[{index}] with per-example choices has no pattern form")
+        if not -len(w.choices) <= index < len(w.choices):
+            raise Unconvertible(f"{where}: answer_choices[{index}] is out of range ({len(w.choices)} choices)")
+        return ("text", w.choices[index])
+    if isinstance(expr, nodes.Filter) and expr.name == "join" and _is_choices(expr.node):
+        sep = _const(expr.args[0]) if len(expr.args) == 1 else "" if not expr.args else None
+        if expr.kwargs or expr.dyn_args or expr.dyn_kwargs or not isinstance(sep, str):
+            raise Unconvertible(f"{where}: answer_choices | join(...) needs one constant separator")
+        if w.join_sep not in (None, sep):
+            raise Unconvertible(f"{where}: answer_choices is joined twice with different separators")
+        w.join_sep = sep
+        return ("field", OPTIONS_PLACEHOLDER)
+    raise Unconvertible(f"{where}: {_describe(expr)} is not a plain substitution")
+
+
+def _is_label_guard(node: nodes.If, w: _Walk) -> bool:
+    """``{% if label != -1 %}`` (or ``>= 0``, ``> -1``): true for every valid label index, no else branch."""
+    test = node.test
+    if node.elif_ or node.else_ or not isinstance(test, nodes.Compare) or len(test.ops) != 1:
+        return False
+    if not isinstance(test.expr, nodes.Name):
+        return False
+    op, bound = test.ops[0].op, _const(test.ops[0].expr)
+    if type(bound) is not int:
+        return False
+    if (op == "ne" and bound < 0) or (op == "ge" and bound <= 0) or (op == "gt" and bound < 0):
+        w.set_label(test.expr.name)
+        return True
+    return False
+
+
+_STATEMENTS = {"For": "for", "If": "if", "Assign": "set", "AssignBlock": "set", "FilterBlock": "filter"}
+
+
+def _convert_body(body: Sequence[nodes.Node], w: _Walk) -> list[Piece]:
+    out: list[Piece] = []
+    for node in body:
+        if isinstance(node, nodes.Output):
+            for child in node.nodes:
+                out.append(("text", child.data) if isinstance(child, nodes.TemplateData) else _convert_expr(child, w))
+        elif isinstance(node, nodes.If) and _is_label_guard(node, w):
+            out.extend(_convert_body(node.body, w))
+        else:
+            kind = _STATEMENTS.get(type(node).__name__, type(node).__name__.lower())
+            raise Unconvertible(f"line {node.lineno}: control flow {{% {kind} %}} has no {{field}} pattern form")
+    return out
+
+
+def _split_sides(pieces: list[Piece]) -> tuple[list[Piece], list[Piece]]:
+    """Cut at promptsource's ``|||`` and strip each side's literal edges, as promptsource strips its output."""
+    sides: list[list[Piece]] = [[]]
+    for kind, value in _merge(pieces):
+        if kind != "text":
+            sides[-1].append((kind, value))
+            continue
+        for j, chunk in enumerate(value.split(SEPARATOR)):
+            if j:
+                sides.append([])
+            sides[-1].append(("text", chunk))
+    if len(sides) != 2:
+        raise Unconvertible("no '|||' between input and target" if len(sides) == 1 else "more than one '|||'")
+    stripped = []
+    for side in sides:
+        side = _merge(side)
+        if side and side[0][0] == "text":
+            side[0] = ("text", side[0][1].lstrip())
+        if side and side[-1][0] == "text":
+            side[-1] = ("text", side[-1][1].rstrip())
+        stripped.append(_merge(side))
+    return stripped[0], stripped[1]
+
+
+def convert_template(
+    env: ImmutableSandboxedEnvironment, jinja: str, answer_choices: str | None, field_map: Mapping[str, str]
+) -> Conversion:
+    """A promptsource Jinja template as (inputs, targets) patterns, or Unconvertible with the reason."""
+    try:
+        tree = env.parse(jinja)
+        choices = static_choices(env, answer_choices)
+    except JinjaError as e:
+        raise Unconvertible(f"Jinja does not parse: {_first_line(e)}") from None
+    w = _Walk(choices=choices, field_map=field_map)
+    inputs, targets = _split_sides(_convert_body(tree.body, w))
+    if not inputs:
+        raise Unconvertible("the input side is empty")
+    if not targets:
+        raise Unconvertible("the target side is empty")
+    if (w.uses_answer or w.join_sep is not None) and answer_choices is None:
+        raise Unconvertible("uses answer_choices but the template defines none")
+    try:
+        return Conversion(_checked_pattern(inputs), _checked_pattern(targets), w.label, w.join_sep, w.uses_answer)
+    except ValueError as e:
+        raise Unconvertible(str(e)) from None
+
+
+def render_promptsource(
+    env: ImmutableSandboxedEnvironment, jinja: str, answer_choices: str | None, record: Mapping[str, Any]
+) -> tuple[list[str] | None, list[str]]:
+    """promptsource's ``Template.apply``: choices rendered and split first, then the template, split on |||."""
+    ctx = dict(record)
+    choices = None
+    if answer_choices is not None:
+        choices = [c.strip() for c in env.from_string(answer_choices).render(ctx).split(SEPARATOR)]
+        ctx[CHOICES] = choices
+    return choices, [part.strip() for part in env.from_string(jinja).render(ctx).split(SEPARATOR)]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def synthesize_records(
+    env: ImmutableSandboxedEnvironment, jinja: str, answer_choices: str | None, label: str | None
+) -> list[dict[str, Any]]:
+    """One record per label value; every other variable gets a distinct text naming it, so a swap shows."""
+    try:  # source Jinja may fail in any way (unknown filters, ...); the sandbox keeps it harmless
+        names = set(meta.find_undeclared_variables(env.parse(jinja)))
+        if answer_choices is not None:
+            names |= meta.find_undeclared_variables(env.parse(answer_choices))
+        base: dict[str, Any] = {n: f"<{n} value>" for n in sorted(names - {CHOICES, label or ""})}
+        n_choices = 1
+        if answer_choices is not None:
+            n_choices = len(env.from_string(answer_choices).render(base).split(SEPARATOR))
+    except Exception as e:
+        raise Unconvertible(f"answer_choices does not render: {_first_line(e)}") from None
+    if label is None:
+        return [base]
+    return [{**base, label: i} for i in range(n_choices)]
+
+
+def check_equivalent(
+    env: ImmutableSandboxedEnvironment,
+    conv: Conversion,
+    jinja: str,
+    answer_choices: str | None,
+    records: Sequence[Mapping[str, Any]],
+    field_map: Mapping[str, str],
+) -> int:
+    """Render the Jinja original and our patterns (with the real Polars renderer) on every record.
+
+    Returns how many records were compared; records whose label is not a valid choice index (P3's -1 for
+    unlabelled rows) are left out, since our canonical rows always carry a label.
+    """
+    rows: list[dict[str, str | None]] = []
+    expected: list[tuple[str, ...]] = []
+    record_ids: list[int] = []
+    for i, rec in enumerate(records):
+        try:
+            choices, parts = render_promptsource(env, jinja, answer_choices, rec)
+        except Exception as e:  # source Jinja may fail in any way; the sandbox keeps it harmless
+            raise Unconvertible(f"the Jinja original does not render on sample record {i}: {_first_line(e)}") from None
+        row: dict[str, str | None] = {field_map.get(k, k): None if v is None else str(v) for k, v in rec.items()}
+        if conv.label is not None:
+            index = rec.get(conv.label)
+            if type(index) is not int or index < 0 or (choices is not None and index >= len(choices)):
+                continue
+            if conv.uses_answer and choices is not None:
+                row[ANSWER] = choices[index]
+        if conv.join_sep is not None and choices is not None:
+            row[_OPTIONS_COLUMN] = conv.join_sep.join(choices)
+        rows.append(row)
+        expected.append(tuple(parts))
+        record_ids.append(i)
+    if not rows:
+        raise Unconvertible("no sample record has a valid label to check the conversion on")
+    columns = sorted({k for r in rows for k in r})
+    needed = {n for p in (conv.inputs, conv.targets) for n in placeholders(p)} - {OPTIONS_PLACEHOLDER}
+    missing = sorted(needed - set(columns))
+    if missing:
+        raise Unconvertible(f"sample records lack field(s) {missing} (check --field-map)")
+    df = pl.DataFrame(rows, schema={c: pl.Utf8 for c in columns}, orient="row")
+    options = pl.col(_OPTIONS_COLUMN) if _OPTIONS_COLUMN in columns else pl.lit("")
+    ours = df.select(
+        pattern_expr(conv.inputs, options).alias("inputs"), pattern_expr(conv.targets, options).alias("targets")
+    ).rows()
+    for i, theirs, mine in zip(record_ids, expected, ours, strict=True):
+        if theirs != mine:
+            raise Unconvertible(
+                f"on sample record {i} the pattern renders {mine!r} where the Jinja original renders {theirs!r}"
+            )
+    return len(rows)
+
+
+def read_sample(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Up to MAX_SAMPLE_RECORDS JSON objects, one a line, in the source's own column names."""
+    p = Path(path)
+    records: list[dict[str, Any]] = []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{p}: file not found") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TemplateImportError(f"{p}:{n}: invalid JSON: {e.msg}") from None
+        if not isinstance(rec, dict):
+            raise TemplateImportError(f"{p}:{n}: expected a JSON object per line")
+        records.append(rec)
+        if len(records) == MAX_SAMPLE_RECORDS:
+            break
+    if not records:
+        raise TemplateImportError(f"{p}: no sample records")
+    return records
+
+
+def _turned_around(metadata: Any, conv: Conversion) -> bool:
+    """The documented rule: original_task false is kept only when it is the task inverted."""
+    original = metadata.get("original_task") if isinstance(metadata, dict) else None
+    if original is not False:
+        return False
+    if is_task_inverted(conv.inputs, conv.targets):
+        return True
+    raise Unconvertible("original_task is false and it is not the task turned around")
+
+
+def _choice_key(env: ImmutableSandboxedEnvironment, answer_choices: str) -> tuple[str, ...] | str:
+    """What {answer}/{options_} stand for: a fixed list, or (per-example choices) the Jinja that makes them."""
+    fixed = static_choices(env, answer_choices)
+    return tuple(fixed) if fixed is not None else answer_choices
+
+
+def _describe_choices(key: tuple[str, ...] | str) -> str:
+    if isinstance(key, tuple):
+        return " ||| ".join(key)
+    return f"per-example {key!r}"
+
+
+def import_promptsource(
+    source: str | os.PathLike[str],
+    dataset: str,
+    *,
+    field_map: Mapping[str, str] | None = None,
+    sample: str | os.PathLike[str] | None = None,
+    options: Sequence[str] | None = None,
+) -> ImportResult:
+    """Convert every faithfully convertible template of one promptsource dataset (see the module doc)."""
+    fmap = dict(field_map or {})
+    path = find_promptsource_file(source, dataset)
+    doc = load_promptsource_yaml(path)
+    if _promptsource_name(doc) != dataset:
+        raise TemplateImportError(f"{path}: holds templates for {_promptsource_name(doc)!r}, not {dataset!r}")
+    records = read_sample(sample) if sample is not None else None
+    env = sandbox()
+    kept: list[tuple[ImportedTemplate, tuple[str, ...] | str | None]] = []
+    skipped: list[SkippedTemplate] = []
+    for key, t in doc["templates"].items():
+        if not isinstance(t, dict):
+            raise TemplateImportError(f"{path}: template {key}: expected a !Template mapping")
+        src = f'{t.get("id", key)} "{t.get("name", "?")}"'
+        jinja, answer_choices = t.get("jinja"), t.get("answer_choices")
+        if not isinstance(jinja, str) or not jinja.strip():
+            raise TemplateImportError(f"{path}: template {src}: 'jinja' must be a non-empty string")
+        if answer_choices is not None and not isinstance(answer_choices, str):
+            raise TemplateImportError(f"{path}: template {src}: 'answer_choices' must be a string or null")
+        try:
+            conv = convert_template(env, jinja, answer_choices, fmap)
+            turned = _turned_around(t.get("metadata"), conv)
+            recs = records if records is not None else synthesize_records(env, jinja, answer_choices, conv.label)
+            check_equivalent(env, conv, jinja, answer_choices, recs, fmap)
+        except Unconvertible as e:
+            skipped.append(SkippedTemplate(src, str(e)))
+            continue
+        uses_choices = conv.uses_answer or conv.join_sep is not None
+        choice_key = _choice_key(env, answer_choices) if uses_choices and answer_choices is not None else None
+        kept.append((ImportedTemplate(src, conv.inputs, conv.targets, turned), choice_key))
+
+    # {answer}/{options_} render ONE option list per dataset: keep the templates that agree on it.
+    notes: list[str] = []
+    keys = [k for _, k in kept if k is not None]
+    chosen: tuple[str, ...] | str | None = tuple(options) if options is not None else None
+    if chosen is None and keys:
+        chosen = Counter(keys).most_common(1)[0][0]  # ties: the first seen (Counter keeps insertion order)
+    if chosen is not None:
+        notes.append(
+            f"answer choices: {_describe_choices(chosen)} -- {{answer}}/{{options_}} assume the registry's "
+            + ("options: are exactly these, in this order" if isinstance(chosen, tuple) else "options_field")
+        )
+    templates: list[ImportedTemplate] = []
+    for t, k in kept:
+        if k is not None and k != chosen:
+            skipped.append(
+                SkippedTemplate(
+                    t.source,
+                    f"answer choices {_describe_choices(k)} differ from the dataset's ({_describe_choices(chosen)})",
+                )
+            )
+        else:
+            templates.append(t)
+    return _finish("promptsource", path, dataset, templates, skipped, notes)
+
+
+def _finish(
+    kind: Source,
+    path: Path,
+    dataset: str,
+    templates: list[ImportedTemplate],
+    skipped: list[SkippedTemplate],
+    notes: list[str],
+) -> ImportResult:
+    """Dedupe, cap turned-around templates at FLAN's three, order natural-first, log every skip."""
+    templates = _dedupe(templates, skipped)
+    natural = [t for t in templates if not t.turned_around]
+    turned = [t for t in templates if t.turned_around]
+    for t in turned[MAX_TURNED_AROUND:]:
+        skipped.append(SkippedTemplate(t.source, f"more than {MAX_TURNED_AROUND} turned-around templates"))
+    for s in skipped:
+        log.warning("%s: skipped template %s: %s", path, s.source, s.reason)
+    if not natural:
+        reasons = "; ".join(f"{s.source}: {s.reason}" for s in skipped[:10])
+        raise TemplateImportError(
+            f"{path}: no template of {dataset!r} that does the task could be imported ({reasons})"
+        )
+    return ImportResult(kind, path, dataset, natural + turned[:MAX_TURNED_AROUND], skipped, notes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# FLAN: a PATTERNS dict in a Python file, read with ast only
+
+_LITERAL_NODES = (ast.Constant, ast.Tuple, ast.List, ast.Load)
+
+
+def _literal(path: Path, node: ast.expr, what: str) -> Any:
+    """``ast.literal_eval`` with an error naming the file, the line of the offending node, and what it was."""
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        bad = next((n for n in ast.walk(node) if not isinstance(n, _LITERAL_NODES)), node)
+        line = getattr(bad, "lineno", node.lineno)
+        raise TemplateImportError(
+            f"{path}:{line}: {what}: `{ast.unparse(bad)[:80]}` is not a literal "
+            "(the file is read as data with ast.literal_eval, never executed)"
+        ) from None
+
+
+def _assigns_patterns(stmt: ast.stmt) -> bool:
+    if isinstance(stmt, ast.Assign):
+        return any(isinstance(t, ast.Name) and t.id == "PATTERNS" for t in stmt.targets)
+    return isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == "PATTERNS"
+
+
+def read_flan_patterns(path: str | os.PathLike[str], dataset: str) -> list[tuple[int, str, str]]:
+    """``PATTERNS[dataset]`` as (line, inputs, targets) triples, from the syntax tree alone."""
+    p = Path(path)
+    try:
+        source = p.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{p}: file not found") from e
+    try:
+        tree = ast.parse(source, filename=str(p))
+    except SyntaxError as e:
+        raise TemplateImportError(f"{p}:{e.lineno}: not valid Python: {e.msg}") from None
+    except (MemoryError, RecursionError):
+        raise TemplateImportError(f"{p}: too deeply nested to parse") from None
+    assigns = [s for s in tree.body if _assigns_patterns(s)]
+    if not assigns:
+        raise TemplateImportError(f"{p}: no top-level `PATTERNS = {{...}}` assignment")
+    if len(assigns) > 1:
+        raise TemplateImportError(
+            f"{p}: PATTERNS is assigned {len(assigns)} times (lines {[s.lineno for s in assigns]})"
+        )
+    value = assigns[0].value
+    if not isinstance(value, ast.Dict):
+        raise TemplateImportError(f"{p}:{assigns[0].lineno}: PATTERNS must be a dict literal")
+    entries: dict[str, ast.expr] = {}
+    for k, v in zip(value.keys, value.values, strict=True):
+        if k is None:
+            raise TemplateImportError(f"{p}:{v.lineno}: PATTERNS: `**` unpacking is not a literal")
+        name = _literal(p, k, "PATTERNS key")
+        if not isinstance(name, str):
+            raise TemplateImportError(f"{p}:{k.lineno}: PATTERNS keys must be dataset names (strings)")
+        if name in entries:
+            raise TemplateImportError(f"{p}:{k.lineno}: PATTERNS[{name!r}] is defined twice")
+        entries[name] = v
+    if dataset not in entries:
+        raise TemplateImportError(f"{p}: PATTERNS has no dataset {dataset!r}; it has {sorted(entries)}")
+    node = entries[dataset]
+    if not isinstance(node, ast.List | ast.Tuple):
+        raise TemplateImportError(f"{p}:{node.lineno}: PATTERNS[{dataset!r}] must be a list of (inputs, targets)")
+    out = []
+    for i, elt in enumerate(node.elts):
+        what = f"PATTERNS[{dataset!r}] template {i}"
+        pair = _literal(p, elt, what)
+        if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise TemplateImportError(f"{p}:{elt.lineno}: {what}: expected an (inputs, targets) pair of strings")
+        out.append((elt.lineno, pair[0], pair[1]))
+    if not out:
+        raise TemplateImportError(f"{p}:{node.lineno}: PATTERNS[{dataset!r}] is empty")
+    return out
+
+
+def _rename(pattern: str, field_map: Mapping[str, str]) -> str:
+    return pieces_to_pattern([(k, field_map.get(v, v) if k == "field" else v) for k, v in parse_pattern(pattern)])
+
+
+def import_flan(
+    source: str | os.PathLike[str],
+    dataset: str,
+    *,
+    field_map: Mapping[str, str] | None = None,
+    turned_around_from: int | None = None,
+) -> ImportResult:
+    """FLAN patterns use our ``{field}``/``{options_}`` syntax already: check each and copy it over."""
+    path = Path(source)
+    rows = read_flan_patterns(path, dataset)
+    k = turned_around_from
+    if k is not None and not (1 <= k < len(rows) and len(rows) - k <= MAX_TURNED_AROUND):
+        raise TemplateImportError(
+            f"{path}: --turned-around-from {k}: PATTERNS[{dataset!r}] has {len(rows)} templates; need "
+            f"1 <= K < {len(rows)} and at most {MAX_TURNED_AROUND} turned around"
+        )
+    templates: list[ImportedTemplate] = []
+    notes: list[str] = []
+    for i, (line, inputs, targets) in enumerate(rows):
+        src = f"PATTERNS[{dataset!r}][{i}] (line {line})"
+        pair = []
+        for side, pattern in (("inputs", inputs), ("targets", targets)):
+            if not pattern.strip():
+                raise TemplateImportError(f"{path}:{line}: PATTERNS[{dataset!r}] template {i}: {side} is empty")
+            try:
+                pair.append(_rename(pattern, field_map or {}))
+            except ValueError as e:
+                raise TemplateImportError(f"{path}:{line}: PATTERNS[{dataset!r}] template {i} ({side}): {e}") from None
+        turned = k is not None and i >= k
+        if not turned and is_task_inverted(pair[0], pair[1]):
+            notes.append(f"{src} looks turned around ({{answer}} -> input field); see --turned-around-from")
+        templates.append(ImportedTemplate(src, pair[0], pair[1], turned))
+    return _finish("flan", path, dataset, templates, [], notes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# output
+
+
+def _comment(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _quoted(s: str) -> str:
+    """A YAML double-quoted scalar on one line, like the hand-written template files."""
+    return yaml.safe_dump(s, default_style='"', width=float("inf"), allow_unicode=True).rstrip("\n")
+
+
+def format_template_file(result: ImportResult) -> str:
+    """Our template file: a header naming the source and every skip, one comment per template."""
+    s = result.summary()
+    lines = [
+        f"# Imported by `flanpipe templates import --from {result.kind}` from {_comment(str(result.path))}",
+        f"# (source dataset {_comment(result.dataset)}): {s['converted']} template(s) imported "
+        f"({s['turned_around']} turned around), {s['skipped']} skipped.",
+    ]
+    lines += [f"# {_comment(n)}" for n in result.notes]
+    if result.skipped:
+        lines.append("# Skipped:")
+        lines += [f"#   {_comment(sk.source)}: {_comment(sk.reason)}" for sk in result.skipped]
+    lines.append("templates:")
+    for t in result.templates:
+        lines.append(f"  # {_comment(t.source)}")
+        lines.append(f"  - inputs: {_quoted(t.inputs)}")
+        lines.append(f"    targets: {_quoted(t.targets)}")
+        if t.turned_around:
+            lines.append("    turned_around: true")
+    return "\n".join(lines) + "\n"
+
+
+def write_template_file(result: ImportResult, out: str | os.PathLike[str]) -> Path:
+    """Write atomically; the file must load with ``load_templates`` as exactly these templates first."""
+    final = Path(out)
+    with atomic_path(final) as tmp:
+        tmp.write_text(format_template_file(result), encoding="utf-8")
+        try:
+            loaded = [(t.inputs, t.targets, t.turned_around) for t in load_templates(tmp)]
+        except (TemplateError, ValueError) as e:
+            raise TemplateImportError(f"{final}: the imported file does not load: {e}") from None
+        if loaded != [(t.inputs, t.targets, t.turned_around) for t in result.templates]:
+            raise TemplateImportError(f"{final}: the imported file does not read back as written")
+    return final
+
+
+def import_templates(
+    kind: Source,
+    source: str | os.PathLike[str],
+    dataset: str,
+    out: str | os.PathLike[str],
+    *,
+    field_map: Mapping[str, str] | None = None,
+    sample: str | os.PathLike[str] | None = None,
+    options: Sequence[str] | None = None,
+    turned_around_from: int | None = None,
+) -> ImportResult:
+    """``flanpipe templates import``: read one dataset's templates from ``source``, write ``out``."""
+    if kind == "promptsource":
+        if turned_around_from is not None:
+            raise TemplateImportError("--turned-around-from is for --from flan (promptsource has original_task)")
+        result = import_promptsource(source, dataset, field_map=field_map, sample=sample, options=options)
+    elif kind == "flan":
+        if sample is not None or options is not None:
+            raise TemplateImportError("--sample/--options are for --from promptsource (FLAN patterns need no check)")
+        result = import_flan(source, dataset, field_map=field_map, turned_around_from=turned_around_from)
+    else:
+        raise TemplateImportError(f"unknown source format {kind!r}; choose promptsource or flan")
+    write_template_file(result, out)
+    return result
