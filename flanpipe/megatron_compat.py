@@ -1,0 +1,234 @@
+"""Make Megatron-Core 0.16 run on a CPU-only torch build.
+
+Megatron-Core assumes CUDA: it creates tensors with a hard-coded ``device="cuda"``, uses
+``torch.cuda.current_device()`` as a device, keeps its RNG tracker on the CUDA generator and
+asserts ``torch.cuda.FloatTensor`` grads. This module is the only place in flanpipe that knows.
+
+The fix is deliberately narrow: instead of monkey-patching ``torch.cuda`` for the whole process,
+each affected Megatron module gets its own ``torch`` name rebound to a thin view of torch whose
+tensor factories map a CUDA device to the CPU and whose ``torch.cuda`` answers
+``current_device()`` with the CPU device and makes ``synchronize()`` a no-op. Everything else
+forwards to the real torch, so code outside those modules sees torch unchanged.
+
+``apply()`` is a no-op when CUDA is available, so the GPU path runs unpatched Megatron.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+_CPU = torch.device("cpu")
+_APPLIED = False
+
+# Megatron modules whose module-level ``torch`` is rebound to the CPU view, and the Megatron
+# function on a CPU run's path that needs it (training fwd/bwd, 1F1B, clipping, DDP buffers,
+# dist_checkpointing save/load, the Scorer). Each entry was checked necessary by removing it
+# (TP=2, PP=2, DP=2 training, save, load at another layout, scoring); modules only reached with
+# sequence parallelism, fully-parallel loading or the rerun machinery are deliberately absent.
+_CPU_TORCH_MODULES: dict[str, str] = {
+    # get_default_causal_mask: torch.ones(sq, sq, device="cuda") when no mask is passed (Scorer).
+    "megatron.core.transformer.utils": "default causal mask",
+    # forward_backward_no_pipelining / forward_backward_pipelining_without_interleaving:
+    # total_num_tokens = torch.zeros([], device="cuda").
+    "megatron.core.pipeline_parallel.schedules": "num-tokens counter",
+    # P2PCommunicator._communicate (create_tensor_recv_prev/next): PP receive buffers on
+    # torch.cuda.current_device(); torch.cuda.synchronize() after batched isend/irecv.
+    "megatron.core.pipeline_parallel.p2p_communication": "p2p receive buffers",
+    # get_grad_norm_fp32: total_norm_cuda = torch.tensor(..., device="cuda") for the all-reduce.
+    "megatron.core.optimizer.clip_grads": "grad-norm reduction buffer",
+    # FP32Optimizer.__init__: self._scale = torch.tensor([1.0], device="cuda").
+    # (clip_grad_by_total_norm_fp32, imported into this module, is replaced in apply().)
+    "megatron.core.optimizer.optimizer": "fp32 optimizer loss scale",
+    # _ParamAndGradBuffer.__init__ (built by DistributedDataParallel): grad_data on
+    # torch.cuda.current_device().
+    "megatron.core.distributed.param_and_grad_buffer": "DDP contiguous grad buffer",
+    # RotaryEmbedding.get_emb: moves inv_freq to torch.cuda.current_device() on first use.
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "rotary frequencies",
+    # save_state_dict_async_finalize: failure flag broadcast on torch.cuda.current_device().
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "checkpoint save flags",
+    # FileSystemWriterAsync.preload_tensors: torch.cuda.synchronize() before copying to host.
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "checkpoint writer sync",
+    # GlobalMemoryBuffer.get_tensor (DotProductAttention's matmul buffer) on current_device().
+    "megatron.core.utils": "attention score buffer",
+}
+
+
+def _cpu_device(device: Any) -> Any:
+    """Map any CUDA device spelling (int index, "cuda", "cuda:0", torch.device) to the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wrap a tensor factory so that a CUDA ``device=`` argument lands on the CPU."""
+
+    def wrapped(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        kwargs.pop("pin_memory", None)  # pinning needs CUDA; meaningless for CPU tensors
+        return factory(*args, device=_cpu_device(device), **kwargs)
+
+    wrapped.__name__ = getattr(factory, "__name__", "factory")
+    wrapped.__doc__ = factory.__doc__
+    return wrapped
+
+
+def _cpu_current_device() -> torch.device:
+    return _CPU
+
+
+def _no_sync(device: Any = None) -> None:
+    return None
+
+
+class _ForwardingModule(types.ModuleType):
+    """A module object whose missing attributes come from ``target`` (PEP 562 style)."""
+
+    def __init__(self, name: str, target: types.ModuleType, overrides: dict[str, Any]):
+        super().__init__(name)
+        self._target = target
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+def _cpu_torch() -> types.ModuleType:
+    """A view of ``torch`` for Megatron modules: CUDA devices become the CPU device."""
+    cuda = _ForwardingModule(
+        "torch.cuda",
+        torch.cuda,
+        {"current_device": _cpu_current_device, "synchronize": _no_sync},
+    )
+    factories = ("tensor", "zeros", "ones", "empty", "full", "arange", "empty_like", "zeros_like")
+    overrides: dict[str, Any] = {name: _on_cpu(getattr(torch, name)) for name in factories}
+    overrides["cuda"] = cuda
+    return _ForwardingModule("torch", torch, overrides)
+
+
+def _clip_grad_by_total_norm_cpu(
+    parameters: list[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    total_norm: float,
+    use_decoupled_grad: bool = False,
+) -> None:
+    """CPU twin of ``clip_grads.clip_grad_by_total_norm_fp32``.
+
+    The original asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``, which a CPU grad can
+    never satisfy. Same math: scale every grad in place by max_norm / (total_norm + 1e-6) when
+    that is < 1.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_([g.detach() for g in grads], clip_coeff)
+
+
+def _make_cpu_rng_tracker_class(base: type) -> type:
+    """Subclass Megatron's CudaRNGStatesTracker so its named states live on the CPU generator.
+
+    ``model_parallel_cuda_manual_seed`` adds three named states (data-parallel seed,
+    seed + 2718 + tp_rank, expert seed) and layers ``fork()`` them around dropout and weight
+    init. Keeping the class (a subclass) keeps every isinstance check in Megatron working.
+    """
+
+    class CpuRNGStatesTracker(base):  # type: ignore[misc, valid-type]
+        """RNG tracker with the CudaRNGStatesTracker API over torch's CPU generator."""
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CpuRNGStatesTracker
+
+
+def cpu_transformer_overrides() -> dict[str, Any]:
+    """TransformerConfig fields a CPU run needs: CPU weight init and every CUDA fusion off."""
+    return {
+        "use_cpu_initialization": True,
+        "masked_softmax_fusion": False,
+        "bias_activation_fusion": False,
+        "bias_dropout_fusion": False,
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+        "persist_layer_norm": False,
+        "cross_entropy_loss_fusion": False,
+    }
+
+
+def quiet_warnings() -> None:
+    """Hide known, harmless warnings that would otherwise fill every training log.
+
+    Megatron warns at import that TE/Apex are absent (it falls back to torch ops, as intended
+    here) and, from TransformerConfig's defaults, that cuda_graph_scope "full" is deprecated;
+    torch's checkpoint planner warns on every dist_checkpointing save/load that ShardedTensor
+    (which Megatron 0.16 still uses) is deprecated.
+    """
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Apex is not installed", category=UserWarning)
+    warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+
+
+def apply() -> None:
+    """Patch Megatron-Core for a CPU-only torch (idempotent; a no-op when CUDA is available)."""
+    global _APPLIED
+    if _APPLIED or torch.cuda.is_available():
+        return
+
+    cpu_torch = _cpu_torch()
+    for name in _CPU_TORCH_MODULES:
+        module = importlib.import_module(name)
+        module.torch = cpu_torch  # type: ignore[attr-defined]
+
+    # FP32Optimizer.clip_grad_norm -> clip_grad_by_total_norm_fp32 (imported by name into
+    # megatron.core.optimizer.optimizer): replace its CUDA grad-type assert.
+    from megatron.core.optimizer import optimizer as mc_optimizer
+
+    mc_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    # tensor_parallel.random.initialize_rng_tracker instantiates the module-level class name
+    # CudaRNGStatesTracker; point it at the CPU subclass and drop any tracker already built.
+    from megatron.core.tensor_parallel import random as mc_random
+
+    mc_random.CudaRNGStatesTracker = _make_cpu_rng_tracker_class(mc_random.CudaRNGStatesTracker)
+    mc_random._CUDA_RNG_STATE_TRACKER = None
+    mc_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+    _APPLIED = True

@@ -1,0 +1,316 @@
+"""The decoder-only LM: its config, how Megatron builds it, and how eval loads it back.
+
+One ``ModelConfig`` (the keys of config/models/{name}.yaml) feeds both training and evaluation:
+``model_provider`` builds a Megatron-Core ``GPTModel`` for one pipeline stage, ``load_scorer``
+rebuilds it in a single process (TP=1, PP=1) from a training run's output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from flanpipe import megatron_compat
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_POSITION_TYPES = ("rope", "learned_absolute")
+_NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the decoder-only transformer (config/models/{name}.yaml)."""
+
+    num_layers: int
+    """Transformer layers; split evenly across pipeline stages."""
+
+    hidden_size: int
+    """Width of the residual stream."""
+
+    num_attention_heads: int
+    """Attention heads; head dim = hidden_size / num_attention_heads."""
+
+    ffn_hidden_size: int
+    """Inner width of the MLP (per branch when gated_linear_unit)."""
+
+    vocab_size: int
+    """Embedding rows; must be >= the tokenizer's vocabulary size."""
+
+    max_position_embeddings: int
+    """Longest sequence the model accepts (the size of the learned position table)."""
+
+    position_embedding_type: str = "rope"
+    """'rope' (rotary, no parameters) or 'learned_absolute'."""
+
+    gated_linear_unit: bool = False
+    """GLU-style MLP (e.g. SwiGLU with activation 'silu'): fc1 produces two branches."""
+
+    activation: str = "gelu"
+    """MLP nonlinearity: gelu, relu or silu."""
+
+    normalization: str = "LayerNorm"
+    """Pre-norm type: LayerNorm or RMSNorm."""
+
+    init_method_std: float = 0.02
+    """Std of the normal init of weight matrices (output layers scaled by 1/sqrt(2*layers))."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size}"
+            )
+        if self.position_embedding_type not in _POSITION_TYPES:
+            raise ValueError(f"position_embedding_type must be one of {_POSITION_TYPES}")
+        if self.position_embedding_type == "rope" and (self.kv_channels % 2):
+            raise ValueError(f"rope needs an even head dim, got {self.kv_channels}")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}")
+        if self.normalization not in _NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}")
+        if not self.init_method_std > 0:
+            raise ValueError("init_method_std must be > 0")
+
+    @property
+    def kv_channels(self) -> int:
+        """Per-head width: hidden_size / num_attention_heads."""
+        return self.hidden_size // self.num_attention_heads
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Raise ValueError unless this model splits evenly over TP x PP ranks."""
+        if tp < 1 or pp < 1:
+            raise ValueError(f"parallel sizes must be >= 1, got tp={tp} pp={pp}")
+        for name, size in (
+            ("num_attention_heads", self.num_attention_heads),
+            ("ffn_hidden_size", self.ffn_hidden_size),
+            ("vocab_size", self.vocab_size),
+        ):
+            if size % tp:
+                raise ValueError(f"tensor_model_parallel_size={tp} must divide {name}={size}")
+        if self.num_layers % pp:
+            raise ValueError(f"pipeline_model_parallel_size={pp} must divide num_layers={self.num_layers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a mapping; unknown keys are an error (catches YAML typos early)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**data)
+
+
+def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """Read a model config from YAML (config/models/*.yaml) or JSON (a run's model.json)."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    return ModelConfig.from_dict(data)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of the full (unsharded) model, written out like nanoGPT.
+
+    Per layer: 2 norms (weight+bias for LayerNorm, weight only for RMSNorm),
+    qkv = h*3h + 3h, proj = h*h + h, fc1 = h*f*(2 if GLU) + f*(2 if GLU), fc2 = f*h + h.
+    Plus token embedding V*h, learned positions P*h, the final norm and an untied output V*h.
+    """
+    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    norm = 2 * h if cfg.normalization == "LayerNorm" else h
+    glu = 2 if cfg.gated_linear_unit else 1
+    attention = (h * 3 * h + 3 * h) + (h * h + h)
+    mlp = (h * f * glu + f * glu) + (f * h + h)
+    per_layer = 2 * norm + attention + mlp
+    positions = cfg.max_position_embeddings * h if cfg.position_embedding_type != "rope" else 0
+    return cfg.num_layers * per_layer + v * h + positions + norm + v * h
+
+
+def te_available() -> bool:
+    """True when the Transformer Engine layer spec can be used (TE importable and CUDA)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, on_gpu: bool | None = None):
+    """Megatron TransformerConfig for ``cfg`` on a TP x PP grid.
+
+    Dropout is off: runs are short, and it keeps TP/PP runs bit-comparable with TP=1.
+    Per-token loss: the schedule sums token losses and finalize_model_grads divides by the
+    global count of target tokens, so the loss is a token mean over the whole global batch
+    whatever the split into micro-batches, DP ranks or pipeline stages.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    cfg.check_parallel(tp, pp)
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    extra = {} if on_gpu else megatron_compat.cpu_transformer_overrides()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.kv_channels,
+        gated_linear_unit=cfg.gated_linear_unit,
+        activation_func=_ACTIVATIONS[cfg.activation],
+        normalization=cfg.normalization,
+        init_method_std=cfg.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        calculate_per_token_loss=True,
+        **extra,
+    )
+
+
+def model_provider(
+    cfg: ModelConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    use_te: bool | None = None,
+    vp_stage: int | None = None,
+):
+    """Build this rank's GPTModel stage (embedding on the first stage, output layer on the last).
+
+    Layer spec: Transformer Engine when importable on a GPU (``use_te=None`` decides), else
+    Megatron's local spec, which takes the dense block-diagonal mask packed rows need.
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    megatron_compat.apply()
+    use_te = te_available() if use_te is None else use_te
+    config = transformer_config(cfg, tp, pp)
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type=cfg.position_embedding_type,
+        vp_stage=vp_stage,
+    )
+    model.flanpipe_uses_te = use_te  # forward_step feeds TE packed rows as THD, local a mask
+    return model
+
+
+def init_single_process() -> None:
+    """A 1-process torch.distributed group + TP=1/PP=1 Megatron state, unless one exists.
+
+    Megatron's layers read their parallel group sizes from parallel_state even for one process.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    megatron_compat.apply()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if (tp, pp) != (1, 1):
+        raise RuntimeError(f"need TP=1/PP=1 Megatron state, found TP={tp} PP={pp}")
+    # Attention forks Megatron's model-parallel RNG state around dropout even in eval mode, so a
+    # fresh process needs the tracker seeded; a training run in this process already did it.
+    from megatron.core import tensor_parallel
+
+    if "model-parallel-rng" not in tensor_parallel.get_cuda_rng_tracker().get_states():
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+
+
+def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike[str]) -> None:
+    """Save model weights with dist_checkpointing (every rank writes its shards; collective)."""
+    from megatron.core import dist_checkpointing
+
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+
+
+def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike[str]) -> None:
+    """Load weights saved under any TP/PP layout into ``model`` (collective)."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    model.load_state_dict(state)
+
+
+class Scorer:
+    """Plain causal LM over right-padded rows, for evaluation (one process, TP=1/PP=1)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig):
+        self.model = model.eval()
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [b, s, V] for tokens [b, s]; position i sees tokens 0..i of its own row.
+
+        Right padding needs no mask: a causal model never looks ahead at the pads.
+        """
+        b, s = tokens.shape
+        if s > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {s} > max_position_embeddings")
+        ids = tokens.to(self.device, torch.long)
+        positions = torch.arange(s, device=self.device).unsqueeze(0).expand(b, s)
+        # attention_mask=None selects the spec's causal mask (the local and TE specs alike).
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=None)
+        return out.float().to(tokens.device)
+
+
+def load_scorer(model_dir: str | os.PathLike[str]) -> Scorer:
+    """Rebuild a trained model from ``model_dir`` (model.json + checkpoint/) for scoring."""
+    model_dir = Path(model_dir)
+    megatron_compat.quiet_warnings()
+    init_single_process()
+    cfg = load_model_config(model_dir / "model.json")
+    model = model_provider(cfg, pre_process=True, post_process=True)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    load_checkpoint(model, model_dir / "checkpoint")
+    return Scorer(model, cfg)
