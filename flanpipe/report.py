@@ -1,63 +1,464 @@
-"""Report: per held-out cluster, per dataset, the score under each template, the mean over templates
-and the best-dev-template score, as JSON (for machines) and Markdown (for people)."""
+"""Report: the zero-shot results on held-out clusters (summary.json / summary.md / a figure) and the
+paper's four ablations (one JSON + one PNG each, plus a Markdown table for summary.md).
+
+Input is a list of *records*: one evaluation result (flanpipe.evaluate's JSON: dataset, cluster,
+metric, per_template, mean, std, best_dev_template, best_dev_test, ...) plus where it came from:
+``run``, ``variant`` (an EvalVariant name such as ``natural-noopts`` or ``natural-2shot``),
+``held_out`` (the cluster), ``role`` (``tuned`` | ``base``), ``model`` (config stem), ``params``, and
+for ablations ``ablation_value``. The workflow builds them from the experiment plan; the report only
+groups and averages, it never re-scores.
+
+Averages follow the paper: a dataset's score is the mean over its templates (or the test score of
+the template picked on validation, "best dev"), a cluster's score is the mean over its datasets,
+and the "held-out average" is the mean over clusters. Mean, std and the best-dev score are copied
+from the eval result, never recomputed here: the best template is chosen on the validation split,
+and recomputing it from test numbers would silently overstate zero-shot performance.
+"""
 
 from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flanpipe.experiments import EvalVariant
 from flanpipe.io import atomic_path, read_json, write_json
 
+Record = Mapping[str, Any]
 
-def summarize(results: Sequence[Mapping[str, Any]], mixture_of: Mapping[str, str]) -> dict[str, Any]:
-    """Group per-dataset eval results by held-out cluster and average them like the paper does."""
-    clusters: dict[str, dict[str, Any]] = {}
-    for r in sorted(results, key=lambda r: (r["cluster"], r["dataset"])):
-        c = clusters.setdefault(r["cluster"], {"mixture": mixture_of[r["dataset"]], "datasets": []})
-        c["datasets"].append(dict(r))
-    for c in clusters.values():
-        c["average_mean"] = statistics.fmean(d["mean"] for d in c["datasets"])
-        c["average_best_dev"] = statistics.fmean(d["best_dev_test"] for d in c["datasets"])
+SCORE_NOTE = (
+    "Scores are on the test split, 0-100 (accuracy, exact match, F1, BLEU or ROUGE as the dataset's metric). "
+    "*mean* = mean over the dataset's templates; *best dev* = test score of the template with the best "
+    "validation score. Cluster = mean over its datasets; held-out average = mean over clusters."
+)
+
+# Slots are the comparisons the paper makes for each held-out dataset, in display order.
+SLOT_ORDER = (
+    "tuned_zeroshot",
+    "tuned_zeroshot_noopts",
+    "tuned_fewshot",
+    "tuned_fewshot_noopts",
+    "base_zeroshot",
+    "base_zeroshot_noopts",
+    "base_fewshot",
+    "base_fewshot_noopts",
+)
+
+ABLATION_NAMES = ("clusters", "scale", "instructions", "templates")
+
+# Held-out averages in the paper (LaMDA-PT 137B), to compare the *shape* of a small reproduction against.
+# clusters: Figure 6 (held out NLI, commonsense, closed-book QA), 1..7 training clusters.
+# instructions: Figure 8, average over four held-out clusters; keys are "train->eval" instruction modes.
+PAPER_REFERENCE: dict[str, dict[Any, float]] = {
+    "clusters": {1: 49.9, 2: 55.0, 3: 59.3, 4: 59.2, 5: 60.8, 6: 61.9, 7: 63.5},
+    "instructions": {
+        "natural->natural": 55.2,
+        "no_template->natural": 37.3,
+        "dataset_name->natural": 46.6,
+        "dataset_name->dataset_name": 47.0,
+    },
+}
+
+_INSTRUCTION_LABELS = {
+    "natural->natural": "FLAN (natural->natural)",
+    "no_template->natural": "no template",
+    "dataset_name->natural": "dataset name -> natural",
+    "dataset_name->dataset_name": "dataset name -> dataset name",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that exist: a dataset with no test examples has no score, not a score of 0."""
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def held_out_of(record: Record) -> str:
+    """The held-out cluster a record belongs to; the dataset's own cluster when the record omits it."""
+    return str(record.get("held_out") or record["cluster"])
+
+
+def slot_of(record: Record) -> str:
+    """Which comparison a record fills: role x zero/few-shot x with/without the options block.
+
+    The instruction mode is deliberately not part of the slot: the main results use one eval mode
+    (config templates.eval_mode), whatever it is called.
+    """
+    v = EvalVariant.parse(str(record["variant"]))
+    role = str(record["role"])
+    if role not in ("tuned", "base"):
+        raise ValueError(f"record {record.get('run')}/{record['variant']}/{record['dataset']}: role {role!r}")
+    return f"{role}_{'fewshot' if v.shots else 'zeroshot'}" + ("" if v.options else "_noopts")
+
+
+def slot_label(slot: str, shots: int | None = None) -> str:
+    """Human name of a slot for tables and legends."""
+    role, shot, *rest = slot.split("_")
+    name = "instruction-tuned" if role == "tuned" else "untuned base"
+    name += ", zero-shot" if shot == "zeroshot" else f", {shots}-shot" if shots else ", few-shot"
+    return name + (", no options" if rest else "")
+
+
+def format_params(n: int | float | None) -> str:
+    """422_000_000 -> '422M', 137e9 -> '137B': the paper's way of naming model sizes."""
+    if n is None:
+        return "?"
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{suffix}"
+    return str(int(n))
+
+
+def _key(record: Record) -> tuple[str, str, str]:
+    return str(record.get("run")), str(record["variant"]), str(record["dataset"])
+
+
+def _dataset_scores(record: Record) -> dict[str, Any]:
+    """The per-dataset numbers of one eval result, passed through unchanged."""
+    v = EvalVariant.parse(str(record["variant"]))
     return {
-        "clusters": clusters,
-        "held_out_average": statistics.fmean(c["average_mean"] for c in clusters.values()) if clusters else None,
+        "run": record.get("run"),
+        "variant": record["variant"],
+        "model": record.get("model"),
+        "params": record.get("params"),
+        "shots": v.shots,
+        "n_templates": record.get("n_templates", len(record.get("per_template", []))),
+        "per_template": [dict(t) for t in record.get("per_template", [])],
+        "mean": record.get("mean"),
+        "std": record.get("std"),
+        "best_dev_template": record.get("best_dev_template"),
+        "best_dev_test": record.get("best_dev_test"),
     }
 
 
-def markdown(summary: Mapping[str, Any]) -> str:
-    lines = ["# flanpipe results", "", "Zero-shot scores on held-out clusters (test split; metric in 0-100).", ""]
+def _unique(records: Sequence[Record], key: Any, what: str) -> dict[Any, Record]:
+    """Index records by ``key``; an exact repeat (same run/variant/dataset) is dropped, a conflict raises.
+
+    Two different runs landing in one cell would make any average meaningless, so it fails loudly.
+    """
+    out: dict[Any, Record] = {}
+    for r in records:
+        k = key(r)
+        if k in out and _key(out[k]) != _key(r):
+            raise ValueError(f"{what}: both {'/'.join(_key(out[k]))} and {'/'.join(_key(r))} fill {k}")
+        out.setdefault(k, r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# main results: summary.json / summary.md
+
+
+def summarize(records: Sequence[Record], experiment: str = "flanpipe") -> dict[str, Any]:
+    """Group eval records by held-out cluster, dataset and slot, and average them like the paper."""
+    cells = _unique(records, lambda r: (held_out_of(r), str(r["dataset"]), slot_of(r)), "summary")
+    slots = [s for s in SLOT_ORDER if any(k[2] == s for k in cells)]
+    clusters: dict[str, Any] = {}
+    for (cluster, dataset, slot), r in sorted(cells.items()):
+        c = clusters.setdefault(cluster, {"datasets": {}})
+        d = c["datasets"].setdefault(dataset, {"dataset": dataset, "cluster": r["cluster"], "metric": r["metric"]})
+        d.setdefault("slots", {})[slot] = _dataset_scores(r)
+    for c in clusters.values():
+        c["average"] = {s: _slot_average(c["datasets"].values(), s) for s in slots}
+    held_out_average = {
+        s: {
+            "mean": _mean(c["average"][s]["mean"] for c in clusters.values()),
+            "best_dev": _mean(c["average"][s]["best_dev"] for c in clusters.values()),
+            "n_clusters": sum(c["average"][s]["n_datasets"] > 0 for c in clusters.values()),
+        }
+        for s in slots
+    }
+    return {
+        "experiment": experiment,
+        "score": SCORE_NOTE,
+        "slots": slots,
+        "clusters": clusters,
+        "held_out_average": held_out_average,
+    }
+
+
+def _slot_average(datasets: Iterable[Mapping[str, Any]], slot: str) -> dict[str, Any]:
+    """Cluster average of one slot over the datasets that have it (n_datasets says how many)."""
+    have = [d["slots"][slot] for d in datasets if slot in d["slots"]]
+    return {
+        "mean": _mean(x["mean"] for x in have),
+        "best_dev": _mean(x["best_dev_test"] for x in have),
+        "n_datasets": len(have),
+    }
+
+
+def slot_shots(summary: Mapping[str, Any], slot: str) -> int | None:
+    """Number of exemplars a few-shot slot used (read off its results), for labels like '2-shot'."""
+    for c in summary["clusters"].values():
+        for d in c["datasets"].values():
+            if slot in d["slots"]:
+                return int(d["slots"][slot]["shots"])
+    return None
+
+
+def _mean_std(x: Mapping[str, Any]) -> str:
+    return f"{_fmt(x['mean'])} ± {_fmt(x['std'])}"
+
+
+def _cell(x: Mapping[str, Any] | None) -> str:
+    """'mean ± std / best dev' for one dataset in one slot."""
+    return "–" if x is None else f"{_mean_std(x)} / {_fmt(x['best_dev_test'])}"
+
+
+def _average_cell(a: Mapping[str, Any], n_datasets: int) -> str:
+    """Bold 'mean / best dev'; '(k of n datasets)' when a slot is missing for some datasets."""
+    partial = "" if a["n_datasets"] == n_datasets else f" ({a['n_datasets']} of {n_datasets} datasets)"
+    return f"**{_fmt(a['mean'])} / {_fmt(a['best_dev'])}**{partial}"
+
+
+def markdown(summary: Mapping[str, Any], figure: str | None = None, extra: Sequence[str] = ()) -> str:
+    """summary.md: held-out averages first, then per cluster the per-template and comparison tables."""
+    slots = list(summary["slots"])
+    labels = {s: slot_label(s, slot_shots(summary, s)) for s in slots}
+    lines = [f"# {summary['experiment']}: zero-shot results on held-out clusters", "", summary["score"], ""]
+    if figure:
+        lines += [f"![held-out clusters: instruction-tuned vs untuned base]({figure})", ""]
+    lines += ["## Held-out average", ""]
+    rows = [
+        [labels[s], _fmt(a["mean"]), _fmt(a["best_dev"]), str(a["n_clusters"])]
+        for s, a in summary["held_out_average"].items()
+    ]
+    lines += [*_md_table(["model / prompt", "mean over templates", "best dev template", "clusters"], rows), ""]
     for cluster, c in summary["clusters"].items():
-        lines += [f"## Held out: {cluster} (model `{c['mixture']}`)", ""]
-        width = max(len(d["per_template"]) for d in c["datasets"])
-        head = ["dataset", "metric"] + [f"t{i}" for i in range(width)] + ["mean ± std", "best dev template"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for d in c["datasets"]:
-            scores = [f"{t['test']:.1f}" for t in d["per_template"]] + [""] * (width - len(d["per_template"]))
-            best = f"t{d['best_dev_template']}: {d['best_dev_test']:.1f}"
-            row = [d["dataset"], d["metric"], *scores, f"{d['mean']:.1f} ± {d['std']:.1f}", best]
-            lines.append("| " + " | ".join(row) + " |")
-        lines += [
-            "",
-            f"Cluster average: mean over templates {c['average_mean']:.1f}, "
-            f"best dev template {c['average_best_dev']:.1f}",
-            "",
-        ]
-    if summary.get("held_out_average") is not None:
-        lines.append(f"**Average over held-out clusters: {summary['held_out_average']:.1f}**")
-    return "\n".join(lines) + "\n"
+        lines += _cluster_markdown(cluster, c, slots, labels)
+    lines += [block.rstrip("\n") + "\n" for block in extra]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _cluster_markdown(cluster: str, c: Mapping[str, Any], slots: Sequence[str], labels: Mapping[str, str]) -> list[str]:
+    datasets = list(c["datasets"].values())
+    tuned = [d["slots"]["tuned_zeroshot"] for d in datasets if "tuned_zeroshot" in d["slots"]]
+    runs = sorted({str(t["run"]) for t in tuned})
+    lines = [f"## Held out: {cluster}" + (f" (model `{'`, `'.join(runs)}`)" if runs else ""), ""]
+    if tuned:
+        # Per-template test scores of the instruction-tuned model; template ids are the eval shard's.
+        ids = sorted({t["template_id"] for x in tuned for t in x["per_template"]})
+        head = ["dataset", "metric", *(f"t{i}" for i in ids), "mean ± std", "best dev template (test)"]
+        rows = []
+        for d in datasets:
+            x = d["slots"].get("tuned_zeroshot")
+            if x is None:
+                continue
+            by_id = {t["template_id"]: t.get("test") for t in x["per_template"]}
+            best = "–" if x["best_dev_template"] is None else f"t{x['best_dev_template']}: {_fmt(x['best_dev_test'])}"
+            rows.append([d["dataset"], d["metric"], *(_fmt(by_id.get(i)) for i in ids), _mean_std(x), best])
+        lines += ["Instruction-tuned, zero-shot, test score per template:", "", *_md_table(head, rows), ""]
+    lines += ["Each cell: mean ± std over templates / best-dev-template test score.", ""]
+    head = ["dataset", "metric", *(labels[s] for s in slots)]
+    rows = [[d["dataset"], d["metric"], *(_cell(d["slots"].get(s)) for s in slots)] for d in datasets]
+    rows.append(["**cluster average**", "", *(_average_cell(c["average"][s], len(datasets)) for s in slots)])
+    return [*lines, *_md_table(head, rows), ""]
+
+
+def write_summary(
+    records: Sequence[Record],
+    out_json: str | os.PathLike[str],
+    out_md: str | os.PathLike[str],
+    figure_path: str | os.PathLike[str],
+    *,
+    experiment: str = "flanpipe",
+    extra_markdown: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Rule ``report``: summary.json, summary.md (linking the figure) and the held-out bar chart.
+
+    ``experiment`` (the config's name or path) titles the Markdown and the figure, so a figure copied
+    out of its directory still says which experiment it shows. ``extra_markdown`` blocks (e.g. the
+    ablation tables returned by write_ablation) are appended to summary.md.
+    """
+    from flanpipe.figures import save_figure, summary_figure
+
+    summary = summarize(records, experiment)
+    save_figure(summary_figure(summary, experiment), figure_path)
+    rel = os.path.relpath(Path(figure_path).resolve(), Path(out_md).resolve().parent)
+    write_json(out_json, summary)
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(markdown(summary, rel, extra_markdown), encoding="utf-8")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# ablations
+
+
+def ablation_value(name: str, record: Record) -> int | str:
+    """Normalise an ablation value: ints for counts and sizes, 'train->eval' for instruction settings."""
+    v = record["ablation_value"]
+    if name == "instructions":
+        return "".join(str(v).split())  # "natural -> natural" == "natural->natural"
+    return int(v)
+
+
+def instruction_label(value: str) -> str:
+    """The paper's names for the instruction settings; other combinations spelled out."""
+    return _INSTRUCTION_LABELS.get(value) or value.replace("_", " ").replace("->", " -> ")
+
+
+def _value_label(name: str, value: int | str, models: Sequence[str]) -> str:
+    if name == "instructions":
+        return instruction_label(str(value))
+    if name == "scale":
+        return format_params(int(value)) + (f" ({', '.join(models)})" if models else "")
+    return str(value)
+
+
+def summarize_ablation(name: str, records: Sequence[Record], experiment: str = "flanpipe") -> dict[str, Any]:
+    """Held-out average per ablation value (per role for the scale ablation), with per-cluster detail."""
+    if name not in ABLATION_NAMES:
+        raise ValueError(f"unknown ablation {name!r}; expected one of {ABLATION_NAMES}")
+    cells = _unique(
+        records,
+        lambda r: (str(r["role"]), ablation_value(name, r), held_out_of(r), str(r["dataset"])),
+        f"ablation {name}",
+    )
+    # Points in paper order: numbers ascending; instruction settings as the config lists them.
+    seen: dict[tuple[str, int | str], None] = {}
+    for role, value, _, _ in cells:
+        seen.setdefault((role, value), None)
+    keys = list(seen) if name == "instructions" else sorted(seen, key=lambda k: (k[0] != "tuned", k[1]))
+    reference = PAPER_REFERENCE.get(name, {})
+    points = []
+    for role, value in keys:
+        mine = {k: r for k, r in cells.items() if k[:2] == (role, value)}
+        clusters: dict[str, Any] = {}
+        for (_, _, cluster, dataset), r in sorted(mine.items(), key=lambda kv: kv[0][2:]):
+            c = clusters.setdefault(cluster, {"datasets": {}})
+            c["datasets"][dataset] = {
+                "metric": r["metric"],
+                **{k: v for k, v in _dataset_scores(r).items() if k != "per_template"},
+            }
+        for c in clusters.values():
+            c["average"] = _mean(d["mean"] for d in c["datasets"].values())
+            c["average_best_dev"] = _mean(d["best_dev_test"] for d in c["datasets"].values())
+        models = sorted({str(r["model"]) for r in mine.values() if r.get("model")})
+        points.append(
+            {
+                "value": value,
+                "label": _value_label(name, value, models),
+                "role": role,
+                "models": models,
+                "held_out_average": _mean(c["average"] for c in clusters.values()),
+                "held_out_average_best_dev": _mean(c["average_best_dev"] for c in clusters.values()),
+                "n_clusters": len(clusters),
+                "clusters": clusters,
+                "paper": reference.get(value) if role == "tuned" else None,
+            }
+        )
+    return {"ablation": name, "experiment": experiment, "score": SCORE_NOTE, "points": points}
+
+
+_VALUE_HEADER = {
+    "clusters": "training clusters",
+    "scale": "model size (parameters)",
+    "instructions": "instruction setting (train -> eval)",
+    "templates": "templates per dataset",
+}
+
+
+def ablation_markdown(ablation: Mapping[str, Any]) -> str:
+    """One table row per ablation point: per-cluster averages, held-out average, best dev, paper."""
+    name, points = ablation["ablation"], ablation["points"]
+    clusters = sorted({c for p in points for c in p["clusters"]})
+    roles = len({p["role"] for p in points}) > 1
+    has_paper = any(p["paper"] is not None for p in points)
+    head = [_VALUE_HEADER[name], *(["role"] if roles else []), *clusters, "held-out average", "best dev template"]
+    head += ["paper (137B)"] if has_paper else []
+    rows = []
+    for p in points:
+        row = [p["label"], *(["instruction-tuned" if p["role"] == "tuned" else "untuned base"] if roles else [])]
+        row += [_fmt(p["clusters"][c]["average"]) if c in p["clusters"] else "–" for c in clusters]
+        row += [f"**{_fmt(p['held_out_average'])}**", _fmt(p["held_out_average_best_dev"])]
+        row += [_fmt(p["paper"])] if has_paper else []
+        rows.append(row)
+    title = f"## Ablation: {name} ({ablation['experiment']})"
+    note = (
+        "Held-out scores: test split, 0-100, mean over templates "
+        "(best dev: test score of the template with the best validation score)."
+    )
+    return "\n".join([title, "", note, "", *_md_table(head, rows)]) + "\n"
+
+
+def write_ablation(
+    name: str,
+    records: Sequence[Record],
+    out_json: str | os.PathLike[str],
+    out_png: str | os.PathLike[str],
+    *,
+    experiment: str = "flanpipe",
+) -> str:
+    """Rule ``ablation_<name>``: the ablation's JSON and figure; returns its Markdown table."""
+    from flanpipe.figures import ablation_figure, save_figure
+
+    ablation = summarize_ablation(name, records, experiment)
+    save_figure(ablation_figure(ablation), out_png)
+    write_json(out_json, ablation)
+    return ablation_markdown(ablation)
+
+
+# ---------------------------------------------------------------------------------------------------
+# records from files (the CLI; the workflow builds richer records from the plan)
+
+
+def records_from_paths(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """Read ``results/eval/{run}/{variant}/{dataset}.json`` files into records, using only the path.
+
+    Without the plan the held-out cluster is the dataset's own cluster and the role is read off the
+    run name (the planner names base runs ``base-<model>``).
+    """
+    out = []
+    for p in paths:
+        path = Path(p)
+        r = dict(read_json(path))
+        run, variant = path.parent.parent.name, path.parent.name
+        r.setdefault("run", run)
+        r.setdefault("variant", variant)
+        r.setdefault("held_out", r["cluster"])
+        r.setdefault("role", "base" if run.startswith("base-") else "tuned")
+        out.append(r)
+    return out
 
 
 def write_report(
-    result_paths: Sequence[str | os.PathLike[str]], out_json: str | os.PathLike[str], out_md: str | os.PathLike[str]
+    result_paths: Sequence[str | os.PathLike[str]],
+    out_json: str | os.PathLike[str],
+    out_md: str | os.PathLike[str],
+    figure_path: str | os.PathLike[str] | None = None,
+    *,
+    experiment: str = "flanpipe",
 ) -> dict[str, Any]:
-    """Read ``results/eval/<mixture>/<dataset>.json`` files and write the summaries."""
-    results = [read_json(p) for p in result_paths]
-    mixture_of = {r["dataset"]: Path(p).parent.name for r, p in zip(results, result_paths, strict=True)}
-    summary = summarize(results, mixture_of)
-    write_json(out_json, summary)
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(markdown(summary), encoding="utf-8")
-    return summary
+    """`flanpipe report`: write_summary over eval files; the figure defaults to ``out_md`` with .png."""
+    figure = figure_path if figure_path is not None else Path(out_md).with_suffix(".png")
+    return write_summary(records_from_paths(result_paths), out_json, out_md, figure, experiment=experiment)
+
+
+__all__ = [
+    "ABLATION_NAMES",
+    "PAPER_REFERENCE",
+    "ablation_markdown",
+    "instruction_label",
+    "markdown",
+    "records_from_paths",
+    "summarize",
+    "summarize_ablation",
+    "write_ablation",
+    "write_report",
+    "write_summary",
+]
