@@ -62,6 +62,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Std of the normal init of weight matrices (output layers scaled by 1/sqrt(2*layers))."""
 
+    kv_channels: int | None = None
+    """Per-head width; default hidden_size / num_attention_heads. LaMDA-PT 137B uses 128 heads of 128
+    on d_model 8192, i.e. attention 16,384 wide: set it explicitly for such models."""
+
     def __post_init__(self) -> None:
         for name in (
             "num_layers",
@@ -74,10 +78,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size}"
-            )
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size} "
+                    "(or set kv_channels)"
+                )
+            object.__setattr__(self, "kv_channels", self.hidden_size // self.num_attention_heads)
+        elif not isinstance(self.kv_channels, int) or self.kv_channels < 1:
+            raise ValueError(f"kv_channels must be a positive int, got {self.kv_channels!r}")
         if self.position_embedding_type not in _POSITION_TYPES:
             raise ValueError(f"position_embedding_type must be one of {_POSITION_TYPES}")
         if self.position_embedding_type == "rope" and (self.kv_channels % 2):
@@ -88,11 +97,6 @@ class ModelConfig:
             raise ValueError(f"normalization must be one of {_NORMALIZATIONS}")
         if not self.init_method_std > 0:
             raise ValueError("init_method_std must be > 0")
-
-    @property
-    def kv_channels(self) -> int:
-        """Per-head width: hidden_size / num_attention_heads."""
-        return self.hidden_size // self.num_attention_heads
 
     def check_parallel(self, tp: int, pp: int) -> None:
         """Raise ValueError unless this model splits evenly over TP x PP ranks."""
@@ -133,14 +137,16 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
 def param_count(cfg: ModelConfig) -> int:
     """Parameters of the full (unsharded) model, written out like nanoGPT.
 
-    Per layer: 2 norms (weight+bias for LayerNorm, weight only for RMSNorm),
-    qkv = h*3h + 3h, proj = h*h + h, fc1 = h*f*(2 if GLU) + f*(2 if GLU), fc2 = f*h + h.
+    Per layer, with attention width d = heads x kv_channels (= h unless kv_channels is set):
+    2 norms (weight+bias for LayerNorm, weight only for RMSNorm),
+    qkv = h*3d + 3d, proj = d*h + h, fc1 = h*f*(2 if GLU) + f*(2 if GLU), fc2 = f*h + h.
     Plus token embedding V*h, learned positions P*h, the final norm and an untied output V*h.
     """
     h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
     norm = 2 * h if cfg.normalization == "LayerNorm" else h
     glu = 2 if cfg.gated_linear_unit else 1
-    attention = (h * 3 * h + 3 * h) + (h * h + h)
+    d = cfg.num_attention_heads * cfg.kv_channels
+    attention = (h * 3 * d + 3 * d) + (d * h + h)
     mlp = (h * f * glu + f * glu) + (f * h + h)
     per_layer = 2 * norm + attention + mlp
     positions = cfg.max_position_embeddings * h if cfg.position_embedding_type != "rope" else 0
