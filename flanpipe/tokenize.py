@@ -16,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from flanpipe.io import atomic_path
 
@@ -24,29 +27,48 @@ PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
 
-# Encode this many examples per sp.encode call: a Python list of lists costs ~36 bytes per token, so
-# 65,536 examples x ~300 tokens x 36 B ~= 0.7 GB is the peak; the numpy result is 4 B per token.
+# Encode this many examples at a time: the chunk's words (~65,536 x ~200 x ~40 B ~= 0.5 GB as split
+# lists and Arrow arrays) are the transient peak; the numpy result is 4 B per token.
 _ENCODE_CHUNK = 65_536
+WORD_START = "\u2581"  # '▁': SentencePiece's escaped space, which starts every word piece
 
 
 def _sample_sentences(parquet_paths: Sequence[Path], sample_size: int, seed: int) -> list[str]:
     """Pick ``sample_size`` examples by smallest seeded hash of (inputs, targets).
 
     Hashing content (not position) makes the sample independent of file order and row order, and
-    ``bottom_k`` keeps it a streaming top-k instead of a full sort. Ties are broken by the text itself.
+    ``bottom_k`` keeps it a top-k instead of a full sort. Ties are broken by the text itself.
     Polars documents its hash as stable within a version, which is what "same inputs + seed" needs.
+    The k smallest of all files are the k smallest of (running k smallest + next file), so files are
+    reduced one at a time: peak memory is one file's text, not every shard's (FLAN: ~1.5 GB of it).
     """
-    lf = pl.concat([pl.scan_parquet(p).select("inputs", "targets") for p in parquet_paths])
+    by = ["_key", "inputs", "targets"]
+    best: pl.DataFrame | None = None
+    for p in parquet_paths:
+        part = (
+            pl.scan_parquet(p)
+            .select("inputs", "targets")
+            .with_columns(_key=pl.struct("inputs", "targets").hash(seed))
+            .collect()
+        )
+        if len(part) > sample_size:
+            # keep rows with key <= the k-th smallest key (ties included): a top-k over the text tie-breakers
+            # on the whole file would copy all its text into sort keys (multi_news-sized file: +0.8 GB)
+            part = part.filter(pl.col("_key") <= part["_key"].bottom_k(sample_size).max())
+        best = (part if best is None else pl.concat([best, part])).bottom_k(sample_size, by=by)
+        # Polars strings are views into the file's buffers; copying the k kept rows out (via Arrow)
+        # lets those buffers go, else they all stay alive and peak memory is every shard's text again
+        best = pl.DataFrame(best.to_arrow())
+    if best is None:
+        return []
     sample = (
-        lf.with_columns(_key=pl.struct("inputs", "targets").hash(seed))
-        .bottom_k(sample_size, by=["_key", "inputs", "targets"])
-        .sort("_key", "inputs", "targets")
+        best.sort(by)
         # one sentence per field: inputs and targets are encoded separately, so train on them separately
         .select(sentence=pl.concat_list("inputs", "targets"))
         .explode("sentence")
         .filter(pl.col("sentence").str.len_bytes() > 0)
     )
-    return sample.collect()["sentence"].to_list()
+    return sample["sentence"].to_list()
 
 
 def _normalize_model_bytes(model: bytes) -> bytes:
@@ -56,8 +78,6 @@ def _normalize_model_bytes(model: bytes) -> bytes:
     tests), but it copies ``num_threads`` into the saved proto, so the bytes would depend on the
     machine's core count. Fixing the recorded value makes same sample + seed -> byte-identical file.
     """
-    from sentencepiece import sentencepiece_model_pb2 as model_pb2
-
     proto = model_pb2.ModelProto()
     proto.ParseFromString(model)
     proto.trainer_spec.num_threads = 1
@@ -189,6 +209,71 @@ def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
+def splits_at_spaces(sp: spm.SentencePieceProcessor) -> bool:
+    """Whether encoding a text equals concatenating the encodings of its ' '-separated words.
+
+    SentencePiece escapes each space to '▁' and prepends one more (add_dummy_prefix), so a text is the
+    words '▁w0', '▁w1', ... When no piece holds '▁' after its first character (true of every model
+    trained with split_by_whitespace, the default and ours) no BPE merge can cross a word start, so
+    each word encodes exactly as ``sp.encode(w)`` does on its own. Identity normalization that keeps
+    extra spaces is required too: anything else could change where the model's words begin.
+    """
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    ns = proto.normalizer_spec
+    return (
+        ns.add_dummy_prefix
+        and ns.escape_whitespaces
+        and not ns.remove_extra_whitespaces
+        and not ns.precompiled_charsmap
+        and not proto.trainer_spec.treat_whitespace_as_suffix
+        and all(WORD_START not in p.piece[1:] for p in proto.pieces)
+    )
+
+
+def _encode_by_words(
+    sp: spm.SentencePieceProcessor, texts: pl.Series, num_threads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """sp.encode of ``texts`` via each distinct word encoded once (valid when ``splits_at_spaces``).
+
+    SentencePiece BPE costs ~1 us per token; a FLAN chunk of 65,536 examples has ~9M words but only
+    ~170k distinct ones, so splitting + hashing the words (~50 ns each) and encoding the distinct ones
+    is ~5x cheaper than encoding every text: 185M mixture tokens go from ~200 to ~40 CPU-seconds.
+    """
+    words = texts.str.split(" ")
+    n_words = words.list.len().to_numpy().astype(np.int64)
+    flat = words.explode()
+    empty = (texts.str.len_bytes() == 0).to_numpy()
+    if empty.any():  # "" splits into one empty word but encodes to nothing
+        flat = flat.filter(pl.Series(np.repeat(~empty, n_words)))
+        n_words[empty] = 0
+    coded = pc.dictionary_encode(flat.rechunk().to_arrow())
+    distinct = coded.dictionary.to_pylist()
+    ids = sp.encode(distinct, out_type=int, num_threads=num_threads)
+    # the empty word is a lone '▁' (leading, trailing or doubled space): half of " " = dummy prefix + space
+    two_spaces = sp.encode(" ", out_type=int)
+    space = two_spaces[: len(two_spaces) // 2]
+    table_ids, table_len = _flatten([x if w else space for w, x in zip(distinct, ids, strict=True)])
+    table_offsets = np.zeros(len(table_len) + 1, dtype=np.int64)
+    np.cumsum(table_len, out=table_offsets[1:])
+    table = pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(table_offsets), pa.array(table_ids)))
+    per_word = table.gather(pl.from_arrow(coded.indices))  # every list is non-empty: explode gives no nulls
+    word_len = np.zeros(len(per_word) + 1, dtype=np.int64)
+    np.cumsum(per_word.list.len().to_numpy(), out=word_len[1:])
+    ends = np.cumsum(n_words)
+    # tokens of text i = tokens of its words (ends[i] - n_words[i]) .. ends[i]
+    return per_word.explode().to_numpy().astype(np.int32, copy=False), word_len[ends] - word_len[ends - n_words]
+
+
+def _encode_texts(
+    sp: spm.SentencePieceProcessor, texts: pl.Series, num_threads: int, by_words: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int32 ids, int64 lengths) exactly as ``sp.encode(texts)`` gives them."""
+    if by_words and texts.dtype == pl.String and len(texts) and not texts.null_count():
+        return _encode_by_words(sp, texts, num_threads)
+    return _flatten(sp.encode(texts.to_list(), out_type=int, num_threads=num_threads))
+
+
 def token_positions(lengths: np.ndarray) -> np.ndarray:
     """Position of every token within its own sequence: lengths [2, 3] -> [0, 1, 0, 1, 2]."""
     starts = np.cumsum(lengths) - lengths
@@ -197,14 +282,15 @@ def token_positions(lengths: np.ndarray) -> np.ndarray:
 
 def _encode_chunk(
     sp: spm.SentencePieceProcessor,
-    inputs: list[str],
-    targets: list[str],
+    inputs: pl.Series,
+    targets: pl.Series,
     inputs_length: int,
     targets_length: int,
     num_threads: int,
+    by_words: bool,
 ) -> EncodedExamples:
-    in_flat, in_len = _flatten(sp.encode(inputs, out_type=int, num_threads=num_threads))
-    tg_flat, tg_len = _flatten(sp.encode(targets, out_type=int, num_threads=num_threads))
+    in_flat, in_len = _encode_texts(sp, inputs, num_threads, by_words)
+    tg_flat, tg_len = _encode_texts(sp, targets, num_threads, by_words)
     in_pos, tg_pos = token_positions(in_len), token_positions(tg_len)
     keep_in = np.minimum(in_len, inputs_length)
     keep_tg = np.minimum(tg_len, targets_length - 1)
@@ -232,19 +318,45 @@ def _encode_chunk(
 
 def concat_encoded(parts: Sequence[EncodedExamples]) -> EncodedExamples:
     """Join encoded batches (same length limits) into one, shifting offsets."""
+    return _concat_consuming(list(parts))
+
+
+def _concat_consuming(parts: list[EncodedExamples]) -> EncodedExamples:
+    """``concat_encoded`` that empties ``parts`` as it copies, so each part can be freed once copied.
+
+    The result is allocated with np.empty, whose pages are committed only when written: copying part
+    by part and dropping each keeps the peak at result + one part instead of 2 x result
+    (FLAN scale: 185M tokens x 4 B = 0.74 GB saved).
+    """
     if not parts:
         raise ValueError("nothing to concatenate")
     first = parts[0]
     if any((p.inputs_length, p.targets_length) != (first.inputs_length, first.targets_length) for p in parts):
         raise ValueError("cannot concatenate examples encoded with different length limits")
-    bases = np.cumsum([0] + [len(p.tokens) for p in parts])
-    offsets = np.concatenate([[0]] + [p.offsets[1:] + b for p, b in zip(parts, bases[:-1], strict=True)])
+    n_tokens, n_examples = sum(len(p.tokens) for p in parts), sum(len(p) for p in parts)
+    tokens = np.empty(n_tokens, dtype=first.tokens.dtype)
+    offsets = np.empty(n_examples + 1, dtype=np.int64)
+    input_lengths = np.empty(n_examples, dtype=first.input_lengths.dtype)
+    offsets[0] = 0
+    t = e = truncated_inputs = truncated_targets = 0
+    parts.reverse()
+    while parts:
+        p = parts.pop()
+        tokens[t : t + len(p.tokens)] = p.tokens
+        offsets[e + 1 : e + 1 + len(p)] = p.offsets[1:] + t
+        input_lengths[e : e + len(p)] = p.input_lengths
+        truncated_inputs, truncated_targets = (
+            truncated_inputs + p.truncated_inputs,
+            truncated_targets + p.truncated_targets,
+        )
+        t, e = t + len(p.tokens), e + len(p)
+        del p
     return EncodedExamples(
-        tokens=np.concatenate([p.tokens for p in parts]),
-        offsets=offsets.astype(np.int64),
-        input_lengths=np.concatenate([p.input_lengths for p in parts]),
-        truncated_inputs=sum(p.truncated_inputs for p in parts),
-        truncated_targets=sum(p.truncated_targets for p in parts),
+        tokens=tokens,
+        offsets=offsets,
+        input_lengths=input_lengths,
+        truncated_inputs=truncated_inputs,
+        truncated_targets=truncated_targets,
         inputs_length=first.inputs_length,
         targets_length=first.targets_length,
     )
@@ -263,20 +375,24 @@ def encode_examples(
         raise ValueError(
             f"need inputs_length >= 0 and targets_length >= 1 (room for EOS), got {inputs_length} and {targets_length}"
         )
-    inputs = inputs.to_list() if isinstance(inputs, pl.Series) else list(inputs)
-    targets = targets.to_list() if isinstance(targets, pl.Series) else list(targets)
+    # a Series is sliced per chunk (zero-copy): converting it all to Python strings up front would
+    # cost ~1.1 GB of str objects for a FLAN mixture, on top of the text itself
+    inputs = inputs if isinstance(inputs, pl.Series) else pl.Series(list(inputs), dtype=pl.Utf8)
+    targets = targets if isinstance(targets, pl.Series) else pl.Series(list(targets), dtype=pl.Utf8)
     if len(inputs) != len(targets):
         raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
     threads = num_threads or os.cpu_count() or 1
+    by_words = splits_at_spaces(sp)
     parts = [
         _encode_chunk(
             sp,
-            inputs[s : s + _ENCODE_CHUNK],
-            targets[s : s + _ENCODE_CHUNK],
+            inputs.slice(s, _ENCODE_CHUNK),
+            targets.slice(s, _ENCODE_CHUNK),
             inputs_length,
             targets_length,
             threads,
+            by_words,
         )
         for s in range(0, max(len(inputs), 1), _ENCODE_CHUNK)
     ]
-    return parts[0] if len(parts) == 1 else concat_encoded(parts)
+    return parts[0] if len(parts) == 1 else _concat_consuming(parts)
