@@ -8,10 +8,15 @@
     flanpipe mix MIXTURE --out-dir DIR            rule mix (shards from results/shards by default)
     flanpipe train-tokenizer --out FILE SHARD...  rule train_tokenizer
     flanpipe pack --mixture FILE --tokenizer FILE --out DIR
-    flanpipe train --spec FILE --data DIR --out DIR [--nproc N]   (torchrun)
+    flanpipe train --spec FILE --data DIR --out DIR [--nproc N] [--mpi srun]   (flanpipe.launch)
+    flanpipe launch [--mpi srun] --nproc N -- TRAIN_ARGS...   rule train: torchrun, or srun under SLURM
     flanpipe evaluate --model DIR --tokenizer FILE --shard FILE --out FILE
     flanpipe report --json FILE --md FILE RESULT...
     flanpipe templates preview DATASET -n N
+    flanpipe plan --model lamda_pt_137b --gpus 128 [--gpu-mem-gib 80] [--json]   TP/PP/DP layout planner
+    flanpipe bench train [--json]                 Megatron GPTModel vs plain PyTorch fwd+bwd tokens/s
+    flanpipe bench data [--json] [--scale S] [--workdir DIR]   render/mix/tokenize/pack on a FLAN-sized workload
+    flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
 
 Experiment facts (lengths, caps, seeds) come from ``--config`` (default config/config.yaml), exactly as
 the Snakefile reads them.
@@ -22,19 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from flanpipe.config import (
-    ConfigError,
-    budget_tokens,
-    dataset_spec,
-    load_config,
-    plan_experiment,
-    train_spec,
-)
+from flanpipe.config import ConfigError, budget_tokens, dataset_spec, load_config, train_spec
+from flanpipe.experiments import plan_experiment
 from flanpipe.io import read_yaml, resolve_config_path, write_json
 
 
@@ -79,29 +77,34 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def cmd_render_shard(args: argparse.Namespace) -> None:
+    from flanpipe.experiments import parse_shard_variant
     from flanpipe.templates import render_shard
 
     cfg = _config(args)
-    t = cfg["templates"]
+    mode, k = parse_shard_variant(args.variant)
     spec = dataset_spec(cfg, args.dataset)
-    print(
-        json.dumps(render_shard(spec, args.canonical, args.out, mode=t["train_mode"], num_templates=t["num_templates"]))
-    )
+    print(json.dumps(render_shard(spec, args.canonical, args.out, mode=mode, num_templates=k)))
 
 
 def cmd_render_eval_shard(args: argparse.Namespace) -> None:
+    from flanpipe.experiments import EvalVariant
     from flanpipe.templates import render_eval_shard
 
     cfg = _config(args)
     spec = dataset_spec(cfg, args.dataset)
-    splits = {"validation": args.validation, "test": args.test}
-    print(
-        json.dumps(
-            render_eval_shard(
-                spec, splits, args.out, mode=cfg["templates"]["eval_mode"], max_examples=cfg["eval"]["examples"]
-            )
-        )
+    v = EvalVariant.parse(args.variant)
+    report = render_eval_shard(
+        spec,
+        {"validation": args.validation, "test": args.test},
+        args.out,
+        mode=v.mode,
+        max_examples=cfg["eval"]["examples"],
+        options_in_prompt=v.options,
+        shots=v.shots,
+        train=args.train,
+        seed=cfg["mixture"]["seed"],
     )
+    print(json.dumps(report))
 
 
 def cmd_mix(args: argparse.Namespace) -> None:
@@ -109,16 +112,17 @@ def cmd_mix(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     plan = plan_experiment(cfg)
-    if args.mixture not in plan.mixtures:
-        raise ConfigError(f"unknown mixture {args.mixture!r}; this config defines {sorted(plan.mixtures)}")
-    shards = {d: Path(args.shards) / d / "train.parquet" for d in plan.mixtures[args.mixture]}
+    if args.run not in plan.mixtures:
+        raise ConfigError(f"unknown run {args.run!r}; this config trains {sorted(plan.mixtures)}")
+    run = plan.runs[args.run]
+    shards = {d: Path(args.shards) / d / "train" / f"{run.shard_variant}.parquet" for d in run.datasets}
     out = Path(args.out_dir)
     stats = build_mixture(
         shards,
         MixtureConfig(**cfg["mixture"]),
         out / "mixture.parquet",
         out / "mixture.json",
-        budget_tokens=budget_tokens(cfg),
+        budget_tokens=budget_tokens(cfg, steps=run.steps),
         inputs_length=cfg["lengths"]["inputs"],
         targets_length=cfg["lengths"]["targets"],
     )
@@ -157,31 +161,28 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 def cmd_train_spec(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    write_json(args.out, train_spec(cfg, read_yaml(resolve_config_path(cfg["model"]))))
+    plan = plan_experiment(cfg)
+    if args.run not in plan.mixtures:
+        raise ConfigError(f"unknown run {args.run!r}; this config trains {sorted(plan.mixtures)}")
+    run = plan.runs[args.run]
+    init = plan.model_dir(run.init) if run.init else None
+    spec = train_spec(cfg, read_yaml(resolve_config_path(run.model)), steps=run.steps, init_checkpoint=init)
+    write_json(args.out, spec)
     print(args.out)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Launch the Megatron-Core entry point under torchrun (the rule runs the same command)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(args.nproc),
-        "-m",
-        "flanpipe.train",
-        "--spec",
-        args.spec,
-        "--data",
-        args.data,
-        "--out",
-        args.out,
-    ]
-    raise SystemExit(subprocess.call(cmd))
+    """Launch the Megatron-Core entry point exactly as rule train does (flanpipe.launch.launch)."""
+    from flanpipe.launch import launch
+
+    raise SystemExit(launch(["--spec", args.spec, "--data", args.data, "--out", args.out], args.nproc, args.mpi))
+
+
+def cmd_launch(args: argparse.Namespace) -> None:
+    from flanpipe.launch import launch
+
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    raise SystemExit(launch(train_args, args.nproc, args.mpi))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -221,6 +222,81 @@ def cmd_templates_preview(args: argparse.Namespace) -> None:
     print(preview(spec, canonical, args.n))
 
 
+def cmd_templates_import(args: argparse.Namespace) -> None:
+    from flanpipe.importers import import_templates, parse_field_map
+
+    result = import_templates(
+        args.source_format,
+        args.source,
+        args.dataset,
+        args.out,
+        field_map=parse_field_map(args.field_map or []),
+        sample=args.sample,
+        options=args.options,
+        turned_around_from=args.turned_around_from,
+    )
+    print(json.dumps({**result.summary(), "out": args.out}, indent=2))
+
+
+def _model_config_path(name: str) -> Path:
+    """A model config file, or a name under config/models/ (``lamda_pt_137b``)."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml", ".json") or p.exists():
+        return resolve_config_path(p)
+    return resolve_config_path(Path("config/models") / f"{name}.yaml")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from flanpipe.model import load_model_config
+    from flanpipe.planner import Hardware, Workload, format_plan, plan
+
+    path = _model_config_path(args.model)
+    hw = Hardware(
+        gpus=args.gpus,
+        gpu_mem_gib=args.gpu_mem_gib,
+        gpus_per_node=args.gpus_per_node,
+        peak_tflops=args.peak_tflops,
+        mfu=args.mfu,
+        reserve_gib=args.reserve_gib,
+    )
+    wl = Workload(
+        batch_tokens=args.batch_tokens,
+        seq_length=args.seq_length,
+        steps=args.steps,
+        distributed_optimizer=args.distributed_optimizer,
+    )
+    result = plan(load_model_config(path), hw, wl, model_name=Path(path).stem)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+
+
+def cmd_bench_data(args: argparse.Namespace) -> None:
+    from flanpipe.bench.data import main as bench_data
+
+    bench_data(args.scale, args.workdir, args.json)
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from flanpipe.bench.train import bench_model_from, bench_train
+
+    overrides = {"num_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": args.heads}
+    if args.hidden is not None and args.ffn is None:
+        overrides["ffn_hidden_size"] = 4 * args.hidden
+    if args.ffn is not None:
+        overrides["ffn_hidden_size"] = args.ffn
+    cfg = bench_model_from(args.model, overrides)
+    result = bench_train(
+        cfg, batch_size=args.batch_size, seq_length=args.seq_length, iters=args.iters, warmup=args.warmup
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    t = result["timings"]
+    print(f"{result['params'] / 1e6:.2f}M params, {result['tokens_per_iter']} tokens/iter, {result['threads']} threads")
+    for name, row in t.items():
+        print(f"{name:<11} {row['tokens_per_s']:>10.0f} tokens/s  {row['s_per_iter_median'] * 1e3:>8.1f} ms/iter")
+    print(f"plain / megatron = {result['ratio_plain_over_megatron']:.2f}; losses {result['loss']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flanpipe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -250,13 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset")
     s.add_argument("--canonical", required=True)
     s.add_argument("--out", required=True)
+    s.add_argument("--variant", default="natural-all", help="MODE-K: natural-all, natural-4, no_template-all, lm")
     s = add("render-eval-shard", cmd_render_eval_shard, "validation+test -> eval shard (every template)")
     s.add_argument("dataset")
     s.add_argument("--validation", required=True)
     s.add_argument("--test", required=True)
     s.add_argument("--out", required=True)
-    s = add("mix", cmd_mix, "capped, examples-proportional mixture")
-    s.add_argument("mixture")
+    s.add_argument("--variant", default="natural", help="natural, natural-noopts, natural-2shot, no_template ...")
+    s.add_argument("--train", help="canonical train split (few-shot exemplars)")
+    s = add("mix", cmd_mix, "capped, examples-proportional mixture of one run")
+    s.add_argument("run")
     s.add_argument("--shards", default="results/shards")
     s.add_argument("--out-dir", required=True)
     s = add("train-tokenizer", cmd_train_tokenizer, "SentencePiece BPE on a sample of shards")
@@ -266,13 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mixture", required=True)
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--out", required=True)
-    s = add("train-spec", cmd_train_spec, "write the training run spec JSON")
+    s = add("train-spec", cmd_train_spec, "write the training run spec JSON of one run")
+    s.add_argument("run")
     s.add_argument("--out", required=True)
-    s = add("train", cmd_train, "Megatron-Core training under torchrun")
+    s = add("train", cmd_train, "Megatron-Core training (torchrun, or srun with --mpi)")
     s.add_argument("--spec", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--nproc", type=int, default=1)
+    s.add_argument("--mpi", default="", help="e.g. srun: one task per rank (default: torchrun --standalone)")
+    s = add("launch", cmd_launch, "start training ranks: torchrun, or `MPI -n N` under SLURM")
+    s.add_argument("--nproc", type=int, default=1, help="ranks (torchrun --nproc_per_node, or srun -n)")
+    s.add_argument("--mpi", default="", help="e.g. srun; empty: torchrun --standalone")
+    s.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then flanpipe.train's --spec/--data/--out")
     s = add("evaluate", cmd_evaluate, "zero-shot evaluation of one dataset")
     s.add_argument("--model", required=True)
     s.add_argument("--tokenizer", required=True)
@@ -289,6 +374,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset")
     s.add_argument("-n", type=int, default=2)
     s.add_argument("--canonical", help="canonical Parquet (default results/ingest/DATASET/train.parquet)")
+    s = t.add_parser("import", help="promptsource/P3 templates.yaml or FLAN PATTERNS -> a template file")
+    s.set_defaults(fn=cmd_templates_import)
+    s.add_argument("--from", dest="source_format", required=True, choices=["promptsource", "flan"])
+    s.add_argument("source", help="promptsource: templates root or a templates.yaml; flan: a .py PATTERNS file")
+    s.add_argument("--dataset", required=True, help="promptsource: DATASET[/SUBSET]; flan: the PATTERNS key")
+    s.add_argument("--out", required=True, help="template file to write, e.g. config/templates/NAME.yaml")
+    s.add_argument("--field-map", nargs="+", action="extend", metavar="OLD=NEW", help="rename source variables")
+    s.add_argument("--sample", help="promptsource: JSONL records (source column names) to check conversions on")
+    s.add_argument("--options", nargs="+", help="promptsource: the registry's options (default: most common)")
+    s.add_argument("--turned-around-from", type=int, metavar="K", help="flan: templates K.. are turned around")
+    s = add("plan", cmd_plan, "TP x PP x DP layout: memory per GPU, bubble, step time, hours")
+    s.add_argument("--model", required=True, help="config/models/NAME.yaml name, or a config path")
+    s.add_argument("--gpus", type=int, required=True)
+    s.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    s.add_argument("--gpus-per-node", type=int, default=8, help="TP stays within a node")
+    s.add_argument("--batch-tokens", type=int, default=8192, help="packed tokens per step (FLAN: 8192)")
+    s.add_argument("--seq-length", type=int, default=1024, help="tokens per packed row (must divide the batch)")
+    s.add_argument("--mfu", type=float, default=0.4)
+    s.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, dense bf16 (H100 SXM: 989)")
+    s.add_argument("--steps", type=int, default=30000)
+    s.add_argument("--reserve-gib", type=float, default=0.0, help="memory kept free per GPU")
+    s.add_argument("--distributed-optimizer", action="store_true", help="shard master weights + state over DP")
+    s.add_argument("--json", action="store_true")
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    s = bench.add_parser("data", help="render -> mix -> tokenize -> pack on 62 synthetic FLAN-shaped datasets")
+    s.set_defaults(fn=cmd_bench_data)
+    s.add_argument("--scale", type=float, default=1.0, help="1.0: >= 1M mixed examples; 0.005: seconds")
+    s.add_argument("--workdir", help="keep intermediates here (default: a temporary directory)")
+    s.add_argument("--json", action="store_true")
+    s = bench.add_parser("train", help="Megatron GPTModel vs plain PyTorch: fwd+bwd tokens/s, same weights")
+    s.set_defaults(fn=cmd_bench_train)
+    s.add_argument("--model", help="model config (default: 4 layers, hidden 256, vocab 4096)")
+    s.add_argument("--layers", type=int)
+    s.add_argument("--hidden", type=int)
+    s.add_argument("--heads", type=int)
+    s.add_argument("--ffn", type=int, help="default 4 x --hidden when --hidden is given")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seq-length", type=int, default=256)
+    s.add_argument("--iters", type=int, default=20)
+    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--json", action="store_true")
     return p
 
 

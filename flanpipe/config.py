@@ -9,15 +9,13 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
 from flanpipe.io import PROJECT_ROOT, read_yaml
-from flanpipe.registry import FLAN_OVERLAPS, DatasetSpec, RegistryError, load_registry, training_datasets
-from flanpipe.templates import Template, load_validated
+from flanpipe.registry import DatasetSpec, load_registry
 
 SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "config.schema.yaml"
 
@@ -94,58 +92,24 @@ def dataset_spec(config: Mapping[str, Any], name: str) -> DatasetSpec:
     return registry[name]
 
 
-def mixture_name(held_out: str) -> str:
-    return f"heldout_{held_out}"
+def train_spec(
+    config: Mapping[str, Any],
+    model: Mapping[str, Any],
+    *,
+    steps: int | None = None,
+    init_checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """The JSON run spec the training entry point reads (model config + training facts).
 
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything the DAG needs to know, derived once from the validated config."""
-
-    registry: dict[str, DatasetSpec]
-    templates: dict[str, list[Template]]
-    mixtures: dict[str, list[str]]  # mixture -> training datasets
-    evaluations: dict[str, list[str]] = field(default_factory=dict)  # mixture -> held-out datasets
-
-    @property
-    def train_datasets(self) -> list[str]:
-        return sorted({d for ds in self.mixtures.values() for d in ds})
-
-    @property
-    def eval_datasets(self) -> list[str]:
-        return sorted({d for ds in self.evaluations.values() for d in ds})
-
-
-def plan_experiment(config: Mapping[str, Any]) -> Plan:
-    """Load the registry, validate every used template against its dataset, and name the mixtures."""
-    registry = load_registry(list(config["registry"]))
-    if config.get("datasets"):
-        unknown = sorted(set(config["datasets"]) - set(registry))
-        if unknown:
-            raise ConfigError(f"config key datasets: unknown dataset(s) {unknown}")
-        registry = {k: v for k, v in registry.items() if k in config["datasets"]}
-    overlaps = config.get("overlaps")
-    overlaps = FLAN_OVERLAPS if overlaps is None else overlaps
-    mixtures: dict[str, list[str]] = {}
-    evaluations: dict[str, list[str]] = {}
-    for cluster in config["held_out"]:
-        try:
-            mixtures[mixture_name(cluster)] = training_datasets(registry, [cluster], overlaps)
-        except RegistryError as e:
-            raise ConfigError(f"config key held_out: {e}") from None
-        evaluations[mixture_name(cluster)] = [s.name for s in registry.values() if s.cluster == cluster]
-    used = {d for ds in mixtures.values() for d in ds} | {d for ds in evaluations.values() for d in ds}
-    templates = {name: load_validated(registry[name]) for name in registry if name in used}
-    return Plan(registry=registry, templates=templates, mixtures=mixtures, evaluations=evaluations)
-
-
-def train_spec(config: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON run spec the training entry point reads (model config + training facts)."""
+    ``steps`` overrides train.steps (the base model's pretraining length); ``init_checkpoint`` is the
+    model dir whose weights the run starts from (the base model, for instruction tuning).
+    """
     t = config["train"]
     return {
         "model": dict(model),
         "train": {
-            "steps": t["steps"],
+            "steps": steps or t["steps"],
+            "init_checkpoint": init_checkpoint,
             "lr": t["lr"],
             "warmup_steps": t["warmup_steps"],
             "micro_batch_size": t["micro_batch_size"],
@@ -162,7 +126,7 @@ def train_spec(config: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str,
     }
 
 
-def budget_tokens(config: Mapping[str, Any]) -> int:
+def budget_tokens(config: Mapping[str, Any], steps: int | None = None) -> int:
     """Training tokens of one run: steps x global batch (rows) x sequence length."""
     t = config["train"]
-    return t["steps"] * t["global_batch_size"] * config["lengths"]["pack"]
+    return (steps or t["steps"]) * t["global_batch_size"] * config["lengths"]["pack"]

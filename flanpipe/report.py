@@ -417,6 +417,13 @@ def write_ablation(
 # records from files (the CLI; the workflow builds richer records from the plan)
 
 
+def load_records(paths: Sequence[str | os.PathLike[str]], meta: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Eval JSON files plus what the plan knows about each (run, variant, held-out cluster, role...)."""
+    if len(paths) != len(meta):
+        raise ValueError(f"{len(paths)} result files but {len(meta)} metadata entries")
+    return [{**read_json(p), **m} for p, m in zip(paths, meta, strict=True)]
+
+
 def records_from_paths(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
     """Read ``results/eval/{run}/{variant}/{dataset}.json`` files into records, using only the path.
 
@@ -455,6 +462,7 @@ __all__ = [
     "ablation_markdown",
     "instruction_label",
     "markdown",
+    "load_records",
     "records_from_paths",
     "summarize",
     "summarize_ablation",

@@ -21,8 +21,9 @@ from flanpipe.registry import DatasetSpec
 
 OPTIONS_PLACEHOLDER = "options_"
 MAX_TURNED_AROUND = 3  # FLAN: "up to three" templates that turn the task around
-InstructionMode = Literal["natural", "no_template", "dataset_name"]
-INSTRUCTION_MODES: tuple[str, ...] = ("natural", "no_template", "dataset_name")
+InstructionMode = Literal["natural", "no_template", "dataset_name", "lm"]
+# "lm" is not an instruction mode but the base model's pretraining text: the input fields, no answer.
+INSTRUCTION_MODES: tuple[str, ...] = ("natural", "no_template", "dataset_name", "lm")
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -172,9 +173,14 @@ def pattern_expr(pattern: str, options_text: pl.Expr) -> pl.Expr:
 
 
 def instruction_free_templates(spec: DatasetSpec, mode: InstructionMode) -> list[Template]:
-    """Paper Table 3 ablations: the inputs with no instruction, optionally prefixed by the dataset name."""
+    """Paper Table 3 ablations: the inputs with no instruction, optionally prefixed by the dataset name.
+
+    Mode "lm" is plain text for pretraining a base model: the input fields as the target, no label.
+    """
     input_fields = [f for f in spec.fields if f not in ("answer", spec.options_field)]
     body = "\n".join("{" + f + "}" for f in input_fields)
+    if mode == "lm":
+        return [Template(0, "", body)]
     if spec.has_options:
         body += "\n\n{options_}"
     if mode == "dataset_name":
@@ -192,15 +198,23 @@ def templates_for_mode(
     return instruction_free_templates(spec, mode)
 
 
-def _rendered_columns(spec: DatasetSpec, split: str, template_id: pl.Expr, chosen: Sequence[Template]) -> list[pl.Expr]:
-    """Shard columns for rows whose template id is given by ``template_id``."""
+def _rendered_columns(
+    spec: DatasetSpec, split: str, template_id: pl.Expr, chosen: Sequence[Template], options_in_prompt: bool = True
+) -> list[pl.Expr]:
+    """Shard columns for rows whose template id is given by ``template_id``.
+
+    ``options_in_prompt=False`` renders ``{options_}`` as nothing (FLAN's "no options" evaluation); the
+    ``options`` column still lists them, since rank classification scores them either way.
+    """
     opts = options_expr(spec)
-    block = options_block(opts)
+    block = options_block(opts) if options_in_prompt else pl.lit("")
 
     def choose(attr: str) -> pl.Expr:
         expr: pl.Expr | pl.When | pl.Then | None = None
         for t in chosen:
             e = pattern_expr(getattr(t, attr), block)
+            if not options_in_prompt and attr == "inputs" and OPTIONS_PLACEHOLDER in placeholders(t.inputs):
+                e = e.str.strip_chars_end()
             cond = template_id == t.index
             expr = pl.when(cond).then(e) if expr is None else expr.when(cond).then(e)  # type: ignore[union-attr]
         return expr.otherwise(None)  # type: ignore[union-attr]
@@ -229,14 +243,45 @@ def render_train(lf: pl.LazyFrame, spec: DatasetSpec, chosen: Sequence[Template]
     return lf.select(_rendered_columns(spec, "train", template_id, chosen))
 
 
+def fewshot_prefix(
+    exemplars: pl.LazyFrame, spec: DatasetSpec, template: Template, options_in_prompt: bool = True
+) -> str:
+    """k solved examples under the same template, each "inputs\ntargets", separated by blank lines."""
+    df = exemplars.select(_rendered_columns(spec, "train", pl.lit(template.index), [template], options_in_prompt))
+    rows = df.select(pl.concat_str([pl.col("inputs"), pl.lit("\n"), pl.col("targets")])).collect().to_series()
+    return "".join(f"{r}\n\n" for r in rows)
+
+
 def render_eval(
-    lf: pl.LazyFrame, spec: DatasetSpec, split: str, chosen: Sequence[Template], max_examples: int | None
+    lf: pl.LazyFrame,
+    spec: DatasetSpec,
+    split: str,
+    chosen: Sequence[Template],
+    max_examples: int | None,
+    *,
+    options_in_prompt: bool = True,
+    exemplars: pl.LazyFrame | None = None,
 ) -> pl.LazyFrame:
-    """Every example under every template that does the task (turned-around ones are not scored)."""
+    """Every example under every template that does the task (turned-around ones are not scored).
+
+    With ``exemplars`` (few-shot), the same k exemplars, rendered under the scored template, precede
+    every example's inputs.
+    """
     scored = [t for t in chosen if not t.turned_around]
     base = lf.head(max_examples) if max_examples else lf
-    frames = [base.select(_rendered_columns(spec, split, pl.lit(t.index), [t])) for t in scored]
+    frames = []
+    for t in scored:
+        frame = base.select(_rendered_columns(spec, split, pl.lit(t.index), [t], options_in_prompt))
+        if exemplars is not None:
+            prefix = fewshot_prefix(exemplars, spec, t, options_in_prompt)
+            frame = frame.with_columns(pl.concat_str([pl.lit(prefix), pl.col("inputs")]).alias("inputs"))
+        frames.append(frame)
     return pl.concat(frames)
+
+
+def fewshot_exemplars(train: pl.LazyFrame, shots: int, seed: int) -> pl.LazyFrame:
+    """A seeded choice of ``shots`` training examples (fixed per dataset, so templates compare fairly)."""
+    return train.sort(pl.col("example_id").hash(seed)).head(shots)
 
 
 def render_shard(
@@ -263,13 +308,36 @@ def render_eval_shard(
     *,
     mode: InstructionMode = "natural",
     max_examples: int | None = 200,
+    options_in_prompt: bool = True,
+    shots: int = 0,
+    train: str | os.PathLike[str] | None = None,
+    seed: int = 0,
 ) -> dict[str, object]:
-    """Render validation and test splits under every scored template into one eval shard."""
+    """Render validation and test splits under every scored template into one eval shard.
+
+    ``shots > 0`` needs the canonical ``train`` split to draw exemplars from.
+    """
     chosen = templates_for_mode(load_validated(spec), spec, mode, None)
-    frames = [render_eval(pl.scan_parquet(p), spec, split, chosen, max_examples) for split, p in canonical.items()]
+    exemplars = None
+    if shots:
+        if train is None:
+            raise ValueError(f"dataset {spec.name!r}: a {shots}-shot eval shard needs the train split")
+        exemplars = fewshot_exemplars(pl.scan_parquet(train), shots, seed)
+    frames = [
+        render_eval(
+            pl.scan_parquet(p),
+            spec,
+            split,
+            chosen,
+            max_examples,
+            options_in_prompt=options_in_prompt,
+            exemplars=exemplars,
+        )
+        for split, p in canonical.items()
+    ]
     with atomic_path(out_path) as tmp:
         pl.concat(frames).sink_parquet(tmp)
-    return {"dataset": spec.name, "splits": list(canonical), "mode": mode}
+    return {"dataset": spec.name, "splits": list(canonical), "mode": mode, "options": options_in_prompt, "shots": shots}
 
 
 def preview(spec: DatasetSpec, canonical: str | os.PathLike[str], n: int) -> str:

@@ -11,6 +11,8 @@ rule generate_synthetic:
         "logs/generate_synthetic/{synthetic}.log",
     benchmark:
         "benchmarks/generate_synthetic/{synthetic}.tsv"
+    conda:
+        CONDA_ENV
     script:
         "../workflow/scripts/generate_synthetic.py"
 
@@ -27,6 +29,8 @@ rule ingest:
         "logs/ingest/{local_dataset}/{split}.log",
     benchmark:
         "benchmarks/ingest/{local_dataset}/{split}.tsv"
+    conda:
+        CONDA_ENV
     script:
         "../workflow/scripts/ingest.py"
 
@@ -43,40 +47,49 @@ rule download:
         "logs/download/{hub_dataset}/{split}.log",
     benchmark:
         "benchmarks/download/{hub_dataset}/{split}.tsv"
+    conda:
+        CONDA_ENV
     script:
         "../workflow/scripts/ingest.py"
 
 
+# {shard}: instruction mode and template count (natural-all, natural-4, no_template-all, ...), or lm:
+# the unlabeled text a base model is pretrained on.
 rule render_shard:
     input:
         canonical="results/ingest/{dataset}/train.parquet",
         templates=template_file,
     output:
-        "results/shards/{dataset}/train.parquet",
+        "results/shards/{dataset}/train/{shard}.parquet",
     params:
-        mode=config["templates"]["train_mode"],
-        num_templates=config["templates"]["num_templates"],
+        mode=shard_mode,
+        num_templates=shard_num_templates,
     log:
-        "logs/render_shard/{dataset}.log",
+        "logs/render_shard/{dataset}/{shard}.log",
     benchmark:
-        "benchmarks/render_shard/{dataset}.tsv"
+        "benchmarks/render_shard/{dataset}/{shard}.tsv"
+    conda:
+        CONDA_ENV
     script:
         "../workflow/scripts/render_shard.py"
 
 
+# {variant}: instruction mode, options block on or off (-noopts), k exemplars (-2shot).
 rule render_eval_shard:
     input:
-        validation="results/ingest/{dataset}/validation.parquet",
-        test="results/ingest/{dataset}/test.parquet",
+        unpack(eval_shard_inputs),
         templates=template_file,
     output:
-        "results/shards/{dataset}/eval.parquet",
+        "results/shards/{dataset}/eval/{variant}.parquet",
     params:
-        mode=config["templates"]["eval_mode"],
+        variant=variant_params,
         max_examples=config["eval"]["examples"],
+        seed=config["mixture"]["seed"],
     log:
-        "logs/render_eval_shard/{dataset}.log",
+        "logs/render_eval_shard/{dataset}/{variant}.log",
     benchmark:
-        "benchmarks/render_eval_shard/{dataset}.tsv"
+        "benchmarks/render_eval_shard/{dataset}/{variant}.tsv"
+    conda:
+        CONDA_ENV
     script:
         "../workflow/scripts/render_eval_shard.py"

@@ -1,19 +1,21 @@
-# One mixture per held-out cluster: capped, examples-proportional, sized to the training budget.
+# One mixture per run: capped, examples-proportional, sized to the run's training budget.
 
 
 rule mix:
     input:
-        unpack(mixture_shards),
+        unpack(run_shards),
     output:
-        parquet="results/mixtures/{mixture}/mixture.parquet",
-        stats="results/mixtures/{mixture}/mixture.json",
+        parquet="results/mixtures/{run}/mixture.parquet",
+        stats="results/mixtures/{run}/mixture.json",
     params:
         mixture=config["mixture"],
-        budget_tokens=budget_tokens(config),
+        budget_tokens=run_budget,
         lengths=config["lengths"],
     log:
-        "logs/mix/{mixture}.log",
+        "logs/mix/{run}.log",
     benchmark:
-        "benchmarks/mix/{mixture}.tsv"
+        "benchmarks/mix/{run}.tsv"
+    conda:
+        CONDA_ENV
     script:
         "../workflow/scripts/mix.py"

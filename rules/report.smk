@@ -1,15 +1,65 @@
-# Per held-out cluster, per dataset: metric, score per template, mean, best-dev template.
+# The main results (tuned vs base per held-out cluster) and the paper's ablations, each a named target:
+#   snakemake ablation_clusters | ablation_scale | ablation_instructions | ablation_templates
 
 
 rule report:
     input:
-        all_eval_results(),
+        report_inputs(),
     output:
         json="results/summary.json",
-        md="results/summary.md",
+        md=report("results/summary.md", caption="../workflow/report/summary_table.rst", category="Summary"),
+        figure=report("results/figures/summary.png", caption="../workflow/report/summary.rst", category="Summary"),
+    params:
+        meta=report_meta(),
+        experiment=EXPERIMENT,
     log:
         "logs/report/report.log",
     benchmark:
         "benchmarks/report/report.tsv"
+    conda:
+        CONDA_ENV
     script:
         "../workflow/scripts/report.py"
+
+
+rule ablation:
+    input:
+        ablation_inputs,
+    output:
+        json="results/ablations/{ablation}.json",
+        figure=report(
+            "results/figures/ablation_{ablation}.png",
+            caption="../workflow/report/ablation_{ablation}.rst",
+            category="Ablations",
+        ),
+    params:
+        meta=ablation_meta,
+        experiment=EXPERIMENT,
+    log:
+        "logs/ablation/{ablation}.log",
+    benchmark:
+        "benchmarks/ablation/{ablation}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow/scripts/ablation.py"
+
+
+rule ablation_clusters:
+    input:
+        "results/ablations/clusters.json",
+
+
+rule ablation_scale:
+    input:
+        "results/ablations/scale.json",
+
+
+rule ablation_instructions:
+    input:
+        "results/ablations/instructions.json",
+
+
+rule ablation_templates:
+    input:
+        "results/ablations/templates.json",

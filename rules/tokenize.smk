@@ -3,7 +3,7 @@
 
 rule train_tokenizer:
     input:
-        all_train_shards,
+        tokenizer_shards,
     output:
         "results/tokenizer/spm.model",
     params:
@@ -14,23 +14,27 @@ rule train_tokenizer:
         "logs/train_tokenizer/train_tokenizer.log",
     benchmark:
         "benchmarks/train_tokenizer/train_tokenizer.tsv"
+    conda:
+        CONDA_ENV
     script:
         "../workflow/scripts/train_tokenizer.py"
 
 
 rule pack:
     input:
-        mixture="results/mixtures/{mixture}/mixture.parquet",
+        mixture="results/mixtures/{run}/mixture.parquet",
         tokenizer=tokenizer_model(),
-        model_config=str(MODEL_CONFIG),
+        model_config=run_model_config,
     output:
-        directory("results/packed/{mixture}"),
+        directory("results/packed/{run}"),
     params:
         lengths=config["lengths"],
         seed=config["mixture"]["seed"],
     log:
-        "logs/pack/{mixture}.log",
+        "logs/pack/{run}.log",
     benchmark:
-        "benchmarks/pack/{mixture}.tsv"
+        "benchmarks/pack/{run}.tsv"
+    conda:
+        CONDA_ENV
     script:
         "../workflow/scripts/pack.py"

@@ -1,33 +1,38 @@
-# Megatron-Core training of one model per mixture, launched with torchrun (srun under SLURM: profiles/).
+# Megatron-Core training, one model per run: `flanpipe launch` runs torchrun, or srun under SLURM
+# (profiles/). Tuned runs start from the base model's weights when there is one.
 
 
 rule train_spec:
     input:
-        model_config=str(MODEL_CONFIG),
+        model_config=run_model_config,
     output:
-        "results/specs/{mixture}.json",
+        "results/specs/{run}.json",
     params:
-        spec=TRAIN_SPEC,
+        spec=run_spec,
     log:
-        "logs/train_spec/{mixture}.log",
+        "logs/train_spec/{run}.log",
     benchmark:
-        "benchmarks/train_spec/{mixture}.tsv"
+        "benchmarks/train_spec/{run}.tsv"
+    conda:
+        CONDA_ENV
     script:
         "../workflow/scripts/train_spec.py"
 
 
 rule train:
     input:
-        spec="results/specs/{mixture}.json",
-        data="results/packed/{mixture}",
+        unpack(train_inputs),
     output:
-        directory("results/models/{mixture}"),
+        directory("results/models/{run}"),
     log:
-        "logs/train/{mixture}.log",
+        "logs/train/{run}.log",
     benchmark:
-        "benchmarks/train/{mixture}.tsv"
+        "benchmarks/train/{run}.tsv"
     resources:
         tasks=train_tasks,
+        mpi="",  # empty: torchrun; profiles/slurm sets "srun" (one SLURM task per rank)
+    conda:
+        CONDA_ENV
     shell:
-        "torchrun --standalone --nnodes 1 --nproc_per_node {resources.tasks} "
-        "-m flanpipe.train --spec {input.spec} --data {input.data} --out {output} > {log} 2>&1"
+        "flanpipe launch --mpi '{resources.mpi}' --nproc {resources.tasks} -- "
+        "--spec {input.spec} --data {input.data} --out {output} > {log} 2>&1"

@@ -155,3 +155,22 @@ def test_instruction_ablation_modes(registry_file: Path) -> None:
     df = render_train(canonical_frame().head(1), spec, [dn]).collect()
     assert df["inputs"][0].startswith("[nli: nli_a]\np0")
     assert [t.index for t in templates_for_mode(templates, spec, "natural", 1)] == [0]
+
+
+def test_eval_variants_no_options_and_fewshot(registry_file: Path) -> None:
+    from flanpipe.templates import fewshot_exemplars
+
+    spec = load_registry([registry_file])["nli_a"]
+    templates = load_templates(spec.templates)
+    noopts = render_eval(canonical_frame(), spec, "test", templates, 2, options_in_prompt=False).collect()
+    assert noopts["inputs"][0] == "P: p0\nH: h0"  # the block and the blank line before it are gone
+    assert noopts["options"][0].to_list() == ["yes", "no"]  # still scored by rank classification
+    train = canonical_frame().with_columns(pl.col("premise") + "_train")
+    ex = fewshot_exemplars(train, 2, seed=0)
+    shot = render_eval(canonical_frame(), spec, "test", templates, 1, exemplars=ex).collect()
+    first = shot.filter(pl.col("template_id") == 0)["inputs"][0]
+    chosen = ex.collect()
+    # Two solved exemplars under the same template, then the query.
+    assert first.count("OPTIONS:") == 3 and first.endswith("P: p0\nH: h0\n\nOPTIONS:\n- yes\n- no")
+    for prem, ans in zip(chosen["premise"], chosen["answer"], strict=True):
+        assert f"P: {prem}\n" in first and f"- no\n{ans}\n\n" in first

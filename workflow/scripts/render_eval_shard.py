@@ -10,11 +10,16 @@ snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
 with log_to(snakemake.log[0]):
     spec = dataset_spec(snakemake.config, snakemake.wildcards.dataset)
+    variant = snakemake.params.variant
     report = render_eval_shard(
         spec,
         {"validation": snakemake.input.validation, "test": snakemake.input.test},
         snakemake.output[0],
-        mode=snakemake.params.mode,
+        mode=variant["mode"],
         max_examples=snakemake.params.max_examples,
+        options_in_prompt=variant["options_in_prompt"],
+        shots=variant["shots"],
+        train=snakemake.input.get("train"),
+        seed=snakemake.params.seed,
     )
     print(json.dumps(report))

@@ -1,9 +1,16 @@
-"""Rule report -> flanpipe.report.write_report."""
+"""Rule report -> flanpipe.report.write_summary over the plan's main evaluations."""
 
 from flanpipe.io import log_to
-from flanpipe.report import write_report
+from flanpipe.report import load_records, write_summary
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
 with log_to(snakemake.log[0]):
-    write_report(list(snakemake.input), snakemake.output.json, snakemake.output.md)
+    records = load_records(list(snakemake.input), snakemake.params.meta)
+    write_summary(
+        records,
+        snakemake.output.json,
+        snakemake.output.md,
+        snakemake.output.figure,
+        experiment=snakemake.params.experiment,
+    )

@@ -1,0 +1,288 @@
+"""The experiment plan: which models are trained and which evaluations are run.
+
+A *run* is one training job (a mixture, a packed dataset, a model): the paper's main results train
+one run per held-out cluster; each ablation adds runs (fewer training clusters, another model size,
+another instruction mode, fewer templates). A *base* run is the untuned model: a given pretrained
+checkpoint (the normal case) or, with none, a small LM pretrained here on the datasets' unlabeled text
+so the embedded default also has a base to tune from and compare against. An *evaluation* scores
+one model on one dataset under one eval variant (instruction mode, options block on/off, k shots).
+Everything is derived once from the validated config; the Snakefile only looks things up here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flanpipe.io import resolve_config_path
+from flanpipe.registry import FLAN_OVERLAPS, DatasetSpec, RegistryError, excluded_clusters, load_registry
+from flanpipe.templates import Template, load_validated
+
+ABLATIONS = ("clusters", "scale", "instructions", "templates")
+_VARIANT = re.compile(r"(?P<mode>natural|no_template|dataset_name)(?P<noopts>-noopts)?(?:-(?P<shots>\d+)shot)?\Z")
+
+
+class PlanError(ValueError):
+    """The config asks for an experiment that cannot be planned; the message names the key."""
+
+
+@dataclass(frozen=True)
+class EvalVariant:
+    """How a model is prompted at evaluation: instruction mode, options block, few-shot exemplars."""
+
+    mode: str = "natural"
+    options: bool = True  # classification: keep FLAN's OPTIONS block in the prompt
+    shots: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.mode + ("" if self.options else "-noopts") + (f"-{self.shots}shot" if self.shots else "")
+
+    @classmethod
+    def parse(cls, name: str) -> EvalVariant:
+        m = _VARIANT.match(name)
+        if m is None:
+            raise PlanError(f"unknown eval variant {name!r}")
+        return cls(m["mode"], m["noopts"] is None, int(m["shots"] or 0))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One model: trained here (tune or pretrain), or a given base checkpoint (``checkpoint``)."""
+
+    name: str
+    model: str  # model config path
+    datasets: tuple[str, ...] = ()
+    held_out: str | None = None
+    train_mode: str = "natural"
+    num_templates: int | None = None
+    init: str | None = None  # name of the base run whose weights start this one
+    kind: str = "tune"  # tune | pretrain | given
+    checkpoint: str | None = None  # kind == given: a model dir (model.json + checkpoint/)
+    steps: int | None = None  # override of train.steps (pretraining)
+
+    @property
+    def shard_variant(self) -> str:
+        """Training shards depend only on the instruction mode and the template count."""
+        if self.kind == "pretrain":
+            return "lm"
+        return f"{self.train_mode}-{'all' if self.num_templates is None else self.num_templates}"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    run: str
+    variant: str
+    dataset: str
+
+    @property
+    def path(self) -> str:
+        return f"results/eval/{self.run}/{self.variant}/{self.dataset}.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the DAG needs to know, derived once from the validated config."""
+
+    registry: dict[str, DatasetSpec]
+    templates: dict[str, list[Template]]
+    runs: dict[str, Run]
+    evaluations: list[Evaluation]  # the main results and baselines (rule all)
+    ablations: dict[str, list[Evaluation]] = field(default_factory=dict)
+
+    @property
+    def mixtures(self) -> dict[str, list[str]]:
+        """Run -> training datasets (the runs this config trains)."""
+        return {r.name: list(r.datasets) for r in self.runs.values() if r.kind != "given"}
+
+    @property
+    def train_datasets(self) -> list[str]:
+        return sorted({d for r in self.runs.values() if r.kind == "tune" for d in r.datasets})
+
+    def model_dir(self, run: str) -> str:
+        r = self.runs[run]
+        return str(resolve_config_path(r.checkpoint)) if r.kind == "given" else f"results/models/{run}"
+
+
+def parse_shard_variant(name: str) -> tuple[str, int | None]:
+    """``natural-all`` -> ("natural", None); ``natural-4`` -> ("natural", 4); ``lm`` -> ("lm", None)."""
+    if name == "lm":
+        return "lm", None
+    mode, _, k = name.rpartition("-")
+    if mode not in ("natural", "no_template", "dataset_name") or not (k == "all" or k.isdigit()):
+        raise PlanError(f"unknown training shard variant {name!r}")
+    return mode, None if k == "all" else int(k)
+
+
+def model_stem(model: str) -> str:
+    return Path(model).stem
+
+
+def _training_set(
+    registry: Mapping[str, DatasetSpec],
+    held_out: str,
+    overlaps: Mapping[str, Sequence[str]],
+    train_clusters: Sequence[str] | None = None,
+) -> tuple[str, ...]:
+    drop = excluded_clusters([held_out], overlaps)
+    names = tuple(
+        s.name
+        for s in registry.values()
+        if s.cluster not in drop and (train_clusters is None or s.cluster in train_clusters)
+    )
+    if not names:
+        raise PlanError(f"holding out {held_out!r} removes clusters {sorted(drop)} and leaves no training data")
+    return names
+
+
+def _base_run(config: Mapping[str, Any], model: str, registry: Mapping[str, DatasetSpec]) -> Run | None:
+    base = config["base"]
+    if base["checkpoint"]:
+        if model != config["model"]:
+            raise PlanError("config key ablations.scale: a given base.checkpoint fits only config key model")
+        return Run(name=f"base-{model_stem(model)}", model=model, kind="given", checkpoint=base["checkpoint"])
+    if base["pretrain_steps"] == 0:
+        return None
+    return Run(
+        name=f"base-{model_stem(model)}",
+        model=model,
+        datasets=tuple(registry),
+        kind="pretrain",
+        steps=base["pretrain_steps"],
+    )
+
+
+def _variants(spec: DatasetSpec, mode: str, shots: int = 0) -> list[str]:
+    """Classification is scored with and without the options block in the prompt (paper, sec. 2.3)."""
+    out = [EvalVariant(mode, True, shots).name]
+    if spec.has_options:
+        out.append(EvalVariant(mode, False, shots).name)
+    return out
+
+
+def plan_experiment(config: Mapping[str, Any]) -> Plan:
+    """Load the registry, validate every used template against its dataset, and plan runs + evals."""
+    registry = load_registry(list(config["registry"]))
+    if config.get("datasets"):
+        unknown = sorted(set(config["datasets"]) - set(registry))
+        if unknown:
+            raise PlanError(f"config key datasets: unknown dataset(s) {unknown}")
+        registry = {k: v for k, v in registry.items() if k in config["datasets"]}
+    overlaps = FLAN_OVERLAPS if config.get("overlaps") is None else config["overlaps"]
+    clusters = {s.cluster for s in registry.values()}
+    for c in config["held_out"]:
+        if c not in clusters:
+            raise PlanError(f"config key held_out: unknown cluster {c!r}; the registry has {sorted(clusters)}")
+
+    def in_cluster(c: str) -> list[str]:
+        return [s.name for s in registry.values() if s.cluster == c]
+
+    runs: dict[str, Run] = {}
+    evals: list[Evaluation] = []
+    base = _base_run(config, config["model"], registry)
+    if base is not None:
+        runs[base.name] = base
+    shots = config["base"]["fewshot"]
+    t = config["templates"]
+    for c in config["held_out"]:
+        try:
+            datasets = _training_set(registry, c, overlaps)
+        except PlanError as e:
+            raise PlanError(f"config key held_out: {e}") from None
+        run = Run(
+            name=f"heldout_{c}",
+            model=config["model"],
+            datasets=datasets,
+            held_out=c,
+            train_mode=t["train_mode"],
+            num_templates=t["num_templates"],
+            init=base.name if base else None,
+        )
+        runs[run.name] = run
+        for d in in_cluster(c):
+            evals += [Evaluation(run.name, v, d) for v in _variants(registry[d], t["eval_mode"])]
+            if base is not None:  # the untuned base model, zero-shot and few-shot
+                evals += [Evaluation(base.name, v, d) for v in _variants(registry[d], t["eval_mode"])]
+                if shots:
+                    evals += [Evaluation(base.name, v, d) for v in _variants(registry[d], t["eval_mode"], shots)]
+    ablations = _plan_ablations(config, registry, overlaps, runs, base, in_cluster)
+    used = {d for r in runs.values() if r.kind == "tune" for d in r.datasets}
+    used |= {e.dataset for e in evals} | {e.dataset for es in ablations.values() for e in es}
+    templates = {name: load_validated(registry[name]) for name in registry if name in used}
+    return Plan(registry=registry, templates=templates, runs=runs, evaluations=evals, ablations=ablations)
+
+
+def _plan_ablations(
+    config: Mapping[str, Any],
+    registry: Mapping[str, DatasetSpec],
+    overlaps: Mapping[str, Sequence[str]],
+    runs: dict[str, Run],
+    base: Run | None,
+    in_cluster: Any,
+) -> dict[str, list[Evaluation]]:
+    """Runs and evaluations of the paper's ablations (each a named DAG target)."""
+    abl = config.get("ablations") or {}
+    out: dict[str, list[Evaluation]] = {}
+    model = config["model"]
+    init = base.name if base else None
+
+    def add(run: Run, variant: str = "natural") -> list[Evaluation]:
+        if run.name not in runs:
+            runs[run.name] = run
+        assert run.held_out is not None
+        return [Evaluation(run.name, variant, d) for d in in_cluster(run.held_out)]
+
+    if abl.get("clusters"):
+        a = abl["clusters"]
+        evals: list[Evaluation] = []
+        for c in a["held_out"]:
+            drop = excluded_clusters([c], overlaps)
+            order = [x for x in a["order"] if x not in drop]
+            unknown = sorted(set(a["order"]) - {s.cluster for s in registry.values()})
+            if unknown:
+                raise PlanError(f"config key ablations.clusters.order: unknown cluster(s) {unknown}")
+            for k in a["counts"]:
+                if k > len(order):
+                    raise PlanError(
+                        f"config key ablations.clusters.counts: {k} training clusters asked for held-out {c!r}, "
+                        f"but only {len(order)} remain after removing {sorted(drop)}"
+                    )
+                datasets = _training_set(registry, c, overlaps, order[:k])
+                evals += add(Run(f"heldout_{c}__clusters{k}", model, datasets, c, init=init))
+        out["clusters"] = evals
+    if abl.get("scale"):
+        evals = []
+        for m in abl["scale"]["models"]:
+            b = _base_run(config, m, registry)
+            if b is not None:
+                runs.setdefault(b.name, b)
+            for c in config["held_out"]:
+                datasets = _training_set(registry, c, overlaps)
+                name = f"heldout_{c}" if m == model else f"heldout_{c}__{model_stem(m)}"
+                evals += add(Run(name, m, datasets, c, init=b.name if b else None))
+                if b is not None:
+                    evals += [Evaluation(b.name, "natural", d) for d in in_cluster(c)]
+        out["scale"] = evals
+    if abl.get("instructions"):
+        evals = []
+        for setting in abl["instructions"]["settings"]:
+            train_mode, eval_mode = setting["train"], setting["eval"]
+            for c in config["held_out"]:
+                datasets = _training_set(registry, c, overlaps)
+                name = f"heldout_{c}" if train_mode == "natural" else f"heldout_{c}__train-{train_mode}"
+                evals += add(Run(name, model, datasets, c, train_mode=train_mode, init=init), eval_mode)
+        out["instructions"] = evals
+    if abl.get("templates"):
+        evals = []
+        for k in abl["templates"]["counts"]:
+            for c in config["held_out"]:
+                datasets = _training_set(registry, c, overlaps)
+                evals += add(Run(f"heldout_{c}__templates{k}", model, datasets, c, num_templates=k, init=init))
+        out["templates"] = evals
+    return out
+
+
+__all__ = ["ABLATIONS", "EvalVariant", "Evaluation", "Plan", "PlanError", "Run", "RegistryError", "plan_experiment"]

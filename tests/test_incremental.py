@@ -1,0 +1,87 @@
+"""Incremental reruns: an edit replans exactly what depends on it; a touch replans nothing.
+
+Snakemake's rerun triggers (code, input, mtime, params, software-env) make this hold only if every
+param is stable across processes (no Python ``hash()``: it is salted per process) and every file a job
+reads is one of its inputs. Each planning below is a fresh ``snakemake --dry-run`` process, so an
+unstable param would show up as a replanned job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+CONFIG = REPO / "tests" / "config" / "incremental.yaml"
+JOB = re.compile(r"^(?:local)?rule (\w+):$")
+WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
+
+
+def snakemake(work: Path, *args: str) -> str:
+    r = subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args],
+        cwd=work,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    return r.stdout + r.stderr
+
+
+def planned(work: Path) -> set[str]:
+    """Jobs a dry run of the default target would run, as ``rule[wildcards]``."""
+    jobs: list[list[str]] = []
+    for line in snakemake(work, "--dry-run").splitlines():
+        if m := JOB.match(line):
+            jobs.append([m.group(1), ""])
+        elif (m := WILDCARDS.match(line)) and jobs:
+            jobs[-1][1] = m.group(1)
+    return {f"{rule}[{wc}]" for rule, wc in jobs}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory with the DAG built up to packing (not training: the point is the planning)."""
+    work = tmp_path_factory.mktemp("incremental")
+    shutil.copytree(REPO / "config", work / "config")
+    shutil.copy(CONFIG, work / "config" / "config.yaml")
+    snakemake(work, "--cores", "2", "--until", "pack", "render_eval_shard", "train_spec")
+    return work
+
+
+@pytest.mark.slow
+def test_touch_replans_nothing_and_edit_replans_its_dependents(built: Path) -> None:
+    baseline = planned(built)
+    # Still to do: training, evaluation, the report. Nothing upstream of them.
+    assert {j.split("[")[0] for j in baseline} == {"train", "evaluate", "report", "all"}, baseline
+
+    template = built / "config" / "templates" / "synth_nli_entail.yaml"
+    for path in (template, *(built / "results" / "ingest").rglob("*.parquet")):
+        os.utime(path)  # newer mtime, same content
+    assert planned(built) == baseline
+
+    data = yaml.safe_load(template.read_text())
+    data["templates"][0]["inputs"] += "\nAnswer with one of the options."
+    template.write_text(yaml.safe_dump(data, sort_keys=False))
+    replanned = planned(built)
+    assert baseline <= replanned
+    assert replanned - baseline == {
+        "render_shard[dataset=synth_nli_entail, shard=natural-all]",
+        "render_eval_shard[variant=natural, dataset=synth_nli_entail]",
+        "render_eval_shard[variant=natural-noopts, dataset=synth_nli_entail]",
+        "mix[run=heldout_sentiment]",  # the run that trains on it; heldout_nli's mixture is untouched
+        "train_tokenizer[]",  # trained on every training shard...
+        "pack[run=heldout_sentiment]",  # ...so both runs are re-tokenized
+        "pack[run=heldout_nli]",
+    }

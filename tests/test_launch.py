@@ -1,0 +1,121 @@
+"""flanpipe.launch without SLURM: the argv it builds and the SLURM -> torch.distributed env mapping."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from flanpipe import cli
+from flanpipe.launch import first_host, launch_command, master_port, tasks_on_node, torch_env_from_slurm
+
+TRAIN_ARGS = ["--spec", "s.json", "--data", "packed", "--out", "model"]
+
+
+def test_workstation_command_is_torchrun() -> None:
+    assert launch_command(TRAIN_ARGS, 4) == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "4",
+        "-m",
+        "flanpipe.train",
+        *TRAIN_ARGS,
+    ]
+    assert launch_command(TRAIN_ARGS, 1, mpi="  ")[2] == "torch.distributed.run"  # blank = no mpi
+
+
+def test_mpi_command_runs_one_worker_per_task() -> None:
+    cmd = launch_command(TRAIN_ARGS, 8, mpi="srun --cpu-bind=cores")
+    worker = [sys.executable, "-m", "flanpipe.launch", "worker", *TRAIN_ARGS]
+    assert cmd == ["srun", "--cpu-bind=cores", "-n", "8", *worker]
+    with pytest.raises(ValueError, match="nproc"):
+        launch_command(TRAIN_ARGS, 0)
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [
+        ("vm", "vm"),
+        ("node[01-04,07],gpu5", "node01"),
+        ("gpu5,node[1-2]", "gpu5"),
+        ("rack[2-3]-n[010-012]", "rack2-n010"),
+        ("a[7,3]", "a7"),
+        ("c1.cluster.org", "c1.cluster.org"),
+    ],
+)
+def test_first_host_parses_slurm_hostlists(nodelist: str, first: str) -> None:
+    assert first_host(nodelist) == first
+
+
+def test_first_host_rejects_empty() -> None:
+    with pytest.raises(ValueError):
+        first_host("")
+
+
+def test_tasks_on_node_expands_repeat_counts() -> None:
+    assert [tasks_on_node("2(x3),1", i) for i in range(4)] == [2, 2, 2, 1]
+    assert tasks_on_node("8", 0) == 8
+    with pytest.raises(ValueError):
+        tasks_on_node("2x3", 0)
+
+
+def test_master_port_is_stable_per_job_and_in_range() -> None:
+    assert master_port("123456") == master_port("123456") == 15000 + 3456
+    assert all(15000 <= master_port(str(j)) < 25000 for j in (0, 1, 9999, 10000, 987654321))
+    assert master_port("41") != master_port("42")
+
+
+SRUN_TASK = {  # what srun sets for rank 5 of 8, two tasks per node, on the third node
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "2",
+    "SLURM_STEP_NODELIST": "gpu[03-06]",
+    "SLURM_JOB_NODELIST": "gpu[01-09]",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
+    "SLURM_CPUS_PER_TASK": "8",
+}
+
+
+def test_torch_env_from_slurm() -> None:
+    env = torch_env_from_slurm(SRUN_TASK, resolve_host=first_host)
+    assert env == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "gpu03",  # the step's first node, where rank 0 runs
+        "MASTER_PORT": str(15000 + 4242),
+        "OMP_NUM_THREADS": "8",
+    }
+
+
+def test_torch_env_from_slurm_keeps_explicit_master_and_falls_back() -> None:
+    task = {k: v for k, v in SRUN_TASK.items() if k not in ("SLURM_STEP_NODELIST", "SLURM_CPUS_PER_TASK")}
+    env = torch_env_from_slurm({**task, "MASTER_ADDR": "ib-gpu01", "MASTER_PORT": "6000"}, resolve_host=first_host)
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["OMP_NUM_THREADS"]) == ("ib-gpu01", "6000", "1")
+    assert torch_env_from_slurm(task, resolve_host=first_host)["MASTER_ADDR"] == "gpu01"  # job nodelist
+
+
+def test_torch_env_from_slurm_outside_srun_fails_loudly() -> None:
+    with pytest.raises(ValueError, match="SLURM_PROCID"):
+        torch_env_from_slurm({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"})
+
+
+def test_cli_launch_and_train_call_the_same_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr("flanpipe.launch.launch", lambda args, nproc, mpi="": calls.append((args, nproc, mpi)) or 0)
+    for argv in (
+        ["launch", "--mpi", "srun", "--nproc", "2", "--", *TRAIN_ARGS],
+        ["train", "--spec", "s.json", "--data", "packed", "--out", "model", "--nproc", "2", "--mpi", "srun"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 0
+    assert calls == [(TRAIN_ARGS, 2, "srun")] * 2

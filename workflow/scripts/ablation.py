@@ -1,0 +1,17 @@
+"""Rule ablation -> flanpipe.report.write_ablation."""
+
+from flanpipe.io import log_to
+from flanpipe.report import load_records, write_ablation
+
+snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
+
+with log_to(snakemake.log[0]):
+    records = load_records(list(snakemake.input), snakemake.params.meta)
+    table = write_ablation(
+        snakemake.wildcards.ablation,
+        records,
+        snakemake.output.json,
+        snakemake.output.figure,
+        experiment=snakemake.params.experiment,
+    )
+    print(table)
