@@ -73,7 +73,11 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     spec = dataset_spec(cfg, args.dataset)
-    print(json.dumps(ingest_split(spec, args.split, args.out, policy=args.bad_rows or cfg["data"]["bad_rows"])))
+    d = cfg["data"]
+    report = ingest_split(
+        spec, args.split, args.out, policy=args.bad_rows or d["bad_rows"], root=Path(d["root"]), hf_cache=d["hf_cache"]
+    )
+    print(json.dumps(report))
 
 
 def cmd_render_shard(args: argparse.Namespace) -> None:

@@ -221,13 +221,18 @@ def ingest_split(
     out_path: str | os.PathLike[str],
     policy: Policy = "fail",
     root: Path = Path("."),
+    hf_cache: str | None = None,
 ) -> dict[str, object]:
-    """Read one split of ``spec`` and write its canonical Parquet; return a small report."""
+    """Read one split of ``spec`` and write its canonical Parquet; return a small report.
+
+    ``root`` prefixes relative local source paths (config data.root); ``hf_cache`` is the
+    HuggingFace datasets cache (config data.hf_cache; default HF_HOME's).
+    """
     if spec.source.type == "local":
         lf = read_local(spec, role, root)
         origin = str(local_path(spec, role, root))
     else:
-        lf = read_hf(spec, role)
+        lf = read_hf(spec, role, cache_dir=hf_cache)
         origin = f"hf:{spec.source.path}/{spec.source.name or ''}:{spec.splits[role]}"
     try:
         canon, dropped = canonicalize(lf, spec, role, spec.bad_rows or policy, origin)

@@ -49,7 +49,7 @@ localrules:
 def raw_inputs(wildcards):
     """The local source file of one split."""
     spec = PLAN.registry[wildcards.local_dataset]
-    return [spec.source.path.format(split=spec.splits[wildcards.split])]
+    return [str(Path(config["data"]["root"]) / spec.source.path.format(split=spec.splits[wildcards.split]))]
 
 
 def template_file(wildcards):

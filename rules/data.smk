@@ -25,6 +25,8 @@ rule ingest:
     params:
         dataset="{local_dataset}",
         bad_rows=config["data"]["bad_rows"],
+        root=config["data"]["root"],
+        hf_cache=config["data"]["hf_cache"],
     log:
         "logs/ingest/{local_dataset}/{split}.log",
     benchmark:
@@ -43,6 +45,8 @@ rule download:
     params:
         dataset="{hub_dataset}",
         bad_rows=config["data"]["bad_rows"],
+        root=config["data"]["root"],
+        hf_cache=config["data"]["hf_cache"],
     log:
         "logs/download/{hub_dataset}/{split}.log",
     benchmark:

@@ -1,6 +1,7 @@
 """Rules ingest (local files) and download (HuggingFace hub) -> flanpipe.ingest.ingest_split."""
 
 import json
+from pathlib import Path
 
 from flanpipe.config import dataset_spec
 from flanpipe.ingest import ingest_split
@@ -10,5 +11,12 @@ snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
 with log_to(snakemake.log[0]):
     spec = dataset_spec(snakemake.config, snakemake.params.dataset)
-    report = ingest_split(spec, snakemake.wildcards.split, snakemake.output[0], policy=snakemake.params.bad_rows)
+    report = ingest_split(
+        spec,
+        snakemake.wildcards.split,
+        snakemake.output[0],
+        policy=snakemake.params.bad_rows,
+        root=Path(snakemake.params.root),
+        hf_cache=snakemake.params.hf_cache,
+    )
     print(json.dumps(report))
