@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from flanpipe.config import ConfigError, budget_tokens, dataset_spec, load_config, train_spec
-from flanpipe.experiments import plan_experiment
+from flanpipe.experiments import Plan, Run, plan_experiment
 from flanpipe.io import read_yaml, resolve_config_path, write_json
 
 
@@ -111,14 +111,19 @@ def cmd_render_eval_shard(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
+def _trained_run(cfg: dict[str, Any], name: str) -> tuple[Plan, Run]:
+    """The plan and one run it trains, or an error naming the runs there are."""
+    plan = plan_experiment(cfg)
+    if name not in plan.mixtures:
+        raise ConfigError(f"unknown run {name!r}; this config trains {sorted(plan.mixtures)}")
+    return plan, plan.runs[name]
+
+
 def cmd_mix(args: argparse.Namespace) -> None:
     from flanpipe.mixing import MixtureConfig, build_mixture
 
     cfg = _config(args)
-    plan = plan_experiment(cfg)
-    if args.run not in plan.mixtures:
-        raise ConfigError(f"unknown run {args.run!r}; this config trains {sorted(plan.mixtures)}")
-    run = plan.runs[args.run]
+    plan, run = _trained_run(cfg, args.run)
     shards = {d: Path(args.shards) / d / "train" / f"{run.shard_variant}.parquet" for d in run.datasets}
     out = Path(args.out_dir)
     stats = build_mixture(
@@ -165,10 +170,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 def cmd_train_spec(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    plan = plan_experiment(cfg)
-    if args.run not in plan.mixtures:
-        raise ConfigError(f"unknown run {args.run!r}; this config trains {sorted(plan.mixtures)}")
-    run = plan.runs[args.run]
+    plan, run = _trained_run(cfg, args.run)
     init = plan.model_dir(run.init) if run.init else None
     spec = train_spec(cfg, read_yaml(resolve_config_path(run.model)), steps=run.steps, init_checkpoint=init)
     write_json(args.out, spec)

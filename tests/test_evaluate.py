@@ -30,6 +30,7 @@ from flanpipe.evaluate import (
     truncate_input,
 )
 from flanpipe.metrics import METRICS
+from flanpipe.templates import SHARD_SCHEMA
 
 VOCAB = 64
 
@@ -225,20 +226,7 @@ def sp(tmp_path_factory: pytest.TempPathFactory) -> spm.SentencePieceProcessor:
 
 def make_shard(rows: list[dict]) -> pl.DataFrame:
     """Eval shard with the ARCH.md schema and dtypes."""
-    return pl.DataFrame(
-        rows,
-        schema={
-            "dataset": pl.Utf8,
-            "cluster": pl.Utf8,
-            "split": pl.Utf8,
-            "example_id": pl.Int64,
-            "template_id": pl.Int32,
-            "turned_around": pl.Boolean,
-            "inputs": pl.Utf8,
-            "targets": pl.Utf8,
-            "options": pl.List(pl.Utf8),
-        },
-    )
+    return pl.DataFrame(rows, schema=SHARD_SCHEMA)
 
 
 def sentiment_rows(n: int, templates: int, options: list[str] | None, turned: bool = False) -> list[dict]:
