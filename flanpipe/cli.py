@@ -50,13 +50,14 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     for name, spec in registry.items():
         ts = load_validated(spec)
         counts[name] = (sum(not t.turned_around for t in ts), sum(t.turned_around for t in ts))
-    rows = registry_table(registry, counts)
+    rows = registry_table(registry, counts, by_loader=args.loaders)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     for r in rows:
         print(f"{r['name']:<40} {r['cluster']:<40} {r['n_templates']:>3}+{r['n_turned_around']} {r['metric']}")
-    print(f"{len(rows)} datasets in {len({r['cluster'] for r in rows})} clusters")
+    what = "loaders" if args.loaders else "datasets"
+    print(f"{len(rows)} {what} ({len(registry)} loaders) in {len({r['cluster'] for r in rows})} clusters")
 
 
 def cmd_generate_synthetic(args: argparse.Namespace) -> None:
@@ -303,6 +304,12 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     print(f"plain / megatron = {result['ratio_plain_over_megatron']:.2f}; losses {result['loss']}")
 
 
+def cmd_bench_dag(args: argparse.Namespace) -> None:
+    from flanpipe.bench.dag import main as bench_dag
+
+    bench_dag(str(resolve_config_path(args.config)), args.targets, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flanpipe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -320,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("tasks", cmd_tasks, "print the task registry")
     s.add_argument("--json", action="store_true")
     s.add_argument("--registry", nargs="*", help="registry files (default: the config's)")
+    s.add_argument("--loaders", action="store_true", help="one row per loader (ANLI R1-R3 apart), not per dataset")
     s = add("generate-synthetic", cmd_generate_synthetic, "write one generated dataset's splits")
     s.add_argument("name")
     s.add_argument("--out", required=True)
@@ -408,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_bench_data)
     s.add_argument("--scale", type=float, default=1.0, help="1.0: >= 1M mixed examples; 0.005: seconds")
     s.add_argument("--workdir", help="keep intermediates here (default: a temporary directory)")
+    s.add_argument("--json", action="store_true")
+    s = bench.add_parser("dag", help="wall time of `snakemake -n` for an experiment config (planning cost)")
+    s.set_defaults(fn=cmd_bench_dag)
+    s.add_argument("targets", nargs="*", help="Snakemake targets (default: all)")
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("train", help="Megatron GPTModel vs plain PyTorch: fwd+bwd tokens/s, same weights")
     s.set_defaults(fn=cmd_bench_train)

@@ -139,11 +139,19 @@ def _training_set(
 
 
 def _base_run(config: Mapping[str, Any], model: str, registry: Mapping[str, DatasetSpec]) -> Run | None:
+    """The base model of ``model``: a given checkpoint, one pretrained here, or none."""
     base = config["base"]
     if base["checkpoint"]:
+        checkpoint = base["checkpoint"]
         if model != config["model"]:
-            raise PlanError("config key ablations.scale: a given base.checkpoint fits only config key model")
-        return Run(name=f"base-{model_stem(model)}", model=model, kind="given", checkpoint=base["checkpoint"])
+            given = ((config.get("ablations") or {}).get("scale") or {}).get("checkpoints") or {}
+            if model not in given:
+                raise PlanError(
+                    f"config key ablations.scale.checkpoints: base.checkpoint is given, so model {model!r} "
+                    "needs its own pretrained checkpoint there"
+                )
+            checkpoint = given[model]
+        return Run(name=f"base-{model_stem(model)}", model=model, kind="given", checkpoint=checkpoint)
     if base["pretrain_steps"] == 0:
         return None
     return Run(

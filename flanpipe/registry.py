@@ -67,6 +67,7 @@ class DatasetSpec:
     label_map: Mapping[str, str | int | None] | None = None  # raw answer (as text) -> option text / index
     join: Mapping[str, str] = field(default_factory=dict)  # field -> separator for list-typed sources
     bad_rows: str | None = None  # per-dataset override of data.bad_rows
+    paper_dataset: str = ""  # the paper's dataset this loader belongs to (default: its own name)
     defined_in: str = ""  # registry file, for error messages
 
     @property
@@ -118,6 +119,7 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
         label_map={str(k): v for k, v in raw["label_map"].items()} if raw.get("label_map") else None,
         join=dict(raw.get("join") or {}),
         bad_rows=raw.get("bad_rows"),
+        paper_dataset=raw.get("paper_dataset", name),
         defined_in=str(path),
     )
     where = f"{path}: dataset {name!r}"
@@ -195,17 +197,29 @@ def training_datasets(
     return names
 
 
-def registry_table(registry: Mapping[str, DatasetSpec], n_templates: Mapping[str, tuple[int, int]]) -> list[dict]:
-    """Rows for ``flanpipe tasks``: name, cluster, template counts, metric, source."""
-    return [
-        {
-            "name": s.name,
-            "cluster": s.cluster,
-            "n_templates": n_templates[s.name][0],
-            "n_turned_around": n_templates[s.name][1],
-            "metric": s.metric,
-            "options": list(s.options) if s.options else ([f"<{s.options_field}>"] if s.options_field else []),
-            "source": s.source.type + ":" + s.source.path + (f"/{s.source.name}" if s.source.name else ""),
-        }
-        for s in registry.values()
-    ]
+def registry_table(
+    registry: Mapping[str, DatasetSpec], n_templates: Mapping[str, tuple[int, int]], by_loader: bool = False
+) -> list[dict]:
+    """Rows for ``flanpipe tasks``: one per paper dataset (its loaders listed), or one per loader.
+
+    The paper counts 62 datasets; ANLI R1-R3 and ARC easy/challenge are separate loaders of one each.
+    """
+    groups: dict[str, list[DatasetSpec]] = {}
+    for s in registry.values():
+        groups.setdefault(s.name if by_loader else (s.paper_dataset or s.name), []).append(s)
+    rows = []
+    for name, specs in groups.items():
+        s = specs[0]
+        rows.append(
+            {
+                "name": name,
+                "cluster": s.cluster,
+                "n_templates": min(n_templates[x.name][0] for x in specs),
+                "n_turned_around": min(n_templates[x.name][1] for x in specs),
+                "metric": s.metric,
+                "loaders": [x.name for x in specs],
+                "options": list(s.options) if s.options else ([f"<{s.options_field}>"] if s.options_field else []),
+                "source": s.source.type + ":" + s.source.path + (f"/{s.source.name}" if s.source.name else ""),
+            }
+        )
+    return rows
