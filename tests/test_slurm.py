@@ -105,15 +105,20 @@ def test_fit_profile_only_shrinks_sizes() -> None:
 
 
 def test_profile_resolves(tmp_path: Path) -> None:
-    """From the checkout as ``--profile profiles/slurm``; by name once installed in ~/.config/snakemake.
+    """``--profile slurm`` from the repository root, by path, and by name once installed in ~/.config.
 
     (``--profile NAME`` searches the working directory, then ~/.config/snakemake and /etc/xdg/snakemake;
-    not profiles/, so from the checkout the profile is named by its path.)
+    the repository root holds a ``slurm`` link to profiles/slurm so the plain name works from there.)
     """
     xdg = tmp_path / "xdg"
     (xdg / "snakemake").mkdir(parents=True)
     (xdg / "snakemake" / "slurm").symlink_to(PROFILE.parent)
-    cases = (("profiles/slurm", {}), ("slurm", {"XDG_CONFIG_HOME": str(xdg)}), ("profiles/local", {}))
+    cases = (
+        ("slurm", {}),  # the repository root's `slurm` link to profiles/slurm: `snakemake --profile slurm`
+        ("profiles/slurm", {}),
+        ("slurm", {"XDG_CONFIG_HOME": str(xdg)}),
+        ("profiles/local", {}),
+    )
     for name, extra_env in cases:
         r = subprocess.run(
             [SNAKEMAKE, "--profile", name, "--dry-run", "--quiet", "all"],
