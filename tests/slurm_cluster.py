@@ -178,7 +178,9 @@ class SlurmCluster:
         if os.geteuid() != 0:
             raise SlurmUnavailable("needs root (slurmd starts jobs as their users; /etc/slurm/slurm.conf is linked)")
         ensure_installed()
+        t_lock = time.perf_counter()
         self._lock(timeout_s=1800)
+        t0 += time.perf_counter() - t_lock  # start-up time excludes waiting for another session's cluster
         if DEFAULT_CONF.exists() and not DEFAULT_CONF.is_symlink():
             raise SlurmUnavailable(f"{DEFAULT_CONF} is a real SLURM configuration; not replacing it")
         for d in ("munge", "state", "spool", "run", "log"):
