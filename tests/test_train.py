@@ -1,8 +1,10 @@
 """Training end to end on a learnable toy task, in-process and under torchrun (1 and 2 ranks).
 
-The 2-rank runs start from the same checkpoint as the 1-rank reference, so their first-step
-loss must agree to float rounding: TP only splits the matmuls, PP only moves activations
+The 2-rank runs start from the same checkpoint as the 1-rank reference, so their losses and
+weights must agree to float rounding step after step: TP only splits the matmuls (and
+flanpipe.optim.Adafactor reduces its statistics over the TP group), PP only moves activations
 between stages, DP only splits the batch (the loss is a token mean over the global batch).
+Resuming, SIGKILL/SIGTERM and the checkpoint directory are tested in tests/test_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import pytest
 import torch
 from conftest import counting_examples
 
-from flanpipe.model import ModelConfig, load_model_config, load_scorer
-from flanpipe.train import TrainConfig, parse_spec, plan_layout, train
+from flanpipe.model import ModelConfig, load_model_config, load_scorer, model_provider
+from flanpipe.train import TrainConfig, flops_per_token, parse_spec, plan_layout, train
 
 REPO = Path(__file__).resolve().parent.parent
 # Set by a parent torchrun; a child launched with them would join the wrong rendezvous.
@@ -58,16 +60,26 @@ def make_spec(**train) -> dict:
     return {"model": dict(MODEL), "train": {**TRAIN, **train}}
 
 
-def torchrun(nproc: int, spec: dict, data: Path, out: Path) -> dict:
-    """Launch ``python -m flanpipe.train`` under torchrun in a clean environment; return done.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    spec_path = out.parent / f"{out.name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
+def clean_env(nproc: int) -> dict[str, str]:
+    """This environment without a parent torchrun's variables; 1 thread per rank when > 1 rank."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
     env["OMP_NUM_THREADS"] = "1" if nproc > 1 else env.get("OMP_NUM_THREADS", "2")
+    return env
+
+
+def torchrun_cmd(nproc: int, spec: dict, data: Path, out: Path) -> list[str]:
+    """argv of ``python -m flanpipe.train`` under torchrun; writes the spec next to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec_path = out.parent / f"{out.name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "flanpipe.train", "--spec", str(spec_path), "--data", str(data), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return cmd + ["-m", "flanpipe.train", "--spec", str(spec_path), "--data", str(data), "--out", str(out)]
+
+
+def torchrun(nproc: int, spec: dict, data: Path, out: Path) -> dict:
+    """Launch ``python -m flanpipe.train`` under torchrun in a clean environment; return done.json."""
+    cmd = torchrun_cmd(nproc, spec, data, out)
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(nproc), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "done.json").read_text())
 
@@ -104,6 +116,15 @@ def test_spec_validation():
         TrainConfig.from_dict({**TRAIN, "stepz": 3})
     with pytest.raises(ValueError, match="must divide hidden_size"):
         ModelConfig(**{**MODEL, "num_attention_heads": 5})
+    with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
+        TrainConfig.from_dict({**TRAIN, "keep_checkpoints": 0})
+
+
+def test_flops_per_token_written_out():
+    cfg = ModelConfig(**MODEL)
+    # N = 75,264 params - 64 x 64 input embedding (a lookup) = 71,168 in matmuls:
+    # 6 N = 427,008; attention scores + weighted sum: 12 x 2 layers x 64 x 32 tokens = 49,152.
+    assert flops_per_token(cfg, 32) == 6 * (75_264 - 64 * 64) + 12 * 2 * 64 * 32 == 476_160
 
 
 def test_lr_schedule_and_clipping_match_references():
@@ -156,9 +177,13 @@ def test_in_process_run_writes_outputs_and_scorer_reloads_it(megatron_init_run):
 
 @pytest.fixture(scope="module")
 def megatron_tp1_run(tmp_path_factory, megatron_packed_dir, megatron_init_run):
-    """30 steps under torchrun with 1 rank, starting from the in-process run's weights."""
+    """30 steps under torchrun with 1 rank, starting from the in-process run's weights.
+
+    Checkpoints every 3 steps, all kept: iter_0000003 is the 2-rank runs' reference weights.
+    """
     out = tmp_path_factory.mktemp("tp1") / "run"
-    done = torchrun(1, make_spec(init_checkpoint=str(megatron_init_run[2])), megatron_packed_dir, out)
+    spec = make_spec(init_checkpoint=str(megatron_init_run[2]), save_interval=3, keep_checkpoints=10)
+    done = torchrun(1, spec, megatron_packed_dir, out)
     return done, out
 
 
@@ -166,8 +191,16 @@ def test_torchrun_training_learns_the_task(megatron_tp1_run, megatron_init_run):
     done, out = megatron_tp1_run
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 31))
-    assert set(log[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
-    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in log)
+    assert set(log[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in log)
+    # TensorBoard events from rank 0: the same losses as the log.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 31))
+    assert np.allclose([e.value for e in events.Scalars("train/loss")], [r["loss"] for r in log])
+    assert {"perf/mfu", "perf/tokens_per_s", "train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])
     first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])
     assert last < 0.8 * first, (first, last)
     assert done["first_loss"] == log[0]["loss"] and done["final_loss"] == log[-1]["loss"]
@@ -195,20 +228,43 @@ def test_torchrun_training_learns_the_task(megatron_tp1_run, megatron_init_run):
     assert torch.equal(torch.load(out.parent / "logits.pt"), scorer.logits(ids))
 
 
-@pytest.mark.parametrize(
-    ("name", "tp", "pp", "steps_equal"),
-    [("tp2", 2, 1, 1), ("pp2", 1, 2, 2), ("dp2", 1, 1, 2)],
-)
-def test_two_rank_layouts_match_single_rank(
-    name, tp, pp, steps_equal, tmp_path_factory, megatron_packed_dir, megatron_init_run, megatron_tp1_run
-):
-    """Same start, same data: TP=2 / PP=2 / DP=2 reproduce the 1-rank losses.
+def full_weights(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
-    TP=2 is compared on the first step only: Adafactor's factored statistics are per TP shard,
-    so later steps drift by ~1e-4 (documented in flanpipe.optim). PP and DP match every step.
+
+def global_batch_loss(model, data_dir: Path, step: int) -> float:
+    """Token-mean loss of ``model`` (TP=1, in-process) on the global batch of 0-based ``step``."""
+    from flanpipe.data import PackedDataset, batch_iterator
+
+    g, mb = TRAIN["global_batch_size"], TRAIN["micro_batch_size"]
+    batches = batch_iterator(
+        PackedDataset(data_dir), seed=TRAIN["seed"], global_batch_size=g, micro_batch_size=mb, consumed_samples=step * g
+    )
+    loss_sum, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for _ in range(g // mb):
+            b = next(batches)
+            per_token = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"])
+            loss_sum += (per_token.double() * b["loss_mask"]).sum().item()
+            tokens += b["loss_mask"].sum().item()
+    return loss_sum / tokens
+
+
+@pytest.mark.parametrize(("name", "tp", "pp"), [("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)])
+def test_two_rank_layouts_match_single_rank(
+    name, tp, pp, tmp_path_factory, megatron_packed_dir, megatron_init_run, megatron_tp1_run
+):
+    """Same start, same data: TP=2 / PP=2 / DP=2 reproduce the 1-rank losses and weights.
+
+    Three steps, so the optimizer state matters: Adafactor's factored statistics are reduced
+    over the TP group (flanpipe.optim), so TP=2 matches too (torch.optim.Adafactor drifted
+    by ~3e-4 after one step). The 2-rank weights are gathered by loading their checkpoint at TP=1.
     """
+    from flanpipe.checkpointing import load_model_weights
+
     spec = make_spec(
-        steps=2,
+        steps=3,
+        save_interval=2,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         init_checkpoint=str(megatron_init_run[2]),
@@ -218,8 +274,22 @@ def test_two_rank_layouts_match_single_rank(
     assert done["world_size"] == 2 and done["data_parallel_size"] == (2 if name == "dp2" else 1)
     reference = read_log(megatron_tp1_run[1])
     log = read_log(out)
-    for step in range(steps_equal):
+    for step in range(3):
         assert abs(log[step]["loss"] - reference[step]["loss"]) < 1e-5, (step, log[step], reference[step])
         assert abs(log[step]["grad_norm"] - reference[step]["grad_norm"]) < 1e-4
-    # A checkpoint saved at any layout loads in one process.
-    assert load_scorer(out).logits(torch.tensor([[3, 4, 5, 6]])).shape == (1, 4, 64)
+
+    # Weights after 3 steps: this layout's shards, gathered at TP=1, against the 1-rank run's.
+    scorer = load_scorer(out)  # a checkpoint saved at any layout loads in one process
+    cfg = ModelConfig(**MODEL)
+    ref_model = model_provider(cfg)
+    load_model_weights(ref_model, megatron_tp1_run[1].with_name("run.ckpt") / "iter_0000003")
+    ours, ref = full_weights(scorer.model.state_dict()), full_weights(ref_model.state_dict())
+    assert ours.keys() == ref.keys()
+    worst = max((ours[k] - ref[k]).abs().max().item() for k in ref)
+    assert worst < 1e-5, worst
+
+    # The resumable checkpoint saved at this layout after step 2 (model + optimizer) loads its
+    # weights at TP=1 and gives the loss this layout logged at step 3 (computed with them).
+    model = model_provider(cfg)
+    load_model_weights(model, out.with_name("run.ckpt") / "iter_0000002")
+    assert abs(global_batch_loss(model, megatron_packed_dir, step=2) - log[2]["loss"]) < 1e-6
