@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 
 from flanpipe.io import PROJECT_ROOT, read_yaml
-from flanpipe.registry import DatasetSpec, load_registry
+from flanpipe.registry import DatasetSpec, load_registry, with_local_mirror
 
 SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "config.schema.yaml"
 
@@ -52,6 +52,10 @@ def validate_config(config: Mapping[str, Any], schema_path: Path = SCHEMA_PATH) 
             allowed = ", ".join(sorted(e.schema.get("properties", {})))
             keys = ", ".join(".".join([*path, k]) for k in unknown)
             raise ConfigError(f"config key {keys}: unknown key (allowed here: {allowed})")
+        if e.validator == "required":  # name the missing key itself, with its full path
+            missing = [k for k in e.validator_value if k not in e.instance]
+            keys = ", ".join(".".join([*path, k]) for k in missing)
+            raise ConfigError(f"config key {keys}: required key is missing ({e.message})")
         key = ".".join(path) or "<top level>"
         raise ConfigError(f"config key {key}: {e.message}")
     check_cross_fields(out)
@@ -70,8 +74,34 @@ def check_cross_fields(config: Mapping[str, Any]) -> None:
     if t["global_batch_size"] % t["micro_batch_size"]:
         raise ConfigError(
             f"config key train.global_batch_size: {t['global_batch_size']} is not divisible by "
-            f"train.micro_batch_size {t['micro_batch_size']}"
+            f"train.micro_batch_size {t['micro_batch_size']} "
+            f"({t['global_batch_size']} % {t['micro_batch_size']} = {t['global_batch_size'] % t['micro_batch_size']})"
         )
+
+
+def check_world(config: Mapping[str, Any], world: int, source: str = "training ranks") -> int:
+    """Check world = TP x PP x DP and global batch = micro batch x DP x accumulation; return DP.
+
+    ``world`` is the number of training ranks (the train rule's ``tasks``, from the profile); ``source``
+    says where it came from, for the message.
+    """
+    t = config["train"]
+    tp, pp = t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"]
+    if world < 1 or world % (tp * pp):
+        raise ConfigError(
+            f"world size {world} ({source}) is not a multiple of train.tensor_model_parallel_size x "
+            f"train.pipeline_model_parallel_size = {tp} x {pp} = {tp * pp} "
+            f"({world} % {tp * pp} = {world % (tp * pp)}); world = TP x PP x DP"
+        )
+    dp = world // (tp * pp)
+    micro, glob = t["micro_batch_size"], t["global_batch_size"]
+    if glob % (micro * dp):
+        raise ConfigError(
+            f"config key train.global_batch_size: {glob} is not a multiple of train.micro_batch_size x DP = "
+            f"{micro} x {dp} = {micro * dp} ({glob} % {micro * dp} = {glob % (micro * dp)}), where DP = world / "
+            f"(TP x PP) = {world} / ({tp} x {pp}) = {dp} with world {world} from {source}"
+        )
+    return dp
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -86,7 +116,8 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def dataset_spec(config: Mapping[str, Any], name: str) -> DatasetSpec:
     """One dataset's registry entry (what a rule's script needs; cheaper than a whole plan)."""
-    registry = load_registry(list(config["registry"]))
+    mirror = (config.get("data") or {}).get("local_mirror")  # absent or null: the registry sources
+    registry = with_local_mirror(load_registry(list(config["registry"])), mirror)
     if name not in registry:
         raise ConfigError(f"dataset {name!r} is not in the registry files {config['registry']}")
     return registry[name]
@@ -122,6 +153,10 @@ def train_spec(
             "optimizer": t["optimizer"],
             "weight_decay": t["weight_decay"],
             "clip_grad": t["clip_grad"],
+            "save_interval": t["save_interval"],
+            "keep_checkpoints": t["keep_checkpoints"],
+            "tensorboard": t["tensorboard"],
+            "peak_tflops": t["peak_tflops"],
         },
     }
 

@@ -35,15 +35,68 @@ def _local_format(spec: DatasetSpec, path: Path) -> str:
     return fmt
 
 
+def check_local_source(spec: DatasetSpec, role: str, root: Path = Path(".")) -> Path:
+    """The local file of ``role``, or a DataError naming the dataset, the path expected and what to do.
+
+    rules/common.smk calls this while building the DAG, so a missing manual download fails before any job.
+    """
+    path = local_path(spec, role, root)
+    if not path.is_file():
+        where = spec.defined_in or "the registry"
+        raise DataError(
+            f"dataset {spec.name!r} ({role}): source file {path} does not exist (split {spec.splits[role]!r} of "
+            f"source.path {spec.source.path!r} under data.root {str(root)!r}). No rule creates it: fetch or "
+            f"create it as the comments at the dataset's entry in {where} describe, or point 'source.path' "
+            f"there (or config data.root) at the right file, or leave the dataset out (config 'datasets')"
+        )
+    return path
+
+
+def _is_blank(path: Path) -> bool:
+    """A text file with nothing but whitespace (reads at most until the first other byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _first_invalid_utf8(path: Path) -> str | None:
+    """'line N (byte offset B)' of the first line that is not UTF-8, for the error message."""
+    offset = 0
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {i} (byte offset {offset + e.start}: {line[e.start : e.start + 4]!r})"
+            offset += len(line)
+    return None
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """'line N: <json error>' of the first JSONL line that is not a JSON object, for the error message."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {i}, character {e.pos + 1}: {e.msg}"
+            if not isinstance(value, dict):
+                return f"line {i}: a JSON {type(value).__name__}, not an object"
+    return None
+
+
 def read_local(spec: DatasetSpec, role: str, root: Path = Path(".")) -> pl.LazyFrame:
     """Scan a local JSONL / Parquet / CSV split lazily."""
-    path = local_path(spec, role, root)
-    if not path.exists():
-        raise DataError(
-            f"dataset {spec.name!r} ({role}): source file {path} does not exist; "
-            f"create it or point 'source.path' in {spec.defined_in or 'the registry'} at the right file"
-        )
+    path = check_local_source(spec, role, root)
     fmt = _local_format(spec, path)
+    if fmt in ("jsonl", "csv") and _is_blank(path):
+        raise DataError(f"dataset {spec.name!r} split {role!r} ({path}): the split is empty (the file has no rows)")
     if fmt == "jsonl":
         return pl.scan_ndjson(path, infer_schema_length=None)
     if fmt == "parquet":
@@ -68,15 +121,20 @@ def read_hf(spec: DatasetSpec, role: str, cache_dir: str | None = None) -> pl.La
         )
     except Exception as e:  # datasets raises many types; all mean "not loadable here"
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        cache = cache_dir or os.environ.get("FLANPIPE_HF_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
         hint = (
-            "HF_DATASETS_OFFLINE=1 is set: run `flanpipe download` (or the download rule) on a machine "
-            "with internet first, or point the registry at local files"
+            f"HF_DATASETS_OFFLINE=1 is set, so only the cache ({cache}) is read and it does not hold this "
+            "dataset: fetch it first where the hub is reachable (`snakemake --until download` on the login "
+            "node, or `flanpipe ingest DATASET SPLIT --out FILE` there, with the same data.hf_cache), or "
+            "export it to files and give the entry a local source"
             if offline
-            else "check the dataset id/config, or download it where the hub is reachable"
+            else "check the hub id, config name and split in the registry entry, or fetch it where the hub is "
+            "reachable (`snakemake --until download`)"
         )
+        config = f" config {spec.source.name!r}" if spec.source.name else ""
         raise DataError(
-            f"dataset {spec.name!r} ({role}): cannot load HuggingFace source "
-            f"{spec.source.path!r} config {spec.source.name!r} split {split!r}: {e}. {hint}"
+            f"dataset {spec.name!r} ({role}): cannot load HuggingFace source {spec.source.path!r}{config} "
+            f"split {split!r} (registry {spec.defined_in or '?'}): {str(e).rstrip('.')}. {hint}"
         ) from e
     table = ds.flatten_indices().data.table
     return pl.from_arrow(table).lazy()  # type: ignore[union-attr]
@@ -91,17 +149,21 @@ def _column_expr(source: str) -> pl.Expr:
     return expr
 
 
-def canonical_exprs(spec: DatasetSpec, schema: pl.Schema) -> list[pl.Expr]:
+def canonical_exprs(spec: DatasetSpec, schema: pl.Schema, where: str = "") -> list[pl.Expr]:
     """One expression per canonical field; ``answer`` is taken raw here and mapped by ``answer_expr``
     in a second step, because it may index the options column this step creates."""
     missing = [
-        src
-        for srcs in spec.fields.values()
+        f"{name} <- {src!r}"
+        for name, srcs in spec.fields.items()
         for src in ((srcs,) if isinstance(srcs, str) else srcs)
         if src.split(".")[0] not in schema
     ]
     if missing:
-        raise DataError(f"dataset {spec.name!r}: source column(s) {missing} not found; the source has {list(schema)}")
+        raise DataError(
+            f"{where or f'dataset {spec.name!r}'}: source column(s) not found for field(s) {', '.join(missing)}; "
+            f"the source has columns {list(schema)}. Fix 'fields' of {spec.name!r} in "
+            f"{spec.defined_in or 'the registry'} or the data"
+        )
     exprs: list[pl.Expr] = []
     if spec.answer_key_field is not None:
         exprs.append(_column_expr(spec.answer_key_field).cast(pl.List(pl.Utf8)).alias("__answer_keys"))
@@ -188,8 +250,15 @@ def canonicalize(
 
     Returns the canonical frame and the count of dropped rows per reason (never silent).
     """
+    where = f"dataset {spec.name!r} split {role!r} ({origin or spec.source.path})"
     schema = lf.collect_schema()
-    canon = lf.with_row_index("example_id").select(pl.col("example_id").cast(pl.Int64), *canonical_exprs(spec, schema))
+    canon = lf.with_row_index("example_id").select(
+        pl.col("example_id").cast(pl.Int64), *canonical_exprs(spec, schema, where)
+    )
+    raw_answer = pl.col("answer")
+    if canon.collect_schema()["answer"].is_nested():  # lists/structs: not worth printing
+        raw_answer = pl.lit(None, dtype=pl.Utf8)
+    canon = canon.with_columns(raw_answer.cast(pl.Utf8, strict=False).alias("__raw_answer"))  # for the message only
     canon = canon.with_columns(answer_expr(spec, canon.collect_schema()["answer"]).alias("answer"))
     if spec.answer_key_field is not None:
         canon = canon.drop("__answer_keys")
@@ -197,17 +266,21 @@ def canonicalize(
     counts_row = canon.select(pl.len().alias("rows"), *[pred.sum().alias(r) for r, pred in reasons.items()]).collect()
     counts = {k: int(v) for k, v in counts_row.row(0, named=True).items()}
     n_rows = counts.pop("rows")
-    where = f"dataset {spec.name!r} split {role!r} ({origin or spec.source.path})"
     if n_rows == 0:
-        raise DataError(f"{where}: the split is empty")
+        raise DataError(f"{where}: the split is empty (0 rows)")
     bad = {r: n for r, n in counts.items() if n}
     if bad and policy == "fail":
         any_bad = pl.any_horizontal(list(reasons.values()))
-        first = canon.filter(any_bad).select("example_id").head(1).collect().item()
+        row = canon.filter(any_bad).select("example_id", "__raw_answer", **reasons).head(1).collect().row(0, named=True)
+        why = ", ".join(r for r in reasons if row[r])
+        raw = row["__raw_answer"]
+        options = f"; options {list(spec.options)}" if spec.options is not None else ""
+        detail = f" (source answer {raw!r}{options})" if "answer" in why else ""
         raise DataError(
-            f"{where}: {sum(bad.values())} bad row(s) {bad}; first at example_id {first}. "
-            "Fix the data or the registry entry, or set data.bad_rows: drop to drop and count them"
+            f"{where}: {sum(bad.values())} bad row(s) of {n_rows} {bad}; first at example_id {row['example_id']}: "
+            f"{why}{detail}. Fix the data or the registry entry, or set data.bad_rows: drop to drop and count them"
         )
+    canon = canon.drop("__raw_answer")
     if bad:
         canon = canon.filter(~pl.any_horizontal(list(reasons.values())))
         if n_rows == sum(bad.values()):
@@ -240,5 +313,15 @@ def ingest_split(
             df = canon.collect()
             df.write_parquet(tmp)
     except pl.exceptions.ComputeError as e:  # e.g. invalid UTF-8 or malformed JSON in the raw file
+        local = Path(origin) if spec.source.type == "local" else None
+        bad = _first_invalid_utf8(local) if local is not None and "utf-8" in str(e).lower() else None
+        if bad:
+            raise DataError(
+                f"dataset {spec.name!r} split {role!r}: {origin} is not valid UTF-8 at {bad}; re-encode the file "
+                "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+            ) from e
+        bad = _first_bad_json_line(local) if local is not None and _local_format(spec, local) == "jsonl" else None
+        if bad:
+            raise DataError(f"dataset {spec.name!r} split {role!r}: {origin} is not valid JSONL at {bad}") from e
         raise DataError(f"dataset {spec.name!r} split {role!r}: cannot read {origin}: {e}") from e
     return {"dataset": spec.name, "split": role, "rows": df.height, "dropped": dropped, "source": origin}

@@ -238,7 +238,7 @@ def pack_mixture(
             f"= {lengths['inputs'] + lengths['targets']}"
         )
     sp = load_tokenizer(tokenizer)
-    check_vocab(sp, int(read_yaml(model_config)["vocab_size"]), path=str(tokenizer))
+    check_vocab(sp, int(read_yaml(model_config)["vocab_size"]), path=str(tokenizer), model_path=str(model_config))
     df = pl.read_parquet(mixture, columns=["inputs", "targets"])
     encoded = encode_examples(sp, df["inputs"], df["targets"], lengths["inputs"], lengths["targets"], num_threads)
     return pack_to_indexed_dataset(encoded, lengths["pack"], Path(out_dir), order_seed=seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,6 +139,27 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
     return spec
 
 
+def _check_unique_names(path: Path) -> None:
+    """A dataset defined twice in one file: YAML keeps the last silently, so find it in the node tree."""
+    import yaml
+
+    root = yaml.compose(path.read_text(encoding="utf-8"))
+    if not isinstance(root, yaml.MappingNode):
+        return
+    for key, value in root.value:
+        if key.value != "datasets" or not isinstance(value, yaml.MappingNode):
+            continue
+        first: dict[str, int] = {}
+        for name, _entry in value.value:
+            line = name.start_mark.line + 1
+            if name.value in first:
+                raise RegistryError(
+                    f"{path}:{line}: dataset {name.value!r} is defined twice in this file (first at line "
+                    f"{first[name.value]}); YAML would silently keep only the second entry"
+                )
+            first[name.value] = line
+
+
 def load_registry(paths: Sequence[str | Path]) -> dict[str, DatasetSpec]:
     """Load and validate registry files; duplicate dataset names across files are an error."""
     schema = read_yaml(SCHEMA_PATH)
@@ -150,11 +171,33 @@ def load_registry(paths: Sequence[str | Path]) -> dict[str, DatasetSpec]:
         except jsonschema.ValidationError as e:
             key = "/".join(str(p) for p in e.absolute_path) or "<top>"
             raise RegistryError(f"{path}: at {key}: {e.message}") from None
+        _check_unique_names(path)
         for name, entry in raw["datasets"].items():
             if name in specs:
-                raise RegistryError(f"{path}: dataset {name!r} is already defined in {specs[name].defined_in}")
+                raise RegistryError(
+                    f"{path}: dataset {name!r} is already defined in {specs[name].defined_in} (cluster "
+                    f"{specs[name].cluster!r} there, {entry['cluster']!r} here); dataset names must be unique "
+                    "across registry files, and a dataset belongs to one cluster"
+                )
             specs[name] = _entry_to_spec(name, entry, path)
     return specs
+
+
+def with_local_mirror(registry: Mapping[str, DatasetSpec], mirror: str | None) -> dict[str, DatasetSpec]:
+    """Config ``data.local_mirror``: every dataset read from ``<mirror>/<name>/<role>.jsonl`` instead of its
+    registry source (exported copies on clusters without internet; the test fixtures). The files hold the
+    split each role maps to, so the roles map to themselves. A relative mirror is read from data.root."""
+    if not mirror:
+        return dict(registry)
+    identity = {r: r for r in ROLES}
+    return {
+        name: replace(
+            spec,
+            source=SourceSpec(type="local", format="jsonl", path=f"{mirror.rstrip('/')}/{name}/{{split}}.jsonl"),
+            splits=identity,
+        )
+        for name, spec in registry.items()
+    }
 
 
 def clusters(registry: Mapping[str, DatasetSpec]) -> dict[str, list[str]]:

@@ -91,7 +91,7 @@ def load_templates(path: str | os.PathLike[str]) -> list[Template]:
     if not isinstance(raw, dict) or not isinstance(raw.get("templates"), list):
         raise TemplateError(f"{path}: expected a mapping with a 'templates' list")
     if not raw["templates"]:
-        raise TemplateError(f"{path}: the template list is empty")
+        raise TemplateError(f"{path}: the template list is empty; a dataset needs at least one template")
     out: list[Template] = []
     for i, t in enumerate(raw["templates"]):
         if not isinstance(t, dict):
@@ -111,9 +111,13 @@ def load_templates(path: str | os.PathLike[str]) -> list[Template]:
 def validate_templates(templates: Sequence[Template], spec: DatasetSpec, path: str | os.PathLike[str]) -> None:
     """Check every placeholder against the dataset's fields, before any job runs."""
     fields = set(spec.fields)
-    n_turned = sum(t.turned_around for t in templates)
+    turned = [t.index for t in templates if t.turned_around]
+    n_turned = len(turned)
     if n_turned > MAX_TURNED_AROUND:
-        raise TemplateError(f"{path}: {n_turned} turned-around templates; FLAN allows at most {MAX_TURNED_AROUND}")
+        raise TemplateError(
+            f"{path}: {n_turned} turned-around templates (templates {turned}) for dataset {spec.name!r}; "
+            f"FLAN allows at most {MAX_TURNED_AROUND}"
+        )
     if n_turned == len(templates):
         raise TemplateError(f"{path}: every template is turned around; at least one must do the task itself")
     for t in templates:
@@ -137,6 +141,11 @@ def validate_templates(templates: Sequence[Template], spec: DatasetSpec, path: s
 
 
 def load_validated(spec: DatasetSpec) -> list[Template]:
+    if not os.path.isfile(spec.templates):
+        raise TemplateError(
+            f"{spec.templates}: template file of dataset {spec.name!r} not found (set 'templates' of its entry in "
+            f"{spec.defined_in or 'the registry'}; the default is config/templates/{spec.name}.yaml)"
+        )
     templates = load_templates(spec.templates)
     validate_templates(templates, spec, spec.templates)
     return templates

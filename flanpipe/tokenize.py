@@ -155,14 +155,34 @@ def load_tokenizer(path: str | os.PathLike[str]) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=str(path))
 
 
+def piece_count(path: str | os.PathLike[str]) -> int:
+    """Vocabulary size of a .model file, read from its proto without building a processor (milliseconds,
+    so the DAG can check a given tokenizer against the model config before any job runs)."""
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    proto = model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except DecodeError as e:
+        raise ValueError(f"{path} is not a SentencePiece .model file: {e}") from None
+    if not proto.pieces:
+        raise ValueError(f"{path} is not a SentencePiece .model file: it has no pieces")
+    return len(proto.pieces)
+
+
 def check_vocab(
-    sp: spm.SentencePieceProcessor, model_vocab_size: int, path: str | os.PathLike[str] = "tokenizer"
+    sp: spm.SentencePieceProcessor,
+    model_vocab_size: int,
+    path: str | os.PathLike[str] = "tokenizer",
+    model_path: str | os.PathLike[str] = "the model config",
 ) -> None:
     """Raise if token ids could index past the model's embedding table (a silent crash on GPU)."""
     n = sp.get_piece_size()
     if n > model_vocab_size:
         raise ValueError(
-            f"tokenizer {path} has {n} pieces but the model's vocab_size is {model_vocab_size}; "
+            f"tokenizer {path} has {n} pieces but {model_path}'s vocab_size is {model_vocab_size} "
+            f"({n} > {model_vocab_size}); "
             f"raise the model's vocab_size to >= {n} or train a smaller tokenizer"
         )
 

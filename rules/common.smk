@@ -3,8 +3,9 @@
 
 from pathlib import Path
 
-from flanpipe.config import budget_tokens, train_spec, validate_config
+from flanpipe.config import budget_tokens, check_world, train_spec, validate_config
 from flanpipe.experiments import EvalVariant, parse_shard_variant, plan_experiment
+from flanpipe.ingest import check_local_source
 from flanpipe.io import read_yaml, resolve_config_path
 from flanpipe.model import load_model_config, param_count
 from flanpipe.registry import ROLES
@@ -18,6 +19,25 @@ SYNTHETIC = sorted(
     name for name, spec in PLAN.registry.items() if spec.source.path.startswith("results/synthetic/")
 )
 TRAINED = sorted(PLAN.mixtures)  # runs trained here (tuned and pretrained), not given checkpoints
+
+
+def _train_world():
+    """Training ranks: the profile's train `tasks` (set-resources), else TP x PP (rules/train.smk)."""
+    t = config["train"]
+    default = t["tensor_model_parallel_size"] * t["pipeline_model_parallel_size"]
+    res = workflow.resource_settings.overwrite_resources.get("train", {})
+    tasks = res.get("tasks") if hasattr(res, "get") else None
+    try:
+        value = getattr(tasks, "value", tasks)
+    except ValueError:  # a callable resource: known only per job
+        value = None
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        return int(value), "set-resources train:tasks (the profile or --set-resources)"
+    return default, "the default train tasks = TP x PP"
+
+
+check_world(config, *_train_world())  # world = TP x PP x DP and the batch arithmetic, before any job
+
 CONDA_ENV = "../workflow/envs/flanpipe.yaml"  # every rule's software (--sdm conda); relative to rules/
 EXPERIMENT = Path(workflow.configfiles[-1]).name if workflow.configfiles else "flanpipe"
 
@@ -47,8 +67,10 @@ localrules:
 
 
 def raw_inputs(wildcards):
-    """The local source file of one split."""
+    """The local source file of one split; one no rule makes must exist already (checked with the DAG)."""
     spec = PLAN.registry[wildcards.local_dataset]
+    if wildcards.local_dataset not in SYNTHETIC:
+        check_local_source(spec, wildcards.split, Path(config["data"]["root"]))
     return [str(Path(config["data"]["root"]) / spec.source.path.format(split=spec.splits[wildcards.split]))]
 
 
@@ -112,6 +134,7 @@ def run_spec(wildcards):
 
 
 def train_inputs(wildcards):
+    PLAN.check_run(wildcards.run)  # model config vs TP/PP, lengths, tokenizer, base checkpoint
     run = PLAN.runs[wildcards.run]
     inputs = {"spec": f"results/specs/{run.name}.json", "data": f"results/packed/{run.name}"}
     if run.init:
@@ -126,6 +149,7 @@ def train_tasks(wildcards):
 
 
 def eval_inputs(wildcards):
+    PLAN.check_run(wildcards.evalrun)
     return {
         "model": PLAN.model_dir(wildcards.evalrun),
         "tokenizer": tokenizer_model(),
