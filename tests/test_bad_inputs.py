@@ -664,12 +664,12 @@ def test_world_must_be_tp_x_pp_x_dp(tmp_path: Path) -> None:
 
 
 def test_dag_build_checks_world_from_the_profile(tmp_path: Path) -> None:
-    """8 training ranks (as profiles/slurm sets) at TP = PP = 1 make DP 8: global batch 8 / (micro 8 x 8) fails."""
-    r = dry_run(tmp_path / "w", default_config(), "--set-resources", "train:tasks=8")
+    """3 training ranks at TP = PP = 1 make DP 3: the default's global batch 8 / (micro 1 x 3) fails."""
+    r = dry_run(tmp_path / "w", default_config(), "--set-resources", "train:tasks=3")
     assert_failed_before_any_job(
         r,
         tmp_path / "w",
-        "train.global_batch_size: 8 is not a multiple of train.micro_batch_size x DP = 8 x 8 = 64",
+        "train.global_batch_size: 8 is not a multiple of train.micro_batch_size x DP = 1 x 3 = 3",
         "set-resources train:tasks",
     )
 
