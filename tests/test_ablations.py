@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from dag import ROOT, run_snakemake
 
 from flanpipe.config import load_config
 from flanpipe.experiments import PlanError, plan_experiment
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def planned_runs(target: str, workdir: Path) -> set[str]:
     """Runs a dry run of ``target`` would train, from fresh (nothing built yet)."""
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "--directory",
-            str(workdir),
-            "--configfile",
-            str(ROOT / "config" / "config.yaml"),
-            "-n",
-            target,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_snakemake(workdir, ROOT / "config" / "config.yaml", "-n", target, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return set(re.findall(r"output: results/models/(\S+)", r.stdout))
 

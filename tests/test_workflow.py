@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from dag import ROOT, run_snakemake
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "tests" / "config" / "workflow.yaml"
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(CONFIG),
-        "--cores",
-        "2",
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
+    return run_snakemake(workdir, CONFIG, "--cores", "2", *args)
 
 
 @pytest.fixture(scope="module")
