@@ -121,7 +121,7 @@ def _trained_run(cfg: dict[str, Any], name: str) -> tuple[Plan, Run]:
 
 
 def cmd_mix(args: argparse.Namespace) -> None:
-    from flanpipe.mixing import MixtureConfig, build_mixture
+    from flanpipe.mixing import MixtureConfig, bucket_bytes_for, build_mixture
 
     cfg = _config(args)
     plan, run = _trained_run(cfg, args.run)
@@ -135,6 +135,7 @@ def cmd_mix(args: argparse.Namespace) -> None:
         budget_tokens=budget_tokens(cfg, steps=run.steps),
         inputs_length=cfg["lengths"]["inputs"],
         targets_length=cfg["lengths"]["targets"],
+        bucket_bytes=bucket_bytes_for(args.mem_mb),
     )
     print(json.dumps(stats, indent=2))
 
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("--shards", default="results/shards")
     s.add_argument("--out-dir", required=True)
+    s.add_argument("--mem-mb", type=int, help="memory to plan the out-of-core shuffle for (default: 1 GB peak)")
     s = add("train-tokenizer", cmd_train_tokenizer, "SentencePiece BPE on a sample of shards")
     s.add_argument("--out", required=True)
     s.add_argument("shards", nargs="+")

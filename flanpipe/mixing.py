@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from flanpipe.io import atomic_path, write_json
 
@@ -56,20 +59,132 @@ def allocate(total: int, weights: Mapping[str, float]) -> dict[str, int]:
 
 
 def _pool(shard: str | os.PathLike[str], dataset: str, cfg: MixtureConfig) -> pl.LazyFrame:
-    """The capped training pool of one dataset."""
+    """The capped training pool of one dataset.
+
+    ``sample`` picks the ids on a key-only frame (16 bytes a row) and semi-joins them back, so a shard far
+    larger than the cap is never sorted with its text.
+    """
     lf = pl.scan_parquet(shard)
     if cfg.cap_mode == "sample":
         key = pl.struct(pl.lit(dataset), pl.col("example_id")).hash(cfg.seed)
-        lf = lf.sort(key).head(cfg.cap).sort("example_id")
+        ids = lf.select("example_id").sort(key, "example_id").head(cfg.cap)
+        lf = lf.join(ids, on="example_id", how="semi", maintain_order="left")
     return lf.head(cfg.cap)
 
 
 def _draws(pool: pl.LazyFrame, dataset: str, n_pool: int, n_draw: int, seed: int) -> pl.LazyFrame:
-    """``n_draw`` examples of the pool: whole epochs, each freshly shuffled, then a partial one."""
-    epochs = max(1, math.ceil(n_draw / n_pool))
-    epoch_ids = pl.LazyFrame({"epoch": pl.int_range(epochs, eager=True, dtype=pl.Int32)})
-    key = pl.struct(pl.lit(dataset), pl.col("epoch"), pl.col("example_id")).hash(seed)
-    return pool.join(epoch_ids, how="cross").sort(pl.col("epoch"), key).head(n_draw)
+    """``n_draw`` examples of the pool: whole epochs, then a seeded subset for the partial last epoch.
+
+    Order within a dataset is irrelevant (the global shuffle orders every draw), so whole epochs are a
+    plain cross join and only the partial epoch's choice is seeded: the ``rest`` ids with the smallest
+    hash of (dataset, epoch, example_id), picked on the ids alone.
+    """
+    full, rest = divmod(n_draw, n_pool)
+    parts = []
+    if full:
+        epochs = pl.LazyFrame({"epoch": pl.int_range(full, eager=True, dtype=pl.Int32)})
+        parts.append(pool.join(epochs, how="cross"))
+    if rest:
+        key = pl.struct(pl.lit(dataset).alias("d"), pl.lit(full, pl.Int32).alias("e"), "example_id").hash(seed)
+        ids = pool.select("example_id").sort(key, "example_id").head(rest)
+        chosen = pool.join(ids, on="example_id", how="semi", maintain_order="left")
+        parts.append(chosen.with_columns(pl.lit(full, pl.Int32).alias("epoch")))
+    return pl.concat(parts)
+
+
+def shuffle_buckets(estimated_bytes: float, bucket_bytes: int) -> int:
+    """Power-of-two bucket count so one bucket's rows hold about ``bucket_bytes`` of text at most."""
+    need = max(1, math.ceil(estimated_bytes / max(1, bucket_bytes)))
+    return 1 << (need - 1).bit_length()
+
+
+def bucket_bytes_for(mem_mb: int | None) -> int:
+    """Shuffle bucket size for a job's memory limit: an eighth of it (peak ~ 4 x bucket + 0.3 GB, so about
+    half the limit), within [32 MiB, 1 GiB]; 128 MiB when no limit is known."""
+    if not mem_mb:
+        return 128 << 20
+    return min(1 << 30, max(32 << 20, (int(mem_mb) << 20) // 8))
+
+
+def _order_key(seed: int) -> pl.Expr:
+    """The global order: a seeded 64-bit hash of (dataset, epoch, example_id)."""
+    return pl.struct("dataset", "epoch", "example_id").hash(seed + 1).alias("_order")
+
+
+def _bucket(n_buckets: int) -> pl.Expr:
+    """Range-partition the order key: bucket b holds keys in [b, b+1) x 2^64 / n_buckets, so the buckets
+    sorted one by one and written in turn are exactly the globally sorted mixture."""
+    if n_buckets == 1:
+        return pl.lit(0, dtype=pl.Int64).alias("_bucket")
+    width = 1 << (64 - (n_buckets.bit_length() - 1))  # 2^64 / n_buckets; n_buckets is a power of two
+    return (pl.col("_order") // pl.lit(width, dtype=pl.UInt64)).cast(pl.Int64).alias("_bucket")
+
+
+class _RowGroupWriter:
+    """Appends frames to one Parquet file in row groups of exactly ``rows_per_group`` (the last one
+    shorter), whatever sizes the frames come in, so the file's bytes do not depend on the bucketing."""
+
+    def __init__(self, path: str | os.PathLike[str], rows_per_group: int) -> None:
+        self.path, self.rows_per_group = path, rows_per_group
+        self.pending: pl.DataFrame | None = None
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def __enter__(self) -> _RowGroupWriter:
+        return self
+
+    def _emit(self, frame: pl.DataFrame) -> None:
+        table = frame.rechunk().to_arrow()
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self.writer.write_table(table, row_group_size=self.rows_per_group)
+        self.rows += frame.height
+
+    def write(self, frame: pl.DataFrame) -> None:
+        if self.pending is not None:
+            frame = pl.concat([self.pending, frame])
+        full = frame.height - frame.height % self.rows_per_group
+        if full:
+            self._emit(frame.head(full))
+        self.pending = frame.slice(full) if full < frame.height else None
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.pending is not None and exc[0] is None:
+                self._emit(self.pending)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+
+def shuffle_to_parquet(
+    draws: Sequence[pl.LazyFrame],
+    out_parquet: str | os.PathLike[str],
+    *,
+    seed: int,
+    n_buckets: int,
+    row_group_rows: int,
+) -> int:
+    """External shuffle of the concatenated ``draws``: scatter rows to ``n_buckets`` range buckets of the
+    order key, then sort and append each bucket. Peak memory follows one bucket, not the mixture; the
+    bytes written depend neither on ``n_buckets`` nor on the thread count (ties on the hash break on the
+    key's own columns). Returns the rows written.
+    """
+    sort_by = ["_order", "dataset", "epoch", "example_id"]
+    Path(out_parquet).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".shuffle-", dir=Path(out_parquet).parent) as tmp:
+        for i, part in enumerate(draws):  # one source at a time: see pool_stats
+            keyed = part.with_columns(_order_key(seed)).with_columns(_bucket(n_buckets))
+            keyed.sink_parquet(pl.PartitionBy(Path(tmp, str(i)), key="_bucket", include_key=False), mkdir=True)
+        with atomic_path(out_parquet) as dst:
+            with _RowGroupWriter(dst, row_group_rows) as writer:
+                for b in range(n_buckets):
+                    files = sorted(Path(tmp).glob(f"*/_bucket={b}/*.parquet"))
+                    if files:
+                        writer.write(pl.scan_parquet(files).sort(sort_by).drop("_order", "epoch").collect())
+            if writer.rows == 0:
+                raise ValueError(f"mixture {out_parquet}: no rows to write")
+    return writer.rows
 
 
 def plan_mixture(
@@ -93,6 +208,38 @@ def plan_mixture(
     ]
 
 
+_ROW_OVERHEAD_BYTES = 64  # ids, flags and offsets of one mixture row besides its text
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """What sizing a mixture needs to know about one dataset's capped pool."""
+
+    rows: int  # training rows in the shard, before the cap
+    tokens: float  # mean estimated tokens of a capped example: chars / chars_per_token, truncated, + EOS
+    row_bytes: float  # mean in-memory bytes of a capped row: sizes the shuffle's buckets
+
+
+def pool_stats(
+    shard: str | os.PathLike[str], dataset: str, cfg: MixtureConfig, inputs_length: int, targets_length: int
+) -> PoolStats:
+    """One streaming pass over one dataset's pool. Called per dataset on purpose: a concat of 62 scans
+    runs them all at once and peaked at ~1 GB on the FLAN-sized workload, one at a time at ~0.1 GB."""
+    cpt = cfg.chars_per_token
+    tokens = (pl.col("inputs").str.len_chars() / cpt).ceil().clip(upper_bound=inputs_length) + (
+        pl.col("targets").str.len_chars() / cpt + 1
+    ).ceil().clip(upper_bound=targets_length)
+    text = pl.col("inputs").str.len_bytes() + pl.col("targets").str.len_bytes()
+    opts = pl.col("options").list.eval(pl.element().str.len_bytes() + 8).list.sum()
+    rows = pl.scan_parquet(shard).select(pl.len()).collect().item()
+    if rows == 0:
+        return PoolStats(0, 0.0, 0.0)
+    means = (
+        _pool(shard, dataset, cfg).select(tokens.mean(), (text + opts).mean().alias("b")).collect(engine="streaming")
+    )
+    return PoolStats(int(rows), float(means.item(0, 0)), float(means.item(0, 1)) + _ROW_OVERHEAD_BYTES)
+
+
 def estimate_tokens_per_example(
     shards: Mapping[str, str | os.PathLike[str]],
     proportions: Mapping[str, float],
@@ -101,22 +248,7 @@ def estimate_tokens_per_example(
     targets_length: int,
 ) -> float:
     """Mixture-weighted mean example length in tokens, estimated from characters and truncation."""
-    cpt = cfg.chars_per_token
-    per_ds = pl.concat(
-        [
-            _pool(p, d, cfg).select(
-                pl.lit(d).alias("dataset"),
-                (
-                    (pl.col("inputs").str.len_chars() / cpt).ceil().clip(upper_bound=inputs_length)
-                    + (pl.col("targets").str.len_chars() / cpt + 1).ceil().clip(upper_bound=targets_length)
-                ).alias("tokens"),
-            )
-            for d, p in shards.items()
-        ]
-    )
-    means = per_ds.group_by("dataset").agg(pl.col("tokens").mean()).collect()
-    mean_by_ds = dict(zip(means["dataset"], means["tokens"], strict=True))
-    return sum(proportions[d] * mean_by_ds[d] for d in shards)
+    return sum(proportions[d] * pool_stats(p, d, cfg, inputs_length, targets_length).tokens for d, p in shards.items())
 
 
 def build_mixture(
@@ -128,26 +260,28 @@ def build_mixture(
     budget_tokens: int,
     inputs_length: int,
     targets_length: int,
+    bucket_bytes: int = 128 << 20,
+    row_group_rows: int = 65_536,
 ) -> dict[str, object]:
     """Cap, allocate draws to fill ``budget_tokens`` and write the shuffled mixture and its stats.
 
     Sizing: examples = ceil(budget_tokens / estimated tokens per example). The budget is the training
     run's token count (steps x global batch x sequence length), so a run sees each draw about once.
+    ``bucket_bytes`` bounds the shuffle's memory. Measured peak RSS on a 3.7M-example, 2.7 GB mixture:
+    0.53 GB at 64 MiB, 0.81 GB at the default 128 MiB (0.72 GB for 0.9M examples), 2.6 GB at 1 GiB: the
+    sorted bucket, its Arrow view and the row-group carry-over, about 4 x bucket_bytes + 0.3 GB.
+    It changes neither the rows nor the bytes written.
     """
     if not shards:
         raise ValueError("a mixture needs at least one dataset")
-    counts_df = pl.concat(
-        [pl.scan_parquet(p).select(pl.lit(d).alias("dataset"), pl.len().alias("n")) for d, p in shards.items()]
-    ).collect()
-    counts = dict(zip(counts_df["dataset"], counts_df["n"], strict=True))
-    empty = [d for d, n in counts.items() if n == 0]
+    pools = {d: pool_stats(p, d, cfg, inputs_length, targets_length) for d, p in shards.items()}
+    empty = [d for d, st in pools.items() if st.rows == 0]
     if empty:
         raise ValueError(f"mixture: training shard(s) of {empty} are empty")
+    counts = {d: st.rows for d, st in pools.items()}
     rates = {d: mixing_rate(n, cfg) for d, n in counts.items()}
     rsum = sum(rates.values())
-    est = estimate_tokens_per_example(
-        shards, {d: r / rsum for d, r in rates.items()}, cfg, inputs_length, targets_length
-    )
+    est = sum(rates[d] / rsum * pools[d].tokens for d in shards)
     total = max(len(shards), math.ceil(budget_tokens / est))
     plan = plan_mixture(counts, cfg, total)
     parts = [
@@ -162,16 +296,17 @@ def build_mixture(
         if int(row["draws"]) > 0
     ]
     # Global order: a seeded hash of (dataset, epoch, example) interleaves datasets uniformly, so any
-    # prefix of the mixture follows the mixing proportions.
-    order = pl.struct("dataset", "epoch", "example_id").hash(cfg.seed + 1)
-    mixture = pl.concat(parts).sort(order).drop("epoch")
-    with atomic_path(out_parquet) as tmp:
-        mixture.sink_parquet(tmp)
+    # prefix of the mixture follows the mixing proportions. Sorted out of core, one bucket at a time.
+    est_bytes = sum(int(row["draws"]) * pools[str(row["dataset"])].row_bytes for row in plan)
+    n_buckets = shuffle_buckets(est_bytes, bucket_bytes)
+    shuffle_to_parquet(parts, out_parquet, seed=cfg.seed, n_buckets=n_buckets, row_group_rows=row_group_rows)
     stats = {
         "config": asdict(cfg),
         "budget_tokens": budget_tokens,
         "estimated_tokens_per_example": est,
         "examples": total,
+        "estimated_bytes": round(est_bytes),
+        "shuffle_buckets": n_buckets,
         "datasets": plan,
     }
     write_json(out_json, stats)

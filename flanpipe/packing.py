@@ -227,10 +227,8 @@ def pack_mixture(
     The tokenizer's vocabulary is checked against the model config first, so a mismatched ``.model``
     fails here, in seconds, instead of as an index error inside training.
     """
-    import polars as pl
-
     from flanpipe.io import read_yaml
-    from flanpipe.tokenize import check_vocab, encode_examples, load_tokenizer
+    from flanpipe.tokenize import check_vocab, encode_parquet, load_tokenizer
 
     if lengths["pack"] < lengths["inputs"] + lengths["targets"]:
         raise ValueError(
@@ -239,6 +237,5 @@ def pack_mixture(
         )
     sp = load_tokenizer(tokenizer)
     check_vocab(sp, int(read_yaml(model_config)["vocab_size"]), path=str(tokenizer), model_path=str(model_config))
-    df = pl.read_parquet(mixture, columns=["inputs", "targets"])
-    encoded = encode_examples(sp, df["inputs"], df["targets"], lengths["inputs"], lengths["targets"], num_threads)
+    encoded = encode_parquet(sp, mixture, lengths["inputs"], lengths["targets"], num_threads)
     return pack_to_indexed_dataset(encoded, lengths["pack"], Path(out_dir), order_seed=seed)

@@ -416,3 +416,26 @@ def encode_examples(
         for s in range(0, max(len(inputs), 1), _ENCODE_CHUNK)
     ]
     return parts[0] if len(parts) == 1 else _concat_consuming(parts)
+
+
+def encode_parquet(
+    sp: spm.SentencePieceProcessor,
+    path: str | os.PathLike[str],
+    inputs_length: int,
+    targets_length: int,
+    num_threads: int | None = None,
+) -> EncodedExamples:
+    """``encode_examples`` over a mixture file read in batches, so its text is never all in memory:
+    only the int32 tokens (4 bytes a token) accumulate, one batch of text at a time beside them."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    parts = [
+        encode_examples(sp, batch["inputs"], batch["targets"], inputs_length, targets_length, num_threads)
+        for batch in (
+            pl.from_arrow(b) for b in pf.iter_batches(batch_size=_ENCODE_CHUNK, columns=["inputs", "targets"])
+        )
+    ]
+    if not parts:
+        return encode_examples(sp, [], [], inputs_length, targets_length, num_threads)
+    return parts[0] if len(parts) == 1 else _concat_consuming(parts)

@@ -800,7 +800,12 @@ def test_interrupted_mixture_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
         schema_overrides={"options": pl.List(pl.Utf8)},
     ).write_parquet(shard)
     out = tmp_path / "mixtures" / "run"
-    interrupt_after_partial_write(monkeypatch, pl.LazyFrame, "sink_parquet")
+    import pyarrow.parquet as pq
+
+    def interrupted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ARG001
+        raise KeyboardInterrupt  # the writer has opened its file: half a mixture is on disk
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_mixture(
             {"a": shard},
@@ -813,6 +818,7 @@ def test_interrupted_mixture_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
         )
     assert_nothing_written(out / "mixture.parquet")
     assert not (out / "mixture.json").exists()
+    assert not list(out.glob(".shuffle-*")), "the shuffle's scatter files must go too"
 
 
 def test_interrupted_packing_leaves_nothing(tmp_path: Path, spm_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -114,3 +114,14 @@ def test_generation_is_deterministic_and_shaped() -> None:
     # mean context length is near the profile's 35 words
     words = np.array([len(t.split(" ")) for t in a["context"].to_pylist()])
     assert 28 < words.mean() < 42
+
+
+def test_mix_scaling_check_runs_each_size_in_its_own_process(run: tuple[dict, Path]) -> None:
+    stats, work = run
+    by_factor = {m["factor"]: m for m in stats["mix_scaling"]}
+    assert set(by_factor) == {1, 4}
+    # the x1 child redoes the measured mix: same size; x4 draws four times as many (epochs past the caps)
+    assert by_factor[1]["examples"] == stats["examples"]
+    assert abs(by_factor[4]["examples"] / by_factor[1]["examples"] - 4) < 0.01
+    assert all(m["peak_rss_mb"] > 0 and m["shuffle_buckets"] >= 1 for m in by_factor.values())
+    assert not list((work / "mixtures").glob("scaling_*")), "the check's mixtures are removed"

@@ -138,6 +138,17 @@ def test_encode_in_chunks_equals_one_batch(sp, monkeypatch: pytest.MonkeyPatch):
     assert (whole.truncated_inputs, whole.truncated_targets) == (chunked.truncated_inputs, chunked.truncated_targets)
 
 
+def test_encode_parquet_in_batches_equals_one_batch(sp, corpus: Path, monkeypatch: pytest.MonkeyPatch):
+    """The pack rule reads its mixture in batches (text never all in memory): same arrays as one batch."""
+    df = pl.read_parquet(corpus)
+    whole = tok.encode_examples(sp, df["inputs"], df["targets"], 24, 6)
+    monkeypatch.setattr(tok, "_ENCODE_CHUNK", 333)  # 2000 rows -> 7 batches, the last one short
+    batched = tok.encode_parquet(sp, corpus, 24, 6)
+    for field in ("tokens", "offsets", "input_lengths"):
+        assert np.array_equal(getattr(whole, field), getattr(batched, field))
+    assert (whole.truncated_inputs, whole.truncated_targets) == (batched.truncated_inputs, batched.truncated_targets)
+
+
 def test_encode_validates(sp):
     with pytest.raises(ValueError, match="room for EOS"):
         tok.encode_examples(sp, ["a"], ["b"], 4, 0)

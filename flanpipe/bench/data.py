@@ -20,6 +20,8 @@ import json
 import math
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -389,6 +390,9 @@ class BenchConfig:
     inputs_length: int = 1024
     targets_length: int = 256
     pack_length: int = 1280
+    # the mix is rerun alone, in a fresh process each, at these multiples of mixture_examples: its peak
+    # RSS must stay flat as the mixture grows (the out-of-core shuffle), which one size cannot show
+    mix_scaling: tuple[int, ...] = (1, 4)
 
     def n(self, count: int, floor: int = 1) -> int:
         """``count`` at this scale, at least ``floor``."""
@@ -422,6 +426,57 @@ def peak_rss_mb() -> float:
     return max(own, children) / 1024
 
 
+def _high_water_mb() -> float:
+    """This process's own peak RSS in MB. ru_maxrss survives fork + exec (a child started from a 2 GB
+    parent reports 2 GB), while Linux's VmHWM belongs to the new address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mix_child(argv: Sequence[str]) -> None:
+    """Child-process side of the mix-scaling check: build one mixture, print its figures as JSON."""
+    from flanpipe.mixing import MixtureConfig, build_mixture
+
+    a = json.loads(argv[0])
+    t0 = time.perf_counter()
+    stats = build_mixture(
+        a["shards"],
+        MixtureConfig(**a["mixture"]),
+        a["out"],
+        a["out"] + ".json",
+        budget_tokens=a["budget_tokens"],
+        inputs_length=a["inputs_length"],
+        targets_length=a["targets_length"],
+    )
+    own = _high_water_mb()
+    print(
+        json.dumps(
+            {
+                "examples": stats["examples"],
+                "estimated_mb": round(stats["estimated_bytes"] / 1e6, 1),
+                "shuffle_buckets": stats["shuffle_buckets"],
+                "mix_s": round(time.perf_counter() - t0, 2),
+                "peak_rss_mb": round(own, 1),
+            }
+        )
+    )
+
+
+def _mix_in_child(args: dict[str, Any]) -> dict[str, Any]:
+    """Run ``mix_child`` in a fresh interpreter, so its peak RSS is the mix's alone."""
+    code = "import sys; from flanpipe.bench.data import mix_child; mix_child(sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], check=True, capture_output=True, text=True)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    Path(args["out"]).unlink(missing_ok=True)
+    Path(args["out"] + ".json").unlink(missing_ok=True)
+    return out
+
+
 def run_bench(scale: float = 1.0, workdir: Path | None = None, seed: int = 0) -> dict[str, Any]:
     """Generate the workload and run render -> mix -> tokenizer -> encode -> pack; return the stats.
 
@@ -449,7 +504,7 @@ def _run(cfg: BenchConfig, work: Path) -> dict[str, Any]:
         from flanpipe.mixing import MixtureConfig, build_mixture, estimate_tokens_per_example, mixing_rate
         from flanpipe.packing import pack_to_indexed_dataset
         from flanpipe.templates import render_shard
-        from flanpipe.tokenize import encode_examples, load_tokenizer, splits_at_spaces, train_tokenizer
+        from flanpipe.tokenize import encode_parquet, load_tokenizer, splits_at_spaces, train_tokenizer
 
     # 1. generate: canonical Parquet + template files for 62 datasets
     sizes = {p.name: cfg.raw_size(p) for p in PROFILES}
@@ -506,18 +561,29 @@ def _run(cfg: BenchConfig, work: Path) -> dict[str, Any]:
 
     # 5. encode the mixture on all cores (rule pack, first half)
     with _stage("tokenize", seconds, cpu, rss):
-        df = pl.read_parquet(mixture, columns=["inputs", "targets"])
-        encoded = encode_examples(
-            sp, df["inputs"], df["targets"], cfg.inputs_length, cfg.targets_length, os.cpu_count()
-        )
-        del df
+        encoded = encode_parquet(sp, mixture, cfg.inputs_length, cfg.targets_length, os.cpu_count())
 
     # 6. pack into 1280-token rows and write the three IndexedDatasets (rule pack, second half)
     with _stage("pack", seconds, cpu, rss):
         packed = pack_to_indexed_dataset(encoded, cfg.pack_length, work / "packed" / "bench", order_seed=cfg.seed)
 
+    wall = time.perf_counter() - t_start  # the whole path; the scaling check below is extra
+
+    # 7. the mix alone at growing sizes, each in a fresh process (draws past the caps repeat as epochs)
+    scaling = []
+    with _stage("mix_scaling", seconds, cpu, rss):
+        for factor in cfg.mix_scaling:
+            child = {
+                "shards": {d: str(p) for d, p in shards.items()},
+                "mixture": asdict(mcfg),
+                "out": str(work / "mixtures" / f"scaling_x{factor}.parquet"),
+                "budget_tokens": math.ceil((want * factor + 0.5) * est),
+                "inputs_length": cfg.inputs_length,
+                "targets_length": cfg.targets_length,
+            }
+            scaling.append({"factor": factor, **_mix_in_child(child)})
+
     tokens = int(encoded.offsets[-1])
-    wall = time.perf_counter() - t_start
     return {
         "scale": cfg.scale,
         "datasets": len(PROFILES),
@@ -546,6 +612,7 @@ def _run(cfg: BenchConfig, work: Path) -> dict[str, Any]:
         "cpu_s": round(cpu_seconds(), 1),
         "peak_rss_mb_after_stage": rss,
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "mix_scaling": scaling,
         "wall_s": round(wall, 2),
         "cpu_count": os.cpu_count(),
         "loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
@@ -564,6 +631,11 @@ def format_report(x: dict[str, Any]) -> str:
         f"  packing efficiency {x['packing_efficiency']:.4f} (next-fit {x['baseline_next_fit_efficiency']:.4f}, "
         f"padded {x['baseline_padded_efficiency']:.4f}) in {x['rows']:,} rows of {x['pack_length']}",
         f"  peak RSS {x['peak_rss_mb']:,.0f} MB, wall {x['wall_s']:.1f} s, cpu {x['cpu_s']:.1f} s",
+        *(
+            f"  mix alone x{m['factor']}: {m['examples']:,} examples, {m['shuffle_buckets']} buckets, "
+            f"{m['mix_s']:.1f} s, peak RSS {m['peak_rss_mb']:,.0f} MB"
+            for m in x["mix_scaling"]
+        ),
     ]
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@
 import json
 
 from flanpipe.io import log_to
-from flanpipe.mixing import MixtureConfig, build_mixture
+from flanpipe.mixing import MixtureConfig, bucket_bytes_for, build_mixture
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
@@ -16,5 +16,6 @@ with log_to(snakemake.log[0]):
         budget_tokens=snakemake.params.budget_tokens,
         inputs_length=snakemake.params.lengths["inputs"],
         targets_length=snakemake.params.lengths["targets"],
+        bucket_bytes=bucket_bytes_for(getattr(snakemake.resources, "mem_mb", None)),
     )
     print(json.dumps(stats, indent=2))
