@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-FORMAT = 1
+FORMAT = 2  # 2: optimizer entry = {inner torch state, bf16 master weights}; layout has vpp
 PREEMPTED_EXIT_CODE = 143
 """Exit status after a SIGTERM-triggered save (128 + SIGTERM, what a shell reports for a
 process SIGTERM killed): a wrapper or SLURM epilog can requeue on it. Under srun each rank
@@ -67,6 +67,7 @@ NOT_FINGERPRINTED = frozenset(
         "micro_batch_size",
         "tensor_model_parallel_size",
         "pipeline_model_parallel_size",
+        "virtual_pipeline_model_parallel_size",
     }
 )
 
@@ -193,6 +194,7 @@ def _ranks() -> dict[str, int]:
         "tp_rank": ps.get_tensor_model_parallel_rank(),
         "pp_rank": ps.get_pipeline_model_parallel_rank(),
         "dp_rank": ps.get_data_parallel_rank(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
     }
 
 
@@ -209,12 +211,13 @@ def _sharded_state(model_chunks, optimizer, *, data: bool, extra: dict[str, Any]
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     r = _ranks()
-    inner = getattr(optimizer, "optimizer", optimizer)
+    from flanpipe.optim import optimizer_state
+
     n = len(model_chunks)
     state: dict[str, Any] = {_model_key(i, n): _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
     state["optimizer"] = ShardedObject(
         "optimizer",
-        inner.state_dict() if data else None,
+        optimizer_state(optimizer) if data else None,
         (r["pp"], r["tp"]),
         (r["pp_rank"], r["tp_rank"]),
         replica_id=r["dp_rank"],  # identical on every DP rank: one copy written
@@ -238,7 +241,7 @@ def _sharded_state(model_chunks, optimizer, *, data: bool, extra: dict[str, Any]
 
 def layout() -> dict[str, int]:
     r = _ranks()
-    return {"tp": r["tp"], "pp": r["pp"], "dp": r["dp"]}
+    return {"tp": r["tp"], "pp": r["pp"], "dp": r["dp"], "vpp": r["vpp"]}
 
 
 def save(
@@ -306,6 +309,8 @@ def load(path: str | os.PathLike[str], *, model_chunks, optimizer) -> tuple[dict
     """Restore model, optimizer and RNG state from ``path`` (collective); return (meta, history)."""
     from megatron.core import dist_checkpointing
 
+    from flanpipe.optim import load_optimizer_state
+
     path = Path(path)
     meta = read_meta(path)
     check_layout(meta, path)
@@ -313,8 +318,7 @@ def load(path: str | os.PathLike[str], *, model_chunks, optimizer) -> tuple[dict
     n = len(model_chunks)
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(state[_model_key(i, n)])
-    # The torch optimizer's own loader (FP32Optimizer's expects Megatron's param-group keys).
-    getattr(optimizer, "optimizer", optimizer).load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     set_rng_state(state["rng_state"])
     return meta, state["train_history"]
 

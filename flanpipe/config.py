@@ -101,6 +101,13 @@ def check_world(config: Mapping[str, Any], world: int, source: str = "training r
             f"{micro} x {dp} = {micro * dp} ({glob} % {micro * dp} = {glob % (micro * dp)}), where DP = world / "
             f"(TP x PP) = {world} / ({tp} x {pp}) = {dp} with world {world} from {source}"
         )
+    m = glob // (micro * dp)
+    if t.get("virtual_pipeline_model_parallel_size", 1) > 1 and m % pp:
+        raise ConfigError(
+            f"config key train.virtual_pipeline_model_parallel_size: the interleaved schedule needs the micro-batches "
+            f"per step, global / (micro x DP) = {glob} / ({micro} x {dp}) = {m}, to be a multiple of "
+            f"PP = {pp} (world {world} from {source})"
+        )
     return dp
 
 
@@ -150,6 +157,8 @@ def train_spec(
             "log_interval": t["log_interval"],
             "tensor_model_parallel_size": t["tensor_model_parallel_size"],
             "pipeline_model_parallel_size": t["pipeline_model_parallel_size"],
+            "virtual_pipeline_model_parallel_size": t["virtual_pipeline_model_parallel_size"],
+            "precision": t["precision"],
             "optimizer": t["optimizer"],
             "weight_decay": t["weight_decay"],
             "clip_grad": t["clip_grad"],

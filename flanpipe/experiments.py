@@ -297,13 +297,14 @@ def check_models(config: Mapping[str, Any], runs: Mapping[str, Run]) -> None:
     """
     t = config["train"]
     tp, pp = t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"]
+    vpp = t["virtual_pipeline_model_parallel_size"]
     models: dict[str, ModelConfig] = {}
     for model in sorted({r.model for r in runs.values()}):
         key = _model_key(config, model)
         cfg = models[model] = _load_model(model, key)
         path = resolve_config_path(model)
         try:
-            cfg.check_parallel(tp, pp)
+            cfg.check_parallel(tp, pp, vpp)
         except ValueError as e:
             detail = "; ".join(_parallel_arithmetic(cfg, tp, pp)) or str(e)
             raise PlanError(

@@ -98,10 +98,12 @@ class ModelConfig:
         if not self.init_method_std > 0:
             raise ValueError("init_method_std must be > 0")
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Raise ValueError unless this model splits evenly over TP x PP ranks."""
-        if tp < 1 or pp < 1:
-            raise ValueError(f"parallel sizes must be >= 1, got tp={tp} pp={pp}")
+    def check_parallel(self, tp: int, pp: int, vpp: int = 1) -> None:
+        """Raise ValueError unless this model splits evenly over TP x PP ranks (x VPP chunks per rank)."""
+        if tp < 1 or pp < 1 or vpp < 1:
+            raise ValueError(f"parallel sizes must be >= 1, got tp={tp} pp={pp} vpp={vpp}")
+        if vpp > 1 and pp < 2:
+            raise ValueError(f"virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size >= 2")
         for name, size in (
             ("num_attention_heads", self.num_attention_heads),
             ("ffn_hidden_size", self.ffn_hidden_size),
@@ -109,8 +111,11 @@ class ModelConfig:
         ):
             if size % tp:
                 raise ValueError(f"tensor_model_parallel_size={tp} must divide {name}={size}")
-        if self.num_layers % pp:
-            raise ValueError(f"pipeline_model_parallel_size={pp} must divide num_layers={self.num_layers}")
+        if self.num_layers % (pp * vpp):
+            what = f"pipeline_model_parallel_size={pp}" + (
+                f" x virtual_pipeline_model_parallel_size={vpp}" if vpp > 1 else ""
+            )
+            raise ValueError(f"{what} must divide num_layers={self.num_layers}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,8 +169,19 @@ def te_available() -> bool:
     return True
 
 
-def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, on_gpu: bool | None = None):
-    """Megatron TransformerConfig for ``cfg`` on a TP x PP grid.
+def transformer_config(
+    cfg: ModelConfig,
+    tp: int = 1,
+    pp: int = 1,
+    on_gpu: bool | None = None,
+    *,
+    vpp: int = 1,
+    bf16: bool = False,
+):
+    """Megatron TransformerConfig for ``cfg`` on a TP x PP grid (x VPP model chunks per PP rank).
+
+    ``bf16``: parameters, activations and pipeline messages in bfloat16; the optimizer keeps fp32
+    master weights (flanpipe.optim.BF16Optimizer) and DDP reduces gradients in fp32.
 
     Dropout is off: runs are short, and it keeps TP/PP runs bit-comparable with TP=1.
     Per-token loss: the schedule sums token losses and finalize_model_grads divides by the
@@ -174,8 +190,9 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, on_gpu: bool 
     """
     from megatron.core.transformer import TransformerConfig
 
-    cfg.check_parallel(tp, pp)
+    cfg.check_parallel(tp, pp, vpp)
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    dtype = torch.bfloat16 if bf16 else torch.float32
     extra = {} if on_gpu else megatron_compat.cpu_transformer_overrides()
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -192,8 +209,10 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, on_gpu: bool 
         add_bias_linear=True,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        pipeline_dtype=torch.float32,
-        params_dtype=torch.float32,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        bf16=bf16,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
         calculate_per_token_loss=True,
         **extra,
     )
@@ -208,8 +227,11 @@ def model_provider(
     pp: int = 1,
     use_te: bool | None = None,
     vp_stage: int | None = None,
+    vpp: int = 1,
+    bf16: bool = False,
 ):
-    """Build this rank's GPTModel stage (embedding on the first stage, output layer on the last).
+    """Build this rank's GPTModel stage (embedding on the first stage, output layer on the last);
+    with ``vpp`` > 1, its model chunk ``vp_stage`` (layers interleaved over the PP ranks).
 
     Layer spec: Transformer Engine when importable on a GPU (``use_te=None`` decides), else
     Megatron's local spec, which takes the dense block-diagonal mask packed rows need.
@@ -222,7 +244,7 @@ def model_provider(
 
     megatron_compat.apply()
     use_te = te_available() if use_te is None else use_te
-    config = transformer_config(cfg, tp, pp)
+    config = transformer_config(cfg, tp, pp, vpp=vpp, bf16=bf16)
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
@@ -269,20 +291,38 @@ def init_single_process() -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(0)
 
 
-def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike[str]) -> None:
-    """Save model weights with dist_checkpointing (every rank writes its shards; collective)."""
+def _chunks_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """One sharded state dict for a rank's model chunks. Their sharded tensors carry global layer
+    numbers, so what one layout saves another loads; dist_checkpointing checks that all ranks together
+    touch every shard exactly once, so a rank's chunks must be saved and loaded in one call."""
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_checkpoint(model: torch.nn.Module | list[torch.nn.Module], ckpt_dir: str | os.PathLike[str]) -> None:
+    """Save model weights with dist_checkpointing (every rank writes its shards; collective).
+
+    A list is the model chunks of an interleaved pipeline; the checkpoint loads into one unsplit model
+    (or any other layout) all the same.
+    """
     from megatron.core import dist_checkpointing
 
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+    dist_checkpointing.save(_chunks_state(model if isinstance(model, list) else [model]), str(ckpt_dir))
 
 
-def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike[str]) -> None:
-    """Load weights saved under any TP/PP layout into ``model`` (collective)."""
+def load_checkpoint(model: torch.nn.Module | list[torch.nn.Module], ckpt_dir: str | os.PathLike[str]) -> None:
+    """Load weights saved under any TP/PP layout into ``model`` or a rank's model chunks (collective)."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    model.load_state_dict(state)
+    chunks = model if isinstance(model, list) else [model]
+    state = dist_checkpointing.load(_chunks_state(chunks), str(ckpt_dir))
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state)
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(state[f"model{i}"])
 
 
 class Scorer:

@@ -280,6 +280,52 @@ def _param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list
     ]
 
 
+def _bf16_optimizer_class():
+    """Megatron's mixed-precision optimizer with a device-neutral constructor (built lazily: Megatron
+    is imported only when training starts)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, MixedPrecisionOptimizer
+
+    class BF16Optimizer(Float16OptimizerWithFloat16Params):
+        """bf16 model parameters, fp32 master weights the inner optimizer steps on.
+
+        Megatron's ``Float16OptimizerWithFloat16Params`` does the work each step (DDP's fp32
+        ``main_grad`` -> master ``.grad``, model-parallel grad norm and clipping on the masters, inner
+        step, masters -> bf16 params); only its constructor is replaced, because it recognises bf16
+        parameters by their CUDA type name and so rejects a CPU run. This one sorts parameters by
+        dtype and builds the same three group lists. No loss scaling: bf16 has fp32's range.
+        """
+
+        def __init__(self, optimizer: torch.optim.Optimizer, config: Any) -> None:
+            MixedPrecisionOptimizer.__init__(self, optimizer, config, None, None)
+            self.float16_groups, self.fp32_from_float16_groups, self.fp32_from_fp32_groups = [], [], []
+            for group in self.optimizer.param_groups:
+                low, master, full = [], [], []
+                for i, param in enumerate(group["params"]):
+                    if not param.requires_grad:
+                        continue
+                    if param.dtype == torch.float32:
+                        full.append(param)
+                        continue
+                    if param.dtype != torch.bfloat16:
+                        raise TypeError(f"bf16 training: parameter of dtype {param.dtype}, expected bf16 or fp32")
+                    main = param.detach().clone().float()
+                    # Adafactor's TP reductions read these attributes from the tensor it steps on
+                    tensor_parallel.copy_tensor_model_parallel_attributes(main, param)
+                    if hasattr(param, "shared"):
+                        main.shared = param.shared
+                    group["params"][i] = main
+                    param.main_param = main
+                    low.append(param)
+                    master.append(main)
+                self.float16_groups.append(low)
+                self.fp32_from_float16_groups.append(master)
+                self.fp32_from_fp32_groups.append(full)
+            self.is_stub_optimizer = False
+
+    return BF16Optimizer
+
+
 def build_optimizer(
     model_chunks: Iterable[torch.nn.Module],
     *,
@@ -287,10 +333,12 @@ def build_optimizer(
     weight_decay: float = 0.0,
     clip_grad: float = 1.0,
     optimizer: str = "adafactor",
+    bf16: bool = False,
 ):
     """Wrap a torch optimizer over every trainable parameter of this rank's model chunks.
 
     ``clip_grad`` > 0 clips by the global grad norm (over all TP/PP ranks); 0 disables clipping.
+    ``bf16``: the model's parameters are bf16; the optimizer keeps and updates fp32 master copies.
     """
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer.optimizer import FP32Optimizer
@@ -313,9 +361,39 @@ def build_optimizer(
         lr=lr,
         weight_decay=weight_decay,
         clip_grad=clip_grad,
-        params_dtype=torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
     )
+    if bf16:
+        return _bf16_optimizer_class()(inner, config)
     return FP32Optimizer(inner, config, init_state_fn=None)
+
+
+def master_weights(optimizer) -> list[list[torch.Tensor]] | None:
+    """The fp32 master copies of a bf16 run's parameters (None in fp32 runs)."""
+    return getattr(optimizer, "fp32_from_float16_groups", None)
+
+
+def optimizer_state(optimizer) -> dict[str, Any]:
+    """What a resumable checkpoint needs of the optimizer: the torch optimizer's state and, in bf16,
+    the fp32 master weights (rounding them from the bf16 parameters would lose the low bits)."""
+    masters = master_weights(optimizer)
+    return {
+        "inner": getattr(optimizer, "optimizer", optimizer).state_dict(),
+        "master_weights": [[p.detach().clone() for p in g] for g in masters] if masters is not None else None,
+    }
+
+
+def load_optimizer_state(optimizer, state: dict[str, Any]) -> None:
+    """Inverse of ``optimizer_state`` (the torch optimizer's own loader: FP32Optimizer's expects
+    Megatron's param-group keys)."""
+    getattr(optimizer, "optimizer", optimizer).load_state_dict(state["inner"])
+    masters = master_weights(optimizer)
+    if (masters is None) != (state["master_weights"] is None):
+        raise RuntimeError("checkpoint and run disagree on bf16 master weights: train.precision changed")
+    for group, saved in zip(masters or [], state["master_weights"] or [], strict=True):
+        for param, value in zip(group, saved, strict=True):
+            param.data.copy_(value)
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -62,6 +62,9 @@ from flanpipe.optim import build_optimizer, lr_at, set_lr
 megatron_compat.quiet_warnings()  # before Megatron is first imported (it warns at import)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The ``train`` block of train_spec.json."""
@@ -95,6 +98,16 @@ class TrainConfig:
 
     pipeline_model_parallel_size: int = 1
     """PP: layers split into this many stages (1F1B schedule)."""
+
+    virtual_pipeline_model_parallel_size: int = 1
+    """Model chunks per PP rank (> 1: Megatron's interleaved 1F1B). Each rank holds ``vpp`` chunks of
+    num_layers / (pp x vpp) layers, round-robin over the ranks, which cuts the pipeline bubble from
+    (pp - 1) / m to (pp - 1) / (vpp x m) for m micro-batches, at vpp x the p2p traffic. Needs the
+    micro-batches per step to be a multiple of pp."""
+
+    precision: str = "fp32"
+    """fp32, or bf16: bf16 parameters and activations, fp32 master weights in the optimizer and fp32
+    gradient reduction (Megatron's mixed precision; what a GPU run uses)."""
 
     optimizer: str = "adafactor"
     """adafactor (FLAN) or adam (AdamW)."""
@@ -139,6 +152,10 @@ class TrainConfig:
             raise ValueError("train.save_interval must be >= 0")
         if not self.peak_tflops > 0:
             raise ValueError("train.peak_tflops must be > 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.virtual_pipeline_model_parallel_size < 1:
+            raise ValueError("train.virtual_pipeline_model_parallel_size must be >= 1")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"global_batch_size={self.global_batch_size} must be a multiple of "
@@ -163,6 +180,8 @@ class Layout:
     dp: int
     accumulation: int
     """Micro-batches per rank per step = global_batch / (micro_batch x dp)."""
+    vpp: int = 1
+    """Model chunks per PP rank (interleaved schedule when > 1)."""
 
 
 def plan_layout(train: TrainConfig, model: ModelConfig, world: int) -> Layout:
@@ -171,7 +190,8 @@ def plan_layout(train: TrainConfig, model: ModelConfig, world: int) -> Layout:
     global_batch = micro_batch x dp x accumulation, with dp = world / (tp x pp).
     """
     tp, pp = train.tensor_model_parallel_size, train.pipeline_model_parallel_size
-    model.check_parallel(tp, pp)
+    vpp = train.virtual_pipeline_model_parallel_size
+    model.check_parallel(tp, pp, vpp)
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
     dp = world // (tp * pp)
@@ -183,9 +203,16 @@ def plan_layout(train: TrainConfig, model: ModelConfig, world: int) -> Layout:
         )
     accumulation = train.global_batch_size // per_step
     assert train.global_batch_size == train.micro_batch_size * dp * accumulation
+    if vpp > 1 and accumulation % pp:
+        # Megatron's interleaved schedule runs micro-batches in groups of pp per model chunk
+        raise ValueError(
+            f"virtual pipeline: micro-batches per step ({accumulation} = global_batch_size "
+            f"{train.global_batch_size} / (micro_batch_size {train.micro_batch_size} x dp {dp})) must be "
+            f"a multiple of pipeline_model_parallel_size={pp}"
+        )
     if train.seq_length > model.max_position_embeddings:
         raise ValueError(f"seq_length={train.seq_length} > max_position_embeddings={model.max_position_embeddings}")
-    return Layout(world=world, tp=tp, pp=pp, dp=dp, accumulation=accumulation)
+    return Layout(world=world, tp=tp, pp=pp, dp=dp, accumulation=accumulation, vpp=vpp)
 
 
 def parse_spec(spec: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
@@ -216,7 +243,7 @@ def flops_per_token(cfg: ModelConfig, seq_length: int) -> int:
     return 6 * n_matmul + 12 * cfg.num_layers * d_attn * seq_length
 
 
-def init_distributed(tp: int, pp: int) -> None:
+def init_distributed(tp: int, pp: int, vpp: int = 1) -> None:
     """torch.distributed from the torchrun env (a 1-process group without it) + Megatron groups.
 
     gloo on CPU, nccl on GPU. An existing group is reused; Megatron's model-parallel state is
@@ -242,19 +269,27 @@ def init_distributed(tp: int, pp: int) -> None:
         same = (
             parallel_state.get_tensor_model_parallel_world_size() == tp
             and parallel_state.get_pipeline_model_parallel_world_size() == pp
+            and (parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1) == vpp
         )
         if same:
             return
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+    )
 
 
 def build_model(cfg: ModelConfig, train: TrainConfig, *, load_init: bool = True) -> list[torch.nn.Module]:
-    """This rank's pipeline stage, seeded like Megatron, in Megatron's DDP (a list of one chunk).
+    """This rank's model chunks, seeded like Megatron, each in Megatron's DDP: one chunk (its pipeline
+    stage), or ``vpp`` chunks for the interleaved schedule.
 
     DDP even at DP=1: its contiguous grad buffers are what finalize_model_grads all-reduces over
-    DP and rescales by the global token count. ``load_init=False`` skips train.init_checkpoint
-    (a resumed run's weights come from its own checkpoint).
+    DP and rescales by the global token count. In bf16 each chunk sits in Megatron's Float16Module
+    (casts the first stage's float inputs to bf16 and the last stage's output back to fp32).
+    ``load_init=False`` skips train.init_checkpoint (a resumed run's weights come from its own
+    checkpoint).
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import (
@@ -263,6 +298,7 @@ def build_model(cfg: ModelConfig, train: TrainConfig, *, load_init: bool = True)
         finalize_model_grads,
     )
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import Float16Module
 
     # Megatron seeds each pipeline stage differently (seed + 100 x pp_rank) so that stages do not
     # draw identical initial layers from the same generator state.
@@ -270,35 +306,48 @@ def build_model(cfg: ModelConfig, train: TrainConfig, *, load_init: bool = True)
     torch.manual_seed(train.seed + 100 * pp_rank)
     model_parallel_cuda_manual_seed(train.seed + 100 * pp_rank)
 
-    model = model_provider(
-        cfg,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        tp=train.tensor_model_parallel_size,
-        pp=train.pipeline_model_parallel_size,
-    )
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    if train.init_checkpoint and load_init:
-        init_dir = Path(train.init_checkpoint)
-        if load_model_config(init_dir / "model.json") != cfg:
-            raise ValueError(f"{init_dir}/model.json differs from this run's model config")
-        load_checkpoint(model, init_dir / "checkpoint")
-
-    config = model.config
+    vpp = train.virtual_pipeline_model_parallel_size
+    bf16 = train.precision == "bf16"
+    init_dir = Path(train.init_checkpoint) if train.init_checkpoint and load_init else None
+    if init_dir is not None and load_model_config(init_dir / "model.json") != cfg:
+        raise ValueError(f"{init_dir}/model.json differs from this run's model config")
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=False,
         check_for_nan_in_grad=False,
     )
-    ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    ddp_model.flanpipe_uses_te = model.flanpipe_uses_te
-    # Hooks the schedules call: skip the DP grad sync on all but the last micro-batch, then sync,
-    # all-reduce embedding/layernorm grads and divide by the global target-token count.
-    config.no_sync_func = ddp_model.no_sync
+    models = [
+        model_provider(
+            cfg,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            tp=train.tensor_model_parallel_size,
+            pp=train.pipeline_model_parallel_size,
+            vp_stage=vp_stage,
+            vpp=vpp,
+            bf16=bf16,
+        )
+        for vp_stage in (range(vpp) if vpp > 1 else [None])
+    ]
+    if torch.cuda.is_available():
+        for model in models:
+            model.cuda(torch.cuda.current_device())
+    if init_dir is not None:  # fp32 or bf16 weights load into either (dist_checkpointing casts)
+        load_checkpoint(models, init_dir / "checkpoint")
+    chunks = []
+    for model in models:
+        wrapped = Float16Module(model.config, model) if bf16 else model
+        ddp_model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=wrapped)
+        ddp_model.flanpipe_uses_te = model.flanpipe_uses_te
+        chunks.append(ddp_model)
+    # Hooks the schedules call (they read chunk 0's config): skip the DP grad sync on all but the
+    # last micro-batch, then sync, all-reduce embedding/layernorm grads and divide by the global
+    # target-token count.
+    config = chunks[0].config
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
-    return [ddp_model]
+    return chunks
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -366,11 +415,18 @@ def _resume_point(ckpt_dir: Path, fingerprint: str, steps: int) -> Path | None:
     if path is None:
         return None
     meta = checkpointing.read_meta(path)
-    if meta["fingerprint"] == fingerprint and meta["step"] <= steps:
+    current = meta.get("format") == checkpointing.FORMAT
+    if current and meta["fingerprint"] == fingerprint and meta["step"] <= steps:
         return path
     dist.barrier()  # every rank has read the metadata before rank 0 deletes it
     if dist.get_rank() == 0:
-        why = "another spec" if meta["fingerprint"] != fingerprint else f"step {meta['step']} > steps {steps}"
+        why = (
+            f"checkpoint format {meta.get('format')}, this flanpipe writes {checkpointing.FORMAT}"
+            if not current
+            else "another spec"
+            if meta["fingerprint"] != fingerprint
+            else f"step {meta['step']} > steps {steps}"
+        )
         print(f"flanpipe.train: removing stale checkpoints in {ckpt_dir} ({path.name}: {why})", flush=True)
         checkpointing.remove_checkpoints(ckpt_dir)
     dist.barrier()
@@ -409,7 +465,7 @@ def train(
     cfg, tc = parse_spec(spec)
     world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     layout = plan_layout(tc, cfg, world)
-    init_distributed(layout.tp, layout.pp)
+    init_distributed(layout.tp, layout.pp, layout.vpp)
     rank = dist.get_rank()
     out_dir = Path(out_dir)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else checkpointing.default_ckpt_dir(out_dir)
@@ -423,7 +479,12 @@ def train(
     model = build_model(cfg, tc, load_init=resume is None)
     uses_te = bool(model[0].flanpipe_uses_te)
     optimizer = build_optimizer(
-        model, lr=tc.lr, weight_decay=tc.weight_decay, clip_grad=tc.clip_grad, optimizer=tc.optimizer
+        model,
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        clip_grad=tc.clip_grad,
+        optimizer=tc.optimizer,
+        bf16=tc.precision == "bf16",
     )
     # What a checkpoint carries besides model/optimizer/RNG: rank 0's log so far and the totals
     # done.json needs, so that a resumed run reports the whole run.
@@ -435,15 +496,21 @@ def train(
         assert meta["consumed_samples"] == start_step * tc.global_batch_size, meta
     # Data position: step t reads global samples [t*G, (t+1)*G), so a resumed run continues the
     # same stream at consumed_samples = start_step x global_batch_size.
-    batches = batch_iterator(
-        dataset,
-        seed=tc.seed,
-        global_batch_size=tc.global_batch_size,
-        micro_batch_size=tc.micro_batch_size,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-        consumed_samples=start_step * tc.global_batch_size,
-    )
+    # The interleaved schedule wants one iterator per model chunk: each chunk reads every micro-batch
+    # in order, so they are identical streams.
+    streams = [
+        batch_iterator(
+            dataset,
+            seed=tc.seed,
+            global_batch_size=tc.global_batch_size,
+            micro_batch_size=tc.micro_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(),
+            consumed_samples=start_step * tc.global_batch_size,
+        )
+        for _ in model
+    ]
+    batches = streams if len(model) > 1 else streams[0]
     forward_backward = get_forward_backward_func()
     # The pipeline schedule's p2p buffers are [seq, micro_batch, hidden]; THD flattens a micro-batch.
     p2p_seq, p2p_mb = (tc.seq_length * tc.micro_batch_size, 1) if uses_te else (tc.seq_length, tc.micro_batch_size)
@@ -476,7 +543,8 @@ def train(
         print(
             f"flanpipe.train: {param_count(cfg):,} params ({h.num_layers} layers, hidden {h.hidden_size},"
             f" {h.num_attention_heads} heads) | world {layout.world} = TP {layout.tp} x PP {layout.pp}"
-            f" x DP {layout.dp} | {len(dataset):,} packed rows\n"
+            f" x DP {layout.dp}{f' (VPP {layout.vpp} chunks per PP rank)' if layout.vpp > 1 else ''}"
+            f" | {tc.precision} | {len(dataset):,} packed rows\n"
             f"flanpipe.train: global batch {tc.global_batch_size} rows = micro {tc.micro_batch_size}"
             f" x DP {layout.dp} x accumulation {layout.accumulation}; {tc.global_batch_size} rows"
             f" x {tc.seq_length:,} tokens = {tokens_per_step:,}-token global batches;"
@@ -589,7 +657,7 @@ def train(
     if rank == 0 and ckpt_out.exists():
         shutil.rmtree(ckpt_out)
     dist.barrier()
-    save_checkpoint(model[0].module, ckpt_out)
+    save_checkpoint([chunk.module for chunk in model], ckpt_out)
     dist.barrier()
 
     stats = {
@@ -608,7 +676,9 @@ def train(
         "world_size": layout.world,
         "tensor_model_parallel_size": layout.tp,
         "pipeline_model_parallel_size": layout.pp,
+        "virtual_pipeline_model_parallel_size": layout.vpp,
         "data_parallel_size": layout.dp,
+        "precision": tc.precision,
         "accumulation_steps": layout.accumulation,
         "global_batch_size": tc.global_batch_size,
         "micro_batch_size": tc.micro_batch_size,

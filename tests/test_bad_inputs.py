@@ -661,6 +661,11 @@ def test_world_must_be_tp_x_pp_x_dp(tmp_path: Path) -> None:
         e.value
     )
     assert "DP = world / (TP x PP) = 12 / (2 x 2) = 3" in str(e.value)
+    # interleaved: 8 rows / (micro 2 x DP 2) = 2 micro-batches, a multiple of PP 2: fine; at DP 4: 1, not
+    interleaved = validate_config({**cfg, "train": {**cfg["train"], "virtual_pipeline_model_parallel_size": 2}})
+    assert check_world(interleaved, 8) == 2
+    with pytest.raises(ConfigError, match=r"virtual_pipeline_model_parallel_size: .* 8 / \(2 x 4\) = 1, .* PP = 2"):
+        check_world(interleaved, 16)
 
 
 def test_dag_build_checks_world_from_the_profile(tmp_path: Path) -> None:

@@ -173,7 +173,7 @@ def test_sigterm_saves_exits_143_and_resumes(tmp_path, megatron_packed_dir, refe
     assert not (out / "done.json").exists() and not checkpointing.default_ckpt_dir(out).exists()
     meta = checkpointing.read_meta(latest)
     assert meta["consumed_samples"] == stopped_at * spec["train"]["global_batch_size"]
-    assert meta["layout"] == {"tp": TP, "pp": 1, "dp": 1}
+    assert meta["layout"] == {"tp": TP, "pp": 1, "dp": 1, "vpp": 1}
 
     procs = launch_ranks(argv, TP)  # the same command again
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -231,7 +231,7 @@ def test_layout_change_refuses_optimizer_state(tmp_path, reference):
 
     init_single_process()
     meta = checkpointing.read_meta(checkpointing.latest_checkpoint(checkpointing.default_ckpt_dir(reference)))
-    assert meta["layout"] == {"tp": TP, "pp": 1, "dp": 1}
+    assert meta["layout"] == {"tp": TP, "pp": 1, "dp": 1, "vpp": 1}
     with pytest.raises(RuntimeError, match="cannot be resharded"):
         checkpointing.check_layout(meta, tmp_path)
-    checkpointing.check_layout({**meta, "layout": {"tp": 1, "pp": 1, "dp": 1}}, tmp_path)  # same layout: fine
+    checkpointing.check_layout({**meta, "layout": {"tp": 1, "pp": 1, "dp": 1, "vpp": 1}}, tmp_path)  # same layout: fine

@@ -250,11 +250,14 @@ def global_batch_loss(model, data_dir: Path, step: int) -> float:
     return loss_sum / tokens
 
 
-@pytest.mark.parametrize(("name", "tp", "pp"), [("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)])
-def test_two_rank_layouts_match_single_rank(
-    name, tp, pp, tmp_path_factory, megatron_packed_dir, megatron_init_run, megatron_tp1_run
+@pytest.mark.parametrize(
+    ("name", "tp", "pp", "nproc"), [("tp2", 2, 1, 2), ("pp2", 1, 2, 2), ("dp2", 1, 1, 2), ("tp2pp2", 2, 2, 4)]
+)
+def test_multi_rank_layouts_match_single_rank(
+    name, tp, pp, nproc, tmp_path_factory, megatron_packed_dir, megatron_init_run, megatron_tp1_run
 ):
-    """Same start, same data: TP=2 / PP=2 / DP=2 reproduce the 1-rank losses and weights.
+    """Same start, same data: TP=2 / PP=2 / DP=2 / TP=2 x PP=2 (4 processes on 2 cores: slow, not
+    wrong) reproduce the 1-rank losses and weights.
 
     Three steps, so the optimizer state matters: Adafactor's factored statistics are reduced
     over the TP group (flanpipe.optim), so TP=2 matches too (torch.optim.Adafactor drifted
@@ -270,8 +273,8 @@ def test_two_rank_layouts_match_single_rank(
         init_checkpoint=str(megatron_init_run[2]),
     )
     out = tmp_path_factory.mktemp(name) / "run"
-    done = torchrun(2, spec, megatron_packed_dir, out)
-    assert done["world_size"] == 2 and done["data_parallel_size"] == (2 if name == "dp2" else 1)
+    done = torchrun(nproc, spec, megatron_packed_dir, out)
+    assert done["world_size"] == nproc and done["data_parallel_size"] == (2 if name == "dp2" else 1)
     reference = read_log(megatron_tp1_run[1])
     log = read_log(out)
     for step in range(3):
@@ -293,3 +296,99 @@ def test_two_rank_layouts_match_single_rank(
     model = model_provider(cfg)
     load_model_weights(model, out.with_name("run.ckpt") / "iter_0000002")
     assert abs(global_batch_loss(model, megatron_packed_dir, step=2) - log[2]["loss"]) < 1e-6
+
+
+# --------------------------------------------------------------------------- interleaved pipeline
+
+MODEL4 = {**MODEL, "num_layers": 4}  # PP=2 x VPP=2: four chunks of one layer
+
+
+def test_interleaved_pipeline_matches_single_rank(tmp_path_factory, megatron_packed_dir):
+    """PP=2 with 2 model chunks per rank (Megatron's interleaved 1F1B: rank 0 holds layers 0 and 2,
+    rank 1 layers 1 and 3) reproduces the 1-rank run from the same weights: losses, grad norms,
+    and the final weights, gathered by loading the interleaved checkpoint into one unsplit model."""
+    from flanpipe.checkpointing import load_model_weights
+
+    base = tmp_path_factory.mktemp("vpp")
+    init_spec = {"model": dict(MODEL4), "train": {**TRAIN, "steps": 1}}
+    train(init_spec, megatron_packed_dir, base / "init")  # in-process: the shared starting weights
+    spec = {"model": dict(MODEL4), "train": {**TRAIN, "steps": 3, "init_checkpoint": str(base / "init")}}
+    torchrun(1, spec, megatron_packed_dir, base / "ref")
+    interleaved = {
+        **spec,
+        "train": {**spec["train"], "pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
+    }
+    done = torchrun(2, interleaved, megatron_packed_dir, base / "vpp")
+    assert done["virtual_pipeline_model_parallel_size"] == 2 and done["pipeline_model_parallel_size"] == 2
+    ref, log = read_log(base / "ref"), read_log(base / "vpp")
+    for step in range(3):
+        assert abs(log[step]["loss"] - ref[step]["loss"]) < 1e-5, (step, log[step], ref[step])
+        assert abs(log[step]["grad_norm"] - ref[step]["grad_norm"]) < 1e-4
+    ours = full_weights(load_scorer(base / "vpp").model.state_dict())
+    theirs = full_weights(load_scorer(base / "ref").model.state_dict())
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-5
+    # the resumable checkpoint holds both chunks per rank: its weights load unsplit too
+    model = model_provider(ModelConfig(**MODEL4))
+    load_model_weights(model, base / "vpp.ckpt" / "iter_0000003")
+    got = full_weights(model.state_dict())
+    assert max((got[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-5
+
+
+def test_interleaved_layout_arithmetic_is_checked() -> None:
+    from flanpipe.train import Layout
+
+    cfg4 = ModelConfig(**MODEL4)
+    tc = TrainConfig.from_dict({**TRAIN, "pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2})
+    assert plan_layout(tc, cfg4, 2) == Layout(world=2, tp=1, pp=2, dp=1, accumulation=2, vpp=2)
+    with pytest.raises(ValueError, match="x virtual_pipeline_model_parallel_size=2 must divide num_layers=2"):
+        plan_layout(tc, ModelConfig(**MODEL), 2)
+    # 8 rows / (micro 4 x dp 1) = 2 micro-batches: fine for pp 2; micro 8 -> 1, not a multiple of 2
+    one_mb = TrainConfig.from_dict({**tc.__dict__, "micro_batch_size": 8})
+    with pytest.raises(ValueError, match=r"micro-batches per step \(1 = .*multiple of pipeline_model_parallel_size=2"):
+        plan_layout(one_mb, cfg4, 2)
+    no_pp = TrainConfig.from_dict({**TRAIN, "virtual_pipeline_model_parallel_size": 2})
+    with pytest.raises(ValueError, match="needs pipeline_model_parallel_size >= 2"):
+        plan_layout(no_pp, cfg4, 1)
+
+
+# --------------------------------------------------------------------------- bf16
+
+
+def test_bf16_trains_with_fp32_master_weights_and_resumes_exactly(tmp_path, megatron_packed_dir, megatron_init_run):
+    """bf16 mixed precision, as on a GPU (bf16 parameters and activations, fp32 master weights in the
+    optimizer, fp32 grad reduction), run on the CPU: it follows the fp32 run to bf16 accuracy, its
+    optimizer steps on fp32 masters, and a run stopped at step 2 and continued to 4 ends bitwise
+    equal to an uninterrupted one (the masters are in the checkpoint)."""
+    from flanpipe.checkpointing import load_model_weights
+    from flanpipe.optim import master_weights
+
+    init = str(megatron_init_run[2])
+    spec = make_spec(steps=4, precision="bf16", init_checkpoint=init)
+    model, stats = train(spec, megatron_packed_dir, tmp_path / "bf16")
+    assert stats["precision"] == "bf16"
+    params = list(model[0].parameters())
+    assert params and all(p.dtype == torch.bfloat16 for p in params)
+    _, fp32 = train(make_spec(steps=4, init_checkpoint=init), megatron_packed_dir, tmp_path / "fp32")
+    ref, log = read_log(tmp_path / "fp32"), read_log(tmp_path / "bf16")
+    for a, b in zip(ref, log, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 0.02 * a["loss"], (a, b)  # bf16 keeps 8 mantissa bits
+    assert log[-1]["loss"] < log[0]["loss"]
+
+    # interrupted at 2 then continued (more steps keep the fingerprint: the run resumes)
+    train({**spec, "train": {**spec["train"], "steps": 2}}, megatron_packed_dir, tmp_path / "split")
+    resumed, stats2 = train(spec, megatron_packed_dir, tmp_path / "split")
+    assert stats2["resumed_from_step"] == 2
+    whole = {k: v for k, v in model[0].module.state_dict().items() if isinstance(v, torch.Tensor)}
+    parts = {k: v for k, v in resumed[0].module.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+
+    # the masters are fp32 and not the bf16 weights rounded back: they carry the low bits
+    from flanpipe.optim import build_optimizer
+
+    opt = build_optimizer(resumed, lr=1e-2, bf16=True)
+    masters = [p for g in master_weights(opt) for p in g]
+    assert masters and all(p.dtype == torch.float32 for p in masters)
+    fresh = model_provider(ModelConfig(**MODEL))  # fp32 model: the bf16 checkpoint loads into it
+    load_model_weights(fresh, tmp_path / "split.ckpt" / "iter_0000004")
+    assert all(v.dtype == torch.float32 for v in full_weights(fresh.state_dict()).values())
