@@ -167,3 +167,28 @@ def test_packed_forward_matches_separate_examples(position_embedding_type):
             alone = model(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)
             cols = torch.from_numpy(segments[0] == seg)
             assert (packed[0, cols] - alone[0]).abs().max().item() < 1e-5
+
+
+def test_thd_packing_metadata_lets_each_token_see_what_the_dense_mask_does():
+    """The GPU (Transformer Engine) path replaces the dense block-diagonal mask with THD cu_seqlens
+    over the flattened micro-batch. Causal attention within each [cu[k], cu[k+1]) interval must give
+    every real token exactly the keys the CPU mask gives it (pads, which carry no loss, may differ)."""
+    from flanpipe.data import packed_seq_params
+
+    b, s = SEGMENTS.shape
+    params = packed_seq_params(SEGMENTS)
+    cu = params.cu_seqlens_q
+    assert params.qkv_format == "thd" and torch.equal(cu, params.cu_seqlens_kv) and cu.dtype == torch.int32
+    assert int(cu[0]) == 0 and int(cu[-1]) == b * s and bool((cu[1:] > cu[:-1]).all())
+    assert params.max_seqlen_q == int((cu[1:] - cu[:-1]).max())
+    seq_of = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())
+    flat = torch.arange(b * s)
+    thd_allowed = (seq_of[:, None] == seq_of[None, :]) & (flat[None, :] <= flat[:, None])
+    dense_allowed = ~attention_mask(SEGMENTS)[:, 0]  # [b, s, s]
+    for r in range(b):
+        for i in range(s):
+            if int(SEGMENTS[r, i]) == 0:
+                continue
+            row = thd_allowed[r * s + i].reshape(b, s)
+            assert not row[torch.arange(b) != r].any(), "a THD sequence never crosses rows"
+            assert torch.equal(row[r], dense_allowed[r, i]), (r, i)
