@@ -34,7 +34,9 @@ ASSUMPTIONS = [
     "TP shards every parameter (norms and row-parallel biases are replicated in reality: a few MB)",
     "activations: Korthikanti et al. 2022 per-layer bytes, bf16, sequence parallelism on (divided by TP); "
     "selective recompute drops the 5*a*s^2*b attention-core term",
-    "1F1B: pipeline stage i holds min(PP - i, m) micro-batches in flight; the first stage is the worst",
+    "1F1B: pipeline stage i holds min(PP - i, m) micro-batches in flight; the first stage is the worst; "
+    "interleaved (VPP chunks of L/(PP*VPP) layers): min(2*(PP-i-1) + (VPP-1)*PP + 1, VPP*m) chunk micro-batches, "
+    "bubble (PP-1)/(VPP*m + PP-1); offered where m is a multiple of PP (Megatron's requirement)",
     "step time = (model FLOPs + recompute FLOPs) / (gpus * peak * MFU) / (1 - bubble); "
     "TP/PP/DP communication is folded into MFU, not modelled",
     "model FLOPs = 6 * N * tokens + 12 * L * s * (heads * head_dim) * tokens (N excludes the input embedding "
@@ -101,6 +103,8 @@ class Layout:
     dp: int
     micro_batch_size: int
     recompute: str = "none"
+    vpp: int = 1
+    """Model chunks per PP rank (Megatron's interleaved 1F1B when > 1)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,15 +137,17 @@ def num_microbatches(rows: int, micro_batch_size: int, dp: int) -> int:
     return rows // per_pass
 
 
-def bubble_fraction(pp: int, m: int) -> float:
-    """Idle fraction of a 1F1B step: (PP - 1) / (m + PP - 1).
+def bubble_fraction(pp: int, m: int, vpp: int = 1) -> float:
+    """Idle fraction of a 1F1B step: (PP - 1) / (VPP x m + PP - 1).
 
     Each stage does m forward+backward slots of useful work but waits PP - 1 slots while the
-    pipeline fills and drains, e.g. PP=4, m=8: 3 / 11 = 27% idle.
+    pipeline fills and drains, e.g. PP=4, m=8: 3 / 11 = 27% idle. Interleaving (VPP chunks per
+    rank) makes each slot VPP times shorter while the fill/drain stays PP - 1 of the short slots
+    (Narayanan et al. 2021): PP=4, m=8, VPP=2: 3 / 19 = 16%.
     """
-    if pp < 1 or m < 1:
-        raise ValueError(f"need pp >= 1 and m >= 1, got {pp}, {m}")
-    return (pp - 1) / (m + pp - 1)
+    if pp < 1 or m < 1 or vpp < 1:
+        raise ValueError(f"need pp >= 1, m >= 1 and vpp >= 1, got {pp}, {m}, {vpp}")
+    return (pp - 1) / (vpp * m + pp - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +258,14 @@ def in_flight_microbatches(pp: int, m: int, stage: int) -> int:
     return min(pp - stage, m)
 
 
+def in_flight_chunks(pp: int, m: int, stage: int, vpp: int) -> int:
+    """Interleaved warm-up (Megatron's schedule): rank i runs 2 (PP - i - 1) + (VPP - 1) PP forwards of
+    one-chunk micro-batches before its first backward, + 1 in flight, at most VPP x m. Each chunk is
+    L / (PP x VPP) layers, so rank 0 holds 1 + (PP - 1) / (PP x VPP) times the 1F1B activations
+    (PP=4, VPP=2: 11 chunks of L/8 layers = 1.375 x 4 micro-batches of L/4)."""
+    return min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, vpp * m)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory per GPU
 
@@ -273,7 +287,11 @@ def stage_memory_bytes(
         gated=cfg.gated_linear_unit,
         recompute=layout.recompute,
     )
-    activations = per_layer // tp * (cfg.num_layers // pp) * in_flight_microbatches(pp, m, stage)
+    if layout.vpp > 1:
+        layers, held = cfg.num_layers // (pp * layout.vpp), in_flight_chunks(pp, m, stage, layout.vpp)
+    else:
+        layers, held = cfg.num_layers // pp, in_flight_microbatches(pp, m, stage)
+    activations = per_layer // tp * layers * held
     logits = (
         logits_bytes(seq_length, layout.micro_batch_size, cfg.hidden_size, cfg.vocab_size) // tp
         if stage == pp - 1
@@ -320,6 +338,9 @@ def step_time_s(flops: float, gpus: int, peak_tflops: float, mfu: float, bubble:
 # Enumeration and recommendation
 
 
+VPP_CHOICES = (2, 4)
+
+
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
@@ -348,6 +369,15 @@ def enumerate_layouts(cfg: ModelConfig, hw: Hardware, rows: int) -> list[Layout]
             dp = hw.gpus // (tp * pp)
             micro = _divisors(rows // dp) if rows % dp == 0 else [1]
             layouts += [Layout(tp, pp, dp, mb, r) for mb in micro for r in RECOMPUTE_MODES]
+            # interleaving: 2 or 4 chunks per rank where the layers split and m is a multiple of PP
+            layouts += [
+                Layout(tp, pp, dp, mb, r, vpp)
+                for vpp in VPP_CHOICES
+                if pp > 1 and cfg.num_layers % (pp * vpp) == 0 and rows % dp == 0
+                for mb in micro
+                if (rows // (dp * mb)) % pp == 0
+                for r in RECOMPUTE_MODES
+            ]
     return layouts
 
 
@@ -379,7 +409,7 @@ def evaluate_layout(cfg: ModelConfig, hw: Hardware, wl: Workload, layout: Layout
     tokens = rows * wl.seq_length
     flops = model_flops_per_step(cfg, tokens, wl.seq_length)
     extra = recompute_flops_per_step(cfg, tokens, wl.seq_length, layout.recompute)
-    bubble = bubble_fraction(layout.pp, m)
+    bubble = bubble_fraction(layout.pp, m, layout.vpp)
     t = step_time_s(flops + extra, hw.gpus, hw.peak_tflops, hw.mfu, bubble)
     reasons = []
     if total > hw.gpu_mem_gib * GIB:
@@ -415,6 +445,7 @@ def recommend(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
             round(c["step_time_s"], 9),
             c["tp"] * c["pp"],
             c["tp"],
+            c["vpp"],  # interleaving costs VPP x the p2p messages: only when it is faster
             c["recompute"] != "none",
             c["micro_batch_size"],
             c["memory_gib"]["total"],
@@ -470,13 +501,14 @@ def format_plan(p: dict[str, Any], top: int = 10) -> str:
         f"{m['name'] or 'model'}: {m['params'] / 1e9:.2f}B params; {p['hardware']['gpus']} GPUs x "
         f"{p['hardware']['gpu_mem_gib']:g} GiB; {wl['batch_tokens']} tokens/step = {wl['global_batch_rows']} rows "
         f"x {wl['seq_length']}; {wl['steps']} steps",
-        f"{'TP':>3} {'PP':>3} {'DP':>3} {'mb':>3} {'m':>3} {'recompute':>9} {'mem GiB':>8} {'bubble':>7} "
+        f"{'TP':>3} {'PP':>3} {'VPP':>3} {'DP':>3} {'mb':>3} {'m':>3} {'recompute':>9} {'mem GiB':>8} {'bubble':>7} "
         f"{'step s':>8} {'hours':>8}",
     ]
     feasible = sorted((c for c in p["candidates"] if c["feasible"]), key=lambda c: c["step_time_s"])
     for c in feasible[:top]:
         lines.append(
-            f"{c['tp']:>3} {c['pp']:>3} {c['dp']:>3} {c['micro_batch_size']:>3} {c['num_microbatches']:>3} "
+            f"{c['tp']:>3} {c['pp']:>3} {c['vpp']:>3} {c['dp']:>3} {c['micro_batch_size']:>3} "
+            f"{c['num_microbatches']:>3} "
             f"{c['recompute']:>9} {c['memory_gib']['total']:>8.1f} {c['bubble_fraction']:>7.3f} "
             f"{c['step_time_s']:>8.3f} {c['total_hours']:>8.2f}"
         )
@@ -487,7 +519,7 @@ def format_plan(p: dict[str, Any], top: int = 10) -> str:
         lines.append("recommended: none")
     else:
         lines.append(
-            f"recommended: TP={r['tp']} PP={r['pp']} DP={r['dp']} micro-batch={r['micro_batch_size']} "
+            f"recommended: TP={r['tp']} PP={r['pp']} VPP={r['vpp']} DP={r['dp']} micro-batch={r['micro_batch_size']} "
             f"recompute={r['recompute']}: {r['memory_gib']['total']:.1f} GiB/GPU, bubble {r['bubble_fraction']:.3f}, "
             f"{r['step_time_s']:.3f} s/step, {r['total_hours']:.2f} h"
         )

@@ -207,3 +207,34 @@ def test_cli_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["plan", "--model", "lamda_pt_137b", "--gpus", "128", "--seq-length", "1280"])
     assert "6.4 rows" in capsys.readouterr().err
+
+
+def test_interleaved_bubble_and_activation_arithmetic() -> None:
+    from flanpipe.planner import in_flight_chunks
+
+    assert bubble_fraction(4, 8, 2) == pytest.approx(3 / 19)  # (4-1) / (2*8 + 4-1)
+    assert bubble_fraction(2, 4, 2) == pytest.approx(1 / 9)
+    # Megatron's warm-up on rank 0 of PP=4, VPP=2: 2*(4-0-1) + (2-1)*4 = 10 forwards, + 1 in flight
+    assert in_flight_chunks(4, 8, 0, 2) == 11 and in_flight_chunks(4, 8, 3, 2) == 5
+    assert in_flight_chunks(4, 1, 0, 2) == 2  # never more than VPP x m chunk-micro-batches exist
+    # SMALL (4 layers) at TP2 x PP2, m = 4: 1F1B holds 2 micro-batches x 2 layers = 4 layer-activations on
+    # stage 0; VPP=2 holds 2*(2-1) + 2 + 1 = 5 chunk-micro-batches x 1 layer = 5: 1.25 x, bubble 1/5 -> 1/9
+    hw = Hardware(gpus=4, gpu_mem_gib=1.0, gpus_per_node=4, peak_tflops=1.0, mfu=0.5)
+    wl = Workload(batch_tokens=128, seq_length=32, steps=1000)
+    plain = evaluate_layout(SMALL, hw, wl, Layout(tp=2, pp=2, dp=1, micro_batch_size=1))
+    inter = evaluate_layout(SMALL, hw, wl, Layout(tp=2, pp=2, dp=1, micro_batch_size=1, vpp=2))
+    assert inter["vpp"] == 2 and inter["bubble_fraction"] == pytest.approx(1 / 9)
+    assert inter["memory_gib"]["activations"] == pytest.approx(1.25 * plain["memory_gib"]["activations"])
+    assert inter["step_time_s"] == pytest.approx(plain["step_time_s"] * (1 - 0.2) / (1 - 1 / 9))
+
+
+def test_interleaved_layouts_are_offered_only_where_megatron_runs_them() -> None:
+    from flanpipe.planner import enumerate_layouts
+
+    hw = Hardware(gpus=4, gpu_mem_gib=1.0, gpus_per_node=4)
+    layouts = enumerate_layouts(SMALL, hw, rows=4)
+    inter = [lay for lay in layouts if lay.vpp > 1]
+    assert inter, "PP=2 with 4 layers and m = 4 rows / (DP x mb) even: interleaving is a candidate"
+    for lay in inter:
+        m = 4 // (lay.dp * lay.micro_batch_size)
+        assert lay.pp > 1 and SMALL.num_layers % (lay.pp * lay.vpp) == 0 and m % lay.pp == 0
