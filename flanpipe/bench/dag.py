@@ -38,7 +38,7 @@ def time_dry_run(configfile: Path, targets: list[str], repeats: int = 3) -> dict
             times.append(time.perf_counter() - t0)
             out = r.stdout + r.stderr
             if r.returncode != 0:
-                raise RuntimeError(f"dry run of {configfile} failed:\n{out[-3000:]}")
+                raise ValueError(f"dry run of {configfile} failed:\n{out[-3000:]}")
     jobs = count_jobs(out)
     return {"config": str(configfile), "targets": targets, "dry_run_s": min(times), "all_s": times,
             "jobs": sum(jobs.values()), "jobs_per_rule": jobs}  # fmt: skip
