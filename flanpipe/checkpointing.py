@@ -47,7 +47,8 @@ FORMAT = 2  # 2: optimizer entry = {inner torch state, bf16 master weights}; lay
 PREEMPTED_EXIT_CODE = 143
 """Exit status after a SIGTERM-triggered save (128 + SIGTERM, what a shell reports for a
 process SIGTERM killed): a wrapper or SLURM epilog can requeue on it. Under srun each rank
-exits with it; torchrun reports any non-zero worker status as its own failure (1)."""
+exits with it; torchrun reports any non-zero worker status as its own failure (1), so
+``flanpipe launch`` turns that into 143 when the preempted marker (below) says the ranks saved."""
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 
@@ -372,6 +373,24 @@ class StopOnSignal:
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+PREEMPTED_MARKER = "preempted.json"
+"""Written into the checkpoint dir by rank 0 when a SIGTERM'd run has saved, removed when a run starts:
+how ``flanpipe launch`` tells a clean preemption from a crash behind torchrun, which reports any worker
+exit as its own failure (status 1)."""
+
+
+def mark_preempted(ckpt_dir: Path, step: int, path: Path) -> None:
+    _write_atomic(Path(ckpt_dir) / PREEMPTED_MARKER, json.dumps({"step": step, "checkpoint": str(path)}) + "\n")
+
+
+def clear_preempted(ckpt_dir: Path) -> None:
+    (Path(ckpt_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
+
+
+def was_preempted(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / PREEMPTED_MARKER).is_file()
 
 
 class Preempted(Exception):  # noqa: N818 - it is an outcome, not an error

@@ -17,12 +17,15 @@ The rule and ``flanpipe train`` both call ``launch``; ARGS are flanpipe.train's 
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 PORT_BASE = 15000
 PORT_SPAN = 10000  # 15000..24999: clear of Linux's ephemeral range (32768..60999) and of torchrun's 29500
@@ -50,10 +53,42 @@ def launch_command(train_args: Sequence[str], nproc: int, mpi: str = "") -> list
 
 
 def launch(train_args: Sequence[str], nproc: int, mpi: str = "") -> int:
-    """Run the training ranks to completion; return the launcher's exit status."""
+    """Run the training ranks to completion; return the launcher's exit status.
+
+    SIGTERM to the launcher (a scheduler's preemption or time limit) is passed on to torchrun or srun,
+    whose ranks finish their step, save and exit 143. srun reports 143 itself; torchrun reports any
+    worker exit as 1, so behind it a run counts as preempted when rank 0 left the checkpoint dir's
+    preempted marker, and the launcher exits 143 too: a requeue, not a failure.
+    """
     cmd = launch_command(train_args, nproc, mpi)
     print(f"flanpipe launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    if not mpi.strip():
+        from flanpipe.checkpointing import clear_preempted
+
+        clear_preempted(ckpt_dir_of(train_args))  # only this attempt's preemption may count
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    try:
+        status = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if status != 0 and not mpi.strip():
+        from flanpipe.checkpointing import PREEMPTED_EXIT_CODE, was_preempted
+
+        if was_preempted(ckpt_dir_of(train_args)):
+            return PREEMPTED_EXIT_CODE
+    return status
+
+
+def ckpt_dir_of(train_args: Sequence[str]) -> Path:
+    """The resumable-checkpoint dir flanpipe.train will use for these arguments."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt-dir", default=None)
+    args, _ = parser.parse_known_args(list(train_args))
+    from flanpipe.checkpointing import default_ckpt_dir
+
+    return Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir(args.out)
 
 
 def first_host(nodelist: str) -> str:

@@ -469,6 +469,8 @@ def train(
     rank = dist.get_rank()
     out_dir = Path(out_dir)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else checkpointing.default_ckpt_dir(out_dir)
+    if rank == 0:
+        checkpointing.clear_preempted(ckpt_dir)  # this attempt has not been preempted (yet)
 
     dataset = PackedDataset(data_dir)
     if dataset.seq_length != tc.seq_length:
@@ -641,6 +643,7 @@ def train(
                 if stopper.requested():  # collective: every rank stops at the same step
                     path = save(done_steps) if last_saved != done_steps else checkpointing.latest_checkpoint(ckpt_dir)
                     if rank == 0:
+                        checkpointing.mark_preempted(ckpt_dir, done_steps, path)
                         print(f"flanpipe.train: SIGTERM: saved {path} at step {done_steps}; exiting", flush=True)
                     raise checkpointing.Preempted(done_steps, path)
     finally:

@@ -235,3 +235,29 @@ def test_layout_change_refuses_optimizer_state(tmp_path, reference):
     with pytest.raises(RuntimeError, match="cannot be resharded"):
         checkpointing.check_layout(meta, tmp_path)
     checkpointing.check_layout({**meta, "layout": {"tp": 1, "pp": 1, "dp": 1, "vpp": 1}}, tmp_path)  # same layout: fine
+
+
+def test_sigterm_to_the_torchrun_launcher_exits_143_and_the_rerun_resumes(tmp_path, megatron_packed_dir, reference):
+    """`flanpipe launch` on a workstation runs torchrun, which reports any worker exit as its own
+    failure (1). SIGTERM to the launcher alone reaches the ranks through torchrun; they save and
+    leave the preempted marker, and the launcher exits 143 like srun would: requeue, not crash."""
+    out = tmp_path / "run"
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(make_spec(steps=STEPS, tensor_model_parallel_size=TP)))
+    train_args = ["--spec", str(spec_path), "--data", str(megatron_packed_dir), "--out", str(out)]
+    cmd = [sys.executable, "-m", "flanpipe.cli", "launch", "--nproc", str(TP), "--mpi", "", "--", *train_args]
+    kw = {"cwd": REPO, "env": clean_env(TP), "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = subprocess.Popen(cmd, **kw)
+    wait_for(lambda: logged_steps(out) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == checkpointing.PREEMPTED_EXIT_CODE, stdout[-2000:] + stderr[-3000:]
+    ckpt = checkpointing.default_ckpt_dir(out)
+    marker = json.loads((ckpt / checkpointing.PREEMPTED_MARKER).read_text())
+    assert marker["checkpoint"] == str(checkpointing.latest_checkpoint(ckpt)) and 3 <= marker["step"] < STEPS
+
+    rerun = subprocess.run(cmd, **kw, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert not (ckpt / checkpointing.PREEMPTED_MARKER).exists(), "a finished run is no longer preempted"
+    assert json.loads((out / "done.json").read_text())["resumed_from_step"] == marker["step"]
+    assert_same_run(out, reference)

@@ -119,3 +119,15 @@ def test_cli_launch_and_train_call_the_same_launcher(monkeypatch: pytest.MonkeyP
             cli.main(argv)
         assert exit_info.value.code == 0
     assert calls == [(TRAIN_ARGS, 2, "srun")] * 2
+
+
+def test_ckpt_dir_of_train_args() -> None:
+    """Where the launcher looks for the preempted marker: --ckpt-dir, else flanpipe.train's default."""
+    from pathlib import Path
+
+    from flanpipe.checkpointing import default_ckpt_dir
+    from flanpipe.launch import ckpt_dir_of
+
+    args = ["--spec", "s.json", "--data", "d", "--out", "results/models/run"]
+    assert ckpt_dir_of(args) == default_ckpt_dir("results/models/run") == Path("results/models/run.ckpt").absolute()
+    assert ckpt_dir_of([*args, "--ckpt-dir", "/scratch/run.ckpt"]) == Path("/scratch/run.ckpt")
