@@ -8,6 +8,7 @@ rebuilds it in a single process (TP=1, PP=1) from a training run's output direct
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, fields
@@ -169,6 +170,37 @@ def te_available() -> bool:
     return True
 
 
+# NVIDIA apex's compiled extensions that Megatron's fusions import (probed by module name: the PyPI
+# package called "apex" is an unrelated project and provides none of them).
+APEX_EXTENSIONS = ("scaled_masked_softmax_cuda", "fused_weight_gradient_mlp_cuda", "fast_layer_norm")
+
+
+def apex_extensions() -> frozenset[str]:
+    """Which of APEX_EXTENSIONS are installed (found, not imported: no CUDA initialisation)."""
+    return frozenset(name for name in APEX_EXTENSIONS if importlib.util.find_spec(name) is not None)
+
+
+def fusion_flags(cfg: ModelConfig, *, on_gpu: bool, te: bool, apex: frozenset[str]) -> dict[str, bool]:
+    """The Megatron fusions a run turns on: each where its kernel exists, plain torch ops otherwise.
+
+    CPU: none (megatron_compat.cpu_transformer_overrides). GPU: Megatron's torch.jit bias+activation
+    (gelu, or gated silu: the forms it fuses) and bias+dropout+add always; the masked softmax with
+    apex's kernel; RoPE with Transformer Engine's; weight-gradient accumulation into main_grad with
+    TE or apex's kernel; the persistent LayerNorm with apex's. The cross-entropy stays unfused.
+    """
+    if not on_gpu:
+        return megatron_compat.cpu_transformer_overrides()
+    return {
+        "bias_activation_fusion": cfg.activation == "gelu" or (cfg.activation == "silu" and cfg.gated_linear_unit),
+        "bias_dropout_fusion": True,
+        "masked_softmax_fusion": "scaled_masked_softmax_cuda" in apex,
+        "apply_rope_fusion": te and cfg.position_embedding_type == "rope",
+        "gradient_accumulation_fusion": te or "fused_weight_gradient_mlp_cuda" in apex,
+        "persist_layer_norm": "fast_layer_norm" in apex and cfg.normalization == "LayerNorm",
+        "cross_entropy_loss_fusion": False,
+    }
+
+
 def transformer_config(
     cfg: ModelConfig,
     tp: int = 1,
@@ -177,8 +209,12 @@ def transformer_config(
     *,
     vpp: int = 1,
     bf16: bool = False,
+    te: bool | None = None,
 ):
     """Megatron TransformerConfig for ``cfg`` on a TP x PP grid (x VPP model chunks per PP rank).
+
+    ``te``: whether the layers use the Transformer Engine spec (default: when TE is usable); it
+    decides which fusions have kernels (``fusion_flags``).
 
     ``bf16``: parameters, activations and pipeline messages in bfloat16; the optimizer keeps fp32
     master weights (flanpipe.optim.BF16Optimizer) and DDP reduces gradients in fp32.
@@ -193,7 +229,8 @@ def transformer_config(
     cfg.check_parallel(tp, pp, vpp)
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     dtype = torch.bfloat16 if bf16 else torch.float32
-    extra = {} if on_gpu else megatron_compat.cpu_transformer_overrides()
+    te = te_available() if te is None else te
+    extra = fusion_flags(cfg, on_gpu=on_gpu, te=on_gpu and te, apex=apex_extensions() if on_gpu else frozenset())
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -244,7 +281,7 @@ def model_provider(
 
     megatron_compat.apply()
     use_te = te_available() if use_te is None else use_te
-    config = transformer_config(cfg, tp, pp, vpp=vpp, bf16=bf16)
+    config = transformer_config(cfg, tp, pp, vpp=vpp, bf16=bf16, te=use_te)
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:

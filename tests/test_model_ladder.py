@@ -54,3 +54,66 @@ def test_all_model_configs_load() -> None:
     assert {p.stem for p in paths} >= set(LADDER)
     for p in paths:
         assert param_count(load_model_config(p)) > 0
+
+
+def test_fusions_follow_the_kernels_that_exist() -> None:
+    """The GPU path turns on a Megatron fusion only where its kernel is installed; the decisions are
+    checked here (this machine has no GPU to run them). CPU: none at all."""
+    from flanpipe.model import ModelConfig, fusion_flags
+
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=64,
+                max_position_embeddings=32, position_embedding_type="rope", gated_linear_unit=True,
+                activation="gelu", normalization="LayerNorm", init_method_std=0.02)  # fmt: skip
+    lamda_like = ModelConfig(**base)
+    cpu = fusion_flags(lamda_like, on_gpu=False, te=True, apex=frozenset({"scaled_masked_softmax_cuda"}))
+    assert cpu["use_cpu_initialization"] and not any(v for k, v in cpu.items() if k != "use_cpu_initialization")
+
+    plain = fusion_flags(lamda_like, on_gpu=True, te=False, apex=frozenset())
+    assert plain == {
+        "bias_activation_fusion": True,  # Megatron's torch.jit GeGLU: no extension needed
+        "bias_dropout_fusion": True,
+        "masked_softmax_fusion": False,
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+        "persist_layer_norm": False,
+        "cross_entropy_loss_fusion": False,
+    }
+    te = fusion_flags(lamda_like, on_gpu=True, te=True, apex=frozenset())
+    assert te["apply_rope_fusion"] and te["gradient_accumulation_fusion"] and not te["masked_softmax_fusion"]
+    apex = fusion_flags(
+        lamda_like,
+        on_gpu=True,
+        te=False,
+        apex=frozenset({"scaled_masked_softmax_cuda", "fused_weight_gradient_mlp_cuda", "fast_layer_norm"}),
+    )
+    assert apex["masked_softmax_fusion"] and apex["gradient_accumulation_fusion"] and apex["persist_layer_norm"]
+    assert not apex["apply_rope_fusion"]  # Megatron's fused RoPE is Transformer Engine's
+    # forms Megatron's jit kernels do not cover stay unfused: relu, ungated silu; RMSNorm is not apex's
+    assert not fusion_flags(ModelConfig(**{**base, "activation": "relu"}), on_gpu=True, te=False, apex=frozenset())[
+        "bias_activation_fusion"
+    ]
+    ungated_silu = ModelConfig(**{**base, "activation": "silu", "gated_linear_unit": False})
+    assert not fusion_flags(ungated_silu, on_gpu=True, te=False, apex=frozenset())["bias_activation_fusion"]
+    rms = ModelConfig(**{**base, "normalization": "RMSNorm"})
+    assert not fusion_flags(rms, on_gpu=True, te=False, apex=frozenset({"fast_layer_norm"}))["persist_layer_norm"]
+
+
+def test_apex_probe_looks_for_nvidia_extensions_not_the_pypi_package() -> None:
+    from flanpipe.model import APEX_EXTENSIONS, apex_extensions
+
+    assert apex_extensions() <= frozenset(APEX_EXTENSIONS)
+    assert "apex" not in APEX_EXTENSIONS
+    assert apex_extensions() == frozenset()  # this CPU machine has none of them
+
+
+def test_gpu_shaped_transformer_config_builds() -> None:
+    """transformer_config for a GPU run (bf16, fusions from the kernels present) is a valid Megatron config."""
+    from flanpipe.model import ModelConfig, transformer_config
+
+    cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=64,
+                      max_position_embeddings=32, position_embedding_type="rope", gated_linear_unit=True,
+                      activation="gelu", normalization="LayerNorm", init_method_std=0.02)  # fmt: skip
+    tc = transformer_config(cfg, 2, 2, on_gpu=True, vpp=2, bf16=True, te=False)
+    assert tc.bf16 and tc.params_dtype == tc.pipeline_dtype
+    assert tc.bias_activation_fusion and tc.bias_dropout_fusion and not tc.use_cpu_initialization
+    assert tc.virtual_pipeline_model_parallel_size == 2
