@@ -263,7 +263,9 @@ def canonicalize(
     if spec.answer_key_field is not None:
         canon = canon.drop("__answer_keys")
     reasons = bad_row_reasons(spec)
-    counts_row = canon.select(pl.len().alias("rows"), *[pred.sum().alias(r) for r, pred in reasons.items()]).collect()
+    counts_row = canon.select(pl.len().alias("rows"), *[pred.sum().alias(r) for r, pred in reasons.items()]).collect(
+        engine="streaming"
+    )
     counts = {k: int(v) for k, v in counts_row.row(0, named=True).items()}
     n_rows = counts.pop("rows")
     if n_rows == 0:
@@ -310,8 +312,7 @@ def ingest_split(
     try:
         canon, dropped = canonicalize(lf, spec, role, spec.bad_rows or policy, origin)
         with atomic_path(out_path) as tmp:
-            df = canon.collect()
-            df.write_parquet(tmp)
+            canon.sink_parquet(tmp)  # streamed: a 40M-row WMT split never sits in memory
     except pl.exceptions.ComputeError as e:  # e.g. invalid UTF-8 or malformed JSON in the raw file
         local = Path(origin) if spec.source.type == "local" else None
         bad = _first_invalid_utf8(local) if local is not None and "utf-8" in str(e).lower() else None
@@ -324,4 +325,5 @@ def ingest_split(
         if bad:
             raise DataError(f"dataset {spec.name!r} split {role!r}: {origin} is not valid JSONL at {bad}") from e
         raise DataError(f"dataset {spec.name!r} split {role!r}: cannot read {origin}: {e}") from e
-    return {"dataset": spec.name, "split": role, "rows": df.height, "dropped": dropped, "source": origin}
+    rows = pl.scan_parquet(out_path).select(pl.len()).collect().item()
+    return {"dataset": spec.name, "split": role, "rows": rows, "dropped": dropped, "source": origin}

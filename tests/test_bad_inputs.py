@@ -765,7 +765,7 @@ def interrupt_after_partial_write(monkeypatch: pytest.MonkeyPatch, cls: type, me
 def test_interrupted_ingest_leaves_nothing(toy, monkeypatch: pytest.MonkeyPatch) -> None:
     spec, raw, out = toy
     jsonl(raw, [{"p": "a", "h": "b", "label": 0}])
-    interrupt_after_partial_write(monkeypatch, pl.DataFrame, "write_parquet")
+    interrupt_after_partial_write(monkeypatch, pl.LazyFrame, "sink_parquet")  # ingest streams to its file
     with pytest.raises(KeyboardInterrupt):
         ingest_split(spec, "train", out)
     assert_nothing_written(out)

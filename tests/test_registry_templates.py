@@ -129,12 +129,19 @@ def test_render_train_round_robin_and_options_block(registry_file: Path) -> None
     spec = load_registry([registry_file])["nli_a"]
     templates = templates_for_mode(load_templates(spec.templates), spec, "natural", None)
     df = render_train(canonical_frame(), spec, templates).collect()
-    assert df["template_id"].to_list() == [0, 1, 2, 0, 1]  # round-robin over consecutive examples
+    assert df["template_id"].to_list() == [0, 1, 2, 0, 1]  # round-robin: example i gets template i mod k
     assert df["inputs"][0] == "P: p0\nH: h0\n\nOPTIONS:\n- yes\n- no"
     assert df["targets"][0] == "yes"
     assert df["inputs"][2] == "Write a sentence that yes follows from p2" and df["targets"][2] == "h2"
     assert df["turned_around"].to_list() == [False, False, True, False, False]
     assert df["options"][0].to_list() == ["yes", "no"]
+    # the template follows the example id, not the row position: dropping a bad row (id 1) moves no
+    # other example to another template
+    kept = render_train(canonical_frame().filter(pl.col("example_id") != 1), spec, templates).collect()
+    assert kept["template_id"].to_list() == [0, 2, 0, 1]
+    # a subset of templates (num_templates / the templates ablation) cycles through its own indices
+    two = render_train(canonical_frame(), spec, [templates[0], templates[2]]).collect()
+    assert two["template_id"].to_list() == [0, 2, 0, 2, 0]
 
 
 def test_render_eval_every_scored_template(registry_file: Path) -> None:
