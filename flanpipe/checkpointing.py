@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-FORMAT = 2  # 2: optimizer entry = {inner torch state, bf16 master weights}; layout has vpp
+FORMAT = 2  # 2: optimizer entry = {inner torch state, bf16 master weights}; layout has vpp; model chunks
 PREEMPTED_EXIT_CODE = 143
 """Exit status after a SIGTERM-triggered save (128 + SIGTERM, what a shell reports for a
 process SIGTERM killed): a wrapper or SLURM epilog can requeue on it. Under srun each rank
@@ -199,10 +199,6 @@ def _ranks() -> dict[str, int]:
     }
 
 
-def _model_key(i: int, n: int) -> str:
-    return "model" if n == 1 else f"model{i}"
-
-
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return getattr(chunk, "module", chunk)  # Megatron DDP -> the GPTModel
 
@@ -212,10 +208,10 @@ def _sharded_state(model_chunks, optimizer, *, data: bool, extra: dict[str, Any]
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     r = _ranks()
+    from flanpipe.model import chunks_sharded_state
     from flanpipe.optim import optimizer_state
 
-    n = len(model_chunks)
-    state: dict[str, Any] = {_model_key(i, n): _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+    state: dict[str, Any] = {"model": chunks_sharded_state([_unwrap(c) for c in model_chunks])}
     state["optimizer"] = ShardedObject(
         "optimizer",
         optimizer_state(optimizer) if data else None,
@@ -310,15 +306,14 @@ def load(path: str | os.PathLike[str], *, model_chunks, optimizer) -> tuple[dict
     """Restore model, optimizer and RNG state from ``path`` (collective); return (meta, history)."""
     from megatron.core import dist_checkpointing
 
+    from flanpipe.model import load_chunks_state
     from flanpipe.optim import load_optimizer_state
 
     path = Path(path)
     meta = read_meta(path)
     check_layout(meta, path)
     state = dist_checkpointing.load(_sharded_state(model_chunks, optimizer, data=False), str(path))
-    n = len(model_chunks)
-    for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(state[_model_key(i, n)])
+    load_chunks_state([_unwrap(c) for c in model_chunks], state["model"])
     load_optimizer_state(optimizer, state["optimizer"])
     set_rng_state(state["rng_state"])
     return meta, state["train_history"]
@@ -376,9 +371,9 @@ class StopOnSignal:
 
 
 PREEMPTED_MARKER = "preempted.json"
-"""Written into the checkpoint dir by rank 0 when a SIGTERM'd run has saved, removed when a run starts:
-how ``flanpipe launch`` tells a clean preemption from a crash behind torchrun, which reports any worker
-exit as its own failure (status 1)."""
+"""Written into the checkpoint dir by rank 0 when a SIGTERM'd run has saved; ``flanpipe launch`` removes
+it before starting the ranks. It is how the launcher tells a clean preemption from a crash behind
+torchrun, which reports any worker exit as its own failure (status 1)."""
 
 
 def mark_preempted(ckpt_dir: Path, step: int, path: Path) -> None:

@@ -60,24 +60,19 @@ def launch(train_args: Sequence[str], nproc: int, mpi: str = "") -> int:
     worker exit as 1, so behind it a run counts as preempted when rank 0 left the checkpoint dir's
     preempted marker, and the launcher exits 143 too: a requeue, not a failure.
     """
+    from flanpipe.checkpointing import PREEMPTED_EXIT_CODE, clear_preempted, was_preempted
+
     cmd = launch_command(train_args, nproc, mpi)
     print(f"flanpipe launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    if not mpi.strip():
-        from flanpipe.checkpointing import clear_preempted
-
-        clear_preempted(ckpt_dir_of(train_args))  # only this attempt's preemption may count
+    ckpt_dir = ckpt_dir_of(train_args)
+    clear_preempted(ckpt_dir)  # only this attempt's preemption may count
     proc = subprocess.Popen(cmd)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
     try:
         status = proc.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if status != 0 and not mpi.strip():
-        from flanpipe.checkpointing import PREEMPTED_EXIT_CODE, was_preempted
-
-        if was_preempted(ckpt_dir_of(train_args)):
-            return PREEMPTED_EXIT_CODE
-    return status
+    return PREEMPTED_EXIT_CODE if status != 0 and was_preempted(ckpt_dir) else status
 
 
 def ckpt_dir_of(train_args: Sequence[str]) -> Path:

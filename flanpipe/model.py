@@ -328,7 +328,7 @@ def init_single_process() -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(0)
 
 
-def _chunks_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+def chunks_sharded_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
     """One sharded state dict for a rank's model chunks. Their sharded tensors carry global layer
     numbers, so what one layout saves another loads; dist_checkpointing checks that all ranks together
     touch every shard exactly once, so a rank's chunks must be saved and loaded in one call."""
@@ -346,7 +346,7 @@ def save_checkpoint(model: torch.nn.Module | list[torch.nn.Module], ckpt_dir: st
     from megatron.core import dist_checkpointing
 
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(_chunks_state(model if isinstance(model, list) else [model]), str(ckpt_dir))
+    dist_checkpointing.save(chunks_sharded_state(model if isinstance(model, list) else [model]), str(ckpt_dir))
 
 
 def load_checkpoint(model: torch.nn.Module | list[torch.nn.Module], ckpt_dir: str | os.PathLike[str]) -> None:
@@ -354,7 +354,11 @@ def load_checkpoint(model: torch.nn.Module | list[torch.nn.Module], ckpt_dir: st
     from megatron.core import dist_checkpointing
 
     chunks = model if isinstance(model, list) else [model]
-    state = dist_checkpointing.load(_chunks_state(chunks), str(ckpt_dir))
+    load_chunks_state(chunks, dist_checkpointing.load(chunks_sharded_state(chunks), str(ckpt_dir)))
+
+
+def load_chunks_state(chunks: list[torch.nn.Module], state: dict[str, Any]) -> None:
+    """Put a loaded ``chunks_sharded_state`` back into the chunks."""
     if len(chunks) == 1:
         chunks[0].load_state_dict(state)
     else:

@@ -380,7 +380,7 @@ def optimizer_state(optimizer) -> dict[str, Any]:
     masters = master_weights(optimizer)
     return {
         "inner": getattr(optimizer, "optimizer", optimizer).state_dict(),
-        "master_weights": [[p.detach().clone() for p in g] for g in masters] if masters is not None else None,
+        "master_weights": [[p.detach() for p in g] for g in masters] if masters is not None else None,
     }
 
 

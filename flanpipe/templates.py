@@ -249,10 +249,10 @@ def render_train(lf: pl.LazyFrame, spec: DatasetSpec, chosen: Sequence[Template]
     """Each example gets exactly one template, round-robin over example ids (FLAN's code cycles through
     the templates example by example): example i gets template i mod k, whichever rows were dropped.
 
-    Row-wise expressions only (a when/then per template), so the streaming engine renders a split of
-    millions of rows (WMT, ParaCrawl) in bounded memory. Measured on a 4M-row WMT-like split: 3.5 GB
-    peak with a whole-column int_range(len) (which Polars collects), 2.1 GB with a row index, 0.9 GB
-    with this; 1M rows: 0.85 GB.
+    Row-wise expressions only (a when/then per template), so the streaming engine renders the split
+    instead of collecting it, as a whole-column int_range(len) made it do. Peak RSS on one WMT-like
+    file: 1M rows 1.4 -> 0.9 GB, 4M rows 3.5 -> 2.1 GB (8M: 3.3 GB; Polars' sink itself still grows
+    ~0.3 GB per million rows, hence the SLURM profile's memory for this rule).
     """
     position = pl.col("example_id") % len(chosen)
     template_id = pl.lit(chosen[-1].index, pl.Int32)

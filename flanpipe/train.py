@@ -469,8 +469,6 @@ def train(
     rank = dist.get_rank()
     out_dir = Path(out_dir)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else checkpointing.default_ckpt_dir(out_dir)
-    if rank == 0:
-        checkpointing.clear_preempted(ckpt_dir)  # this attempt has not been preempted (yet)
 
     dataset = PackedDataset(data_dir)
     if dataset.seq_length != tc.seq_length:

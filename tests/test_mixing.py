@@ -174,28 +174,13 @@ def test_mixture_is_byte_identical_whatever_the_thread_count(tmp_path: Path, cap
 
 def test_seeded_sample_cap_takes_cap_examples_spread_over_the_shard(shards: dict[str, Path], tmp_path: Path) -> None:
     cfg = MixtureConfig(cap=300, max_rate=3000, seed=1, cap_mode="sample")
-    build_mixture(
-        {"big": shards["big"]},
-        cfg,
-        tmp_path / "s.parquet",
-        tmp_path / "s.json",
-        budget_tokens=13 * 300,
-        inputs_length=64,
-        targets_length=16,
-    )
+    for name in ("s", "t"):  # twice: the sample is seeded
+        build_mixture({"big": shards["big"]}, cfg, tmp_path / f"{name}.parquet", tmp_path / f"{name}.json",
+                      budget_tokens=13 * 300, inputs_length=64, targets_length=16)  # fmt: skip
     ids = pl.read_parquet(tmp_path / "s.parquet")["example_id"]
     # 300 draws of a 300-example pool = exactly one epoch of the sampled pool
     assert ids.n_unique() == 300 == ids.len()
     assert ids.max() > 1000, "a seeded sample, not the first 300"
-    build_mixture(
-        {"big": shards["big"]},
-        cfg,
-        tmp_path / "t.parquet",
-        tmp_path / "t.json",
-        budget_tokens=13 * 300,
-        inputs_length=64,
-        targets_length=16,
-    )
     assert _sha(tmp_path / "s.parquet") == _sha(tmp_path / "t.parquet")
 
 
