@@ -255,7 +255,7 @@ def _model_config_path(name: str) -> Path:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from flanpipe.model import load_model_config
+    from flanpipe.model_config import load_model_config
     from flanpipe.planner import Hardware, Workload, format_plan, plan
 
     path = _model_config_path(args.model)

@@ -29,7 +29,7 @@ from flanpipe.registry import (
 from flanpipe.templates import Template, load_validated
 
 if TYPE_CHECKING:
-    from flanpipe.model import ModelConfig
+    from flanpipe.model_config import ModelConfig
 
 ABLATIONS = ("clusters", "scale", "instructions", "templates")
 _VARIANT = re.compile(r"(?P<mode>natural|no_template|dataset_name)(?P<noopts>-noopts)?(?:-(?P<shots>\d+)shot)?\Z")
@@ -258,7 +258,7 @@ def _model_key(config: Mapping[str, Any], model: str) -> str:
 
 def _load_model(path: str | Path, key: str) -> ModelConfig:
     """A model config (YAML, or a checkpoint's model.json); any problem names the file and config key."""
-    from flanpipe.model import load_model_config  # imports torch: only when a plan checks its models
+    from flanpipe.model_config import load_model_config
 
     resolved = resolve_config_path(path)
     if not Path(resolved).is_file():

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from flanpipe.model import ModelConfig, param_count
+from flanpipe.model_config import ModelConfig, param_count
 
 GIB = 2**30
 RECOMPUTE_MODES = ("none", "selective")
@@ -160,7 +160,7 @@ def attention_width(cfg: ModelConfig) -> int:
 
 
 def per_layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one transformer layer, read off flanpipe.model.param_count (2 layers - 1 layer)."""
+    """Parameters of one transformer layer, read off flanpipe.model_config.param_count (2 layers - 1 layer)."""
     two = param_count(dataclasses.replace(cfg, num_layers=2))
     one = param_count(dataclasses.replace(cfg, num_layers=1))
     return two - one

@@ -49,14 +49,8 @@ import torch.distributed as dist
 
 from flanpipe import checkpointing, megatron_compat
 from flanpipe.data import PackedDataset, batch_iterator, packed_seq_params
-from flanpipe.model import (
-    ModelConfig,
-    load_checkpoint,
-    load_model_config,
-    model_provider,
-    param_count,
-    save_checkpoint,
-)
+from flanpipe.model import load_checkpoint, model_provider, save_checkpoint
+from flanpipe.model_config import ModelConfig, load_model_config, param_count
 from flanpipe.optim import build_optimizer, lr_at, set_lr
 
 megatron_compat.quiet_warnings()  # before Megatron is first imported (it warns at import)

@@ -7,7 +7,7 @@ from flanpipe.config import budget_tokens, check_world, train_spec, validate_con
 from flanpipe.experiments import EvalVariant, parse_shard_variant, plan_experiment
 from flanpipe.ingest import check_local_source
 from flanpipe.io import read_yaml, resolve_config_path
-from flanpipe.model import load_model_config, param_count
+from flanpipe.model_config import load_model_config, param_count
 from flanpipe.registry import ROLES
 
 

@@ -680,7 +680,7 @@ def test_dag_build_checks_world_from_the_profile(tmp_path: Path) -> None:
 
 
 def base_checkpoint(tmp_path: Path, model: Path) -> Path:
-    from flanpipe.model import load_model_config
+    from flanpipe.model_config import load_model_config
 
     d = tmp_path / "base"
     (d / "checkpoint").mkdir(parents=True)

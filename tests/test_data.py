@@ -136,7 +136,8 @@ def test_packed_forward_matches_separate_examples(position_embedding_type):
     """A packed row's logits equal running each of its examples alone (the point of the mask)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from flanpipe.model import ModelConfig, init_single_process, model_provider
+    from flanpipe.model import init_single_process, model_provider
+    from flanpipe.model_config import ModelConfig
 
     init_single_process()
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flanpipe.model import ModelConfig, load_model_config, param_count
+from flanpipe.model_config import ModelConfig, load_model_config, param_count
 from flanpipe.planner import (
     GIB,
     Hardware,

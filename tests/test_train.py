@@ -20,7 +20,8 @@ import pytest
 import torch
 from conftest import counting_examples
 
-from flanpipe.model import ModelConfig, load_model_config, load_scorer, model_provider
+from flanpipe.model import load_scorer, model_provider
+from flanpipe.model_config import ModelConfig, load_model_config
 from flanpipe.train import TrainConfig, flops_per_token, parse_spec, plan_layout, train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flanpipe.model import ModelConfig, param_count
+from flanpipe.model_config import ModelConfig, param_count
 
 # 4 layers, hidden 256: 4 x (12 x 256^2 + biases/norms) = 3.15M + untied embeddings 2 x 4096 x 256 = 2.10M
 # -> 5.25M parameters; batch 8 x 256 tokens = 2,048 tokens per iteration.
@@ -303,7 +303,7 @@ def bench_train(
 
 def bench_model_from(path: str | None, overrides: dict[str, int]) -> ModelConfig:
     """The bench model: BENCH_MODEL or a config file, with CLI shape overrides applied."""
-    from flanpipe.model import load_model_config
+    from flanpipe.model_config import load_model_config
 
     base = load_model_config(path) if path else BENCH_MODEL
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,153 @@
+"""The decoder-only LM's shape: ``ModelConfig`` and the arithmetic on it, in plain Python.
+
+Planning (``snakemake -n``), config checks and the layout planner read model shapes without importing
+torch or Megatron; ``flanpipe.model`` turns a ``ModelConfig`` into a Megatron-Core GPTModel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ACTIVATIONS = ("gelu", "relu", "silu")
+_POSITION_TYPES = ("rope", "learned_absolute")
+_NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the decoder-only transformer (config/models/{name}.yaml)."""
+
+    num_layers: int
+    """Transformer layers; split evenly across pipeline stages."""
+
+    hidden_size: int
+    """Width of the residual stream."""
+
+    num_attention_heads: int
+    """Attention heads; head dim = hidden_size / num_attention_heads."""
+
+    ffn_hidden_size: int
+    """Inner width of the MLP (per branch when gated_linear_unit)."""
+
+    vocab_size: int
+    """Embedding rows; must be >= the tokenizer's vocabulary size."""
+
+    max_position_embeddings: int
+    """Longest sequence the model accepts (the size of the learned position table)."""
+
+    position_embedding_type: str = "rope"
+    """'rope' (rotary, no parameters) or 'learned_absolute'."""
+
+    gated_linear_unit: bool = False
+    """GLU-style MLP (e.g. SwiGLU with activation 'silu'): fc1 produces two branches."""
+
+    activation: str = "gelu"
+    """MLP nonlinearity: gelu, relu or silu."""
+
+    normalization: str = "LayerNorm"
+    """Pre-norm type: LayerNorm or RMSNorm."""
+
+    init_method_std: float = 0.02
+    """Std of the normal init of weight matrices (output layers scaled by 1/sqrt(2*layers))."""
+
+    kv_channels: int | None = None
+    """Per-head width; default hidden_size / num_attention_heads. LaMDA-PT 137B uses 128 heads of 128
+    on d_model 8192, i.e. attention 16,384 wide: set it explicitly for such models."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size} "
+                    "(or set kv_channels)"
+                )
+            object.__setattr__(self, "kv_channels", self.hidden_size // self.num_attention_heads)
+        elif not isinstance(self.kv_channels, int) or self.kv_channels < 1:
+            raise ValueError(f"kv_channels must be a positive int, got {self.kv_channels!r}")
+        if self.position_embedding_type not in _POSITION_TYPES:
+            raise ValueError(f"position_embedding_type must be one of {_POSITION_TYPES}")
+        if self.position_embedding_type == "rope" and (self.kv_channels % 2):
+            raise ValueError(f"rope needs an even head dim, got {self.kv_channels}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}")
+        if self.normalization not in _NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}")
+        if not self.init_method_std > 0:
+            raise ValueError("init_method_std must be > 0")
+
+    def check_parallel(self, tp: int, pp: int, vpp: int = 1) -> None:
+        """Raise ValueError unless this model splits evenly over TP x PP ranks (x VPP chunks per rank)."""
+        if tp < 1 or pp < 1 or vpp < 1:
+            raise ValueError(f"parallel sizes must be >= 1, got tp={tp} pp={pp} vpp={vpp}")
+        if vpp > 1 and pp < 2:
+            raise ValueError(f"virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size >= 2")
+        for name, size in (
+            ("num_attention_heads", self.num_attention_heads),
+            ("ffn_hidden_size", self.ffn_hidden_size),
+            ("vocab_size", self.vocab_size),
+        ):
+            if size % tp:
+                raise ValueError(f"tensor_model_parallel_size={tp} must divide {name}={size}")
+        if self.num_layers % (pp * vpp):
+            what = f"pipeline_model_parallel_size={pp}" + (
+                f" x virtual_pipeline_model_parallel_size={vpp}" if vpp > 1 else ""
+            )
+            raise ValueError(f"{what} must divide num_layers={self.num_layers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a mapping; unknown keys are an error (catches YAML typos early)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**data)
+
+
+def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """Read a model config from YAML (config/models/*.yaml) or JSON (a run's model.json)."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    return ModelConfig.from_dict(data)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of the full (unsharded) model, written out like nanoGPT.
+
+    Per layer, with attention width d = heads x kv_channels (= h unless kv_channels is set):
+    2 norms (weight+bias for LayerNorm, weight only for RMSNorm),
+    qkv = h*3d + 3d, proj = d*h + h, fc1 = h*f*(2 if GLU) + f*(2 if GLU), fc2 = f*h + h.
+    Plus token embedding V*h, learned positions P*h, the final norm and an untied output V*h.
+    """
+    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    norm = 2 * h if cfg.normalization == "LayerNorm" else h
+    glu = 2 if cfg.gated_linear_unit else 1
+    d = cfg.num_attention_heads * cfg.kv_channels
+    attention = (h * 3 * d + 3 * d) + (d * h + h)
+    mlp = (h * f * glu + f * glu) + (f * h + h)
+    per_layer = 2 * norm + attention + mlp
+    positions = cfg.max_position_embeddings * h if cfg.position_embedding_type != "rope" else 0
+    return cfg.num_layers * per_layer + v * h + positions + norm + v * h
