@@ -30,12 +30,10 @@ So per sharded parameter, over the TP group:
 
 Replicated parameters (norms, row-parallel biases) get no reduction: each TP rank computes the
 same update from the same gradient. A TP=2 step then equals the TP=1 step up to fp32 summation
-order. Measured (tests/test_optim.py, tests/test_train.py): 2 shards vs the full tensors after
-4 steps, max |diff| 7.5e-9 (torch.optim.Adafactor per shard: 9e-3); the toy GPT at TP=2 vs TP=1
-after 3 steps, 1.2e-7 on the weights, as for PP=2 or DP=2 (torch's: 6.8e-3). At TP=1 the step
-is torch.optim.Adafactor's (foreach=False) bit for bit.
-The reductions are batched: three all-reduces per step over the TP group, whatever the number
-of parameters. PP and DP never change the update.
+order (tests/test_optim.py and tests/test_train.py check it; torch.optim.Adafactor per shard drifts
+far outside that). At TP=1 the step is torch.optim.Adafactor's (foreach=False), same ops in the
+same order. The reductions are batched by ``_tp_sum``: three all-reduces per step over the TP
+group, whatever the number of parameters. PP and DP never change the update.
 
 Its step is relative to parameter scale: weights initialised at std 0.02 move ~0.02 * lr per
 step, so the right ``lr`` is much larger than an Adam learning rate for the same run.
@@ -44,7 +42,8 @@ step, so the right ``lr`` is much larger than an Adam learning rate for the same
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -121,6 +120,7 @@ class Adafactor(torch.optim.Optimizer):
         return group
 
     def _state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """torch.optim.Adafactor's per-parameter state (same keys: its state_dict loads into either)."""
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -133,16 +133,22 @@ class Adafactor(torch.optim.Optimizer):
                 state["variance"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
         return state
 
-    @staticmethod
-    def _update(grad: torch.Tensor, state: dict[str, torch.Tensor], eps1: float, row_mean_r: torch.Tensor | None):
-        """U = G / sqrt(max(V, eps1^2)) from the (already updated) second-moment state."""
-        if grad.dim() > 1:
-            var_estimate = state["row_var"] @ state["col_var"]
-            mean_r = state["row_var"].mean(dim=-2, keepdim=True) if row_mean_r is None else row_mean_r.clone()
-            var_estimate.div_(mean_r.clamp_(min=eps1))
-        else:
-            var_estimate = state["variance"].clone()
-        return var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
+    def _param_steps(self, tp_size: int) -> list[_ParamStep]:
+        """One ``_ParamStep`` per parameter with a grad, in param-group order."""
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or torch.is_complex(p):
+                    raise RuntimeError("Adafactor supports dense real gradients only")
+                dim = _tp_partition_dim(p) if tp_size > 1 else None
+                if dim is not None:
+                    dim = dim % p.dim()
+                    if p.dim() > 1 and dim < p.dim() - 2:
+                        raise RuntimeError(f"factored parameter split along dim {dim}, not one of its last two")
+                work.append(_ParamStep(p=p, group=group, state=self._state(p), dim=dim, tp_size=tp_size))
+        return work
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -152,120 +158,185 @@ class Adafactor(torch.optim.Optimizer):
                 loss = closure()
         tp_group = self.tp_group()
         tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
-
-        # One entry per parameter with a grad, in param-group order.
-        work: list[dict[str, Any]] = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse or torch.is_complex(p):
-                    raise RuntimeError("Adafactor supports dense real gradients only")
-                dim = _tp_partition_dim(p) if tp_group is not None else None
-                if dim is not None:
-                    dim = dim % p.dim()
-                    if p.dim() > 1 and dim < p.dim() - 2:
-                        raise RuntimeError(f"factored parameter split along dim {dim}, not one of its last two")
-                work.append({"p": p, "group": group, "state": self._state(p), "dim": dim})
+        work = self._param_steps(tp_size)
+        sharded = [w for w in work if w.sharded]
 
         # Phase 1 (local): step count, ||theta||^2, and the squared-grad sums of both factors.
-        # For a sharded dim the sums are partial; they are completed by one all-reduce below.
-        partial: list[torch.Tensor] = []
+        # For a sharded dim the sums are partial; one all-reduce completes them.
         for w in work:
-            p, grad, state, group = w["p"], w["p"].grad, w["state"], w["group"]
-            state["step"] += 1
-            w["t"] = state["step"].item()
-            w["theta_sq"] = p.norm(2).item() ** 2  # exact in float64, so sqrt gives the norm back
-            w["numel"] = p.numel() * (tp_size if w["dim"] is not None else 1)
-            if grad.dim() > 1:
-                # same as (g * g).sum(dim) without a grad-sized temporary
-                w["row_sq"] = torch.norm(grad, dim=-1, keepdim=True).square_()  # sum over columns
-                w["col_sq"] = torch.norm(grad, dim=-2, keepdim=True).square_()  # sum over rows
-            if w["dim"] is not None:
-                partial.append(torch.tensor([w["theta_sq"]], dtype=torch.float64))
-                if grad.dim() > 1:
-                    # columns split (dim -1): row sums are partial; rows split (dim -2): column sums are.
-                    key = "row_sq" if w["dim"] == p.dim() - 1 else "col_sq"
-                    partial.append(w[key].reshape(-1).double())
-        if partial:
-            self._all_reduce_sum(partial, tp_group)
-            it = iter(partial)
-            for w in work:
-                if w["dim"] is None:
-                    continue
-                w["theta_sq"] = next(it).item()
-                if w["p"].grad.dim() > 1:
-                    key = "row_sq" if w["dim"] == w["p"].dim() - 1 else "col_sq"
-                    w[key] = next(it).to(w[key].dtype).reshape(w[key].shape)
+            w.count_step_and_sum_squares()
+        _tp_sum(sharded, _ParamStep.partial_sums, _ParamStep.set_sums, tp_group)
 
         # Phase 2: step size, weight decay, second-moment EMAs. With rows split the row factor's
         # mean over all rows needs one more all-reduce (it depends on the EMA just taken).
-        partial = []
         for w in work:
-            p, grad, state, group = w["p"], w["p"].grad, w["state"], w["group"]
-            lr, t = group["lr"], w["t"]
-            eps1, eps2 = group["eps"]
-            w["eps1"] = torch.finfo(p.dtype).eps if eps1 is None else eps1
-            one_minus_beta2_t = t ** group["beta2_decay"]
-            rho_t = min(lr, 1 / (t**0.5))
-            w["alpha"] = max(eps2, math.sqrt(w["theta_sq"]) / (w["numel"] ** 0.5)) * rho_t
-            if group["weight_decay"] != 0:
-                p.mul_(1 - lr * group["weight_decay"])
-            w["row_mean_r"] = None
-            if grad.dim() > 1:
-                full_cols = grad.size(-1) * (tp_size if w["dim"] == p.dim() - 1 else 1)
-                full_rows = grad.size(-2) * (tp_size if w["dim"] == p.dim() - 2 else 1)
-                state["row_var"].lerp_(w.pop("row_sq").div_(full_cols), one_minus_beta2_t)
-                state["col_var"].lerp_(w.pop("col_sq").div_(full_rows), one_minus_beta2_t)
-                if w["dim"] == p.dim() - 2:
-                    w["full_rows"] = full_rows
-                    partial.append(state["row_var"].sum(dim=-2, keepdim=True).double())
-            else:
-                state["variance"].lerp_(grad * grad, one_minus_beta2_t)
-        if partial:
-            self._all_reduce_sum(partial, tp_group)
-            it = iter(partial)
-            for w in work:
-                if w["p"].grad.dim() > 1 and w["dim"] == w["p"].dim() - 2:
-                    w["row_mean_r"] = next(it).div_(w["full_rows"]).to(w["state"]["row_var"].dtype)
+            w.step_size_decay_and_ema()
+        rows_split = [w for w in sharded if w.factored and w.rows_split]
+        _tp_sum(rows_split, _ParamStep.row_var_sum, _ParamStep.set_row_mean, tp_group)
 
         # Phase 3: the update and its clipping by RMS(U) / d. Replicated parameters are applied
         # at once; sharded ones need RMS over the full tensor, so their update is formed twice
         # (once for ||U||^2, once to apply) rather than held for every parameter at the same time.
-        partial = []
         for w in work:
-            p, grad, group = w["p"], w["p"].grad, w["group"]
-            update = self._update(grad, w["state"], w["eps1"], w["row_mean_r"])
-            if w["dim"] is None:
-                denom = max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * group["d"]))
-                p.add_(update, alpha=-w["alpha"] / denom)
-            else:
-                partial.append(torch.tensor([update.norm(2).item() ** 2], dtype=torch.float64))
-        if partial:
-            self._all_reduce_sum(partial, tp_group)
-            it = iter(partial)
-            for w in work:
-                if w["dim"] is None:
-                    continue
-                p, group = w["p"], w["group"]
-                update_sq = next(it).item()
-                denom = max(1.0, math.sqrt(update_sq) / ((w["numel"] ** 0.5) * group["d"]))
-                update = self._update(p.grad, w["state"], w["eps1"], w["row_mean_r"])
-                p.add_(update, alpha=-w["alpha"] / denom)
+            if not w.sharded:
+                update = w.update()
+                w.apply(update, update.norm(2).item())
+        _tp_sum(sharded, _ParamStep.update_sq, _ParamStep.apply_with_update_sq, tp_group)
         return loss
 
-    @staticmethod
-    def _all_reduce_sum(tensors: list[torch.Tensor], group) -> None:
-        """Sum a list of float64 tensors over ``group`` in one collective, in place."""
-        # NCCL reduces CUDA tensors; scalars gathered on the host travel with the rest.
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        flat = torch.cat([t.reshape(-1).to(device) for t in tensors])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].reshape(t.shape))
-            offset += n
+
+@dataclass
+class _ParamStep:
+    """One parameter's work in one ``Adafactor.step``: what each phase computes for the next.
+
+    ``dim`` is the TP partition dim (None: replicated, nothing to reduce); ``numel`` counts the full,
+    unsharded tensor. The ``partial_*`` / ``set_*`` pairs are what ``_tp_sum`` completes over TP.
+    """
+
+    p: torch.Tensor
+    group: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    dim: int | None
+    tp_size: int
+    t: float = 0.0
+    """Step count after this step (1-based)."""
+    theta_sq: float = 0.0
+    """||theta||^2 over the full tensor."""
+    row_sq: torch.Tensor | None = None
+    """sum over columns of G^2 (R x 1), partial while columns are split."""
+    col_sq: torch.Tensor | None = None
+    """sum over rows of G^2 (1 x C), partial while rows are split."""
+    eps1: float = 0.0
+    alpha: float = 0.0
+    """alpha_t = max(eps2, RMS(theta)) x rho_t."""
+    row_mean_r: torch.Tensor | None = None
+    """mean_r r over all rows, when rows are split (None: computed locally)."""
+
+    @property
+    def sharded(self) -> bool:
+        return self.dim is not None
+
+    @property
+    def factored(self) -> bool:
+        return self.p.grad.dim() > 1
+
+    @property
+    def rows_split(self) -> bool:
+        return self.dim == self.p.dim() - 2
+
+    @property
+    def cols_split(self) -> bool:
+        return self.dim == self.p.dim() - 1
+
+    @property
+    def numel(self) -> int:
+        return self.p.numel() * (self.tp_size if self.sharded else 1)
+
+    # phase 1
+    def count_step_and_sum_squares(self) -> None:
+        grad = self.p.grad
+        self.state["step"] += 1
+        self.t = self.state["step"].item()
+        self.theta_sq = self.p.norm(2).item() ** 2  # exact in float64, so sqrt gives the norm back
+        if self.factored:
+            # same as (g * g).sum(dim) without a grad-sized temporary
+            self.row_sq = torch.norm(grad, dim=-1, keepdim=True).square_()  # sum over columns
+            self.col_sq = torch.norm(grad, dim=-2, keepdim=True).square_()  # sum over rows
+
+    def _split_factor(self) -> str:
+        # columns split (dim -1): row sums are partial; rows split (dim -2): column sums are.
+        return "row_sq" if self.cols_split else "col_sq"
+
+    def partial_sums(self) -> list[torch.Tensor]:
+        sums = [torch.tensor([self.theta_sq], dtype=torch.float64)]
+        if self.factored:
+            sums.append(getattr(self, self._split_factor()).reshape(-1).double())
+        return sums
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        self.theta_sq = sums[0].item()
+        if self.factored:
+            key = self._split_factor()
+            local = getattr(self, key)
+            setattr(self, key, sums[1].to(local.dtype).reshape(local.shape))
+
+    # phase 2
+    def step_size_decay_and_ema(self) -> None:
+        p, grad, state, group = self.p, self.p.grad, self.state, self.group
+        lr, t = group["lr"], self.t
+        eps1, eps2 = group["eps"]
+        self.eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
+        one_minus_beta2_t = t ** group["beta2_decay"]
+        rho_t = min(lr, 1 / (t**0.5))
+        self.alpha = max(eps2, math.sqrt(self.theta_sq) / (self.numel**0.5)) * rho_t
+        if group["weight_decay"] != 0:
+            p.mul_(1 - lr * group["weight_decay"])
+        if self.factored:
+            full_cols = grad.size(-1) * (self.tp_size if self.cols_split else 1)
+            full_rows = grad.size(-2) * (self.tp_size if self.rows_split else 1)
+            state["row_var"].lerp_(self.row_sq.div_(full_cols), one_minus_beta2_t)
+            state["col_var"].lerp_(self.col_sq.div_(full_rows), one_minus_beta2_t)
+            self.row_sq = self.col_sq = None
+        else:
+            state["variance"].lerp_(grad * grad, one_minus_beta2_t)
+
+    def row_var_sum(self) -> list[torch.Tensor]:
+        return [self.state["row_var"].sum(dim=-2, keepdim=True).double()]
+
+    def set_row_mean(self, sums: list[torch.Tensor]) -> None:
+        full_rows = self.p.grad.size(-2) * self.tp_size
+        self.row_mean_r = sums[0].div_(full_rows).to(self.state["row_var"].dtype)
+
+    # phase 3
+    def update(self) -> torch.Tensor:
+        """U = G / sqrt(max(V, eps1^2)) from the (already updated) second-moment state."""
+        state, grad = self.state, self.p.grad
+        if self.factored:
+            var_estimate = state["row_var"] @ state["col_var"]
+            mean_r = state["row_var"].mean(dim=-2, keepdim=True) if self.row_mean_r is None else self.row_mean_r.clone()
+            var_estimate.div_(mean_r.clamp_(min=self.eps1))
+        else:
+            var_estimate = state["variance"].clone()
+        return var_estimate.clamp_(min=self.eps1 * self.eps1).rsqrt_().mul_(grad)
+
+    def apply(self, update: torch.Tensor, update_norm: float) -> None:
+        """theta -= alpha_t / max(1, RMS(U) / d) x U, with ``update_norm`` = ||U|| over the full tensor."""
+        denom = max(1.0, update_norm / ((self.numel**0.5) * self.group["d"]))
+        self.p.add_(update, alpha=-self.alpha / denom)
+
+    def update_sq(self) -> list[torch.Tensor]:
+        return [torch.tensor([self.update().norm(2).item() ** 2], dtype=torch.float64)]
+
+    def apply_with_update_sq(self, sums: list[torch.Tensor]) -> None:
+        self.apply(self.update(), math.sqrt(sums[0].item()))
+
+
+def _tp_sum(
+    work: list[_ParamStep],
+    partial: Callable[[_ParamStep], list[torch.Tensor]],
+    complete: Callable[[_ParamStep, list[torch.Tensor]], None],
+    group: Any,
+) -> None:
+    """The one tensor-parallel reduction: gather every parameter's partial sums (float64), sum them over
+    ``group`` in a single all-reduce, and hand each parameter its completed sums.
+
+    A no-op without parameters to reduce (TP = 1, or none of this kind), so TP = 1 runs no collective.
+    """
+    if not work:
+        return
+    pieces = [partial(w) for w in work]
+    flat_in = [t for ts in pieces for t in ts]
+    # NCCL reduces CUDA tensors; scalars gathered on the host travel with the rest.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    flat = torch.cat([t.reshape(-1).to(device) for t in flat_in])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in flat_in:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].reshape(t.shape))
+        offset += n
+    for w, sums in zip(work, pieces, strict=True):
+        complete(w, sums)
 
 
 def _param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
