@@ -151,3 +151,30 @@ def param_count(cfg: ModelConfig) -> int:
     per_layer = 2 * norm + attention + mlp
     positions = cfg.max_position_embeddings * h if cfg.position_embedding_type != "rope" else 0
     return cfg.num_layers * per_layer + v * h + positions + norm + v * h
+
+
+def lookup_params(cfg: ModelConfig) -> int:
+    """Parameters read by table lookup, not by a matmul: the token embedding V x h, plus the learned
+    position table P x h (rope has none). They cost no FLOPs and live on the first pipeline stage."""
+    positions = cfg.max_position_embeddings * cfg.hidden_size if cfg.position_embedding_type != "rope" else 0
+    return cfg.vocab_size * cfg.hidden_size + positions
+
+
+def flops_per_token(cfg: ModelConfig, seq_length: int) -> int:
+    """Model FLOPs of one training token (forward + backward), as in PaLM (app. B) and nanoGPT.
+
+    Every matmul weight takes part in one multiply-add per token: 2 FLOPs in the forward pass and 4
+    in the backward (the gradient of the input and of the weight), so 6 N, with N = param_count -
+    lookup_params (the untied output layer is a matmul and counts). Attention adds two matmuls per
+    layer that have no weights: scores Q K^T and the weighted sum A V, each 2 x T x d_attn FLOPs per
+    token forward (d_attn = heads x kv_channels, T = seq_length: the dense attention computes every
+    column of the packed row, masked or not), x 3 with the backward: 12 x L x d_attn x T.
+
+        flops/token = 6 N + 12 L d_attn T
+
+    e.g. 2 layers, hidden 64, vocab 64, rope, T = 32: N = 75,264 - 64 x 64 = 71,168, so
+    6 x 71,168 + 12 x 2 x 64 x 32 = 427,008 + 49,152 = 476,160.
+    """
+    n_matmul = param_count(cfg) - lookup_params(cfg)
+    d_attn = cfg.num_attention_heads * cfg.kv_channels
+    return 6 * n_matmul + 12 * cfg.num_layers * d_attn * seq_length

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from flanpipe.model_config import ModelConfig, param_count
+from flanpipe.model_config import ModelConfig, flops_per_token, lookup_params, param_count
 
 GIB = 2**30
 RECOMPUTE_MODES = ("none", "selective")
@@ -168,8 +168,7 @@ def per_layer_params(cfg: ModelConfig) -> int:
 
 def first_stage_extra_params(cfg: ModelConfig) -> int:
     """Token embedding V x h, plus a learned position table P x h (rope has none)."""
-    positions = cfg.max_position_embeddings * cfg.hidden_size if cfg.position_embedding_type != "rope" else 0
-    return cfg.vocab_size * cfg.hidden_size + positions
+    return lookup_params(cfg)
 
 
 def last_stage_extra_params(cfg: ModelConfig) -> int:
@@ -189,7 +188,7 @@ def stage_params(cfg: ModelConfig, pp: int, stage: int) -> int:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """N for 6*N*tokens: every parameter except lookup tables (embedding, positions), which cost no FLOPs."""
-    return param_count(cfg) - first_stage_extra_params(cfg)
+    return param_count(cfg) - lookup_params(cfg)
 
 
 def _norm_elements(cfg: ModelConfig) -> int:
@@ -312,11 +311,8 @@ def stage_memory_bytes(
 
 
 def model_flops_per_step(cfg: ModelConfig, tokens: int, seq_length: int) -> int:
-    """6 * N * tokens (2 forward + 4 backward per matmul weight) + attention scores and values:
-    QK^T and AV are 2 * s * d FLOPs each per token per layer forward, x3 for fwd+bwd
-    = 12 * L * s * d per token."""
-    d = attention_width(cfg)
-    return 6 * matmul_params(cfg) * tokens + 12 * cfg.num_layers * seq_length * d * tokens
+    """flanpipe.model_config.flops_per_token (6 N + 12 L s d, what training logs as MFU) x tokens."""
+    return flops_per_token(cfg, seq_length) * tokens
 
 
 def recompute_flops_per_step(cfg: ModelConfig, tokens: int, seq_length: int, recompute: str) -> int:
