@@ -1,4 +1,5 @@
-"""Resumable training checkpoints: save, find, load, and stop cleanly on SIGTERM.
+"""Checkpoint I/O: resumable training checkpoints (save, find, load, stop cleanly on SIGTERM) and
+the weights-only checkpoint a run leaves for evaluation (``save_weights`` / ``load_weights``).
 
 Layout of a checkpoint directory (default ``<out>.ckpt``, a sibling of the run's output dir,
 because Snakemake deletes a job's outputs before it reruns the job):
@@ -207,9 +208,9 @@ def _sharded_state(model_chunks, optimizer, *, data: bool, extra: dict[str, Any]
     """The dict dist_checkpointing saves (``data=True``) or loads into (ShardedObject data None)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    r = _ranks()
-    from flanpipe.model import chunks_sharded_state
     from flanpipe.optim import optimizer_state
+
+    r = _ranks()
 
     state: dict[str, Any] = {"model": chunks_sharded_state([_unwrap(c) for c in model_chunks])}
     state["optimizer"] = ShardedObject(
@@ -306,7 +307,6 @@ def load(path: str | os.PathLike[str], *, model_chunks, optimizer) -> tuple[dict
     """Restore model, optimizer and RNG state from ``path`` (collective); return (meta, history)."""
     from megatron.core import dist_checkpointing
 
-    from flanpipe.model import load_chunks_state
     from flanpipe.optim import load_optimizer_state
 
     path = Path(path)
@@ -323,9 +323,52 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> 
     """Load only the model weights of a resumable checkpoint, under any TP/PP layout (collective)."""
     from megatron.core import dist_checkpointing
 
-    model = _unwrap(model)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-    model.load_state_dict(state["model"])
+    chunks = [_unwrap(model)]
+    state = dist_checkpointing.load({"model": chunks_sharded_state(chunks)}, str(path))
+    load_chunks_state(chunks, state["model"])
+
+
+# --------------------------------------------------------------------------- model weights alone
+
+
+def chunks_sharded_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """One sharded state dict for a rank's model chunks. Their sharded tensors carry global layer
+    numbers, so what one layout saves another loads; dist_checkpointing checks that all ranks together
+    touch every shard exactly once, so a rank's chunks must be saved and loaded in one call."""
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def load_chunks_state(chunks: list[torch.nn.Module], state: dict[str, Any]) -> None:
+    """Put a loaded ``chunks_sharded_state`` back into the chunks."""
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state)
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(state[f"model{i}"])
+
+
+def save_weights(model: torch.nn.Module | list[torch.nn.Module], ckpt_dir: str | os.PathLike[str]) -> None:
+    """Save model weights alone (a run's ``checkpoint/``, what evaluation and ``init_checkpoint`` read)
+    with dist_checkpointing: every rank writes its shards (collective).
+
+    A list is the model chunks of an interleaved pipeline; the checkpoint loads into one unsplit model
+    (or any other layout) all the same.
+    """
+    from megatron.core import dist_checkpointing
+
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(chunks_sharded_state(model if isinstance(model, list) else [model]), str(ckpt_dir))
+
+
+def load_weights(model: torch.nn.Module | list[torch.nn.Module], ckpt_dir: str | os.PathLike[str]) -> None:
+    """Load weights ``save_weights`` wrote under any TP/PP layout into ``model`` or a rank's model chunks
+    (collective)."""
+    from megatron.core import dist_checkpointing
+
+    chunks = model if isinstance(model, list) else [model]
+    load_chunks_state(chunks, dist_checkpointing.load(chunks_sharded_state(chunks), str(ckpt_dir)))
 
 
 # --------------------------------------------------------------------------- SIGTERM

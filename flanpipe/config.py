@@ -16,6 +16,7 @@ import jsonschema
 
 from flanpipe.io import PROJECT_ROOT, read_yaml
 from flanpipe.registry import DatasetSpec, load_registry, with_local_mirror
+from flanpipe.train_config import BatchSplitError, spec_keys, split_batch
 
 SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "config.schema.yaml"
 
@@ -83,32 +84,23 @@ def check_world(config: Mapping[str, Any], world: int, source: str = "training r
     """Check world = TP x PP x DP and global batch = micro batch x DP x accumulation; return DP.
 
     ``world`` is the number of training ranks (the train rule's ``tasks``, from the profile); ``source``
-    says where it came from, for the message.
+    says where it came from, for the message. The arithmetic is flanpipe.train_config.split_batch, the
+    one the training entry point checks again.
     """
     t = config["train"]
-    tp, pp = t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"]
-    if world < 1 or world % (tp * pp):
-        raise ConfigError(
-            f"world size {world} ({source}) is not a multiple of train.tensor_model_parallel_size x "
-            f"train.pipeline_model_parallel_size = {tp} x {pp} = {tp * pp} "
-            f"({world} % {tp * pp} = {world % (tp * pp)}); world = TP x PP x DP"
+    try:
+        grid = split_batch(
+            world=world,
+            tp=t["tensor_model_parallel_size"],
+            pp=t["pipeline_model_parallel_size"],
+            vpp=t.get("virtual_pipeline_model_parallel_size", 1),
+            micro_batch_size=t["micro_batch_size"],
+            global_batch_size=t["global_batch_size"],
+            source=source,
         )
-    dp = world // (tp * pp)
-    micro, glob = t["micro_batch_size"], t["global_batch_size"]
-    if glob % (micro * dp):
-        raise ConfigError(
-            f"config key train.global_batch_size: {glob} is not a multiple of train.micro_batch_size x DP = "
-            f"{micro} x {dp} = {micro * dp} ({glob} % {micro * dp} = {glob % (micro * dp)}), where DP = world / "
-            f"(TP x PP) = {world} / ({tp} x {pp}) = {dp} with world {world} from {source}"
-        )
-    m = glob // (micro * dp)
-    if t.get("virtual_pipeline_model_parallel_size", 1) > 1 and m % pp:
-        raise ConfigError(
-            f"config key train.virtual_pipeline_model_parallel_size: the interleaved schedule needs the micro-batches "
-            f"per step, global / (micro x DP) = {glob} / ({micro} x {dp}) = {m}, to be a multiple of "
-            f"PP = {pp} (world {world} from {source})"
-        )
-    return dp
+    except BatchSplitError as e:
+        raise ConfigError(f"config key {e}" if e.key else str(e)) from None
+    return grid.dp
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -143,30 +135,15 @@ def train_spec(
     model dir whose weights the run starts from (the base model, for instruction tuning).
     """
     t = config["train"]
+    # Every TrainConfig field comes from the config's train block, except the three a run sets.
+    per_run = {
+        "steps": steps or t["steps"],
+        "init_checkpoint": init_checkpoint,
+        "seq_length": config["lengths"]["pack"],
+    }
     return {
         "model": dict(model),
-        "train": {
-            "steps": steps or t["steps"],
-            "init_checkpoint": init_checkpoint,
-            "lr": t["lr"],
-            "warmup_steps": t["warmup_steps"],
-            "micro_batch_size": t["micro_batch_size"],
-            "global_batch_size": t["global_batch_size"],
-            "seq_length": config["lengths"]["pack"],
-            "seed": t["seed"],
-            "log_interval": t["log_interval"],
-            "tensor_model_parallel_size": t["tensor_model_parallel_size"],
-            "pipeline_model_parallel_size": t["pipeline_model_parallel_size"],
-            "virtual_pipeline_model_parallel_size": t["virtual_pipeline_model_parallel_size"],
-            "precision": t["precision"],
-            "optimizer": t["optimizer"],
-            "weight_decay": t["weight_decay"],
-            "clip_grad": t["clip_grad"],
-            "save_interval": t["save_interval"],
-            "keep_checkpoints": t["keep_checkpoints"],
-            "tensorboard": t["tensorboard"],
-            "peak_tflops": t["peak_tflops"],
-        },
+        "train": {key: per_run[key] if key in per_run else t[key] for key in spec_keys()},
     }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -189,44 +188,6 @@ def init_single_process() -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(0)
 
 
-def chunks_sharded_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
-    """One sharded state dict for a rank's model chunks. Their sharded tensors carry global layer
-    numbers, so what one layout saves another loads; dist_checkpointing checks that all ranks together
-    touch every shard exactly once, so a rank's chunks must be saved and loaded in one call."""
-    if len(chunks) == 1:
-        return chunks[0].sharded_state_dict()
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def save_checkpoint(model: torch.nn.Module | list[torch.nn.Module], ckpt_dir: str | os.PathLike[str]) -> None:
-    """Save model weights with dist_checkpointing (every rank writes its shards; collective).
-
-    A list is the model chunks of an interleaved pipeline; the checkpoint loads into one unsplit model
-    (or any other layout) all the same.
-    """
-    from megatron.core import dist_checkpointing
-
-    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(chunks_sharded_state(model if isinstance(model, list) else [model]), str(ckpt_dir))
-
-
-def load_checkpoint(model: torch.nn.Module | list[torch.nn.Module], ckpt_dir: str | os.PathLike[str]) -> None:
-    """Load weights saved under any TP/PP layout into ``model`` or a rank's model chunks (collective)."""
-    from megatron.core import dist_checkpointing
-
-    chunks = model if isinstance(model, list) else [model]
-    load_chunks_state(chunks, dist_checkpointing.load(chunks_sharded_state(chunks), str(ckpt_dir)))
-
-
-def load_chunks_state(chunks: list[torch.nn.Module], state: dict[str, Any]) -> None:
-    """Put a loaded ``chunks_sharded_state`` back into the chunks."""
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(state)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(state[f"model{i}"])
-
-
 class Scorer:
     """Plain causal LM over right-padded rows, for evaluation (one process, TP=1/PP=1)."""
 
@@ -260,5 +221,7 @@ def load_scorer(model_dir: str | os.PathLike[str]) -> Scorer:
     model = model_provider(cfg, pre_process=True, post_process=True)
     if torch.cuda.is_available():
         model = model.cuda()
-    load_checkpoint(model, model_dir / "checkpoint")
+    from flanpipe.checkpointing import load_weights
+
+    load_weights(model, model_dir / "checkpoint")
     return Scorer(model, cfg)

@@ -9,6 +9,11 @@ Four named pieces, as in Megatron-Core's simple training loop example:
 4. ``forward_step`` returning ``(output, partial(loss_func, loss_mask))``, run by whichever
    schedule ``get_forward_backward_func()`` picks (no pipelining, or 1F1B for PP > 1).
 
+``train`` only sequences named steps, as torchtitan's ``Trainer.train`` does: ``set_up`` (layout,
+resume point, model, optimizer, data streams), then per step ``train_step`` -> ``RunState.record``
+-> ``StepLogger.log`` -> ``maybe_save`` -> ``maybe_stop``, then ``finish`` (final checkpoint,
+eval export, done.json).
+
 Loss = token mean over every target token of the global batch: loss_func returns the *sum* of
 token losses and the token count (Megatron's per-token-loss mode); finalize_model_grads
 divides the summed grads by the global token count across micro-batches and DP ranks.
@@ -18,9 +23,9 @@ train_log.jsonl (one line per logged step), tensorboard/ (event files, rank 0) a
 (final stats, written last).
 
 Resuming (flanpipe.checkpointing): resumable checkpoints (model + optimizer + data position +
-RNG) go to ``--ckpt-dir`` (default ``<out>.ckpt``, outside the output dir that Snakemake deletes
-before a rerun) every ``train.save_interval`` steps, at the end, and when SIGTERM arrives: the
-current step finishes, a checkpoint is saved and the process exits with status 143
+RNG + RunState) go to ``--ckpt-dir`` (default ``<out>.ckpt``, outside the output dir that Snakemake
+deletes before a rerun) every ``train.save_interval`` steps, at the end, and when SIGTERM arrives:
+the current step finishes, a checkpoint is saved and the process exits with status 143
 (``PREEMPTED_EXIT_CODE``). Started again with the same command, training resumes from the
 newest checkpoint and ends with the same weights, bit for bit on CPU, as an uninterrupted run.
 A checkpoint of another run (other model, data, lr, seed, batch...: see
@@ -38,8 +43,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,192 +54,14 @@ import torch.distributed as dist
 
 from flanpipe import checkpointing, megatron_compat
 from flanpipe.data import PackedDataset, batch_iterator, packed_seq_params
-from flanpipe.model import load_checkpoint, model_provider, save_checkpoint
-from flanpipe.model_config import ModelConfig, load_model_config, param_count
+from flanpipe.model import model_provider
+from flanpipe.model_config import ModelConfig, flops_per_token, load_model_config, param_count
 from flanpipe.optim import build_optimizer, lr_at, set_lr
+from flanpipe.train_config import RankGrid, TrainConfig, parse_spec, plan_layout
 
 megatron_compat.quiet_warnings()  # before Megatron is first imported (it warns at import)
 
-
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The ``train`` block of train_spec.json."""
-
-    steps: int
-    """Optimizer steps."""
-
-    lr: float
-    """Peak learning rate (Adafactor: relative to parameter scale, see flanpipe.optim)."""
-
-    micro_batch_size: int
-    """Packed rows per forward pass on one rank."""
-
-    global_batch_size: int
-    """Packed rows per optimizer step = micro_batch_size x DP size x accumulation steps."""
-
-    seq_length: int
-    """Tokens per packed row; must equal the packed data's row length."""
-
-    warmup_steps: int = 0
-    """Linear warmup steps before the constant lr."""
-
-    seed: int = 1234
-    """Seeds weight init, Megatron's RNG tracker and the row shuffle."""
-
-    log_interval: int = 10
-    """Log every this many steps (the first and last steps are always logged)."""
-
-    tensor_model_parallel_size: int = 1
-    """TP: each layer's matrices split over this many ranks."""
-
-    pipeline_model_parallel_size: int = 1
-    """PP: layers split into this many stages (1F1B schedule)."""
-
-    virtual_pipeline_model_parallel_size: int = 1
-    """Model chunks per PP rank (> 1: Megatron's interleaved 1F1B). Each rank holds ``vpp`` chunks of
-    num_layers / (pp x vpp) layers, round-robin over the ranks, which cuts the pipeline bubble from
-    (pp - 1) / m to (pp - 1) / (vpp x m) for m micro-batches, at vpp x the p2p traffic. Needs the
-    micro-batches per step to be a multiple of pp."""
-
-    precision: str = "fp32"
-    """fp32, or bf16: bf16 parameters and activations, fp32 master weights in the optimizer and fp32
-    gradient reduction (Megatron's mixed precision; what a GPU run uses)."""
-
-    optimizer: str = "adafactor"
-    """adafactor (FLAN) or adam (AdamW)."""
-
-    weight_decay: float = 0.0
-    """Decoupled weight decay on matrices (not biases / norms)."""
-
-    clip_grad: float = 1.0
-    """Clip by global grad norm; 0 disables."""
-
-    init_checkpoint: str | None = None
-    """Optional run directory (model.json + checkpoint/) whose weights start training,
-    e.g. a pretrained LM to instruction-tune. Its model config must equal this run's."""
-
-    save_interval: int = 0
-    """Save a resumable checkpoint every this many steps; 0: only at the end and on SIGTERM."""
-
-    keep_checkpoints: int = 2
-    """Resumable checkpoints kept in the checkpoint dir (the newest ones)."""
-
-    tensorboard: bool = True
-    """Write TensorBoard event files to out/tensorboard (rank 0)."""
-
-    peak_tflops: float = 989.0
-    """Peak dense TFLOP/s of one device, the MFU denominator (H100 SXM bf16: 989). Meaningless
-    on CPU, where the logged MFU is only an estimate against this number."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "micro_batch_size",
-            "global_batch_size",
-            "seq_length",
-            "log_interval",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1")
-        if self.warmup_steps < 0:
-            raise ValueError("train.warmup_steps must be >= 0")
-        if self.save_interval < 0:
-            raise ValueError("train.save_interval must be >= 0")
-        if not self.peak_tflops > 0:
-            raise ValueError("train.peak_tflops must be > 0")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.virtual_pipeline_model_parallel_size < 1:
-            raise ValueError("train.virtual_pipeline_model_parallel_size must be >= 1")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"global_batch_size={self.global_batch_size} must be a multiple of "
-                f"micro_batch_size={self.micro_batch_size}"
-            )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown train spec keys: {unknown}")
-        return cls(**data)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How the world splits: world = TP x PP x DP, and the batch arithmetic that follows."""
-
-    world: int
-    tp: int
-    pp: int
-    dp: int
-    accumulation: int
-    """Micro-batches per rank per step = global_batch / (micro_batch x dp)."""
-    vpp: int = 1
-    """Model chunks per PP rank (interleaved schedule when > 1)."""
-
-
-def plan_layout(train: TrainConfig, model: ModelConfig, world: int) -> Layout:
-    """Check and write out the batch arithmetic before any process group exists.
-
-    global_batch = micro_batch x dp x accumulation, with dp = world / (tp x pp).
-    """
-    tp, pp = train.tensor_model_parallel_size, train.pipeline_model_parallel_size
-    vpp = train.virtual_pipeline_model_parallel_size
-    model.check_parallel(tp, pp, vpp)
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
-    dp = world // (tp * pp)
-    per_step = train.micro_batch_size * dp
-    if train.global_batch_size % per_step:
-        raise ValueError(
-            f"global_batch_size={train.global_batch_size} must be a multiple of "
-            f"micro_batch_size x dp = {train.micro_batch_size} x {dp}"
-        )
-    accumulation = train.global_batch_size // per_step
-    assert train.global_batch_size == train.micro_batch_size * dp * accumulation
-    if vpp > 1 and accumulation % pp:
-        # Megatron's interleaved schedule runs micro-batches in groups of pp per model chunk
-        raise ValueError(
-            f"virtual pipeline: micro-batches per step ({accumulation} = global_batch_size "
-            f"{train.global_batch_size} / (micro_batch_size {train.micro_batch_size} x dp {dp})) must be "
-            f"a multiple of pipeline_model_parallel_size={pp}"
-        )
-    if train.seq_length > model.max_position_embeddings:
-        raise ValueError(f"seq_length={train.seq_length} > max_position_embeddings={model.max_position_embeddings}")
-    return Layout(world=world, tp=tp, pp=pp, dp=dp, accumulation=accumulation, vpp=vpp)
-
-
-def parse_spec(spec: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
-    """Split train_spec.json into its validated model and train configs."""
-    unknown = sorted(set(spec) - {"model", "train"})
-    if unknown:
-        raise ValueError(f"unknown train spec sections: {unknown}")
-    return ModelConfig.from_dict(spec["model"]), TrainConfig.from_dict(spec["train"])
-
-
-def flops_per_token(cfg: ModelConfig, seq_length: int) -> int:
-    """Model FLOPs of one training token (forward + backward), as in PaLM (app. B) and nanoGPT.
-
-    Every weight takes part in one multiply-add per token: 2 FLOPs in the forward pass and 4 in
-    the backward (the gradient of the input and of the weight), so 6 N, with N the parameters
-    used in a matmul: all of them except the input embedding tables (a lookup costs nothing;
-    the untied output layer is a matmul and counts). Attention adds two matmuls per layer that
-    have no weights: scores Q K^T and the weighted sum A V, each 2 x T x d_attn FLOPs per token
-    forward (d_attn = heads x kv_channels, T = seq_length: the dense attention computes every
-    column of the packed row, masked or not), x 3 with the backward: 12 x L x d_attn x T.
-
-        flops/token = 6 N + 12 L d_attn T
-    """
-    h = cfg.hidden_size
-    lookups = cfg.vocab_size * h + (cfg.max_position_embeddings * h if cfg.position_embedding_type != "rope" else 0)
-    n_matmul = param_count(cfg) - lookups
-    d_attn = cfg.num_attention_heads * cfg.kv_channels
-    return 6 * n_matmul + 12 * cfg.num_layers * d_attn * seq_length
+__all__ = ["RankGrid", "TrainConfig", "parse_spec", "plan_layout", "train", "run", "main"]
 
 
 def init_distributed(tp: int, pp: int, vpp: int = 1) -> None:
@@ -328,7 +155,7 @@ def build_model(cfg: ModelConfig, train: TrainConfig, *, load_init: bool = True)
         for model in models:
             model.cuda(torch.cuda.current_device())
     if init_dir is not None:  # fp32 or bf16 weights load into either (dist_checkpointing casts)
-        load_checkpoint(models, init_dir / "checkpoint")
+        checkpointing.load_weights(models, init_dir / "checkpoint")
     chunks = []
     for model in models:
         wrapped = Float16Module(model.config, model) if bf16 else model
@@ -427,6 +254,202 @@ def _resume_point(ckpt_dir: Path, fingerprint: str, steps: int) -> Path | None:
     return None
 
 
+# --------------------------------------------------------------------------- run state
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides model/optimizer/RNG, so that a resumed run reports the
+    whole run: rank 0's log so far and the totals done.json needs. Checkpointed as the plain dict
+    ``to_checkpoint`` returns (checkpoint FORMAT 2's ``train_history`` entry, same keys)."""
+
+    log: list[dict[str, Any]] = field(default_factory=list)
+    """One record per logged step (what train_log.jsonl holds)."""
+    first_loss: float | None = None
+    last_loss: float | None = None
+    target_tokens: float = 0.0
+    """Loss-bearing tokens seen so far (all ranks, all steps)."""
+    wall_s: float = 0.0
+    """Training seconds before this session (earlier sessions of a resumed run), then up to the last save."""
+
+    def record(self, step: StepResult) -> None:
+        """Fold one step's statistics into the run totals."""
+        if self.first_loss is None:
+            self.first_loss = step.loss
+        self.last_loss = step.loss
+        self.target_tokens += step.tokens
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, Any]) -> RunState:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step's statistics, identical on every rank."""
+
+    step: int
+    """Steps done after this one (1-based)."""
+    lr: float
+    loss: float
+    """Token-mean loss over the global batch."""
+    tokens: float
+    """Loss-bearing tokens of the global batch."""
+    grad_norm: float
+
+
+@dataclass
+class Run:
+    """Everything ``set_up`` builds for one training session on this rank."""
+
+    cfg: ModelConfig
+    tc: TrainConfig
+    grid: RankGrid
+    rank: int
+    out_dir: Path
+    ckpt_dir: Path
+    n_rows: int
+    """Packed rows in the data."""
+    fingerprint: str
+    resume: Path | None
+    """The checkpoint this session resumed from."""
+    start_step: int
+    model: list[torch.nn.Module]
+    optimizer: Any
+    batches: Any
+    """The micro-batch iterator, or one per model chunk (interleaved schedule)."""
+    forward_backward: Callable[..., Any]
+    uses_te: bool
+    state: RunState
+    last_saved: int = -1
+    """Step of the newest resumable checkpoint of this run (-1: none yet)."""
+
+    @property
+    def tokens_per_step(self) -> int:
+        """global_batch rows x seq_length tokens (padding included: the model computes it)."""
+        return self.tc.global_batch_size * self.tc.seq_length
+
+
+# --------------------------------------------------------------------------- set up
+
+
+def set_up(
+    spec: dict[str, Any],
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    ckpt_dir: str | os.PathLike[str] | None,
+) -> Run:
+    """Layout, process groups, resume point, model, optimizer and data streams (Megatron-LM's
+    ``setup_model_and_optimizer`` plus the data iterators)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    cfg, tc = parse_spec(spec)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
+    grid = plan_layout(tc, cfg, world)
+    init_distributed(grid.tp, grid.pp, grid.vpp)
+    out_dir = Path(out_dir)
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir else checkpointing.default_ckpt_dir(out_dir)
+
+    dataset = PackedDataset(data_dir)
+    if dataset.seq_length != tc.seq_length:
+        raise ValueError(f"packed rows are {dataset.seq_length} tokens, train.seq_length={tc.seq_length}")
+    fingerprint = checkpointing.fingerprint(cfg.to_dict(), dataclasses.asdict(tc), len(dataset))
+    resume = _resume_point(ckpt_dir, fingerprint, tc.steps)
+
+    model = build_model(cfg, tc, load_init=resume is None)
+    optimizer = build_optimizer(
+        model,
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        clip_grad=tc.clip_grad,
+        optimizer=tc.optimizer,
+        bf16=tc.precision == "bf16",
+    )
+    state, start_step = RunState(), 0
+    if resume is not None:
+        meta, saved = checkpointing.load(resume, model_chunks=model, optimizer=optimizer)
+        state, start_step = RunState.from_checkpoint(saved), meta["step"]
+        assert meta["consumed_samples"] == start_step * tc.global_batch_size, meta
+    return Run(
+        cfg=cfg,
+        tc=tc,
+        grid=grid,
+        rank=dist.get_rank(),
+        out_dir=out_dir,
+        ckpt_dir=ckpt_dir,
+        n_rows=len(dataset),
+        fingerprint=fingerprint,
+        resume=resume,
+        start_step=start_step,
+        model=model,
+        optimizer=optimizer,
+        batches=_data_streams(dataset, tc, len(model), consumed_samples=start_step * tc.global_batch_size),
+        forward_backward=get_forward_backward_func(),
+        uses_te=bool(model[0].flanpipe_uses_te),
+        state=state,
+        last_saved=start_step if resume is not None else -1,
+    )
+
+
+def _data_streams(dataset: PackedDataset, tc: TrainConfig, chunks: int, *, consumed_samples: int):
+    """This rank's micro-batch iterator (one per model chunk when there are several).
+
+    Data position: step t reads global samples [t*G, (t+1)*G), so a resumed run continues the same
+    stream at consumed_samples = start_step x global_batch_size. The interleaved schedule wants one
+    iterator per model chunk: each chunk reads every micro-batch in order, so they are identical streams.
+    """
+    from megatron.core import parallel_state
+
+    streams = [
+        batch_iterator(
+            dataset,
+            seed=tc.seed,
+            global_batch_size=tc.global_batch_size,
+            micro_batch_size=tc.micro_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(),
+            consumed_samples=consumed_samples,
+        )
+        for _ in range(chunks)
+    ]
+    return streams if chunks > 1 else streams[0]
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """One optimizer step at 0-based ``step``: lr, forward/backward over every micro-batch, update."""
+    tc = run.tc
+    lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup_steps)
+    set_lr(run.optimizer, lr)
+    for chunk in run.model:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    # The pipeline schedule's p2p buffers are [seq, micro_batch, hidden]; THD flattens a micro-batch.
+    p2p_seq, p2p_mb = (tc.seq_length * tc.micro_batch_size, 1) if run.uses_te else (tc.seq_length, tc.micro_batch_size)
+    data_store = run.forward_backward(
+        forward_step_func=partial(forward_step, uses_te=run.uses_te),
+        data_iterator=run.batches,
+        model=run.model,
+        num_microbatches=run.grid.accumulation,
+        seq_length=p2p_seq,
+        micro_batch_size=p2p_mb,
+        forward_only=False,
+    )
+    _, grad_norm, _ = run.optimizer.step()
+    if grad_norm is None:  # clipping off: still report the norm
+        grad_norm = run.optimizer.get_grad_norm()
+    loss, tokens = _reduce_step_stats(data_store)
+    return StepResult(step=step + 1, lr=lr, loss=loss, tokens=tokens, grad_norm=float(grad_norm))
+
+
+# --------------------------------------------------------------------------- logging
+
+
 def _tensorboard(out_dir: Path, purge_step: int):
     """A SummaryWriter on out/tensorboard; ``purge_step`` hides events a killed attempt logged
     after the checkpoint this run resumes from."""
@@ -442,6 +465,220 @@ def _log_scalars(writer, record: dict[str, Any]) -> None:
     writer.add_scalar("perf/mfu", record["mfu"], record["step"])
 
 
+class StepLogger:
+    """Owns what a run reports: the banner, train_log.jsonl, TensorBoard, throughput and MFU, and
+    the session clock (Megatron-LM's ``training_log``).
+
+    Batch arithmetic, nanoGPT style. One optimizer step sees
+      global_batch rows = micro_batch x DP x accumulation, each row seq_length tokens, so
+      tokens/step = global_batch x seq_length (padding included: the model computes it), e.g.
+      FLAN's 8,192-token batches = 8 rows x 1,024 tokens (or 4 x 2,048).
+    Model FLOPs per step = flops_per_token x tokens/step, spread over `world` devices, so
+      MFU = flops_per_token x tokens/s / (world x peak_tflops x 1e12).
+    Every rank keeps the records (and the clock); only rank 0 writes files and prints.
+    """
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.flops_per_token = flops_per_token(run.cfg, run.tc.seq_length)
+        self.peak_flops = run.grid.world * run.tc.peak_tflops * 1e12
+        self.on_cpu = not torch.cuda.is_available()
+        self.log_path = run.out_dir / "train_log.jsonl"
+        self.writer = None
+        self.wall_before = float(run.state.wall_s)
+        self.t_start = self.t_last = time.perf_counter()
+        self.last_logged = run.start_step
+
+    def open(self) -> None:
+        """Rank 0: fresh outputs, the log so far rewritten from the run state, TensorBoard, banner."""
+        run, state = self.run, self.run.state
+        if run.rank != 0:
+            return
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        (run.out_dir / "done.json").unlink(missing_ok=True)  # its presence must mean *this* run finished
+        # A resumed run rewrites the log from its checkpoint: whole even if out/ was deleted,
+        # and without the steps a killed attempt logged after that checkpoint.
+        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in state.log))
+        if run.tc.tensorboard:
+            replay = not (run.out_dir / "tensorboard").exists()  # deleted (e.g. by Snakemake) or new
+            self.writer = _tensorboard(run.out_dir, purge_step=run.start_step + 1)
+            for record in state.log if replay else []:
+                _log_scalars(self.writer, record)
+        print(self.banner(), flush=True)
+
+    def banner(self) -> str:
+        run, tc, g, h = self.run, self.run.tc, self.run.grid, self.run.cfg
+        tokens_per_step = run.tokens_per_step
+        return (
+            f"flanpipe.train: {param_count(h):,} params ({h.num_layers} layers, hidden {h.hidden_size},"
+            f" {h.num_attention_heads} heads) | world {g.world} = TP {g.tp} x PP {g.pp}"
+            f" x DP {g.dp}{f' (VPP {g.vpp} chunks per PP rank)' if g.vpp > 1 else ''}"
+            f" | {tc.precision} | {run.n_rows:,} packed rows\n"
+            f"flanpipe.train: global batch {tc.global_batch_size} rows = micro {tc.micro_batch_size}"
+            f" x DP {g.dp} x accumulation {g.accumulation}; {tc.global_batch_size} rows"
+            f" x {tc.seq_length:,} tokens = {tokens_per_step:,}-token global batches;"
+            f" {tc.steps:,} steps = {tokens_per_step * tc.steps:,} tokens\n"
+            f"flanpipe.train: {self.flops_per_token:,} FLOPs/token (6N + 12 L d_attn T) x {tokens_per_step:,} tokens"
+            f" = {self.flops_per_token * tokens_per_step:.3e} FLOPs/step; MFU vs {tc.peak_tflops:g} TFLOP/s"
+            f" x {g.world} device(s){' (an estimate only: CPU run)' if self.on_cpu else ''}\n"
+            f"flanpipe.train: checkpoints in {run.ckpt_dir}"
+            + (f" every {tc.save_interval} steps" if tc.save_interval else " at the end")
+            + " and on SIGTERM"
+            + (f"; resuming from {run.resume.name} (step {run.start_step})" if run.resume is not None else "")
+        )
+
+    def start(self) -> None:
+        """Start the session clock (just before the first step)."""
+        self.t_start = self.t_last = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        """Training seconds of the whole run so far (earlier sessions included)."""
+        return self.wall_before + (time.perf_counter() - self.t_start)
+
+    def exclude(self, seconds: float) -> None:
+        """Keep ``seconds`` (a checkpoint save) out of the next tokens/s."""
+        self.t_last += seconds
+
+    def log(self, result: StepResult) -> None:
+        """Log every log_interval steps, and always the first step of a session and the last step."""
+        done, tc = result.step, self.run.tc
+        if not (done % tc.log_interval == 0 or done in (self.run.start_step + 1, tc.steps)):
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        tokens_per_s = self.run.tokens_per_step * (done - self.last_logged) / (now - self.t_last)
+        record = {
+            "step": done,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / self.peak_flops,
+            "target_tokens": int(result.tokens),
+            "elapsed_s": self.wall_before + now - self.t_start,
+        }
+        self.t_last, self.last_logged = now, done
+        self.run.state.log.append(record)
+        if self.run.rank != 0:
+            return
+        print(
+            f"step {done:5d} | loss {result.loss:.4f} | lr {result.lr:.2e} | grad norm {result.grad_norm:.3f}"
+            f" | {tokens_per_s:,.0f} tok/s | MFU {100 * record['mfu']:.3g}%{' (est.)' if self.on_cpu else ''}",
+            flush=True,
+        )
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            _log_scalars(self.writer, record)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------- save / stop
+
+
+def save(run: Run, logger: StepLogger, done_steps: int) -> Path:
+    """A resumable checkpoint after ``done_steps`` steps (collective; Megatron-LM's
+    ``save_checkpoint_and_time``: its seconds stay out of the logged tokens/s)."""
+    t0 = time.perf_counter()
+    run.state.wall_s = logger.elapsed_s()
+    path = checkpointing.save(
+        run.ckpt_dir,
+        done_steps,
+        model_chunks=run.model,
+        optimizer=run.optimizer,
+        consumed_samples=done_steps * run.tc.global_batch_size,
+        fingerprint=run.fingerprint,
+        history=run.state.to_checkpoint(),
+        keep=run.tc.keep_checkpoints,
+    )
+    run.last_saved = done_steps
+    logger.exclude(time.perf_counter() - t0)
+    return path
+
+
+def maybe_save(run: Run, logger: StepLogger, done_steps: int) -> None:
+    """Save every save_interval steps (the last step is saved by ``finish``)."""
+    interval = run.tc.save_interval
+    if interval and done_steps % interval == 0 and done_steps < run.tc.steps:
+        save(run, logger, done_steps)
+
+
+def maybe_stop(run: Run, logger: StepLogger, stopper: checkpointing.StopOnSignal, done_steps: int) -> None:
+    """After SIGTERM reached any rank: save (unless this step just was), mark the checkpoint dir
+    preempted and raise ``checkpointing.Preempted``. Collective: every rank stops at the same step."""
+    if not stopper.requested():
+        return
+    saved_now = run.last_saved == done_steps
+    path = checkpointing.latest_checkpoint(run.ckpt_dir) if saved_now else save(run, logger, done_steps)
+    if run.rank == 0:
+        checkpointing.mark_preempted(run.ckpt_dir, done_steps, path)
+        print(f"flanpipe.train: SIGTERM: saved {path} at step {done_steps}; exiting", flush=True)
+    raise checkpointing.Preempted(done_steps, path)
+
+
+# --------------------------------------------------------------------------- finish
+
+
+def finish(run: Run, logger: StepLogger, wall_s: float) -> dict[str, Any]:
+    """End of training: a resumable checkpoint of the final state (to continue with more steps, or to
+    finish the outputs below if this process dies first), the weights for evaluation, model.json,
+    and done.json last (its presence means the run finished). Returns the final stats."""
+    tc = run.tc
+    if run.last_saved != tc.steps:
+        save(run, logger, tc.steps)
+    ckpt_out = run.out_dir / "checkpoint"
+    if run.rank == 0 and ckpt_out.exists():
+        shutil.rmtree(ckpt_out)
+    dist.barrier()
+    checkpointing.save_weights([chunk.module for chunk in run.model], ckpt_out)
+    dist.barrier()
+    stats = run_stats(run, logger, wall_s)
+    if run.rank == 0:
+        from flanpipe.io import write_json
+
+        write_json(run.out_dir / "model.json", run.cfg.to_dict())
+        write_json(run.out_dir / "done.json", stats)  # last: its presence means the run finished
+    dist.barrier()
+    return stats
+
+
+def run_stats(run: Run, logger: StepLogger, wall_s: float) -> dict[str, Any]:
+    """done.json: the whole run's totals (earlier sessions of a resumed run included) and its layout."""
+    tc, g, state = run.tc, run.grid, run.state
+    tokens_per_step = run.tokens_per_step
+    return {
+        "steps": tc.steps,
+        "first_loss": state.first_loss,
+        "final_loss": state.last_loss,
+        "tokens": tokens_per_step * tc.steps,
+        "target_tokens": int(state.target_tokens),
+        "consumed_samples": tc.global_batch_size * tc.steps,
+        "wall_s": wall_s,
+        "tokens_per_s": tokens_per_step * tc.steps / wall_s,
+        "flops_per_token": logger.flops_per_token,
+        "mfu": logger.flops_per_token * tokens_per_step * tc.steps / wall_s / logger.peak_flops,
+        "resumed_from_step": run.start_step,
+        "params": param_count(run.cfg),
+        "world_size": g.world,
+        "tensor_model_parallel_size": g.tp,
+        "pipeline_model_parallel_size": g.pp,
+        "virtual_pipeline_model_parallel_size": g.vpp,
+        "data_parallel_size": g.dp,
+        "precision": tc.precision,
+        "accumulation_steps": g.accumulation,
+        "global_batch_size": tc.global_batch_size,
+        "micro_batch_size": tc.micro_batch_size,
+        "seq_length": tc.seq_length,
+    }
+
+
+# --------------------------------------------------------------------------- the loop
+
+
 def train(
     spec: dict[str, Any],
     data_dir: str | os.PathLike[str],
@@ -453,239 +690,23 @@ def train(
 
     Raises ``checkpointing.Preempted`` after saving a checkpoint when SIGTERM arrived.
     """
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    cfg, tc = parse_spec(spec)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
-    layout = plan_layout(tc, cfg, world)
-    init_distributed(layout.tp, layout.pp, layout.vpp)
-    rank = dist.get_rank()
-    out_dir = Path(out_dir)
-    ckpt_dir = Path(ckpt_dir) if ckpt_dir else checkpointing.default_ckpt_dir(out_dir)
-
-    dataset = PackedDataset(data_dir)
-    if dataset.seq_length != tc.seq_length:
-        raise ValueError(f"packed rows are {dataset.seq_length} tokens, train.seq_length={tc.seq_length}")
-    fingerprint = checkpointing.fingerprint(cfg.to_dict(), dataclasses.asdict(tc), len(dataset))
-    resume = _resume_point(ckpt_dir, fingerprint, tc.steps)
-
-    model = build_model(cfg, tc, load_init=resume is None)
-    uses_te = bool(model[0].flanpipe_uses_te)
-    optimizer = build_optimizer(
-        model,
-        lr=tc.lr,
-        weight_decay=tc.weight_decay,
-        clip_grad=tc.clip_grad,
-        optimizer=tc.optimizer,
-        bf16=tc.precision == "bf16",
-    )
-    # What a checkpoint carries besides model/optimizer/RNG: rank 0's log so far and the totals
-    # done.json needs, so that a resumed run reports the whole run.
-    history: dict[str, Any] = {"log": [], "first_loss": None, "last_loss": None, "target_tokens": 0.0, "wall_s": 0.0}
-    start_step = 0
-    if resume is not None:
-        meta, history = checkpointing.load(resume, model_chunks=model, optimizer=optimizer)
-        start_step = meta["step"]
-        assert meta["consumed_samples"] == start_step * tc.global_batch_size, meta
-    # Data position: step t reads global samples [t*G, (t+1)*G), so a resumed run continues the
-    # same stream at consumed_samples = start_step x global_batch_size.
-    # The interleaved schedule wants one iterator per model chunk: each chunk reads every micro-batch
-    # in order, so they are identical streams.
-    streams = [
-        batch_iterator(
-            dataset,
-            seed=tc.seed,
-            global_batch_size=tc.global_batch_size,
-            micro_batch_size=tc.micro_batch_size,
-            dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=parallel_state.get_data_parallel_world_size(),
-            consumed_samples=start_step * tc.global_batch_size,
-        )
-        for _ in model
-    ]
-    batches = streams if len(model) > 1 else streams[0]
-    forward_backward = get_forward_backward_func()
-    # The pipeline schedule's p2p buffers are [seq, micro_batch, hidden]; THD flattens a micro-batch.
-    p2p_seq, p2p_mb = (tc.seq_length * tc.micro_batch_size, 1) if uses_te else (tc.seq_length, tc.micro_batch_size)
-
-    # Batch arithmetic, nanoGPT style. One optimizer step sees
-    #   global_batch rows = micro_batch x DP x accumulation, each row seq_length tokens, so
-    #   tokens/step = global_batch x seq_length (padding included: the model computes it), e.g.
-    #   FLAN's 8,192-token batches = 8 rows x 1,024 tokens (or 4 x 2,048).
-    # Model FLOPs per step = flops_per_token x tokens/step, spread over `world` devices, so
-    #   MFU = flops_per_token x tokens/s / (world x peak_tflops x 1e12).
-    tokens_per_step = tc.global_batch_size * tc.seq_length
-    flops_tok = flops_per_token(cfg, tc.seq_length)
-    peak_flops = layout.world * tc.peak_tflops * 1e12
-    on_cpu = not torch.cuda.is_available()
-
-    log_path = out_dir / "train_log.jsonl"
-    writer = None
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "done.json").unlink(missing_ok=True)  # its presence must mean *this* run finished
-        # A resumed run rewrites the log from its checkpoint: whole even if out/ was deleted,
-        # and without the steps a killed attempt logged after that checkpoint.
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in history["log"]))
-        if tc.tensorboard:
-            replay = not (out_dir / "tensorboard").exists()  # deleted (e.g. by Snakemake) or new
-            writer = _tensorboard(out_dir, purge_step=start_step + 1)
-            for record in history["log"] if replay else []:
-                _log_scalars(writer, record)
-        h = cfg
-        print(
-            f"flanpipe.train: {param_count(cfg):,} params ({h.num_layers} layers, hidden {h.hidden_size},"
-            f" {h.num_attention_heads} heads) | world {layout.world} = TP {layout.tp} x PP {layout.pp}"
-            f" x DP {layout.dp}{f' (VPP {layout.vpp} chunks per PP rank)' if layout.vpp > 1 else ''}"
-            f" | {tc.precision} | {len(dataset):,} packed rows\n"
-            f"flanpipe.train: global batch {tc.global_batch_size} rows = micro {tc.micro_batch_size}"
-            f" x DP {layout.dp} x accumulation {layout.accumulation}; {tc.global_batch_size} rows"
-            f" x {tc.seq_length:,} tokens = {tokens_per_step:,}-token global batches;"
-            f" {tc.steps:,} steps = {tokens_per_step * tc.steps:,} tokens\n"
-            f"flanpipe.train: {flops_tok:,} FLOPs/token (6N + 12 L d_attn T) x {tokens_per_step:,} tokens"
-            f" = {flops_tok * tokens_per_step:.3e} FLOPs/step; MFU vs {tc.peak_tflops:g} TFLOP/s x {layout.world}"
-            f" device(s){' (an estimate only: CPU run)' if on_cpu else ''}\n"
-            f"flanpipe.train: checkpoints in {ckpt_dir}"
-            + (f" every {tc.save_interval} steps" if tc.save_interval else " at the end")
-            + " and on SIGTERM"
-            + (f"; resuming from {resume.name} (step {start_step})" if resume is not None else ""),
-            flush=True,
-        )
-
-    def save(done_steps: int) -> Path:
-        history["wall_s"] = wall_before + (time.perf_counter() - t_start)
-        return checkpointing.save(
-            ckpt_dir,
-            done_steps,
-            model_chunks=model,
-            optimizer=optimizer,
-            consumed_samples=done_steps * tc.global_batch_size,
-            fingerprint=fingerprint,
-            history=history,
-            keep=tc.keep_checkpoints,
-        )
-
-    wall_before = float(history["wall_s"])
-    t_start = t_last = time.perf_counter()
-    last_logged = start_step
-    last_saved = start_step if resume is not None else -1
+    run = set_up(spec, data_dir, out_dir, ckpt_dir)
+    logger = StepLogger(run)
     stopper = checkpointing.StopOnSignal()
     try:
+        logger.open()
+        logger.start()
         with stopper:
-            for step in range(start_step, tc.steps):
-                lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup_steps)
-                set_lr(optimizer, lr)
-                for chunk in model:
-                    chunk.zero_grad_buffer()
-                optimizer.zero_grad()
-                data_store = forward_backward(
-                    forward_step_func=partial(forward_step, uses_te=uses_te),
-                    data_iterator=batches,
-                    model=model,
-                    num_microbatches=layout.accumulation,
-                    seq_length=p2p_seq,
-                    micro_batch_size=p2p_mb,
-                    forward_only=False,
-                )
-                _, grad_norm, _ = optimizer.step()
-                if grad_norm is None:  # clipping off: still report the norm
-                    grad_norm = optimizer.get_grad_norm()
-                loss, tokens = _reduce_step_stats(data_store)
-                if history["first_loss"] is None:
-                    history["first_loss"] = loss
-                history["last_loss"] = loss
-                history["target_tokens"] += tokens
-
-                done_steps = step + 1
-                if done_steps % tc.log_interval == 0 or done_steps in (start_step + 1, tc.steps):
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                    now = time.perf_counter()
-                    tokens_per_s = tokens_per_step * (done_steps - last_logged) / (now - t_last)
-                    record = {
-                        "step": done_steps,
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": float(grad_norm),
-                        "tokens_per_s": tokens_per_s,
-                        "mfu": flops_tok * tokens_per_s / peak_flops,
-                        "target_tokens": int(tokens),
-                        "elapsed_s": wall_before + now - t_start,
-                    }
-                    t_last, last_logged = now, done_steps
-                    history["log"].append(record)
-                    if rank == 0:
-                        print(
-                            f"step {done_steps:5d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f}"
-                            f" | {tokens_per_s:,.0f} tok/s | MFU {100 * record['mfu']:.3g}%"
-                            f"{' (est.)' if on_cpu else ''}",
-                            flush=True,
-                        )
-                        with log_path.open("a") as f:
-                            f.write(json.dumps(record) + "\n")
-                        if writer is not None:
-                            _log_scalars(writer, record)
-
-                if tc.save_interval and done_steps % tc.save_interval == 0 and done_steps < tc.steps:
-                    t0 = time.perf_counter()
-                    save(done_steps)
-                    last_saved = done_steps
-                    t_last += time.perf_counter() - t0  # keep save time out of tokens/s
-                if stopper.requested():  # collective: every rank stops at the same step
-                    path = save(done_steps) if last_saved != done_steps else checkpointing.latest_checkpoint(ckpt_dir)
-                    if rank == 0:
-                        checkpointing.mark_preempted(ckpt_dir, done_steps, path)
-                        print(f"flanpipe.train: SIGTERM: saved {path} at step {done_steps}; exiting", flush=True)
-                    raise checkpointing.Preempted(done_steps, path)
+            for step in range(run.start_step, run.tc.steps):
+                result = train_step(run, step)
+                run.state.record(result)
+                logger.log(result)
+                maybe_save(run, logger, result.step)
+                maybe_stop(run, logger, stopper, result.step)  # raises Preempted after saving
     finally:
-        if writer is not None:
-            writer.close()
-    session_s = time.perf_counter() - t_start
-    wall_s = wall_before + session_s
-
-    # End of training: a resumable checkpoint of the final state (to continue with more steps,
-    # or to finish the outputs below if this process dies first), then the model for evaluation.
-    if last_saved != tc.steps:
-        save(tc.steps)
-    ckpt_out = out_dir / "checkpoint"
-    if rank == 0 and ckpt_out.exists():
-        shutil.rmtree(ckpt_out)
-    dist.barrier()
-    save_checkpoint([chunk.module for chunk in model], ckpt_out)
-    dist.barrier()
-
-    stats = {
-        "steps": tc.steps,
-        "first_loss": history["first_loss"],
-        "final_loss": history["last_loss"],
-        "tokens": tokens_per_step * tc.steps,
-        "target_tokens": int(history["target_tokens"]),
-        "consumed_samples": tc.global_batch_size * tc.steps,
-        "wall_s": wall_s,
-        "tokens_per_s": tokens_per_step * tc.steps / wall_s,
-        "flops_per_token": flops_tok,
-        "mfu": flops_tok * tokens_per_step * tc.steps / wall_s / peak_flops,
-        "resumed_from_step": start_step,
-        "params": param_count(cfg),
-        "world_size": layout.world,
-        "tensor_model_parallel_size": layout.tp,
-        "pipeline_model_parallel_size": layout.pp,
-        "virtual_pipeline_model_parallel_size": layout.vpp,
-        "data_parallel_size": layout.dp,
-        "precision": tc.precision,
-        "accumulation_steps": layout.accumulation,
-        "global_batch_size": tc.global_batch_size,
-        "micro_batch_size": tc.micro_batch_size,
-        "seq_length": tc.seq_length,
-    }
-    if rank == 0:
-        from flanpipe.io import write_json
-
-        write_json(out_dir / "model.json", cfg.to_dict())
-        write_json(out_dir / "done.json", stats)  # last: its presence means the run finished
-    dist.barrier()
-    return model, stats
+        logger.close()
+    wall_s = logger.elapsed_s()
+    return run.model, finish(run, logger, wall_s)
 
 
 def run(

@@ -21,8 +21,8 @@ import torch
 from conftest import counting_examples
 
 from flanpipe.model import load_scorer, model_provider
-from flanpipe.model_config import ModelConfig, load_model_config
-from flanpipe.train import TrainConfig, flops_per_token, parse_spec, plan_layout, train
+from flanpipe.model_config import ModelConfig, flops_per_token, load_model_config
+from flanpipe.train import TrainConfig, parse_spec, plan_layout, train
 
 REPO = Path(__file__).resolve().parent.parent
 # Set by a parent torchrun; a child launched with them would join the wrong rendezvous.
@@ -337,11 +337,11 @@ def test_interleaved_pipeline_matches_single_rank(tmp_path_factory, megatron_pac
 
 
 def test_interleaved_layout_arithmetic_is_checked() -> None:
-    from flanpipe.train import Layout
+    from flanpipe.train import RankGrid
 
     cfg4 = ModelConfig(**MODEL4)
     tc = TrainConfig.from_dict({**TRAIN, "pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2})
-    assert plan_layout(tc, cfg4, 2) == Layout(world=2, tp=1, pp=2, dp=1, accumulation=2, vpp=2)
+    assert plan_layout(tc, cfg4, 2) == RankGrid(world=2, tp=1, pp=2, dp=1, accumulation=2, vpp=2)
     with pytest.raises(ValueError, match="x virtual_pipeline_model_parallel_size=2 must divide num_layers=2"):
         plan_layout(tc, ModelConfig(**MODEL), 2)
     # 8 rows / (micro 4 x dp 1) = 2 micro-batches: fine for pp 2; micro 8 -> 1, not a multiple of 2
