@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flanpipe.train_config import ADAFACTOR_DEFAULTS
+
 FORMAT = 2  # 2: optimizer entry = {inner torch state, bf16 master weights}; layout has vpp; model chunks
 PREEMPTED_EXIT_CODE = 143
 """Exit status after a SIGTERM-triggered save (128 + SIGTERM, what a shell reports for a
@@ -74,6 +76,11 @@ NOT_FINGERPRINTED = frozenset(
 )
 
 
+# Train keys added after checkpoints were first written: hashed only when set off their default, so
+# that a checkpoint saved before the key existed still fingerprints as the same run.
+HASHED_WHEN_SET = {"adafactor": ADAFACTOR_DEFAULTS}
+
+
 def default_ckpt_dir(out_dir: str | os.PathLike[str]) -> Path:
     """``results/models/run`` -> ``results/models/run.ckpt`` (outside the Snakemake output)."""
     out = Path(out_dir).absolute()
@@ -90,7 +97,11 @@ def fingerprint(model: dict[str, Any], train: dict[str, Any], n_rows: int) -> st
     Pass the parsed configs (defaults filled in), so that a spec spelling out a default and one
     leaving it out hash the same.
     """
-    train = {k: v for k, v in train.items() if k not in NOT_FINGERPRINTED}
+    train = {
+        k: v
+        for k, v in train.items()
+        if k not in NOT_FINGERPRINTED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])
+    }
     blob = json.dumps({"model": model, "train": train, "rows": n_rows}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

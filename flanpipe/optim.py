@@ -14,10 +14,14 @@ tensor-parallel sharding. For a matrix gradient G (R x C) at step t:
     c = lerp(c, mean_r G^2, t^-0.8)                column factor, 1 x C
     V = r c / max(mean_r r, eps1)                  rank-1 second-moment estimate, R x C
     U = G / sqrt(max(V, eps1^2))
-    alpha_t = max(eps2, RMS(theta)) * min(lr, 1/sqrt(t))
+    rho_t = min(lr, 1/sqrt(t))                     relative_step
+    alpha_t = max(eps2, RMS(theta)) * rho_t        scale_parameter
     theta -= alpha_t / max(1, RMS(U) / d) * U
 
-(vectors keep a full second moment v = lerp(v, g^2, t^-0.8)). Every statistic is a mean over
+(vectors keep a full second moment v = lerp(v, g^2, t^-0.8)). Two switches, as in Mesh-TF's and
+HF transformers' Adafactor, both on by default (torch.optim.Adafactor's only behaviour):
+``scale_parameter`` off makes alpha_t = rho_t (an absolute step, no RMS(theta) factor);
+``relative_step`` off makes rho_t = lr (no 1/sqrt(t) cap). Every statistic is a mean over
 the full, unsharded tensor. Megatron's TP layers hold one slice of each matrix and mark it
 (``param.tensor_model_parallel``, ``param.partition_dim``): column-parallel weights (QKV, fc1,
 embedding, output layer) are split along dim 0 (rows), row-parallel ones (proj, fc2) along dim 1.
@@ -35,8 +39,9 @@ far outside that). At TP=1 the step is torch.optim.Adafactor's (foreach=False), 
 same order. The reductions are batched by ``_tp_sum``: three all-reduces per step over the TP
 group, whatever the number of parameters. PP and DP never change the update.
 
-Its step is relative to parameter scale: weights initialised at std 0.02 move ~0.02 * lr per
-step, so the right ``lr`` is much larger than an Adam learning rate for the same run.
+With scale_parameter on, its step is relative to parameter scale: weights initialised at std
+0.02 move ~0.02 x lr per step, so the right ``lr`` is much larger than an Adam learning rate for
+the same run.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class Adafactor(torch.optim.Optimizer):
         d: float = 1.0,
         weight_decay: float = 0.0,
         *,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
         tp_group: Any = None,
     ) -> None:
         if not lr >= 0.0:
@@ -100,9 +107,25 @@ class Adafactor(torch.optim.Optimizer):
             raise ValueError(f"clipping threshold d must be >= 1, got {d}")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        defaults = {"lr": lr, "beta2_decay": beta2_decay, "eps": eps, "d": d, "weight_decay": weight_decay}
+        defaults = {
+            "lr": lr,
+            "beta2_decay": beta2_decay,
+            "eps": eps,
+            "d": d,
+            "weight_decay": weight_decay,
+            "scale_parameter": bool(scale_parameter),
+            "relative_step": bool(relative_step),
+        }
         super().__init__(params, defaults)
         self._tp_group = tp_group
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict restores the saved param groups: ones saved before the switches existed
+        # get their (only) behaviour back, both on.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("scale_parameter", True)
+            group.setdefault("relative_step", True)
 
     def tp_group(self):
         """The TP group to reduce over, or None when there is nothing to reduce."""
@@ -237,7 +260,8 @@ class _ParamStep:
         grad = self.p.grad
         self.state["step"] += 1
         self.t = self.state["step"].item()
-        self.theta_sq = self.p.norm(2).item() ** 2  # exact in float64, so sqrt gives the norm back
+        if self.group["scale_parameter"]:
+            self.theta_sq = self.p.norm(2).item() ** 2  # exact in float64, so sqrt gives the norm back
         if self.factored:
             # same as (g * g).sum(dim) without a grad-sized temporary
             self.row_sq = torch.norm(grad, dim=-1, keepdim=True).square_()  # sum over columns
@@ -248,17 +272,18 @@ class _ParamStep:
         return "row_sq" if self.cols_split else "col_sq"
 
     def partial_sums(self) -> list[torch.Tensor]:
-        sums = [torch.tensor([self.theta_sq], dtype=torch.float64)]
+        sums = [torch.tensor([self.theta_sq], dtype=torch.float64)] if self.group["scale_parameter"] else []
         if self.factored:
             sums.append(getattr(self, self._split_factor()).reshape(-1).double())
         return sums
 
     def set_sums(self, sums: list[torch.Tensor]) -> None:
-        self.theta_sq = sums[0].item()
+        if self.group["scale_parameter"]:
+            self.theta_sq = sums.pop(0).item()
         if self.factored:
             key = self._split_factor()
             local = getattr(self, key)
-            setattr(self, key, sums[1].to(local.dtype).reshape(local.shape))
+            setattr(self, key, sums[0].to(local.dtype).reshape(local.shape))
 
     # phase 2
     def step_size_decay_and_ema(self) -> None:
@@ -267,8 +292,12 @@ class _ParamStep:
         eps1, eps2 = group["eps"]
         self.eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
         one_minus_beta2_t = t ** group["beta2_decay"]
-        rho_t = min(lr, 1 / (t**0.5))
-        self.alpha = max(eps2, math.sqrt(self.theta_sq) / (self.numel**0.5)) * rho_t
+        # relative_step: rho_t = min(lr, 1/sqrt(t)); scale_parameter: alpha_t = max(eps2, RMS(theta)) x rho_t
+        rho_t = min(lr, 1 / (t**0.5)) if group["relative_step"] else lr
+        if group["scale_parameter"]:
+            self.alpha = max(eps2, math.sqrt(self.theta_sq) / (self.numel**0.5)) * rho_t
+        else:
+            self.alpha = rho_t
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])
         if self.factored:
@@ -326,6 +355,10 @@ def _tp_sum(
         return
     pieces = [partial(w) for w in work]
     flat_in = [t for ts in pieces for t in ts]
+    if not flat_in:  # e.g. only sharded biases and scale_parameter off: nothing partial
+        for w, sums in zip(work, pieces, strict=True):
+            complete(w, sums)
+        return
     # NCCL reduces CUDA tensors; scalars gathered on the host travel with the rest.
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     flat = torch.cat([t.reshape(-1).to(device) for t in flat_in])
@@ -405,11 +438,13 @@ def build_optimizer(
     clip_grad: float = 1.0,
     optimizer: str = "adafactor",
     bf16: bool = False,
+    adafactor: dict[str, bool] | None = None,
 ):
     """Wrap a torch optimizer over every trainable parameter of this rank's model chunks.
 
     ``clip_grad`` > 0 clips by the global grad norm (over all TP/PP ranks); 0 disables clipping.
     ``bf16``: the model's parameters are bf16; the optimizer keeps and updates fp32 master copies.
+    ``adafactor``: Adafactor's switches (``scale_parameter``, ``relative_step``; default both on).
     """
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer.optimizer import FP32Optimizer
@@ -424,7 +459,7 @@ def build_optimizer(
     params = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad]
     groups = _param_groups(params, weight_decay)
     if optimizer == "adafactor":
-        inner = Adafactor(groups, lr=lr)
+        inner = Adafactor(groups, lr=lr, **(adafactor or {}))
     else:
         inner = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
     config = OptimizerConfig(

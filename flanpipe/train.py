@@ -367,6 +367,7 @@ def set_up(
         clip_grad=tc.clip_grad,
         optimizer=tc.optimizer,
         bf16=tc.precision == "bf16",
+        adafactor=tc.adafactor,
     )
     state, start_step = RunState(), 0
     if resume is not None:

@@ -7,12 +7,14 @@ same function, ``split_batch``; neither imports torch for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from flanpipe.model_config import ModelConfig
 
 PRECISIONS = ("fp32", "bf16")
+ADAFACTOR_DEFAULTS = {"scale_parameter": True, "relative_step": True}
+"""Adafactor's switches (flanpipe.optim.Adafactor); both on is torch.optim.Adafactor's behaviour."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class TrainConfig:
 
     optimizer: str = "adafactor"
     """adafactor (FLAN) or adam (AdamW)."""
+
+    adafactor: dict[str, bool] = field(default_factory=lambda: dict(ADAFACTOR_DEFAULTS))
+    """Adafactor's switches, missing ones at their default: ``scale_parameter`` (step relative to the
+    parameter's RMS) and ``relative_step`` (lr capped at 1/sqrt(t)); see flanpipe.optim."""
 
     weight_decay: float = 0.0
     """Decoupled weight decay on matrices (not biases / norms)."""
@@ -111,6 +117,12 @@ class TrainConfig:
                 f"global_batch_size={self.global_batch_size} must be a multiple of "
                 f"micro_batch_size={self.micro_batch_size}"
             )
+        unknown = sorted(set(self.adafactor) - set(ADAFACTOR_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown train.adafactor keys: {unknown} (known: {sorted(ADAFACTOR_DEFAULTS)})")
+        if not all(isinstance(v, bool) for v in self.adafactor.values()):
+            raise ValueError(f"train.adafactor switches must be true or false, got {self.adafactor}")
+        object.__setattr__(self, "adafactor", {**ADAFACTOR_DEFAULTS, **self.adafactor})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -83,12 +83,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _tp_worker(rank: int, world: int, port: int, out_dir: str, switches: dict | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         init, grads = _trajectory()
-        sharded = _run(Adafactor, init, grads, LRS, rank=rank, tp=world, tp_group=dist.group.WORLD)
+        switches = switches or {}
+        sharded = _run(Adafactor, init, grads, LRS, rank=rank, tp=world, tp_group=dist.group.WORLD, **switches)
         unaware = _run(torch.optim.Adafactor, init, grads, LRS, rank=rank, tp=world, foreach=False)
         torch.save((sharded, unaware), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -119,3 +120,74 @@ def test_two_shards_equal_the_full_tensor_step(tmp_path):
 def test_rejects_bad_hyperparameters(bad):
     with pytest.raises(ValueError):
         Adafactor([torch.nn.Parameter(torch.zeros(2))], **bad)
+
+
+# --------------------------------------------------------------------------- switches
+
+# One step from theta on a tiny vector and a tiny matrix, written out. At t = 1, 1 - beta2_1 = 1^-0.8 = 1,
+# so the second moment is the gradient squared itself: vector v = g^2; matrix G^2 = [[1, 4], [4, 16]]
+# is rank 1, so r = mean_c = [2.5, 10], c = mean_r = [2.5, 10], V = r c / mean(r) = r c / 6.25 = G^2.
+# Then U = G / sqrt(V) = sign(G) and RMS(U) = 1, so nothing is clipped (d = 1): theta -= alpha_1 sign(G).
+# lr = 2 > 1/sqrt(1) = 1, so the relative-step cap shows:
+#   rho_1 = min(2, 1) = 1 (relative_step) or lr = 2;
+#   alpha_1 = max(1e-3, RMS(theta)) x rho_1 (scale_parameter) or rho_1, with
+#   RMS(vector) = sqrt((0.3^2 + 0.4^2) / 2) = sqrt(0.125),
+#   RMS(matrix) = sqrt((2 x 0.1^2 + 2 x 0.2^2) / 4) = sqrt(0.025).
+VEC, VEC_GRAD = [0.3, -0.4], [2.0, -0.5]
+MAT, MAT_GRAD = [[0.1, 0.2], [0.2, 0.1]], [[1.0, 2.0], [2.0, 4.0]]
+
+
+@pytest.mark.parametrize(
+    ("scale_parameter", "relative_step", "alpha_vec", "alpha_mat"),
+    [
+        (True, True, 0.125**0.5 * 1.0, 0.025**0.5 * 1.0),  # FLAN's / torch's Adafactor (the default)
+        (True, False, 0.125**0.5 * 2.0, 0.025**0.5 * 2.0),
+        (False, True, 1.0, 1.0),
+        (False, False, 2.0, 2.0),
+    ],
+)
+def test_switches_one_step_by_hand(scale_parameter, relative_step, alpha_vec, alpha_mat):
+    vec, mat = torch.nn.Parameter(torch.tensor(VEC)), torch.nn.Parameter(torch.tensor(MAT))
+    vec.grad, mat.grad = torch.tensor(VEC_GRAD), torch.tensor(MAT_GRAD)
+    opt = Adafactor([vec, mat], lr=2.0, scale_parameter=scale_parameter, relative_step=relative_step)
+    opt.step()
+    want_vec = torch.tensor(VEC) - alpha_vec * torch.tensor(VEC_GRAD).sign()
+    want_mat = torch.tensor(MAT) - alpha_mat * torch.tensor(MAT_GRAD).sign()
+    assert torch.allclose(vec.detach(), want_vec, rtol=0, atol=1e-6), (vec, want_vec)
+    assert torch.allclose(mat.detach(), want_mat, rtol=0, atol=1e-6), (mat, want_mat)
+
+
+def test_defaults_are_both_switches_on_and_old_state_dicts_load():
+    """The default is the behaviour before the switches existed, and a state dict saved then (its param
+    groups lack the keys) resumes with both on."""
+    init, grads = _trajectory()
+    default = _run(Adafactor, init, grads, LRS)
+    explicit = _run(Adafactor, init, grads, LRS, scale_parameter=True, relative_step=True)
+    assert all(torch.equal(default[n], explicit[n]) for n in default)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Adafactor([p], scale_parameter=False, relative_step=False)
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["scale_parameter"], group["relative_step"]
+    opt.load_state_dict(old)
+    assert opt.param_groups[0]["scale_parameter"] is True and opt.param_groups[0]["relative_step"] is True
+
+
+def test_two_shards_equal_the_full_tensor_step_with_switches_off(tmp_path):
+    """scale_parameter and relative_step off (no RMS(theta) reduction, lr uncapped): TP=2 == TP=1 still."""
+    switches = {"scale_parameter": False, "relative_step": False}
+    init, grads = _trajectory()
+    full = _run(Adafactor, init, grads, LRS, **switches)
+    default = _run(Adafactor, init, grads, LRS)
+    assert any(not torch.equal(full[n], default[n]) for n in full)  # the switches change the trajectory
+    mp.start_processes(_tp_worker, args=(2, _free_port(), str(tmp_path), switches), nprocs=2, start_method="spawn")
+    results = {r: torch.load(tmp_path / f"rank{r}.pt")[0] for r in range(2)}
+    for name, _, dim in PARAMS:
+        if dim is None:
+            assert torch.equal(results[0][name], results[1][name])
+            gathered = results[0][name]
+        else:
+            gathered = torch.cat([results[r][name] for r in range(2)], dim=dim)
+        # steps of lr = 0.5 (uncapped, unscaled) move weights to O(1): fp32 rounding there is ~1e-7
+        diff = (gathered - full[name]).abs().max().item()
+        assert diff < 1e-6, (name, diff)

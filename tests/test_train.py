@@ -151,6 +151,35 @@ def test_lr_schedule_and_clipping_match_references():
         assert torch.allclose(a.grad, b.grad, atol=1e-7)
 
 
+def test_adafactor_switches_from_config_to_optimizer():
+    """train.adafactor: schema defaults = today's Adafactor, the spec carries it, the optimizer gets it,
+    and only a non-default setting changes the checkpoint fingerprint (older checkpoints stay resumable)."""
+    from flanpipe import checkpointing
+    from flanpipe.config import load_config, train_spec
+    from flanpipe.model import init_single_process
+    from flanpipe.optim import build_optimizer
+    from flanpipe.train_config import ADAFACTOR_DEFAULTS
+
+    config = load_config(REPO / "config" / "config.yaml")
+    assert config["train"]["adafactor"] == ADAFACTOR_DEFAULTS == {"scale_parameter": True, "relative_step": True}
+    off = {**config, "train": {**config["train"], "adafactor": {"scale_parameter": False, "relative_step": False}}}
+    _, tc_off = parse_spec(train_spec(off, MODEL))
+    assert tc_off.adafactor == {"scale_parameter": False, "relative_step": False}
+    tc = TrainConfig.from_dict({**TRAIN, "adafactor": {"relative_step": False}})
+    assert tc.adafactor == {"scale_parameter": True, "relative_step": False}  # missing switch: its default
+    with pytest.raises(ValueError, match="unknown train.adafactor keys"):
+        TrainConfig.from_dict({**TRAIN, "adafactor": {"warmup_init": True}})
+
+    init_single_process()
+    optimizer = build_optimizer([torch.nn.Linear(3, 2)], lr=0.1, adafactor=tc.adafactor)
+    assert all(not g["relative_step"] and g["scale_parameter"] for g in optimizer.optimizer.param_groups)
+
+    default = TrainConfig.from_dict(TRAIN)
+    before = {k: v for k, v in vars(default).items() if k != "adafactor"}  # a spec from before the switches
+    assert checkpointing.fingerprint(MODEL, vars(default), 59) == checkpointing.fingerprint(MODEL, before, 59)
+    assert checkpointing.fingerprint(MODEL, vars(tc), 59) != checkpointing.fingerprint(MODEL, before, 59)
+
+
 @pytest.fixture(scope="module")
 def megatron_init_run(tmp_path_factory, megatron_packed_dir):
     """A short in-process run (TP=1/PP=1, 1-process gloo group): (model chunks, stats, out dir)."""
