@@ -24,6 +24,9 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from flanpipe.io import atomic_path  # noqa: E402
 from flanpipe.report import format_params, slot_label, slot_shots  # noqa: E402
+from flanpipe.vocab import RunRole  # noqa: E402
+
+TUNED, BASE = RunRole.TUNED.value, RunRole.BASE.value  # the records' ``role`` values
 
 SCORE_AXIS = "score (0-100, test split, mean over templates)"
 HELD_OUT_AXIS = "held-out average score (0-100, test split, mean over templates)"
@@ -194,7 +197,7 @@ def _present(points: Sequence[Mapping[str, Any]], key: str) -> tuple[list[Any], 
 
 def _count_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
     """Clusters / templates: bold held-out average line, thin per-cluster lines, paper's curve dashed."""
-    tuned = [p for p in points if p["role"] == "tuned"]
+    tuned = [p for p in points if p["role"] == TUNED]
     drawn: list[float] = []
     for i, cluster in enumerate(sorted({c for p in tuned for c in p["clusters"]})):
         pts = [(p["value"], p["clusters"][cluster]["average"]) for p in tuned if cluster in p["clusters"]]
@@ -231,8 +234,8 @@ def _count_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
 
 def _scale_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
     """Model size: instruction-tuned vs untuned base held-out averages over parameters (log x)."""
-    styles = {"tuned": ("o", "-", COLORS["tuned_zeroshot"]), "base": ("s", "--", COLORS["base_zeroshot"])}
-    labels = {"tuned": "instruction-tuned (zero-shot)", "base": "untuned base (zero-shot)"}
+    styles = {TUNED: ("o", "-", COLORS["tuned_zeroshot"]), BASE: ("s", "--", COLORS["base_zeroshot"])}
+    labels = {r.value: f"{r.label} (zero-shot)" for r in RunRole}
     lines = {role: _present([p for p in points if p["role"] == role], "held_out_average") for role in styles}
     at = {role: dict(zip(*lines[role], strict=True)) for role in styles}
     drawn: list[float] = []
@@ -241,11 +244,9 @@ def _scale_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
             continue
         marker, ls, color = styles[role]
         ax.plot(xs, ys, marker=marker, ls=ls, lw=2, color=color, label=labels[role])
-        other = at["base" if role == "tuned" else "tuned"]
+        other = at[BASE if role == TUNED else TUNED]
         # At each size the lower of the two lines labels its point from below (ties: base below).
-        lower = [
-            x in other and (y < other[x] or (y == other[x] and role == "base")) for x, y in zip(xs, ys, strict=True)
-        ]
+        lower = [x in other and (y < other[x] or (y == other[x] and role == BASE)) for x, y in zip(xs, ys, strict=True)]
         _annotate(ax, xs, ys, below=lower)
         drawn += ys
     ax.set_xscale("log")
@@ -259,7 +260,7 @@ def _scale_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
 
 def _instruction_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
     """Instruction settings as bars (FLAN's own setting highlighted), paper's averages as markers."""
-    tuned = [p for p in points if p["role"] == "tuned"]
+    tuned = [p for p in points if p["role"] == TUNED]
     ys = [p["held_out_average"] for p in tuned]
     flan = [p["value"] == "natural->natural" for p in tuned]
     colors = [COLORS["tuned_zeroshot"] if f else COLORS["cluster"] for f in flan]

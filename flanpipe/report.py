@@ -23,8 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flanpipe.experiments import EvalVariant
 from flanpipe.io import atomic_path, read_json, write_json
+from flanpipe.vocab import ABLATIONS, EvalVariant, RunRole, role_of_run_name
 
 Record = Mapping[str, Any]
 
@@ -46,7 +46,7 @@ SLOT_ORDER = (
     "base_fewshot_noopts",
 )
 
-ABLATION_NAMES = ("clusters", "scale", "instructions", "templates")
+ABLATION_NAMES = ABLATIONS
 
 # Held-out averages in the paper (LaMDA-PT 137B), to compare the *shape* of a small reproduction against.
 # clusters: Figure 6 (held out NLI, commonsense, closed-book QA), 1..7 training clusters.
@@ -100,7 +100,7 @@ def slot_of(record: Record) -> str:
     """
     v = EvalVariant.parse(str(record["variant"]))
     role = str(record["role"])
-    if role not in ("tuned", "base"):
+    if role not in {r.value for r in RunRole}:
         raise ValueError(f"record {record.get('run')}/{record['variant']}/{record['dataset']}: role {role!r}")
     return f"{role}_{'fewshot' if v.shots else 'zeroshot'}" + ("" if v.options else "_noopts")
 
@@ -108,7 +108,7 @@ def slot_of(record: Record) -> str:
 def slot_label(slot: str, shots: int | None = None) -> str:
     """Human name of a slot for tables and legends."""
     role, shot, *rest = slot.split("_")
-    name = "instruction-tuned" if role == "tuned" else "untuned base"
+    name = RunRole(role).label
     name += ", zero-shot" if shot == "zeroshot" else f", {shots}-shot" if shots else ", few-shot"
     return name + (", no options" if rest else "")
 
@@ -333,7 +333,7 @@ def summarize_ablation(name: str, records: Sequence[Record], experiment: str = "
     seen: dict[tuple[str, int | str], None] = {}
     for role, value, _, _ in cells:
         seen.setdefault((role, value), None)
-    keys = list(seen) if name == "instructions" else sorted(seen, key=lambda k: (k[0] != "tuned", k[1]))
+    keys = list(seen) if name == "instructions" else sorted(seen, key=lambda k: (k[0] != RunRole.TUNED.value, k[1]))
     reference = PAPER_REFERENCE.get(name, {})
     points = []
     for role, value in keys:
@@ -359,7 +359,7 @@ def summarize_ablation(name: str, records: Sequence[Record], experiment: str = "
                 "held_out_average_best_dev": _mean(c["average_best_dev"] for c in clusters.values()),
                 "n_clusters": len(clusters),
                 "clusters": clusters,
-                "paper": reference.get(value) if role == "tuned" else None,
+                "paper": reference.get(value) if role == RunRole.TUNED.value else None,
             }
         )
     return {"ablation": name, "experiment": experiment, "score": SCORE_NOTE, "points": points}
@@ -383,7 +383,7 @@ def ablation_markdown(ablation: Mapping[str, Any]) -> str:
     head += ["paper (137B)"] if has_paper else []
     rows = []
     for p in points:
-        row = [p["label"], *(["instruction-tuned" if p["role"] == "tuned" else "untuned base"] if roles else [])]
+        row = [p["label"], *([RunRole(p["role"]).label] if roles else [])]
         row += [_fmt(p["clusters"][c]["average"]) if c in p["clusters"] else "–" for c in clusters]
         row += [f"**{_fmt(p['held_out_average'])}**", _fmt(p["held_out_average_best_dev"])]
         row += [_fmt(p["paper"])] if has_paper else []
@@ -428,7 +428,7 @@ def records_from_paths(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str
     """Read ``results/eval/{run}/{variant}/{dataset}.json`` files into records, using only the path.
 
     Without the plan the held-out cluster is the dataset's own cluster and the role is read off the
-    run name (the planner names base runs ``base-<model>``).
+    run name (flanpipe.vocab.role_of_run_name).
     """
     out = []
     for p in paths:
@@ -438,7 +438,7 @@ def records_from_paths(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str
         r.setdefault("run", run)
         r.setdefault("variant", variant)
         r.setdefault("held_out", r["cluster"])
-        r.setdefault("role", "base" if run.startswith("base-") else "tuned")
+        r.setdefault("role", role_of_run_name(run).value)
         out.append(r)
     return out
 
