@@ -223,7 +223,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from flanpipe.report import write_report
+    from flanpipe.figures import write_report
 
     write_report(args.results, args.json, args.md)
     print(Path(args.md).read_text(encoding="utf-8"))

@@ -1,5 +1,7 @@
-"""Report: the zero-shot results on held-out clusters (summary.json / summary.md / a figure) and the
-paper's four ablations (one JSON + one PNG each, plus a Markdown table for summary.md).
+"""Report tables: the zero-shot results on held-out clusters (summary.json / summary.md) and the paper's
+four ablations (one JSON each, plus a Markdown table for summary.md), with the labels figures reuse.
+Drawing and writing the files (JSON, Markdown, PNG together) is flanpipe.figures, which imports this
+module; this module never imports it.
 
 Input is a list of *records*: one evaluation result (flanpipe.evaluate's JSON: dataset, cluster,
 metric, per_template, mean, std, best_dev_template, best_dev_test, ...) plus where it came from:
@@ -23,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flanpipe.io import atomic_path, read_json, write_json
+from flanpipe.io import read_json
 from flanpipe.vocab import ABLATIONS, EvalVariant, RunRole, role_of_run_name
 
 Record = Mapping[str, Any]
@@ -269,32 +271,6 @@ def _cluster_markdown(cluster: str, c: Mapping[str, Any], slots: Sequence[str], 
     return [*lines, *_md_table(head, rows), ""]
 
 
-def write_summary(
-    records: Sequence[Record],
-    out_json: str | os.PathLike[str],
-    out_md: str | os.PathLike[str],
-    figure_path: str | os.PathLike[str],
-    *,
-    experiment: str = "flanpipe",
-    extra_markdown: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Rule ``report``: summary.json, summary.md (linking the figure) and the held-out bar chart.
-
-    ``experiment`` (the config's name or path) titles the Markdown and the figure, so a figure copied
-    out of its directory still says which experiment it shows. ``extra_markdown`` blocks (e.g. the
-    ablation tables returned by write_ablation) are appended to summary.md.
-    """
-    from flanpipe.figures import save_figure, summary_figure
-
-    summary = summarize(records, experiment)
-    save_figure(summary_figure(summary, experiment), figure_path)
-    rel = os.path.relpath(Path(figure_path).resolve(), Path(out_md).resolve().parent)
-    write_json(out_json, summary)
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(markdown(summary, rel, extra_markdown), encoding="utf-8")
-    return summary
-
-
 # ---------------------------------------------------------------------------------------------------
 # ablations
 
@@ -396,23 +372,6 @@ def ablation_markdown(ablation: Mapping[str, Any]) -> str:
     return "\n".join([title, "", note, "", *_md_table(head, rows)]) + "\n"
 
 
-def write_ablation(
-    name: str,
-    records: Sequence[Record],
-    out_json: str | os.PathLike[str],
-    out_png: str | os.PathLike[str],
-    *,
-    experiment: str = "flanpipe",
-) -> str:
-    """Rule ``ablation_<name>``: the ablation's JSON and figure; returns its Markdown table."""
-    from flanpipe.figures import ablation_figure, save_figure
-
-    ablation = summarize_ablation(name, records, experiment)
-    save_figure(ablation_figure(ablation), out_png)
-    write_json(out_json, ablation)
-    return ablation_markdown(ablation)
-
-
 # ---------------------------------------------------------------------------------------------------
 # records from files (the CLI; the workflow builds richer records from the plan)
 
@@ -443,19 +402,6 @@ def records_from_paths(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str
     return out
 
 
-def write_report(
-    result_paths: Sequence[str | os.PathLike[str]],
-    out_json: str | os.PathLike[str],
-    out_md: str | os.PathLike[str],
-    figure_path: str | os.PathLike[str] | None = None,
-    *,
-    experiment: str = "flanpipe",
-) -> dict[str, Any]:
-    """`flanpipe report`: write_summary over eval files; the figure defaults to ``out_md`` with .png."""
-    figure = figure_path if figure_path is not None else Path(out_md).with_suffix(".png")
-    return write_summary(records_from_paths(result_paths), out_json, out_md, figure, experiment=experiment)
-
-
 __all__ = [
     "ABLATION_NAMES",
     "PAPER_REFERENCE",
@@ -466,7 +412,4 @@ __all__ = [
     "records_from_paths",
     "summarize",
     "summarize_ablation",
-    "write_ablation",
-    "write_report",
-    "write_summary",
 ]

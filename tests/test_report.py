@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 from matplotlib.figure import Figure
 
-from flanpipe.figures import HELD_OUT_AXIS, SCORE_AXIS, ablation_figure, summary_figure
+from flanpipe.figures import (
+    HELD_OUT_AXIS,
+    SCORE_AXIS,
+    ablation_figure,
+    summary_figure,
+    write_ablation,
+    write_report,
+    write_summary,
+)
 from flanpipe.report import (
     PAPER_REFERENCE,
     ablation_markdown,
@@ -25,9 +33,6 @@ from flanpipe.report import (
     slot_of,
     summarize,
     summarize_ablation,
-    write_ablation,
-    write_report,
-    write_summary,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -382,3 +387,13 @@ def test_labels() -> None:
     assert [format_params(n) for n in (422e6, 2e9, 137e9, 1_200_000, 999)] == ["422M", "2B", "137B", "1.2M", "999"]
     assert instruction_label("dataset_name->natural") == "dataset name -> natural"
     assert instruction_label("no_template->no_template") == "no template -> no template"
+
+
+def test_report_tables_never_import_figures() -> None:
+    """Tables and labels stand alone; only flanpipe.figures imports both (and matplotlib)."""
+    import subprocess
+    import sys
+
+    code = "import sys, flanpipe.report; assert not {'flanpipe.figures', 'matplotlib'} & set(sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
