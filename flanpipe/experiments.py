@@ -37,7 +37,6 @@ from flanpipe.vocab import (
     base_run_name,
     is_ablation_run_name,
     main_run_name,
-    parse_shard_name,
     shard_name,
 )
 
@@ -190,14 +189,6 @@ class Plan:
         if ablation == "templates":
             return run.num_templates
         raise PlanError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
-
-
-def parse_shard_variant(name: str) -> tuple[str, int | None]:
-    """``natural-all`` -> ("natural", None); an unknown name is a PlanError (see flanpipe.vocab)."""
-    try:
-        return parse_shard_name(name)
-    except ValueError as e:
-        raise PlanError(str(e)) from None
 
 
 def model_stem(model: str) -> str:

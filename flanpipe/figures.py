@@ -34,8 +34,8 @@ from flanpipe.report import (  # noqa: E402
     records_from_paths,
     slot_label,
     slot_shots,
-    summarize,
     summarize_ablation,
+    summarize_main,
 )
 from flanpipe.vocab import RunRole  # noqa: E402
 
@@ -326,7 +326,7 @@ def write_summary(
     out of its directory still says which experiment it shows. ``extra_markdown`` blocks (e.g. the
     ablation tables returned by write_ablation) are appended to summary.md.
     """
-    summary = summarize(records, experiment)
+    summary = summarize_main(records, experiment)
     save_figure(summary_figure(summary, experiment), figure_path)
     rel = os.path.relpath(Path(figure_path).resolve(), Path(out_md).resolve().parent)
     write_json(out_json, summary)

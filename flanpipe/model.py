@@ -227,8 +227,11 @@ def load_chunks_state(chunks: list[torch.nn.Module], state: dict[str, Any]) -> N
             chunk.load_state_dict(state[f"model{i}"])
 
 
-class Scorer:
-    """Plain causal LM over right-padded rows, for evaluation (one process, TP=1/PP=1)."""
+class LMScorer:
+    """Plain causal LM over right-padded rows, for evaluation (one process, TP=1/PP=1).
+
+    A Megatron checkpoint seen through flanpipe.evaluate's ``Scorer`` protocol.
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig):
         self.model = model.eval()
@@ -251,7 +254,7 @@ class Scorer:
         return out.float().to(tokens.device)
 
 
-def load_scorer(model_dir: str | os.PathLike[str]) -> Scorer:
+def load_scorer(model_dir: str | os.PathLike[str]) -> LMScorer:
     """Rebuild a trained model from ``model_dir`` (model.json + checkpoint/) for scoring."""
     model_dir = Path(model_dir)
     megatron_compat.quiet_warnings()
@@ -261,4 +264,4 @@ def load_scorer(model_dir: str | os.PathLike[str]) -> Scorer:
     if torch.cuda.is_available():
         model = model.cuda()
     load_checkpoint(model, model_dir / "checkpoint")
-    return Scorer(model, cfg)
+    return LMScorer(model, cfg)

@@ -165,7 +165,7 @@ def _unique(records: Sequence[Record], key: Any, what: str) -> dict[Any, Record]
 # main results: summary.json / summary.md
 
 
-def summarize(records: Sequence[Record], experiment: str = "flanpipe") -> dict[str, Any]:
+def summarize_main(records: Sequence[Record], experiment: str = "flanpipe") -> dict[str, Any]:
     """Group eval records by held-out cluster, dataset and slot, and average them like the paper."""
     cells = _unique(records, lambda r: (held_out_of(r), str(r["dataset"]), slot_of(r)), "summary")
     slots = [s for s in SLOT_ORDER if any(k[2] == s for k in cells)]
@@ -410,6 +410,6 @@ __all__ = [
     "markdown",
     "load_records",
     "records_from_paths",
-    "summarize",
+    "summarize_main",
     "summarize_ablation",
 ]

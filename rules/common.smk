@@ -4,10 +4,10 @@
 from pathlib import Path
 
 from flanpipe.config import check_world, validate_config
-from flanpipe.experiments import parse_shard_variant, plan_experiment
+from flanpipe.experiments import plan_experiment
 from flanpipe.ingest import check_local_source
 from flanpipe.io import resolve_config_path
-from flanpipe.vocab import ABLATIONS, SHARD_PATTERN, SPLITS, VARIANT_PATTERN, EvalVariant
+from flanpipe.vocab import ABLATIONS, SHARD_PATTERN, SPLITS, VARIANT_PATTERN, EvalVariant, parse_shard_name
 
 
 config = validate_config(config)  # defaults filled; a wrong key or type fails before any job
@@ -92,11 +92,11 @@ def template_file(wildcards):
 
 
 def shard_mode(wildcards):
-    return parse_shard_variant(wildcards.shard)[0]
+    return parse_shard_name(wildcards.shard)[0]
 
 
 def shard_num_templates(wildcards):
-    return parse_shard_variant(wildcards.shard)[1]
+    return parse_shard_name(wildcards.shard)[1]
 
 
 def eval_shard_inputs(wildcards):

@@ -92,7 +92,7 @@ def test_planning_never_imports_torch() -> None:
     code = (
         "import sys\n"
         "from flanpipe.config import check_world, validate_config, load_config\n"
-        "from flanpipe.experiments import parse_shard_variant, plan_experiment\n"
+        "from flanpipe.experiments import plan_experiment\n"
         "from flanpipe.ingest import check_local_source\n"
         "from flanpipe.io import resolve_config_path\n"
         "from flanpipe import vocab\n"
