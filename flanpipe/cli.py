@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("--shards", default="results/shards")
     s.add_argument("--out-dir", required=True)
-    s.add_argument("--mem-mb", type=int, help="job memory the out-of-core shuffle is sized for (default: ~0.8 GB peak)")
+    s.add_argument("--mem-mb", type=int, help="job memory the shuffle is sized for (default: 128 MiB buckets)")
     s = add("train-tokenizer", cmd_train_tokenizer, "SentencePiece BPE on a sample of shards")
     s.add_argument("--out", required=True)
     s.add_argument("shards", nargs="+")

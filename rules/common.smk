@@ -1,5 +1,6 @@
 # Config validation, the experiment plan, wildcard constraints and every input function.
-# All logic lives in flanpipe; this file only maps wildcards to paths.
+# All logic lives in flanpipe (the Plan's methods, flanpipe.vocab's names); this file only maps
+# wildcards to paths and params, plus set_resource: the one place Snakemake internals are read.
 
 from pathlib import Path
 
