@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dag import ROOT, run_snakemake
+
 from flanpipe.cli import pack_model_config
 from flanpipe.config import load_config
 from flanpipe.experiments import plan_experiment
 from flanpipe.io import resolve_config_path
-from tests.dag import ROOT, run_snakemake
 
 CONFIG = ROOT / "config" / "config.yaml"
 

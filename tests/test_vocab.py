@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from dag import ROOT
 
 from flanpipe.config import SCHEMA_PATH, load_config
 from flanpipe.experiments import plan_experiment
@@ -22,7 +23,6 @@ from flanpipe.vocab import (
     role_of_run_name,
     shard_name,
 )
-from tests.dag import ROOT
 
 CONFIG = ROOT / "config" / "config.yaml"
 
