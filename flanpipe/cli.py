@@ -34,7 +34,7 @@ from typing import Any
 from flanpipe.config import dataset_spec, load_config
 from flanpipe.experiments import Plan, plan_experiment
 from flanpipe.io import resolve_config_path, write_json
-from flanpipe.vocab import SPLITS, EvalVariant, parse_shard_name
+from flanpipe.vocab import DEFAULT_MODE, SPLITS, EvalVariant, parse_shard_name, shard_name
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -351,13 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset")
     s.add_argument("--canonical", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--variant", default="natural-all", help="MODE-K: natural-all, natural-4, no_template-all, lm")
+    s.add_argument(
+        "--variant", default=shard_name(DEFAULT_MODE, None), help="MODE-K: natural-all, natural-4, no_template-all, lm"
+    )
     s = add("render-eval-shard", cmd_render_eval_shard, "validation+test -> eval shard (every template)")
     s.add_argument("dataset")
     s.add_argument("--validation", required=True)
     s.add_argument("--test", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--variant", default="natural", help="natural, natural-noopts, natural-2shot, no_template ...")
+    s.add_argument(
+        "--variant", default=EvalVariant().name, help="natural, natural-noopts, natural-2shot, no_template ..."
+    )
     s.add_argument("--train", help="canonical train split (few-shot exemplars)")
     s = add("mix", cmd_mix, "capped, examples-proportional mixture of one run")
     s.add_argument("run")

@@ -35,6 +35,7 @@ from flanpipe.vocab import (
     RunRole,
     ablation_run_name,
     base_run_name,
+    instruction_setting,
     is_ablation_run_name,
     main_run_name,
     shard_name,
@@ -185,7 +186,7 @@ class Plan:
         if ablation == "scale":
             return params
         if ablation == "instructions":
-            return f"{run.train_mode}->{EvalVariant.parse(evaluation.variant).mode}"
+            return instruction_setting(run.train_mode, EvalVariant.parse(evaluation.variant).mode)
         if ablation == "templates":
             return run.num_templates
         raise PlanError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")

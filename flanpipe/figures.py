@@ -37,7 +37,7 @@ from flanpipe.report import (  # noqa: E402
     summarize_ablation,
     summarize_main,
 )
-from flanpipe.vocab import RunRole  # noqa: E402
+from flanpipe.vocab import FLAN_SETTING, RunRole  # noqa: E402
 
 TUNED, BASE = RunRole.TUNED.value, RunRole.BASE.value  # the records' ``role`` values
 
@@ -275,7 +275,7 @@ def _instruction_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[flo
     """Instruction settings as bars (FLAN's own setting highlighted), paper's averages as markers."""
     tuned = [p for p in points if p["role"] == TUNED]
     ys = [p["held_out_average"] for p in tuned]
-    flan = [p["value"] == "natural->natural" for p in tuned]
+    flan = [p["value"] == FLAN_SETTING for p in tuned]
     colors = [COLORS["tuned_zeroshot"] if f else COLORS["cluster"] for f in flan]
     bars = ax.bar(range(len(tuned)), [y or 0.0 for y in ys], 0.6, color=colors, edgecolor="black", linewidth=0.5)
     ax.bar_label(bars, labels=["n/a" if y is None else f"{y:.1f}" for y in ys], fontsize=8, padding=2)

@@ -35,6 +35,14 @@ ABLATIONS: tuple[str, ...] = get_args(AblationName)
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 
+def instruction_setting(train_mode: str, eval_mode: str) -> str:
+    """The instructions ablation's x: the fine-tuning and the evaluation instruction mode."""
+    return f"{train_mode}->{eval_mode}"
+
+
+FLAN_SETTING = instruction_setting(DEFAULT_MODE, DEFAULT_MODE)  # natural instructions in and out
+
+
 class VocabError(ValueError):
     """A name that is not in the vocabulary (an unknown variant, shard or mode)."""
 
@@ -150,6 +158,7 @@ def role_of_run_name(name: str) -> RunRole:
 __all__ = [
     "ABLATIONS",
     "DEFAULT_MODE",
+    "FLAN_SETTING",
     "INSTRUCTION_MODES",
     "LM_MODE",
     "RENDER_MODES",
@@ -165,6 +174,7 @@ __all__ = [
     "VocabError",
     "ablation_run_name",
     "base_run_name",
+    "instruction_setting",
     "is_ablation_run_name",
     "main_run_name",
     "parse_shard_name",
