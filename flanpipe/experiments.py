@@ -6,7 +6,10 @@ another instruction mode, fewer templates). A *base* run is the untuned model: a
 checkpoint (the normal case) or, with none, a small LM pretrained here on the datasets' unlabeled text
 so the embedded default also has a base to tune from and compare against. An *evaluation* scores
 one model on one dataset under one eval variant (instruction mode, options block on/off, k shots).
-Everything is derived once from the validated config; the Snakefile only looks things up here.
+Everything is derived once from the validated config; the rules and the CLI look things up here and
+call the same Plan methods for each rule's params (run_shards, budget_tokens, run_model_config,
+train_spec, record_meta), so a step run by hand cannot drift from the DAG's. Names (modes, variants,
+run names and roles) are flanpipe.vocab's.
 """
 
 from __future__ import annotations
