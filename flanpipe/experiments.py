@@ -67,6 +67,9 @@ class Run:
     checkpoint: str | None = None  # kind GIVEN: a model dir (model.json + checkpoint/)
     steps: int | None = None  # override of train.steps (pretraining)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", RunKind(self.kind))  # "given" works too; `is RunKind.GIVEN` holds
+
     @property
     def shard_variant(self) -> str:
         """Training shards depend only on the instruction mode and the template count."""

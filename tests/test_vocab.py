@@ -9,7 +9,7 @@ import pytest
 from dag import ROOT
 
 from flanpipe.config import SCHEMA_PATH, load_config
-from flanpipe.experiments import plan_experiment
+from flanpipe.experiments import Run, plan_experiment
 from flanpipe.io import read_yaml
 from flanpipe.report import records_from_paths
 from flanpipe.vocab import (
@@ -59,6 +59,7 @@ def test_run_roles_read_off_names_match_the_plan() -> None:
         assert run.role is (RunRole.TUNED if run.kind is RunKind.TUNE else RunRole.BASE)
     main = {r.name for r in plan.runs.values() if r.is_main}
     assert main == {"heldout_nli", "heldout_sentiment"}
+    assert Run("b", "m.yaml", kind="given").kind is RunKind.GIVEN
 
 
 def test_record_meta_of_each_ablation() -> None:
