@@ -7,7 +7,7 @@
     flanpipe render-eval-shard DATASET --validation FILE --test FILE --out FILE
     flanpipe mix MIXTURE --out-dir DIR            rule mix (shards from results/shards by default)
     flanpipe train-tokenizer --out FILE SHARD...  rule train_tokenizer
-    flanpipe pack --mixture FILE --tokenizer FILE --out DIR
+    flanpipe pack --mixture FILE --tokenizer FILE --out DIR [--run RUN]   rule pack
     flanpipe train --spec FILE --data DIR --out DIR [--nproc N] [--mpi srun]   (flanpipe.launch)
     flanpipe launch [--mpi srun] --nproc N -- TRAIN_ARGS...   rule train: torchrun, or srun under SLURM
     flanpipe evaluate --model DIR --tokenizer FILE --shard FILE --out FILE
@@ -31,9 +31,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flanpipe.config import ConfigError, budget_tokens, dataset_spec, load_config, train_spec
-from flanpipe.experiments import Plan, Run, plan_experiment
-from flanpipe.io import read_yaml, resolve_config_path, write_json
+from flanpipe.config import dataset_spec, load_config
+from flanpipe.experiments import Plan, plan_experiment
+from flanpipe.io import resolve_config_path, write_json
+from flanpipe.vocab import DEFAULT_MODE, SPLITS, EvalVariant, parse_shard_name, shard_name
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def cmd_generate_synthetic(args: argparse.Namespace) -> None:
     from flanpipe.synthetic import generate_dataset
 
     cfg = _config(args)["synthetic"]
-    sizes = {r: cfg[r] for r in ("train", "validation", "test")}
+    sizes = {r: cfg[r] for r in SPLITS}
     for p in generate_dataset(args.name, Path(args.out), sizes=sizes, seed=cfg["seed"]):
         print(p)
 
@@ -82,17 +83,15 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def cmd_render_shard(args: argparse.Namespace) -> None:
-    from flanpipe.experiments import parse_shard_variant
     from flanpipe.templates import render_shard
 
     cfg = _config(args)
-    mode, k = parse_shard_variant(args.variant)
+    mode, k = parse_shard_name(args.variant)
     spec = dataset_spec(cfg, args.dataset)
     print(json.dumps(render_shard(spec, args.canonical, args.out, mode=mode, num_templates=k)))
 
 
 def cmd_render_eval_shard(args: argparse.Namespace) -> None:
-    from flanpipe.experiments import EvalVariant
     from flanpipe.templates import render_eval_shard
 
     cfg = _config(args)
@@ -112,27 +111,26 @@ def cmd_render_eval_shard(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
-def _trained_run(cfg: dict[str, Any], name: str) -> tuple[Plan, Run]:
-    """The plan and one run it trains, or an error naming the runs there are."""
+def _plan(cfg: dict[str, Any], run: str) -> Plan:
+    """The plan, after checking it trains ``run`` (the error names the runs it does train)."""
     plan = plan_experiment(cfg)
-    if name not in plan.mixtures:
-        raise ConfigError(f"unknown run {name!r}; this config trains {sorted(plan.mixtures)}")
-    return plan, plan.runs[name]
+    plan.trained_run(run)
+    return plan
 
 
 def cmd_mix(args: argparse.Namespace) -> None:
     from flanpipe.mixing import MixtureConfig, bucket_bytes_for, build_mixture
 
     cfg = _config(args)
-    plan, run = _trained_run(cfg, args.run)
-    shards = {d: Path(args.shards) / d / "train" / f"{run.shard_variant}.parquet" for d in run.datasets}
+    plan = _plan(cfg, args.run)
+    shards = {d: Path(p) for d, p in plan.run_shards(args.run, args.shards).items()}
     out = Path(args.out_dir)
     stats = build_mixture(
         shards,
         MixtureConfig(**cfg["mixture"]),
         out / "mixture.parquet",
         out / "mixture.json",
-        budget_tokens=budget_tokens(cfg, steps=run.steps),
+        budget_tokens=plan.budget_tokens(args.run),
         inputs_length=cfg["lengths"]["inputs"],
         targets_length=cfg["lengths"]["targets"],
         bucket_bytes=bucket_bytes_for(args.mem_mb),
@@ -155,6 +153,21 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     )
 
 
+def pack_model_config(cfg: dict[str, Any], mixture: str | os.PathLike[str], run: str | None = None) -> Path:
+    """The model config `flanpipe pack` packs for: the run's own, as rule pack's input (Plan.run_model_config).
+
+    The run is ``--run``, else the directory of ``results/mixtures/<run>/mixture.parquet``; a mixture
+    outside such a directory is packed for the config's ``model`` (the main runs' model).
+    """
+    plan = plan_experiment(cfg)
+    if run is None:
+        run = Path(mixture).parent.name
+        if run not in plan.mixtures:
+            return resolve_config_path(cfg["model"])
+    plan.trained_run(run)
+    return plan.run_model_config(run)
+
+
 def cmd_pack(args: argparse.Namespace) -> None:
     from flanpipe.packing import pack_mixture
 
@@ -162,7 +175,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
     stats = pack_mixture(
         Path(args.mixture),
         Path(args.tokenizer),
-        resolve_config_path(cfg["model"]),
+        pack_model_config(cfg, args.mixture, args.run),
         Path(args.out),
         lengths=cfg["lengths"],
         seed=cfg["mixture"]["seed"],
@@ -172,10 +185,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 def cmd_train_spec(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    plan, run = _trained_run(cfg, args.run)
-    init = plan.model_dir(run.init) if run.init else None
-    spec = train_spec(cfg, read_yaml(resolve_config_path(run.model)), steps=run.steps, init_checkpoint=init)
-    write_json(args.out, spec)
+    write_json(args.out, _plan(cfg, args.run).train_spec(args.run))
     print(args.out)
 
 
@@ -213,7 +223,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from flanpipe.report import write_report
+    from flanpipe.figures import write_report
 
     write_report(args.results, args.json, args.md)
     print(Path(args.md).read_text(encoding="utf-8"))
@@ -334,31 +344,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s = add("ingest", cmd_ingest, "raw split -> canonical Parquet")
     s.add_argument("dataset")
-    s.add_argument("split", choices=["train", "validation", "test"])
+    s.add_argument("split", choices=list(SPLITS))
     s.add_argument("--out", required=True)
     s.add_argument("--bad-rows", choices=["fail", "drop"])
     s = add("render-shard", cmd_render_shard, "canonical train split -> templated shard")
     s.add_argument("dataset")
     s.add_argument("--canonical", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--variant", default="natural-all", help="MODE-K: natural-all, natural-4, no_template-all, lm")
+    s.add_argument(
+        "--variant", default=shard_name(DEFAULT_MODE, None), help="MODE-K: natural-all, natural-4, no_template-all, lm"
+    )
     s = add("render-eval-shard", cmd_render_eval_shard, "validation+test -> eval shard (every template)")
     s.add_argument("dataset")
     s.add_argument("--validation", required=True)
     s.add_argument("--test", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--variant", default="natural", help="natural, natural-noopts, natural-2shot, no_template ...")
+    s.add_argument(
+        "--variant", default=EvalVariant().name, help="natural, natural-noopts, natural-2shot, no_template ..."
+    )
     s.add_argument("--train", help="canonical train split (few-shot exemplars)")
     s = add("mix", cmd_mix, "capped, examples-proportional mixture of one run")
     s.add_argument("run")
     s.add_argument("--shards", default="results/shards")
     s.add_argument("--out-dir", required=True)
-    s.add_argument("--mem-mb", type=int, help="job memory the out-of-core shuffle is sized for (default: ~0.8 GB peak)")
+    s.add_argument("--mem-mb", type=int, help="job memory the shuffle is sized for (default: 128 MiB buckets)")
     s = add("train-tokenizer", cmd_train_tokenizer, "SentencePiece BPE on a sample of shards")
     s.add_argument("--out", required=True)
     s.add_argument("shards", nargs="+")
-    s = add("pack", cmd_pack, "tokenize + pack a mixture into Megatron IndexedDatasets")
+    s = add("pack", cmd_pack, "tokenize + pack one run's mixture into Megatron IndexedDatasets")
     s.add_argument("--mixture", required=True)
+    s.add_argument("--run", help="whose model config to pack for (default: the mixture's directory name)")
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--out", required=True)
     s = add("train-spec", cmd_train_spec, "write the training run spec JSON of one run")

@@ -6,12 +6,14 @@ another instruction mode, fewer templates). A *base* run is the untuned model: a
 checkpoint (the normal case) or, with none, a small LM pretrained here on the datasets' unlabeled text
 so the embedded default also has a base to tune from and compare against. An *evaluation* scores
 one model on one dataset under one eval variant (instruction mode, options block on/off, k shots).
-Everything is derived once from the validated config; the Snakefile only looks things up here.
+Everything is derived once from the validated config; the rules and the CLI look things up here and
+call the same Plan methods for each rule's params (run_shards, budget_tokens, run_model_config,
+train_spec, record_meta), so a step run by hand cannot drift from the DAG's. Names (modes, variants,
+run names and roles) are flanpipe.vocab's.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,36 +29,27 @@ from flanpipe.registry import (
     with_local_mirror,
 )
 from flanpipe.templates import Template, load_validated
+from flanpipe.vocab import (
+    ABLATIONS,
+    DEFAULT_MODE,
+    LM_MODE,
+    EvalVariant,
+    RunKind,
+    RunRole,
+    ablation_run_name,
+    base_run_name,
+    instruction_setting,
+    is_ablation_run_name,
+    main_run_name,
+    shard_name,
+)
 
 if TYPE_CHECKING:
     from flanpipe.model_config import ModelConfig
 
-ABLATIONS = ("clusters", "scale", "instructions", "templates")
-_VARIANT = re.compile(r"(?P<mode>natural|no_template|dataset_name)(?P<noopts>-noopts)?(?:-(?P<shots>\d+)shot)?\Z")
-
 
 class PlanError(ValueError):
     """The config asks for an experiment that cannot be planned; the message names the key."""
-
-
-@dataclass(frozen=True)
-class EvalVariant:
-    """How a model is prompted at evaluation: instruction mode, options block, few-shot exemplars."""
-
-    mode: str = "natural"
-    options: bool = True  # classification: keep FLAN's OPTIONS block in the prompt
-    shots: int = 0
-
-    @property
-    def name(self) -> str:
-        return self.mode + ("" if self.options else "-noopts") + (f"-{self.shots}shot" if self.shots else "")
-
-    @classmethod
-    def parse(cls, name: str) -> EvalVariant:
-        m = _VARIANT.match(name)
-        if m is None:
-            raise PlanError(f"unknown eval variant {name!r}")
-        return cls(m["mode"], m["noopts"] is None, int(m["shots"] or 0))
 
 
 @dataclass(frozen=True)
@@ -67,19 +60,29 @@ class Run:
     model: str  # model config path
     datasets: tuple[str, ...] = ()
     held_out: str | None = None
-    train_mode: str = "natural"
+    train_mode: str = DEFAULT_MODE
     num_templates: int | None = None
     init: str | None = None  # name of the base run whose weights start this one
-    kind: str = "tune"  # tune | pretrain | given
-    checkpoint: str | None = None  # kind == given: a model dir (model.json + checkpoint/)
+    kind: RunKind = RunKind.TUNE
+    checkpoint: str | None = None  # kind GIVEN: a model dir (model.json + checkpoint/)
     steps: int | None = None  # override of train.steps (pretraining)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", RunKind(self.kind))  # "given" works too; `is RunKind.GIVEN` holds
 
     @property
     def shard_variant(self) -> str:
         """Training shards depend only on the instruction mode and the template count."""
-        if self.kind == "pretrain":
-            return "lm"
-        return f"{self.train_mode}-{'all' if self.num_templates is None else self.num_templates}"
+        return shard_name(LM_MODE if self.kind is RunKind.PRETRAIN else self.train_mode, self.num_templates)
+
+    @property
+    def role(self) -> RunRole:
+        return RunRole.of_kind(self.kind)
+
+    @property
+    def is_main(self) -> bool:
+        """A tuned run of the main results (rule all), not one only an ablation trains."""
+        return self.kind is RunKind.TUNE and not is_ablation_run_name(self.name)
 
 
 @dataclass(frozen=True)
@@ -117,25 +120,82 @@ class Plan:
     @property
     def mixtures(self) -> dict[str, list[str]]:
         """Run -> training datasets (the runs this config trains)."""
-        return {r.name: list(r.datasets) for r in self.runs.values() if r.kind != "given"}
+        return {r.name: list(r.datasets) for r in self.runs.values() if r.kind is not RunKind.GIVEN}
 
     @property
     def train_datasets(self) -> list[str]:
-        return sorted({d for r in self.runs.values() if r.kind == "tune" for d in r.datasets})
+        return sorted({d for r in self.runs.values() if r.kind is RunKind.TUNE for d in r.datasets})
 
     def model_dir(self, run: str) -> str:
         r = self.runs[run]
-        return str(resolve_config_path(r.checkpoint)) if r.kind == "given" else f"results/models/{run}"
+        return str(resolve_config_path(r.checkpoint)) if r.kind is RunKind.GIVEN else f"results/models/{run}"
 
+    def trained_run(self, name: str) -> Run:
+        """A run this config trains, or an error naming the runs it does train."""
+        if name not in self.mixtures:
+            raise PlanError(f"unknown run {name!r}; this config trains {sorted(self.mixtures)}")
+        return self.runs[name]
 
-def parse_shard_variant(name: str) -> tuple[str, int | None]:
-    """``natural-all`` -> ("natural", None); ``natural-4`` -> ("natural", 4); ``lm`` -> ("lm", None)."""
-    if name == "lm":
-        return "lm", None
-    mode, _, k = name.rpartition("-")
-    if mode not in ("natural", "no_template", "dataset_name") or not (k == "all" or k.isdigit()):
-        raise PlanError(f"unknown training shard variant {name!r}")
-    return mode, None if k == "all" else int(k)
+    # --- what a rule (and its CLI subcommand) passes for one run: one function each, so they cannot drift
+
+    def run_shards(self, run: str, root: str | Path = "results/shards") -> dict[str, str]:
+        """Rule mix's inputs: the run's training shard of every dataset it trains on."""
+        r = self.runs[run]
+        return {d: str(Path(root) / d / "train" / f"{r.shard_variant}.parquet") for d in r.datasets}
+
+    def tokenizer_shards(self, root: str | Path = "results/shards") -> list[str]:
+        """The tokenizer learns from every training shard of the main runs (one vocabulary for all runs)."""
+        return sorted({p for r in self.runs.values() if r.is_main for p in self.run_shards(r.name, root).values()})
+
+    def run_model_config(self, run: str) -> Path:
+        """The run's own model config (the scale ablation's runs differ from ``model``): what pack and train use."""
+        return resolve_config_path(self.runs[run].model)
+
+    def budget_tokens(self, run: str) -> int:
+        """Rule mix's token budget: train.steps (or the run's own steps) x tokens per step."""
+        from flanpipe.config import budget_tokens
+
+        assert self.config is not None
+        return budget_tokens(self.config, steps=self.runs[run].steps)
+
+    def train_spec(self, run: str) -> dict[str, Any]:
+        """Rule train_spec's JSON: model config + training facts, the run's step count, its initial weights."""
+        from flanpipe.config import train_spec
+        from flanpipe.io import read_yaml
+
+        assert self.config is not None
+        r = self.runs[run]
+        init = self.model_dir(r.init) if r.init else None
+        return train_spec(self.config, read_yaml(self.run_model_config(run)), steps=r.steps, init_checkpoint=init)
+
+    def record_meta(self, evaluation: Evaluation, ablation: str | None = None) -> dict[str, Any]:
+        """What the report needs to know about one evaluation besides its scores (rules report, ablation)."""
+        from flanpipe.model_config import load_model_config, param_count
+
+        run = self.runs[evaluation.run]
+        meta: dict[str, Any] = {
+            "run": run.name,
+            "variant": evaluation.variant,
+            "held_out": run.held_out or self.registry[evaluation.dataset].cluster,
+            "role": run.role.value,
+            "model": model_stem(run.model),
+            "params": param_count(load_model_config(self.run_model_config(run.name))),
+        }
+        if ablation is not None:
+            meta["ablation_value"] = self._ablation_value(ablation, run, evaluation, meta["params"])
+        return meta
+
+    def _ablation_value(self, ablation: str, run: Run, evaluation: Evaluation, params: int) -> int | str | None:
+        """The x of an ablation's plot: what the ablation varies, read off the run (and the eval variant)."""
+        if ablation == "clusters":
+            return len({self.registry[d].cluster for d in run.datasets})
+        if ablation == "scale":
+            return params
+        if ablation == "instructions":
+            return instruction_setting(run.train_mode, EvalVariant.parse(evaluation.variant).mode)
+        if ablation == "templates":
+            return run.num_templates
+        raise PlanError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
 
 
 def model_stem(model: str) -> str:
@@ -172,14 +232,14 @@ def _base_run(config: Mapping[str, Any], model: str, registry: Mapping[str, Data
                     "needs its own pretrained checkpoint there"
                 )
             checkpoint = given[model]
-        return Run(name=f"base-{model_stem(model)}", model=model, kind="given", checkpoint=checkpoint)
+        return Run(name=base_run_name(model_stem(model)), model=model, kind=RunKind.GIVEN, checkpoint=checkpoint)
     if base["pretrain_steps"] == 0:
         return None
     return Run(
-        name=f"base-{model_stem(model)}",
+        name=base_run_name(model_stem(model)),
         model=model,
         datasets=tuple(registry),
-        kind="pretrain",
+        kind=RunKind.PRETRAIN,
         steps=base["pretrain_steps"],
     )
 
@@ -223,7 +283,7 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
         except PlanError as e:
             raise PlanError(f"config key held_out: {e}") from None
         run = Run(
-            name=f"heldout_{c}",
+            name=main_run_name(c),
             model=config["model"],
             datasets=datasets,
             held_out=c,
@@ -239,7 +299,7 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
                 if shots:
                     evals += [Evaluation(base.name, v, d) for v in _variants(registry[d], t["eval_mode"], shots)]
     ablations = _plan_ablations(config, registry, overlaps, runs, base, in_cluster)
-    used = {d for r in runs.values() if r.kind == "tune" for d in r.datasets}
+    used = {d for r in runs.values() if r.kind is RunKind.TUNE for d in r.datasets}
     used |= {e.dataset for e in evals} | {e.dataset for es in ablations.values() for e in es}
     templates = {name: load_validated(registry[name]) for name in registry if name in used}
     # the main runs (rule all) are checked now; an ablation's own runs when a target asks for them
@@ -386,7 +446,7 @@ def _plan_ablations(
     model = config["model"]
     init = base.name if base else None
 
-    def add(run: Run, variant: str = "natural") -> list[Evaluation]:
+    def add(run: Run, variant: str = DEFAULT_MODE) -> list[Evaluation]:
         if run.name not in runs:
             runs[run.name] = run
         assert run.held_out is not None
@@ -414,7 +474,7 @@ def _plan_ablations(
                         f"but only {len(order)} remain after removing {sorted(drop)}"
                     )
                 datasets = _training_set(registry, c, overlaps, order[:k])
-                evals += add(Run(f"heldout_{c}__clusters{k}", model, datasets, c, init=init))
+                evals += add(Run(ablation_run_name(c, f"clusters{k}"), model, datasets, c, init=init))
         out["clusters"] = evals
     if abl.get("scale"):
         evals = []
@@ -424,10 +484,10 @@ def _plan_ablations(
                 runs.setdefault(b.name, b)
             for c in config["held_out"]:
                 datasets = _training_set(registry, c, overlaps)
-                name = f"heldout_{c}" if m == model else f"heldout_{c}__{model_stem(m)}"
+                name = main_run_name(c) if m == model else ablation_run_name(c, model_stem(m))
                 evals += add(Run(name, m, datasets, c, init=b.name if b else None))
                 if b is not None:
-                    evals += [Evaluation(b.name, "natural", d) for d in in_cluster(c)]
+                    evals += [Evaluation(b.name, DEFAULT_MODE, d) for d in in_cluster(c)]
         out["scale"] = evals
     if abl.get("instructions"):
         evals = []
@@ -435,7 +495,7 @@ def _plan_ablations(
             train_mode, eval_mode = setting["train"], setting["eval"]
             for c in config["held_out"]:
                 datasets = _training_set(registry, c, overlaps)
-                name = f"heldout_{c}" if train_mode == "natural" else f"heldout_{c}__train-{train_mode}"
+                name = main_run_name(c) if train_mode == DEFAULT_MODE else ablation_run_name(c, f"train-{train_mode}")
                 evals += add(Run(name, model, datasets, c, train_mode=train_mode, init=init), eval_mode)
         out["instructions"] = evals
     if abl.get("templates"):
@@ -443,7 +503,7 @@ def _plan_ablations(
         for k in abl["templates"]["counts"]:
             for c in config["held_out"]:
                 datasets = _training_set(registry, c, overlaps)
-                evals += add(Run(f"heldout_{c}__templates{k}", model, datasets, c, num_templates=k, init=init))
+                evals += add(Run(ablation_run_name(c, f"templates{k}"), model, datasets, c, num_templates=k, init=init))
         out["templates"] = evals
     return out
 

@@ -1,7 +1,9 @@
 """Figures for the report, shaped like the FLAN paper's: held-out clusters tuned vs base (bars), and
 the ablations (held-out average vs training clusters, model size, instruction setting, templates).
 
-Each figure is built by a function that returns a matplotlib ``Figure`` (tests inspect its axes and
+The rule-level writers live here too (write_summary, write_ablation, write_report): they put the
+tables of flanpipe.report and their figures on disk together, so flanpipe.report never imports this
+module. Each figure is built by a function that returns a matplotlib ``Figure`` (tests inspect its axes and
 labels without decoding pixels) and is written by ``save_figure`` (atomically, like every output).
 Figures are built on ``matplotlib.figure.Figure`` directly, not pyplot: no global figure registry,
 so a long Snakemake run or a test session never accumulates open figures.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -22,8 +25,21 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from flanpipe.io import atomic_path  # noqa: E402
-from flanpipe.report import format_params, slot_label, slot_shots  # noqa: E402
+from flanpipe.io import atomic_path, write_json  # noqa: E402
+from flanpipe.report import (  # noqa: E402
+    Record,
+    ablation_markdown,
+    format_params,
+    markdown,
+    records_from_paths,
+    slot_label,
+    slot_shots,
+    summarize_ablation,
+    summarize_main,
+)
+from flanpipe.vocab import FLAN_SETTING, RunRole  # noqa: E402
+
+TUNED, BASE = RunRole.TUNED.value, RunRole.BASE.value  # the records' ``role`` values
 
 SCORE_AXIS = "score (0-100, test split, mean over templates)"
 HELD_OUT_AXIS = "held-out average score (0-100, test split, mean over templates)"
@@ -194,7 +210,7 @@ def _present(points: Sequence[Mapping[str, Any]], key: str) -> tuple[list[Any], 
 
 def _count_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
     """Clusters / templates: bold held-out average line, thin per-cluster lines, paper's curve dashed."""
-    tuned = [p for p in points if p["role"] == "tuned"]
+    tuned = [p for p in points if p["role"] == TUNED]
     drawn: list[float] = []
     for i, cluster in enumerate(sorted({c for p in tuned for c in p["clusters"]})):
         pts = [(p["value"], p["clusters"][cluster]["average"]) for p in tuned if cluster in p["clusters"]]
@@ -231,8 +247,8 @@ def _count_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
 
 def _scale_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
     """Model size: instruction-tuned vs untuned base held-out averages over parameters (log x)."""
-    styles = {"tuned": ("o", "-", COLORS["tuned_zeroshot"]), "base": ("s", "--", COLORS["base_zeroshot"])}
-    labels = {"tuned": "instruction-tuned (zero-shot)", "base": "untuned base (zero-shot)"}
+    styles = {TUNED: ("o", "-", COLORS["tuned_zeroshot"]), BASE: ("s", "--", COLORS["base_zeroshot"])}
+    labels = {r.value: f"{r.label} (zero-shot)" for r in RunRole}
     lines = {role: _present([p for p in points if p["role"] == role], "held_out_average") for role in styles}
     at = {role: dict(zip(*lines[role], strict=True)) for role in styles}
     drawn: list[float] = []
@@ -241,11 +257,9 @@ def _scale_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
             continue
         marker, ls, color = styles[role]
         ax.plot(xs, ys, marker=marker, ls=ls, lw=2, color=color, label=labels[role])
-        other = at["base" if role == "tuned" else "tuned"]
+        other = at[BASE if role == TUNED else TUNED]
         # At each size the lower of the two lines labels its point from below (ties: base below).
-        lower = [
-            x in other and (y < other[x] or (y == other[x] and role == "base")) for x, y in zip(xs, ys, strict=True)
-        ]
+        lower = [x in other and (y < other[x] or (y == other[x] and role == BASE)) for x, y in zip(xs, ys, strict=True)]
         _annotate(ax, xs, ys, below=lower)
         drawn += ys
     ax.set_xscale("log")
@@ -259,9 +273,9 @@ def _scale_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
 
 def _instruction_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
     """Instruction settings as bars (FLAN's own setting highlighted), paper's averages as markers."""
-    tuned = [p for p in points if p["role"] == "tuned"]
+    tuned = [p for p in points if p["role"] == TUNED]
     ys = [p["held_out_average"] for p in tuned]
-    flan = [p["value"] == "natural->natural" for p in tuned]
+    flan = [p["value"] == FLAN_SETTING for p in tuned]
     colors = [COLORS["tuned_zeroshot"] if f else COLORS["cluster"] for f in flan]
     bars = ax.bar(range(len(tuned)), [y or 0.0 for y in ys], 0.6, color=colors, edgecolor="black", linewidth=0.5)
     ax.bar_label(bars, labels=["n/a" if y is None else f"{y:.1f}" for y in ys], fontsize=8, padding=2)
@@ -291,3 +305,59 @@ def _instruction_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[flo
 def _wrap_setting(label: str) -> str:
     """'dataset name -> dataset name' on two lines, so neighbouring tick labels never collide."""
     return label.replace(" -> ", "\n-> ").replace(" (", "\n(")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report's files: tables (flanpipe.report) and figures written together
+
+
+def write_summary(
+    records: Sequence[Record],
+    out_json: str | os.PathLike[str],
+    out_md: str | os.PathLike[str],
+    figure_path: str | os.PathLike[str],
+    *,
+    experiment: str = "flanpipe",
+    extra_markdown: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Rule ``report``: summary.json, summary.md (linking the figure) and the held-out bar chart.
+
+    ``experiment`` (the config's name or path) titles the Markdown and the figure, so a figure copied
+    out of its directory still says which experiment it shows. ``extra_markdown`` blocks (e.g. the
+    ablation tables returned by write_ablation) are appended to summary.md.
+    """
+    summary = summarize_main(records, experiment)
+    save_figure(summary_figure(summary, experiment), figure_path)
+    rel = os.path.relpath(Path(figure_path).resolve(), Path(out_md).resolve().parent)
+    write_json(out_json, summary)
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(markdown(summary, rel, extra_markdown), encoding="utf-8")
+    return summary
+
+
+def write_ablation(
+    name: str,
+    records: Sequence[Record],
+    out_json: str | os.PathLike[str],
+    out_png: str | os.PathLike[str],
+    *,
+    experiment: str = "flanpipe",
+) -> str:
+    """Rule ``ablation_<name>``: the ablation's JSON and figure; returns its Markdown table."""
+    ablation = summarize_ablation(name, records, experiment)
+    save_figure(ablation_figure(ablation), out_png)
+    write_json(out_json, ablation)
+    return ablation_markdown(ablation)
+
+
+def write_report(
+    result_paths: Sequence[str | os.PathLike[str]],
+    out_json: str | os.PathLike[str],
+    out_md: str | os.PathLike[str],
+    figure_path: str | os.PathLike[str] | None = None,
+    *,
+    experiment: str = "flanpipe",
+) -> dict[str, Any]:
+    """`flanpipe report`: write_summary over eval files; the figure defaults to ``out_md`` with .png."""
+    figure = figure_path if figure_path is not None else Path(out_md).with_suffix(".png")
+    return write_summary(records_from_paths(result_paths), out_json, out_md, figure, experiment=experiment)

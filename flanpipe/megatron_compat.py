@@ -29,11 +29,11 @@ _APPLIED = False
 
 # Megatron modules whose module-level ``torch`` is rebound to the CPU view, and the Megatron
 # function on a CPU run's path that needs it (training fwd/bwd, 1F1B, clipping, DDP buffers,
-# dist_checkpointing save/load, the Scorer). Each entry was checked necessary by removing it
+# dist_checkpointing save/load, model.LMScorer). Each entry was checked necessary by removing it
 # (TP=2, PP=2, DP=2 training, save, load at another layout, scoring); modules only reached with
 # sequence parallelism, fully-parallel loading or the rerun machinery are deliberately absent.
 _CPU_TORCH_MODULES: dict[str, str] = {
-    # get_default_causal_mask: torch.ones(sq, sq, device="cuda") when no mask is passed (Scorer).
+    # get_default_causal_mask: torch.ones(sq, sq, device="cuda") when no mask is passed (model.LMScorer).
     "megatron.core.transformer.utils": "default causal mask",
     # forward_backward_no_pipelining / forward_backward_pipelining_without_interleaving:
     # total_num_tokens = torch.zeros([], device="cuda").

@@ -188,8 +188,11 @@ def init_single_process() -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(0)
 
 
-class Scorer:
-    """Plain causal LM over right-padded rows, for evaluation (one process, TP=1/PP=1)."""
+class LMScorer:
+    """Plain causal LM over right-padded rows, for evaluation (one process, TP=1/PP=1).
+
+    A Megatron checkpoint seen through flanpipe.evaluate's ``Scorer`` protocol.
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig):
         self.model = model.eval()
@@ -212,7 +215,7 @@ class Scorer:
         return out.float().to(tokens.device)
 
 
-def load_scorer(model_dir: str | os.PathLike[str]) -> Scorer:
+def load_scorer(model_dir: str | os.PathLike[str]) -> LMScorer:
     """Rebuild a trained model from ``model_dir`` (model.json + checkpoint/) for scoring."""
     model_dir = Path(model_dir)
     megatron_compat.quiet_warnings()
@@ -224,4 +227,4 @@ def load_scorer(model_dir: str | os.PathLike[str]) -> Scorer:
     from flanpipe.checkpointing import load_weights
 
     load_weights(model, model_dir / "checkpoint")
-    return Scorer(model, cfg)
+    return LMScorer(model, cfg)

@@ -1,5 +1,7 @@
-"""Report: the zero-shot results on held-out clusters (summary.json / summary.md / a figure) and the
-paper's four ablations (one JSON + one PNG each, plus a Markdown table for summary.md).
+"""Report tables: the zero-shot results on held-out clusters (summary.json / summary.md) and the paper's
+four ablations (one JSON each, plus a Markdown table for summary.md), with the labels figures reuse.
+Drawing and writing the files (JSON, Markdown, PNG together) is flanpipe.figures, which imports this
+module; this module never imports it.
 
 Input is a list of *records*: one evaluation result (flanpipe.evaluate's JSON: dataset, cluster,
 metric, per_template, mean, std, best_dev_template, best_dev_test, ...) plus where it came from:
@@ -23,8 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flanpipe.experiments import EvalVariant
-from flanpipe.io import atomic_path, read_json, write_json
+from flanpipe.io import read_json
+from flanpipe.vocab import ABLATIONS, EvalVariant, RunRole, role_of_run_name
 
 Record = Mapping[str, Any]
 
@@ -46,7 +48,7 @@ SLOT_ORDER = (
     "base_fewshot_noopts",
 )
 
-ABLATION_NAMES = ("clusters", "scale", "instructions", "templates")
+ABLATION_NAMES = ABLATIONS
 
 # Held-out averages in the paper (LaMDA-PT 137B), to compare the *shape* of a small reproduction against.
 # clusters: Figure 6 (held out NLI, commonsense, closed-book QA), 1..7 training clusters.
@@ -100,7 +102,7 @@ def slot_of(record: Record) -> str:
     """
     v = EvalVariant.parse(str(record["variant"]))
     role = str(record["role"])
-    if role not in ("tuned", "base"):
+    if role not in {r.value for r in RunRole}:
         raise ValueError(f"record {record.get('run')}/{record['variant']}/{record['dataset']}: role {role!r}")
     return f"{role}_{'fewshot' if v.shots else 'zeroshot'}" + ("" if v.options else "_noopts")
 
@@ -108,7 +110,7 @@ def slot_of(record: Record) -> str:
 def slot_label(slot: str, shots: int | None = None) -> str:
     """Human name of a slot for tables and legends."""
     role, shot, *rest = slot.split("_")
-    name = "instruction-tuned" if role == "tuned" else "untuned base"
+    name = RunRole(role).label
     name += ", zero-shot" if shot == "zeroshot" else f", {shots}-shot" if shots else ", few-shot"
     return name + (", no options" if rest else "")
 
@@ -163,7 +165,7 @@ def _unique(records: Sequence[Record], key: Any, what: str) -> dict[Any, Record]
 # main results: summary.json / summary.md
 
 
-def summarize(records: Sequence[Record], experiment: str = "flanpipe") -> dict[str, Any]:
+def summarize_main(records: Sequence[Record], experiment: str = "flanpipe") -> dict[str, Any]:
     """Group eval records by held-out cluster, dataset and slot, and average them like the paper."""
     cells = _unique(records, lambda r: (held_out_of(r), str(r["dataset"]), slot_of(r)), "summary")
     slots = [s for s in SLOT_ORDER if any(k[2] == s for k in cells)]
@@ -269,32 +271,6 @@ def _cluster_markdown(cluster: str, c: Mapping[str, Any], slots: Sequence[str], 
     return [*lines, *_md_table(head, rows), ""]
 
 
-def write_summary(
-    records: Sequence[Record],
-    out_json: str | os.PathLike[str],
-    out_md: str | os.PathLike[str],
-    figure_path: str | os.PathLike[str],
-    *,
-    experiment: str = "flanpipe",
-    extra_markdown: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Rule ``report``: summary.json, summary.md (linking the figure) and the held-out bar chart.
-
-    ``experiment`` (the config's name or path) titles the Markdown and the figure, so a figure copied
-    out of its directory still says which experiment it shows. ``extra_markdown`` blocks (e.g. the
-    ablation tables returned by write_ablation) are appended to summary.md.
-    """
-    from flanpipe.figures import save_figure, summary_figure
-
-    summary = summarize(records, experiment)
-    save_figure(summary_figure(summary, experiment), figure_path)
-    rel = os.path.relpath(Path(figure_path).resolve(), Path(out_md).resolve().parent)
-    write_json(out_json, summary)
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(markdown(summary, rel, extra_markdown), encoding="utf-8")
-    return summary
-
-
 # ---------------------------------------------------------------------------------------------------
 # ablations
 
@@ -333,7 +309,7 @@ def summarize_ablation(name: str, records: Sequence[Record], experiment: str = "
     seen: dict[tuple[str, int | str], None] = {}
     for role, value, _, _ in cells:
         seen.setdefault((role, value), None)
-    keys = list(seen) if name == "instructions" else sorted(seen, key=lambda k: (k[0] != "tuned", k[1]))
+    keys = list(seen) if name == "instructions" else sorted(seen, key=lambda k: (k[0] != RunRole.TUNED.value, k[1]))
     reference = PAPER_REFERENCE.get(name, {})
     points = []
     for role, value in keys:
@@ -359,7 +335,7 @@ def summarize_ablation(name: str, records: Sequence[Record], experiment: str = "
                 "held_out_average_best_dev": _mean(c["average_best_dev"] for c in clusters.values()),
                 "n_clusters": len(clusters),
                 "clusters": clusters,
-                "paper": reference.get(value) if role == "tuned" else None,
+                "paper": reference.get(value) if role == RunRole.TUNED.value else None,
             }
         )
     return {"ablation": name, "experiment": experiment, "score": SCORE_NOTE, "points": points}
@@ -383,7 +359,7 @@ def ablation_markdown(ablation: Mapping[str, Any]) -> str:
     head += ["paper (137B)"] if has_paper else []
     rows = []
     for p in points:
-        row = [p["label"], *(["instruction-tuned" if p["role"] == "tuned" else "untuned base"] if roles else [])]
+        row = [p["label"], *([RunRole(p["role"]).label] if roles else [])]
         row += [_fmt(p["clusters"][c]["average"]) if c in p["clusters"] else "–" for c in clusters]
         row += [f"**{_fmt(p['held_out_average'])}**", _fmt(p["held_out_average_best_dev"])]
         row += [_fmt(p["paper"])] if has_paper else []
@@ -394,23 +370,6 @@ def ablation_markdown(ablation: Mapping[str, Any]) -> str:
         "(best dev: test score of the template with the best validation score)."
     )
     return "\n".join([title, "", note, "", *_md_table(head, rows)]) + "\n"
-
-
-def write_ablation(
-    name: str,
-    records: Sequence[Record],
-    out_json: str | os.PathLike[str],
-    out_png: str | os.PathLike[str],
-    *,
-    experiment: str = "flanpipe",
-) -> str:
-    """Rule ``ablation_<name>``: the ablation's JSON and figure; returns its Markdown table."""
-    from flanpipe.figures import ablation_figure, save_figure
-
-    ablation = summarize_ablation(name, records, experiment)
-    save_figure(ablation_figure(ablation), out_png)
-    write_json(out_json, ablation)
-    return ablation_markdown(ablation)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,7 +387,7 @@ def records_from_paths(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str
     """Read ``results/eval/{run}/{variant}/{dataset}.json`` files into records, using only the path.
 
     Without the plan the held-out cluster is the dataset's own cluster and the role is read off the
-    run name (the planner names base runs ``base-<model>``).
+    run name (flanpipe.vocab.role_of_run_name).
     """
     out = []
     for p in paths:
@@ -438,22 +397,9 @@ def records_from_paths(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str
         r.setdefault("run", run)
         r.setdefault("variant", variant)
         r.setdefault("held_out", r["cluster"])
-        r.setdefault("role", "base" if run.startswith("base-") else "tuned")
+        r.setdefault("role", role_of_run_name(run).value)
         out.append(r)
     return out
-
-
-def write_report(
-    result_paths: Sequence[str | os.PathLike[str]],
-    out_json: str | os.PathLike[str],
-    out_md: str | os.PathLike[str],
-    figure_path: str | os.PathLike[str] | None = None,
-    *,
-    experiment: str = "flanpipe",
-) -> dict[str, Any]:
-    """`flanpipe report`: write_summary over eval files; the figure defaults to ``out_md`` with .png."""
-    figure = figure_path if figure_path is not None else Path(out_md).with_suffix(".png")
-    return write_summary(records_from_paths(result_paths), out_json, out_md, figure, experiment=experiment)
 
 
 __all__ = [
@@ -464,9 +410,6 @@ __all__ = [
     "markdown",
     "load_records",
     "records_from_paths",
-    "summarize",
+    "summarize_main",
     "summarize_ablation",
-    "write_ablation",
-    "write_report",
-    "write_summary",
 ]

@@ -18,12 +18,14 @@ import polars as pl
 
 from flanpipe.io import atomic_path, read_yaml
 from flanpipe.registry import DatasetSpec
+from flanpipe.vocab import RENDER_MODES, RenderMode
 
 OPTIONS_PLACEHOLDER = "options_"
 MAX_TURNED_AROUND = 3  # FLAN: "up to three" templates that turn the task around
-InstructionMode = Literal["natural", "no_template", "dataset_name", "lm"]
-# "lm" is not an instruction mode but the base model's pretraining text: the input fields, no answer.
-INSTRUCTION_MODES: tuple[str, ...] = ("natural", "no_template", "dataset_name", "lm")
+# What rendering accepts: an instruction mode, or "lm" (not an instruction mode but the base model's
+# pretraining text: the input fields, no answer). The names are flanpipe.vocab's.
+InstructionMode = RenderMode
+INSTRUCTION_MODES = RENDER_MODES
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")

@@ -1,14 +1,14 @@
 # Config validation, the experiment plan, wildcard constraints and every input function.
-# All logic lives in flanpipe; this file only maps wildcards to paths.
+# All logic lives in flanpipe (the Plan's methods, flanpipe.vocab's names); this file only maps
+# wildcards to paths and params, plus set_resource: the one place Snakemake internals are read.
 
 from pathlib import Path
 
-from flanpipe.config import budget_tokens, check_world, train_spec, validate_config
-from flanpipe.experiments import EvalVariant, parse_shard_variant, plan_experiment
+from flanpipe.config import check_world, validate_config
+from flanpipe.experiments import plan_experiment
 from flanpipe.ingest import check_local_source
-from flanpipe.io import read_yaml, resolve_config_path
-from flanpipe.model_config import load_model_config, param_count
-from flanpipe.registry import ROLES
+from flanpipe.io import resolve_config_path
+from flanpipe.vocab import ABLATIONS, SHARD_PATTERN, SPLITS, VARIANT_PATTERN, EvalVariant, parse_shard_name
 
 
 config = validate_config(config)  # defaults filled; a wrong key or type fails before any job
@@ -21,19 +21,33 @@ SYNTHETIC = sorted(
 TRAINED = sorted(PLAN.mixtures)  # runs trained here (tuned and pretrained), not given checkpoints
 
 
+def set_resource(rule, name):
+    """A resource the profile or --set-resources gives ``rule`` for every job, or None.
+
+    Snakemake has no public API for this: it reads workflow.resource_settings.overwrite_resources,
+    Snakemake's own table of set-resources. A callable resource is known only per job (reading its
+    ``value`` raises ValueError) and counts as not set, as does a Snakemake without that table.
+    """
+    try:
+        res = workflow.resource_settings.overwrite_resources.get(rule, {})
+        value = res.get(name)
+        return getattr(value, "value", value)
+    except (AttributeError, ValueError):
+        return None
+
+
+def train_tasks(wildcards=None):
+    """Ranks of one training job at data-parallel size 1 (more DP ranks come from the profile)."""
+    t = config["train"]
+    return t["tensor_model_parallel_size"] * t["pipeline_model_parallel_size"]
+
+
 def _train_world():
     """Training ranks: the profile's train `tasks` (set-resources), else TP x PP (rules/train.smk)."""
-    t = config["train"]
-    default = t["tensor_model_parallel_size"] * t["pipeline_model_parallel_size"]
-    res = workflow.resource_settings.overwrite_resources.get("train", {})
-    tasks = res.get("tasks") if hasattr(res, "get") else None
-    try:
-        value = getattr(tasks, "value", tasks)
-    except ValueError:  # a callable resource: known only per job
-        value = None
+    value = set_resource("train", "tasks")
     if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
         return int(value), "set-resources train:tasks (the profile or --set-resources)"
-    return default, "the default train tasks = TP x PP"
+    return train_tasks(), "the default train tasks = TP x PP"
 
 
 check_world(config, *_train_world())  # world = TP x PP x DP and the batch arithmetic, before any job
@@ -53,10 +67,10 @@ wildcard_constraints:
     synthetic=_alternatives(SYNTHETIC),
     run=_alternatives(TRAINED),
     evalrun=_alternatives(PLAN.runs),
-    shard=r"lm|(natural|no_template|dataset_name)-(all|\d+)",
-    variant=r"(natural|no_template|dataset_name)(-noopts)?(-\d+shot)?",
-    ablation="|".join(("clusters", "scale", "instructions", "templates")),
-    split="train|validation|test",
+    shard=SHARD_PATTERN,
+    variant=VARIANT_PATTERN,
+    ablation="|".join(ABLATIONS),
+    split="|".join(SPLITS),
 
 
 localrules:
@@ -79,11 +93,11 @@ def template_file(wildcards):
 
 
 def shard_mode(wildcards):
-    return parse_shard_variant(wildcards.shard)[0]
+    return parse_shard_name(wildcards.shard)[0]
 
 
 def shard_num_templates(wildcards):
-    return parse_shard_variant(wildcards.shard)[1]
+    return parse_shard_name(wildcards.shard)[1]
 
 
 def eval_shard_inputs(wildcards):
@@ -101,19 +115,15 @@ def variant_params(wildcards):
 
 
 def run_shards(wildcards):
-    run = PLAN.runs[wildcards.run]
-    return {d: f"results/shards/{d}/train/{run.shard_variant}.parquet" for d in run.datasets}
+    return PLAN.run_shards(wildcards.run)
 
 
 def run_budget(wildcards):
-    run = PLAN.runs[wildcards.run]
-    return budget_tokens(config, steps=run.steps)
+    return PLAN.budget_tokens(wildcards.run)
 
 
 def tokenizer_shards(wildcards):
-    """The tokenizer learns from every training shard of the main runs (one vocabulary for all runs)."""
-    main = [r for r in PLAN.runs.values() if r.kind == "tune" and "__" not in r.name]
-    return sorted({f"results/shards/{d}/train/{r.shard_variant}.parquet" for r in main for d in r.datasets})
+    return PLAN.tokenizer_shards()
 
 
 def tokenizer_model(wildcards=None):
@@ -123,14 +133,11 @@ def tokenizer_model(wildcards=None):
 
 
 def run_model_config(wildcards):
-    return str(resolve_config_path(PLAN.runs[wildcards.run].model))
+    return str(PLAN.run_model_config(wildcards.run))
 
 
 def run_spec(wildcards):
-    """The JSON run spec: model config + training facts, the run's step count, its initial weights."""
-    run = PLAN.runs[wildcards.run]
-    init = PLAN.model_dir(run.init) if run.init else None
-    return train_spec(config, read_yaml(resolve_config_path(run.model)), steps=run.steps, init_checkpoint=init)
+    return PLAN.train_spec(wildcards.run)
 
 
 def train_inputs(wildcards):
@@ -140,12 +147,6 @@ def train_inputs(wildcards):
     if run.init:
         inputs["init"] = PLAN.model_dir(run.init)
     return inputs
-
-
-def train_tasks(wildcards):
-    """Ranks of one training job at data-parallel size 1 (more DP ranks come from the profile)."""
-    t = config["train"]
-    return t["tensor_model_parallel_size"] * t["pipeline_model_parallel_size"]
 
 
 def eval_inputs(wildcards):
@@ -161,35 +162,12 @@ def dataset_metric(wildcards):
     return PLAN.registry[wildcards.dataset].metric
 
 
-def _record_meta(evaluation, ablation=None):
-    """What the report needs to know about one evaluation besides its scores."""
-    run = PLAN.runs[evaluation.run]
-    model = load_model_config(resolve_config_path(run.model))
-    meta = {
-        "run": run.name,
-        "variant": evaluation.variant,
-        "held_out": run.held_out or PLAN.registry[evaluation.dataset].cluster,
-        "role": "tuned" if run.kind == "tune" else "base",
-        "model": Path(run.model).stem,
-        "params": param_count(model),
-    }
-    if ablation == "clusters":
-        meta["ablation_value"] = len({PLAN.registry[d].cluster for d in run.datasets})
-    elif ablation == "scale":
-        meta["ablation_value"] = meta["params"]
-    elif ablation == "instructions":
-        meta["ablation_value"] = f"{run.train_mode}->{EvalVariant.parse(evaluation.variant).mode}"
-    elif ablation == "templates":
-        meta["ablation_value"] = run.num_templates
-    return meta
-
-
 def report_inputs(wildcards=None):
     return [e.path for e in PLAN.evaluations]
 
 
 def report_meta(wildcards=None):
-    return [_record_meta(e) for e in PLAN.evaluations]
+    return [PLAN.record_meta(e) for e in PLAN.evaluations]
 
 
 def ablation_inputs(wildcards):
@@ -197,7 +175,7 @@ def ablation_inputs(wildcards):
 
 
 def ablation_meta(wildcards):
-    return [_record_meta(e, wildcards.ablation) for e in PLAN.ablations.get(wildcards.ablation, [])]
+    return [PLAN.record_meta(e, wildcards.ablation) for e in PLAN.ablations.get(wildcards.ablation, [])]
 
 
 def all_targets():

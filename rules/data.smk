@@ -3,9 +3,9 @@
 
 rule generate_synthetic:
     output:
-        expand("results/synthetic/{{synthetic}}/{split}.jsonl", split=ROLES),
+        expand("results/synthetic/{{synthetic}}/{split}.jsonl", split=SPLITS),
     params:
-        sizes={r: config["synthetic"][r] for r in ROLES},
+        sizes={r: config["synthetic"][r] for r in SPLITS},
         seed=config["synthetic"]["seed"],
     log:
         "logs/generate_synthetic/{synthetic}.log",

@@ -21,6 +21,8 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
+from dag import ROOT, snakemake, write
+from dag import write_jsonl as jsonl
 
 from flanpipe.config import ConfigError, check_world, load_config, validate_config
 from flanpipe.experiments import PlanError, plan_experiment
@@ -29,8 +31,6 @@ from flanpipe.io import atomic_path
 from flanpipe.registry import RegistryError, load_registry
 from flanpipe.templates import TemplateError
 
-ROOT = Path(__file__).resolve().parent.parent
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 TINY = ROOT / "config" / "models" / "tiny.yaml"
 
 NLI_TEMPLATES = """templates:
@@ -41,16 +41,6 @@ QA_TEMPLATES = 'templates:\n  - {inputs: "Q: {question}", targets: "{answer}"}\n
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def jsonl(path: Path, rows: list[dict]) -> Path:
-    return write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -104,14 +94,8 @@ def dry_run(workdir: Path, config: dict[str, Any], *args: str) -> subprocess.Com
     """``snakemake -n --configfile bad.yaml`` in a fresh directory (the real DAG build)."""
     workdir.mkdir(parents=True, exist_ok=True)
     write(workdir / "bad.yaml", yaml.safe_dump(config))
-    return subprocess.run(
-        [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile", "bad.yaml", "-n", *args],
-        cwd=workdir,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    return snakemake(
+        "-s", ROOT / "Snakefile", "-d", workdir, "--configfile", "bad.yaml", "-n", *args, cwd=workdir, timeout=300
     )
 
 

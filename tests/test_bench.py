@@ -86,7 +86,7 @@ def test_every_profile_has_valid_templates(tmp_path: Path) -> None:
     for p in bench.PROFILES:
         path = tmp_path / f"{p.name}.yaml"
         path.write_text(yaml.safe_dump({"templates": bench.templates_for(p)}))
-        spec = bench.dataset_spec(p, tmp_path, path)
+        spec = bench.profile_dataset_spec(p, tmp_path, path)
         validate_templates(load_templates(path), spec, path)
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from dag import ROOT
 
 
 def flanpipe(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:

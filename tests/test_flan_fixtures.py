@@ -9,17 +9,16 @@ DAG is planned (and partly run) through Snakemake.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import pytest
 import yaml
+from dag import ROOT, run_snakemake
+from dag import read_jsonl as jsonl
 
 from flanpipe.config import dataset_spec, load_config
 from flanpipe.experiments import Plan, plan_experiment
@@ -28,7 +27,6 @@ from flanpipe.io import read_yaml
 from flanpipe.registry import ROLES, load_registry
 from flanpipe.templates import load_validated, render_eval_shard, render_shard
 
-ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "flan"
 FLAN_CONFIG = ROOT / "config" / "flan137b.yaml"
 PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
@@ -45,10 +43,6 @@ def mirrored_config() -> dict:
 
 CONFIG = mirrored_config()
 PLAN: Plan = plan_experiment(CONFIG)
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def test_every_registry_entry_has_fixtures() -> None:
@@ -179,10 +173,7 @@ def dag_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir)]
-    cmd += ["--configfile", str(workdir / "flan.yaml"), "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    return run_snakemake(workdir, workdir / "flan.yaml", "--cores", "2", *args, timeout=300)
 
 
 def test_dry_run_plans_every_dataset_from_the_mirror(dag_dir: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from dag import write
 
 from flanpipe.cli import main
 from flanpipe.importers import (
@@ -32,12 +33,6 @@ PS_ROOT = FIXTURES / "promptsource"
 ENTAIL = "toy_suite/toy_entail"
 FLAN = FIXTURES / "flan_patterns.py"
 UUID = "0b1f6a52-1111-4c2e-9a01-0000000000{:02d}"
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def skipped_ids(result) -> dict[str, str]:

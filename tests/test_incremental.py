@@ -11,30 +11,20 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from dag import ROOT
+from dag import snakemake as _snakemake
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-CONFIG = REPO / "tests" / "config" / "incremental.yaml"
+CONFIG = ROOT / "tests" / "config" / "incremental.yaml"
 JOB = re.compile(r"^(?:local)?rule (\w+):$")
 WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
 
 
 def snakemake(work: Path, *args: str) -> str:
-    r = subprocess.run(
-        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args],
-        cwd=work,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    r = _snakemake("--snakefile", ROOT / "Snakefile", *args, cwd=work, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     return r.stdout + r.stderr
 
@@ -54,7 +44,7 @@ def planned(work: Path) -> set[str]:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A working directory with the DAG built up to packing (not training: the point is the planning)."""
     work = tmp_path_factory.mktemp("incremental")
-    shutil.copytree(REPO / "config", work / "config")
+    shutil.copytree(ROOT / "config", work / "config")
     shutil.copy(CONFIG, work / "config" / "config.yaml")
     snakemake(work, "--cores", "2", "--until", "pack", "render_eval_shard", "train_spec")
     return work

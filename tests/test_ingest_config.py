@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
 import pytest
+from dag import write_jsonl as jsonl
 
 from flanpipe.config import ConfigError, load_config, validate_config
 from flanpipe.ingest import DataError, ingest_split
@@ -25,11 +25,6 @@ def spec(path: str, **kw) -> DatasetSpec:
     )
     base.update(kw)
     return DatasetSpec(**base)
-
-
-def jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
 def test_local_ingest_maps_labels_to_option_text(tmp_path: Path) -> None:

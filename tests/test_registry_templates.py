@@ -6,6 +6,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from dag import write
 
 from flanpipe.registry import FLAN_OVERLAPS, RegistryError, load_registry, training_datasets
 from flanpipe.templates import (
@@ -17,12 +18,6 @@ from flanpipe.templates import (
     templates_for_mode,
     validate_templates,
 )
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture

@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 from matplotlib.figure import Figure
 
-from flanpipe.figures import HELD_OUT_AXIS, SCORE_AXIS, ablation_figure, summary_figure
+from flanpipe.figures import (
+    HELD_OUT_AXIS,
+    SCORE_AXIS,
+    ablation_figure,
+    summary_figure,
+    write_ablation,
+    write_report,
+    write_summary,
+)
 from flanpipe.report import (
     PAPER_REFERENCE,
     ablation_markdown,
@@ -23,11 +31,8 @@ from flanpipe.report import (
     markdown,
     records_from_paths,
     slot_of,
-    summarize,
     summarize_ablation,
-    write_ablation,
-    write_report,
-    write_summary,
+    summarize_main,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -117,7 +122,7 @@ def test_slot_of_reads_role_options_and_shots() -> None:
 
 
 def test_summary_cluster_and_held_out_averages() -> None:
-    s = summarize(main_records(), "exp")
+    s = summarize_main(main_records(), "exp")
     assert s["slots"] == ["tuned_zeroshot", "tuned_zeroshot_noopts", "base_zeroshot", "base_fewshot"]
     nli, sent = s["clusters"]["nli"]["average"], s["clusters"]["sentiment"]["average"]
     # tuned, mean over templates: nli (60 + 40) / 2 = 50; sentiment 70; held out (50 + 70) / 2 = 60
@@ -137,7 +142,7 @@ def test_summary_cluster_and_held_out_averages() -> None:
 
 
 def test_summary_per_dataset_numbers_are_passed_through() -> None:
-    s = summarize(main_records(), "exp")
+    s = summarize_main(main_records(), "exp")
     a = s["clusters"]["nli"]["datasets"]["nli_a"]
     assert a["metric"] == "accuracy" and a["cluster"] == "nli"
     tuned = a["slots"]["tuned_zeroshot"]
@@ -152,7 +157,7 @@ def test_best_dev_is_never_recomputed_from_test() -> None:
     # The record claims best dev = template 1 with test 12.5, although template 0 has the best TEST
     # score (90) and template 1's listed test score is 40. The report must copy 12.5, not pick 90.
     recs = [record("d", "nli", [90.0, 40.0], best=1, best_test=12.5)]
-    s = summarize(recs)
+    s = summarize_main(recs)
     x = s["clusters"]["nli"]["datasets"]["d"]["slots"]["tuned_zeroshot"]
     assert (x["best_dev_template"], x["best_dev_test"]) == (1, 12.5)
     assert s["clusters"]["nli"]["average"]["tuned_zeroshot"]["best_dev"] == 12.5
@@ -161,7 +166,7 @@ def test_best_dev_is_never_recomputed_from_test() -> None:
 
 
 def test_summary_markdown_rows() -> None:
-    md = markdown(summarize(main_records(), "config/x.yaml"), figure="summary.png")
+    md = markdown(summarize_main(main_records(), "config/x.yaml"), figure="summary.png")
     assert md.startswith("# config/x.yaml: zero-shot results on held-out clusters\n")
     assert "![held-out clusters: instruction-tuned vs untuned base](summary.png)" in md
     # held-out average table
@@ -180,16 +185,16 @@ def test_summary_markdown_rows() -> None:
 
 def test_base_zero_shot_best_dev_average() -> None:
     # base zero-shot best dev: nli (30 + 40) / 2 = 35, sentiment 50 -> held out (35 + 50) / 2 = 42.5
-    s = summarize(main_records())
+    s = summarize_main(main_records())
     assert s["held_out_average"]["base_zeroshot"]["best_dev"] == 42.5
 
 
 def test_two_runs_in_one_cell_fail_loudly() -> None:
     recs = [record("d", "nli", [50.0], best=0), record("d", "nli", [60.0], best=0, run="heldout_nli__clusters3")]
     with pytest.raises(ValueError, match="heldout_nli__clusters3"):
-        summarize(recs)
+        summarize_main(recs)
     # an exact repeat of the same run/variant/dataset is harmless
-    assert summarize([recs[0], dict(recs[0])])["held_out_average"]["tuned_zeroshot"]["mean"] == 50.0
+    assert summarize_main([recs[0], dict(recs[0])])["held_out_average"]["tuned_zeroshot"]["mean"] == 50.0
 
 
 def _bar_heights(fig: Figure) -> list[float]:
@@ -197,7 +202,7 @@ def _bar_heights(fig: Figure) -> list[float]:
 
 
 def test_summary_figure_axes_and_bars() -> None:
-    s = summarize(main_records(), "exp")
+    s = summarize_main(main_records(), "exp")
     fig = summary_figure(s, "config/x.yaml")
     ax = fig.axes[0]
     assert ax.get_ylabel() == SCORE_AXIS == "score (0-100, test split, mean over templates)"
@@ -382,3 +387,13 @@ def test_labels() -> None:
     assert [format_params(n) for n in (422e6, 2e9, 137e9, 1_200_000, 999)] == ["422M", "2B", "137B", "1.2M", "999"]
     assert instruction_label("dataset_name->natural") == "dataset name -> natural"
     assert instruction_label("no_template->no_template") == "no template -> no template"
+
+
+def test_report_tables_never_import_figures() -> None:
+    """Tables and labels stand alone; only flanpipe.figures imports both (and matplotlib)."""
+    import subprocess
+    import sys
+
+    code = "import sys, flanpipe.report; assert not {'flanpipe.figures', 'matplotlib'} & set(sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -25,12 +25,11 @@ from typing import Any
 
 import pytest
 import yaml
+from dag import ROOT, SNAKEMAKE
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
-REPO = Path(__file__).resolve().parents[1]
-PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-TEST_CONFIG = REPO / "tests" / "config" / "slurm.yaml"
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
+TEST_CONFIG = ROOT / "tests" / "config" / "slurm.yaml"
 RANKS = 2  # training ranks on the test node (DP=2 with tests/config/slurm.yaml's TP=PP=1)
 MEM_MB = 2500  # per job: two concurrent jobs fit any CI machine
 
@@ -122,7 +121,7 @@ def test_profile_resolves(tmp_path: Path) -> None:
     for name, extra_env in cases:
         r = subprocess.run(
             [SNAKEMAKE, "--profile", name, "--dry-run", "--quiet", "all"],
-            cwd=REPO,
+            cwd=ROOT,
             env={**os.environ, **extra_env},
             capture_output=True,
             text=True,
@@ -137,7 +136,7 @@ def test_profile_resolves(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_default_dag_under_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     work = tmp_path / "run"
-    shutil.copytree(REPO / "config", work / "config")
+    shutil.copytree(ROOT / "config", work / "config")
     shutil.copy(TEST_CONFIG, work / "config" / "config.yaml")
     (work / "slurm").mkdir()  # `--profile slurm` finds it by name in the working directory
     fitted = fit_profile(yaml.safe_load(PROFILE.read_text()))
@@ -147,7 +146,7 @@ def test_default_dag_under_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) ->
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # jobs inherit it (sbatch --export=ALL)
     t0 = time.perf_counter()
     r = subprocess.run(
-        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--profile", "slurm"],
+        [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--profile", "slurm"],
         cwd=work,
         env=env,
         capture_output=True,

@@ -4,7 +4,6 @@ regexes (only word lists and fact tables are shared), so a generator bug cannot 
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter
@@ -13,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from dag import ROOT, read_jsonl
 
 from flanpipe import synthetic as syn
 
-ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = ROOT / "config" / "registry" / "embedded.yaml"
 SIZES = {"train": 400, "validation": 60, "test": 60}
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -31,10 +30,6 @@ N_CLASSES = {
     "synth_copa": 2,
     "synth_piqa": 2,
 }
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")

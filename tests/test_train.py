@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import counting_examples
+from dag import ROOT as REPO
 
 from flanpipe.model import load_scorer, model_provider
 from flanpipe.model_config import ModelConfig, flops_per_token, load_model_config
 from flanpipe.train import TrainConfig, parse_spec, plan_layout, train
 
-REPO = Path(__file__).resolve().parent.parent
 # Set by a parent torchrun; a child launched with them would join the wrong rendezvous.
 TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"}
 MODEL = {

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+from dag import ROOT, snakemake
 
 
 def test_snakemake_lint_is_clean() -> None:
-    r = subprocess.run([SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    r = snakemake("--lint", timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
 
 
 def rule_blocks() -> dict[str, str]:
     """rule name -> its text, for every rule in rules/*.smk (the Snakefile holds only `rule all`)."""
     blocks = {}
-    for path in sorted((REPO / "rules").glob("*.smk")):
+    for path in sorted((ROOT / "rules").glob("*.smk")):
         parts = re.split(r"^(?:local)?rule (\w+):\n", path.read_text(), flags=re.MULTILINE)
         blocks.update(dict(zip(parts[1::2], parts[2::2], strict=True)))
     return blocks

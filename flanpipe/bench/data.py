@@ -343,7 +343,7 @@ def write_canonical(profile: Profile, n: int, path: Path, english: Lexicon, fore
     return n
 
 
-def dataset_spec(profile: Profile, canonical_dir: Path, templates: Path) -> DatasetSpec:
+def profile_dataset_spec(profile: Profile, canonical_dir: Path, templates: Path) -> DatasetSpec:
     """The registry entry the real pipeline would hold for this dataset (source = the generated Parquet)."""
     fields = [f for f, _ in profile.fields] + (["choices"] if profile.choices else []) + ["answer"]
     metric = (
@@ -519,7 +519,7 @@ def _run(cfg: BenchConfig, work: Path) -> dict[str, Any]:
             tpl = work / "templates" / f"{p.name}.yaml"
             tpl.parent.mkdir(parents=True, exist_ok=True)
             tpl.write_text(yaml.safe_dump({"templates": templates_for(p)}, sort_keys=False), encoding="utf-8")
-            specs[p.name] = dataset_spec(p, canon_dir, tpl)
+            specs[p.name] = profile_dataset_spec(p, canon_dir, tpl)
 
     # 2. render: one templated shard per dataset, exactly as rule render_shard
     shards = {name: work / "shards" / name / "train.parquet" for name in specs}

@@ -201,7 +201,7 @@ def fwd_bwd_step(model: nn.Module, forward: Callable[[], torch.Tensor]) -> Calla
     return step
 
 
-def summarize(times: list[float], tokens_per_iter: int, flops_per_iter: float) -> dict[str, float]:
+def timing_stats(times: list[float], tokens_per_iter: int, flops_per_iter: float) -> dict[str, float]:
     """tokens/s over the total timed span (not the mean of per-iteration rates), and at the median
     iteration, which a busy shared machine disturbs less than the total."""
     total, median = sum(times), statistics.median(times)
@@ -273,7 +273,7 @@ def bench_train(
     flops = float(model_flops_per_step(cfg, tokens_per_iter, seq_length))
     steps = {name: fwd_bwd_step(model, fwd) for name, (model, fwd) in forwards.items()}
     times = time_interleaved(steps, iters, warmup, sync)
-    timings = {name: summarize(t, tokens_per_iter, flops) for name, t in times.items()}
+    timings = {name: timing_stats(t, tokens_per_iter, flops) for name, t in times.items()}
     ref = losses["megatron"]
     return {
         "model": cfg.to_dict(),

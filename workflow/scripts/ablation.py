@@ -1,7 +1,8 @@
-"""Rule ablation -> flanpipe.report.write_ablation."""
+"""Rule ablation -> flanpipe.figures.write_ablation."""
 
+from flanpipe.figures import write_ablation
 from flanpipe.io import log_to
-from flanpipe.report import load_records, write_ablation
+from flanpipe.report import load_records
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

@@ -1,7 +1,8 @@
-"""Rule report -> flanpipe.report.write_summary over the plan's main evaluations."""
+"""Rule report -> flanpipe.figures.write_summary over the plan's main evaluations."""
 
+from flanpipe.figures import write_summary
 from flanpipe.io import log_to
-from flanpipe.report import load_records, write_summary
+from flanpipe.report import load_records
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
