@@ -14,7 +14,7 @@ from typing import Any
 
 import jsonschema
 
-from flanpipe.io import PROJECT_ROOT, read_yaml
+from flanpipe.io import FLOAT_12, PROJECT_ROOT, read_yaml
 from flanpipe.registry import DatasetSpec, load_registry, with_local_mirror
 
 SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "config.schema.yaml"
@@ -33,9 +33,40 @@ def _with_defaults(validator_cls: type) -> type:
             for prop, sub in properties.items():
                 if "default" in sub and prop not in instance:
                     instance[prop] = copy.deepcopy(sub["default"])
+                elif prop in instance:
+                    instance[prop] = _as_schema_number(instance[prop], sub)
         yield from validate_props(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+    # JSON Schema counts 1000.0 as an integer, so ``steps: 1000.0`` (or ``1e3``) would pass and then crash
+    # range() in training: integer fields take ints only; whole floats are converted above, others rejected.
+    checker = validator_cls.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, v: isinstance(v, int) and not isinstance(v, bool)
+    )
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults}, type_checker=checker)
+
+
+def _types(schema: Mapping[str, Any]) -> list[str]:
+    types = schema.get("type")
+    return [types] if isinstance(types, str) else list(types or [])
+
+
+def _number(value: Any, schema: Mapping[str, Any]) -> Any:
+    """One value as the number its field wants: ``1000.0`` -> 1000 in an integer field, and ``'3e-5'`` (a
+    string to YAML 1.1 readers such as PyYAML and Snakemake's) -> 3e-05 in a number field."""
+    types = _types(schema)
+    if isinstance(value, str) and ("number" in types or "integer" in types) and FLOAT_12.match(value.strip()):
+        value = float(value.replace("_", ""))
+    if isinstance(value, float) and value.is_integer() and "integer" in types and "number" not in types:
+        return int(value)
+    return value
+
+
+def _as_schema_number(value: Any, schema: Mapping[str, Any]) -> Any:
+    """``_number`` on a field or on each item of a list field; anything else is left for the schema to judge."""
+    items = schema.get("items")
+    if isinstance(value, list) and isinstance(items, Mapping):
+        return [_number(v, items) for v in value]
+    return _number(value, schema)
 
 
 def validate_config(config: Mapping[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[str, Any]:

@@ -313,7 +313,7 @@ def ingest_split(
         canon, dropped = canonicalize(lf, spec, role, spec.bad_rows or policy, origin)
         with atomic_path(out_path) as tmp:
             canon.sink_parquet(tmp)  # streamed: a 40M-row WMT split never sits in memory
-    except pl.exceptions.ComputeError as e:  # e.g. invalid UTF-8 or malformed JSON in the raw file
+    except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as e:  # bad UTF-8, bad JSON, a non-object line
         local = Path(origin) if spec.source.type == "local" else None
         bad = _first_invalid_utf8(local) if local is not None and "utf-8" in str(e).lower() else None
         if bad:
