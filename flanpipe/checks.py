@@ -164,8 +164,6 @@ def _check_checkpoint(config: Mapping[str, Any], run: Run, want: ModelConfig) ->
         )
 
 
-
-
 def check_cluster_names(config: Mapping[str, Any], registry: Mapping[str, DatasetSpec]) -> None:
     """Every cluster the config names must exist: a typo in ``overlaps`` would silently keep a near-duplicate
     cluster in training and leak the held-out task."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,26 @@ def check_cross_fields(config: Mapping[str, Any]) -> None:
             f"= {n['inputs']} + {n['targets']} = {n['inputs'] + n['targets']}; a full example would not fit"
         )
     t = config["train"]
+    for key, steps in (("train.steps", t["steps"]), ("base.pretrain_steps", config["base"]["pretrain_steps"])):
+        if steps and t["warmup_steps"] > steps:
+            raise ConfigError(
+                f"config key train.warmup_steps: {t['warmup_steps']} warmup steps are more than {key} = {steps}; "
+                "the learning rate would never reach train.lr. Lower warmup_steps or raise the step count"
+            )
+    if t["save_interval"] > t["steps"]:
+        warnings.warn(
+            f"config key train.save_interval: {t['save_interval']} > train.steps = {t['steps']}, so no checkpoint is "
+            "saved before the end (0 says the same on purpose)",
+            stacklevel=2,
+        )
+    tpl = config["templates"]
+    if tpl["num_templates"] is not None and tpl["train_mode"] != "natural":
+        warnings.warn(
+            f"config key templates.num_templates: {tpl['num_templates']} has no effect with templates.train_mode = "
+            f"{tpl['train_mode']!r} (it counts natural-instruction templates); the runs train on all examples "
+            "with no template",
+            stacklevel=2,
+        )
     if t["global_batch_size"] % t["micro_batch_size"]:
         raise ConfigError(
             f"config key train.global_batch_size: {t['global_batch_size']} is not divisible by "

@@ -153,7 +153,7 @@ def check_template_task(t: Template, path: str | os.PathLike[str], dataset: str)
     if not targets:
         raise TemplateError(
             f"{where} (targets): {t.targets!r} has no placeholder, so every example would train on that constant "
-            "string; write e.g. targets: \"{answer}\""
+            'string; write e.g. targets: "{answer}"'
         )
     if OPTIONS_PLACEHOLDER in targets:
         raise TemplateError(f"{where} (targets): {{options_}} belongs in 'inputs' (the prompt), not the target")
