@@ -1,0 +1,26 @@
+"""Bad data caught by the first job that reads it (ingest): the message names the dataset, split, file
+and line, and nothing partial is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_bad_inputs import assert_nothing_written, registry_dir, write
+
+from flanpipe.ingest import DataError, ingest_split
+from flanpipe.registry import load_registry
+
+
+@pytest.mark.parametrize(("line", "kind"), [('["c", "d", 1]', "list"), ('"just text"', "str"), ("7", "int")])
+def test_jsonl_line_that_is_not_an_object(tmp_path: Path, line: str, kind: str) -> None:
+    """A later line holding a list failed with a raw Polars SchemaError and no line number."""
+    spec = load_registry([registry_dir(tmp_path)])["nli_a"]
+    raw = write(tmp_path / "data" / "nli_a" / "train.jsonl", '{"p": "a", "h": "b", "label": 0}\n' + line + "\n")
+    out = tmp_path / "out" / "train.parquet"
+    with pytest.raises(DataError) as e:
+        ingest_split(spec, "train", out)
+    assert f"dataset 'nli_a' split 'train': {raw} is not valid JSONL at line 2: a JSON {kind}, not an object" in str(
+        e.value
+    )
+    assert_nothing_written(out)
