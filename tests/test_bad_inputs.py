@@ -5,6 +5,18 @@ tokenizer and the parallel layout when the DAG is built (validate_config / plan_
 rules/common.smk calls, and the DAG's own checks), bad data in the first rule that reads it (ingest).
 Each case asserts that the message names its culprit: the key path, file, dataset, template index,
 field or the arithmetic. Where a file would be written, nothing partial is left behind.
+
+Where each check runs (new cases go to the file of their stage, under tests/bad_inputs/):
+
+- schema (a file is loaded: YAML, config schema, registry entries, template files, model configs):
+  sections 1-2 and the first half of 3 here; ``bad_inputs/test_bad_schema.py``
+- plan (``plan_experiment`` / ``flanpipe.checks`` when the DAG is built; an ablation's own checks when
+  its target is asked for): the rest of 3, 5 and 6 here; ``bad_inputs/test_bad_plan.py``
+- data (the first job that reads a split: ingest): section 4 here; ``bad_inputs/test_bad_data.py``
+- run (what jobs and commands write: atomic outputs, file modes, refusing to overwrite): section 7
+  here; ``bad_inputs/test_bad_run.py``
+
+This module also holds the helpers the files under tests/bad_inputs/ import.
 """
 
 from __future__ import annotations
