@@ -115,6 +115,13 @@ def check_cross_fields(config: Mapping[str, Any]) -> None:
             "saved before the end (0 says the same on purpose)",
             stacklevel=2,
         )
+    mix = config["mixture"]
+    if mix["max_rate"] > mix["cap"]:
+        warnings.warn(
+            f"config key mixture.max_rate: {mix['max_rate']} > mixture.cap = {mix['cap']} has no effect (a dataset's "
+            "rate is min(examples, cap, max_rate)); FLAN uses cap 30000, max_rate 3000",
+            stacklevel=2,
+        )
     tpl = config["templates"]
     if tpl["num_templates"] is not None and tpl["train_mode"] != "natural":
         warnings.warn(

@@ -156,6 +156,12 @@ def _check_options(spec: DatasetSpec, where: str) -> None:
                     "the same)"
                 )
             seen[o] = i
+    for key, on in (("answer_is_index", spec.answer_is_index), ("answer_key_field", spec.answer_key_field)):
+        if on and not spec.has_options:
+            raise RegistryError(
+                f"{where}: {key} makes the answer an index into the options, but the entry has neither 'options' "
+                "nor 'options_field'; the targets would be the bare index numbers"
+            )
     if spec.label_map and spec.options is not None:
         n = len(spec.options)
         for raw, v in spec.label_map.items():

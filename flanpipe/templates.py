@@ -120,7 +120,14 @@ def validate_templates(templates: Sequence[Template], spec: DatasetSpec, path: s
         )
     if n_turned == len(templates):
         raise TemplateError(f"{path}: every template is turned around; at least one must do the task itself")
+    first: dict[tuple[str, str], int] = {}
     for t in templates:
+        if (t.inputs, t.targets) in first:
+            raise TemplateError(
+                f"{path}: template {t.index} repeats template {first[t.inputs, t.targets]} of dataset {spec.name!r}; "
+                "a copy doubles that template's share of the examples (and counts twice in the template ablation)"
+            )
+        first[t.inputs, t.targets] = t.index
         for key in ("inputs", "targets"):
             try:
                 names = placeholders(getattr(t, key))

@@ -121,6 +121,8 @@ def test_config_values_without_effect_warn(tmp_path: Path) -> None:
         validate_config(raw_config(tmp_path, templates={"num_templates": 2, "train_mode": "no_template"}))
     with pytest.warns(UserWarning, match=r"train\.save_interval: 500 > train\.steps = 100"):
         validate_config(raw_config(tmp_path, train={"steps": 100, "save_interval": 500}))
+    with pytest.warns(UserWarning, match=r"mixture\.max_rate: 500 > mixture\.cap = 100 has no effect"):
+        validate_config(raw_config(tmp_path, mixture={"cap": 100, "max_rate": 500}))
 
 
 # ------------------------------------------------------------------------------------- the registry
@@ -153,6 +155,14 @@ def test_registry_label_map_points_outside_options(tmp_path: Path) -> None:
         load_registry([reg])
     reg.write_text(text.replace('options: ["yes", "no"]', 'options: ["yes", "no"]\n    label_map: {"a": 0, "b": 2}'))
     with pytest.raises(RegistryError, match=r"label_map 'b' -> 2 points past the 2 options"):
+        load_registry([reg])
+
+
+@pytest.mark.parametrize("key", ["answer_is_index: true", "answer_key_field: choices.label"])
+def test_registry_index_answer_without_options(tmp_path: Path, key: str) -> None:
+    """An index answer with nothing to index would train on the bare numbers "0", "1", ..."""
+    reg = registry_dir(tmp_path, extra=f"    {key}\n")
+    with pytest.raises(RegistryError, match=rf"dataset 'qa': {key.split(':')[0]} makes the answer an index into"):
         load_registry([reg])
 
 
@@ -193,6 +203,16 @@ def test_template_that_cannot_do_its_task(tmp_path: Path, template: str, culprit
     assert str(e.value).startswith(f"{tmp_path}/t/nli.yaml: template ") and culprit in str(e.value)
 
 
+def test_template_repeated(tmp_path: Path) -> None:
+    registry_dir(
+        tmp_path,
+        nli_templates='templates:\n  - {inputs: "{premise}", targets: "{answer}"}\n' * 1
+        + '  - {inputs: "{hypothesis}", targets: "{answer}"}\n  - {inputs: "{premise}", targets: "{answer}"}\n',
+    )
+    with pytest.raises(TemplateError, match=rf"{tmp_path}/t/nli\.yaml: template 2 repeats template 0 of dataset"):
+        plan(tmp_path)
+
+
 def test_turned_around_template_may_show_the_answer(tmp_path: Path) -> None:
     registry_dir(
         tmp_path,
@@ -200,3 +220,12 @@ def test_turned_around_template_may_show_the_answer(tmp_path: Path) -> None:
         '  - {inputs: "Answer {answer}; premise?", targets: "{premise}", turned_around: true}\n',
     )
     assert len(plan(tmp_path).templates["nli_a"]) == 2
+
+
+def test_every_shipped_yaml_file_loads_strictly() -> None:
+    """The configs, registries, templates, model configs and profiles we ship have no duplicate keys."""
+    root = Path(__file__).resolve().parents[2]
+    files = sorted([*root.glob("config/**/*.yaml"), *root.glob("profiles/**/*.yaml")])
+    assert len(files) > 50
+    for f in files:
+        read_yaml(f)
