@@ -24,3 +24,13 @@ def test_jsonl_line_that_is_not_an_object(tmp_path: Path, line: str, kind: str) 
         e.value
     )
     assert_nothing_written(out)
+
+
+def test_ingest_of_a_split_the_entry_does_not_map(tmp_path: Path) -> None:
+    """``flanpipe ingest qa train`` on an entry without a train split raised a bare KeyError."""
+    reg = registry_dir(tmp_path, extra="    splits: {validation: validation, test: test}\n")
+    spec = load_registry([reg])["qa"]
+    with pytest.raises(
+        DataError, match=rf"dataset 'qa' has no 'train' split: 'splits' of its entry in {reg} maps only"
+    ):
+        ingest_split(spec, "train", tmp_path / "out.parquet")
