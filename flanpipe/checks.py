@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from flanpipe.io import resolve_config_path
 
 if TYPE_CHECKING:
-    from flanpipe.experiments import Evaluation, Run
+    from flanpipe.experiments import Evaluation, Plan, Run
     from flanpipe.model_config import ModelConfig
     from flanpipe.registry import DatasetSpec
     from flanpipe.templates import Template
@@ -177,7 +177,7 @@ def check_cluster_names(config: Mapping[str, Any], registry: Mapping[str, Datase
             )
 
 
-def check_plan(config: Mapping[str, Any], plan: Any) -> None:
+def check_plan(config: Mapping[str, Any], plan: Plan) -> None:
     """Checks of the planned runs and evaluations against the datasets they use.
 
     The main runs fail now; an ablation's failure is recorded in ``plan.ablation_errors`` and raised when its
@@ -192,17 +192,12 @@ def check_plan(config: Mapping[str, Any], plan: Any) -> None:
         try:
             check_splits(config, plan.registry, runs, evaluations)
             check_template_counts(config, plan.templates, runs)
+            if ablation == "scale":
+                check_scale_checkpoints(config["ablations"]["scale"])
         except PlanError as e:
             if ablation is None:
                 raise
             plan.ablation_errors.setdefault(ablation, f"ablation {ablation}: {e}")
-    scale = (config.get("ablations") or {}).get("scale") or {}
-    stray = sorted(set(scale.get("checkpoints") or {}) - set(scale.get("models") or []))
-    if stray:
-        raise PlanError(
-            f"config key ablations.scale.checkpoints: {stray} are not in ablations.scale.models "
-            f"{scale.get('models')}; each key must be one of those model config paths, written the same way"
-        )
     base = config["base"]
     if base["fewshot"] and not base["checkpoint"] and not base["pretrain_steps"]:
         warnings.warn(
@@ -276,3 +271,14 @@ def check_config_files(paths: Iterable[str | Path]) -> None:
             read_yaml(path)
         except ValueError as e:
             raise PlanError(str(e)) from None
+
+
+def check_scale_checkpoints(scale: Mapping[str, Any]) -> None:
+    """Each ``ablations.scale.checkpoints`` key must be one of ``models``, spelled the same: another
+    spelling of a path would leave that model without its checkpoint (and the entry unused)."""
+    stray = sorted(set(scale.get("checkpoints") or {}) - set(scale.get("models") or []))
+    if stray:
+        raise PlanError(
+            f"config key ablations.scale.checkpoints: {stray} are not in ablations.scale.models "
+            f"{scale.get('models')}; each key must be one of those model config paths, written the same way"
+        )

@@ -96,12 +96,10 @@ def test_dag_with_base_checkpoint_plans_and_ablation_target_fails(tmp_path: Path
 def test_scale_checkpoints_naming_no_model(tmp_path: Path) -> None:
     registry_dir(tmp_path)
     ckpt = str(base_checkpoint(tmp_path, TINY))
+    scale = {"models": [str(TINY)], "checkpoints": {str(TINY): ckpt, "config/models/tiny.yml": ckpt}}
+    p = plan(tmp_path, base={"checkpoint": ckpt}, ablations={"scale": scale})
     with pytest.raises(PlanError, match=r"ablations\.scale\.checkpoints: \['config/models/tiny\.yml'\] are not in"):
-        plan(
-            tmp_path,
-            base={"checkpoint": ckpt},
-            ablations={"scale": {"models": [str(TINY)], "checkpoints": {"config/models/tiny.yml": ckpt}}},
-        )
+        p.check_ablation("scale")
 
 
 def test_template_count_larger_than_a_dataset_has(tmp_path: Path) -> None:
