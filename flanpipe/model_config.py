@@ -125,6 +125,13 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown model config keys: {unknown}")
+        required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"missing model config keys: {missing}")
+        # a size written 4.0 or 1e3 (a float to YAML) is the whole number it says; 2.5 stays and is rejected
+        ints = {f.name for f in fields(cls) if f.type in ("int", "int | None")}
+        data = {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
         return cls(**data)
 
 

@@ -140,7 +140,7 @@ def default_config() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
-# ------------------------------------------------------------------------------- 1. the config
+# --------------------------------------------------------------------------- 1. the config [schema]
 
 
 @pytest.mark.parametrize(
@@ -190,7 +190,7 @@ def test_dag_build_fails_on_unknown_key_before_any_job(tmp_path: Path) -> None:
     assert_failed_before_any_job(r, tmp_path / "w", "config key mixture.cpa: unknown key")
 
 
-# ------------------------------------------------------------------- 2. template files (DAG build)
+# ----------------------------------------------------------------------- 2. template files [schema]
 
 
 def test_template_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
@@ -251,7 +251,7 @@ def test_template_file_missing_names_dataset_and_registry(tmp_path: Path) -> Non
         plan(tmp_path)
 
 
-# --------------------------------------------------------------------------------- 3. the registry
+# ------------------------------------------------ 3. the registry [schema; held-out clusters: plan]
 
 
 def test_dataset_in_two_clusters_across_files(tmp_path: Path) -> None:
@@ -366,7 +366,7 @@ def test_hf_source_offline_names_dataset_hub_id_and_what_to_do(tmp_path: Path) -
     assert_nothing_written(out)
 
 
-# -------------------------------------------------------------------------------------- 4. data
+# ----------------------------------------------------------------------------------- 4. data [data]
 
 
 @pytest.fixture
@@ -502,7 +502,7 @@ def test_data_malformed_json_line(toy) -> None:
     assert_nothing_written(out)
 
 
-# --------------------------------------------------------------------- 5. tokenizer and packing
+# ------------------------------------------ 5. tokenizer and packing [plan; truncation counts: run]
 
 
 @pytest.fixture(scope="module")
@@ -593,7 +593,7 @@ def test_long_examples_truncated_and_counted_in_packing_json(tmp_path: Path, spm
     assert not (tmp_path / "packed2").exists()
 
 
-# ------------------------------------------------------------------- 6. model and parallel layout
+# -------------------------------------------------------------- 6. model and parallel layout [plan]
 
 
 def test_heads_not_divisible_by_tp(tmp_path: Path) -> None:
@@ -734,7 +734,7 @@ def test_base_checkpoint_missing(tmp_path: Path) -> None:
         plan(tmp_path, base={"checkpoint": str(tmp_path / "empty")})
 
 
-# ---------------------------------------------------------- 7. interrupted jobs leave nothing plausible
+# ------------------------------------------------ 7. interrupted jobs leave nothing plausible [run]
 
 
 def test_atomic_path_failure_leaves_nothing(tmp_path: Path) -> None:

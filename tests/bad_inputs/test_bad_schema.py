@@ -81,6 +81,17 @@ def test_model_config_exponent_float_and_wrong_type(tmp_path: Path) -> None:
         load_model_config(bad)
 
 
+def test_model_config_sizes_and_missing_keys(tmp_path: Path) -> None:
+    whole = write(tmp_path / "w.yaml", TINY.read_text().replace("vocab_size: 1024", "vocab_size: 1.024e3"))
+    assert load_model_config(whole).vocab_size == 1024 and type(load_model_config(whole).vocab_size) is int
+    half = write(tmp_path / "h.yaml", TINY.read_text().replace("num_layers: 4", "num_layers: 4.5"))
+    with pytest.raises(ValueError, match=r"num_layers must be a positive int, got 4\.5"):
+        load_model_config(half)
+    gone = write(tmp_path / "g.yaml", TINY.read_text().replace("vocab_size: 1024\n", ""))
+    with pytest.raises(ValueError, match=r"missing model config keys: \['vocab_size'\]"):
+        load_model_config(gone)
+
+
 # --------------------------------------------------------------------------------------- the config
 
 
