@@ -115,6 +115,13 @@ def check_cross_fields(config: Mapping[str, Any]) -> None:
             "saved before the end (0 says the same on purpose)",
             stacklevel=2,
         )
+    base = config["base"]
+    if base["checkpoint"] and base["pretrain_steps"]:
+        warnings.warn(
+            f"config key base.pretrain_steps: {base['pretrain_steps']} is ignored because base.checkpoint is given "
+            "(the base model is that checkpoint, nothing is pretrained here)",
+            stacklevel=2,
+        )
     mix = config["mixture"]
     if mix["max_rate"] > mix["cap"]:
         warnings.warn(

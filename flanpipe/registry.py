@@ -223,7 +223,22 @@ def load_registry(paths: Sequence[str | Path]) -> dict[str, DatasetSpec]:
                     "across registry files, and a dataset belongs to one cluster"
                 )
             specs[name] = _entry_to_spec(name, entry, path)
+    _check_paper_datasets(specs)
     return specs
+
+
+def _check_paper_datasets(specs: Mapping[str, DatasetSpec]) -> None:
+    """Loaders of one paper dataset (ANLI R1-R3) must share a cluster: split across two, holding one
+    cluster out would still train on the same dataset through the other."""
+    first: dict[str, DatasetSpec] = {}
+    for spec in specs.values():
+        other = first.setdefault(spec.paper_dataset or spec.name, spec)
+        if other.cluster != spec.cluster:
+            raise RegistryError(
+                f"{spec.defined_in}: dataset {spec.name!r} (cluster {spec.cluster!r}) and {other.name!r} (cluster "
+                f"{other.cluster!r}, {other.defined_in}) are loaders of paper_dataset {spec.paper_dataset!r} but in "
+                "different clusters; a paper dataset belongs to one cluster"
+            )
 
 
 def with_local_mirror(registry: Mapping[str, DatasetSpec], mirror: str | None) -> dict[str, DatasetSpec]:

@@ -132,6 +132,8 @@ def test_config_values_without_effect_warn(tmp_path: Path) -> None:
         validate_config(raw_config(tmp_path, templates={"num_templates": 2, "train_mode": "no_template"}))
     with pytest.warns(UserWarning, match=r"train\.save_interval: 500 > train\.steps = 100"):
         validate_config(raw_config(tmp_path, train={"steps": 100, "save_interval": 500}))
+    with pytest.warns(UserWarning, match=r"base\.pretrain_steps: 50 is ignored because base\.checkpoint is given"):
+        validate_config(raw_config(tmp_path, base={"checkpoint": "somewhere", "pretrain_steps": 50}))
     with pytest.warns(UserWarning, match=r"mixture\.max_rate: 500 > mixture\.cap = 100 has no effect"):
         validate_config(raw_config(tmp_path, mixture={"cap": 100, "max_rate": 500}))
 
@@ -174,6 +176,13 @@ def test_registry_index_answer_without_options(tmp_path: Path, key: str) -> None
     """An index answer with nothing to index would train on the bare numbers "0", "1", ..."""
     reg = registry_dir(tmp_path, extra=f"    {key}\n")
     with pytest.raises(RegistryError, match=rf"dataset 'qa': {key.split(':')[0]} makes the answer an index into"):
+        load_registry([reg])
+
+
+def test_registry_paper_dataset_split_across_clusters(tmp_path: Path) -> None:
+    reg = registry_dir(tmp_path)
+    reg.write_text(reg.read_text().replace("metric: exact_match", "metric: exact_match\n    paper_dataset: nli_a"))
+    with pytest.raises(RegistryError, match=r"dataset 'qa' \(cluster 'closed_book_qa'\) and 'nli_a' \(cluster 'nli'"):
         load_registry([reg])
 
 
