@@ -252,6 +252,7 @@ def cmd_templates_import(args: argparse.Namespace) -> None:
         sample=args.sample,
         options=args.options,
         turned_around_from=args.turned_around_from,
+        force=args.force,
     )
     print(json.dumps({**result.summary(), "out": args.out}, indent=2))
 
@@ -411,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source", help="promptsource: templates root or a templates.yaml; flan: a .py PATTERNS file")
     s.add_argument("--dataset", required=True, help="promptsource: DATASET[/SUBSET]; flan: the PATTERNS key")
     s.add_argument("--out", required=True, help="template file to write, e.g. config/templates/NAME.yaml")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     s.add_argument("--field-map", nargs="+", action="extend", metavar="OLD=NEW", help="rename source variables")
     s.add_argument("--sample", help="promptsource: JSONL records (source column names) to check conversions on")
     s.add_argument("--options", nargs="+", help="promptsource: the registry's options (default: most common)")

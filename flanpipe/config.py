@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
-from flanpipe.io import PROJECT_ROOT, read_yaml
+from flanpipe.io import FLOAT_12, PROJECT_ROOT, read_yaml
 from flanpipe.registry import DatasetSpec, load_registry, with_local_mirror
 from flanpipe.train_config import BatchSplitError, spec_keys, split_batch
 
@@ -34,9 +35,40 @@ def _with_defaults(validator_cls: type) -> type:
             for prop, sub in properties.items():
                 if "default" in sub and prop not in instance:
                     instance[prop] = copy.deepcopy(sub["default"])
+                elif prop in instance:
+                    instance[prop] = _as_schema_number(instance[prop], sub)
         yield from validate_props(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+    # JSON Schema counts 1000.0 as an integer, so ``steps: 1000.0`` (or ``1e3``) would pass and then crash
+    # range() in training: integer fields take ints only; whole floats are converted above, others rejected.
+    checker = validator_cls.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, v: isinstance(v, int) and not isinstance(v, bool)
+    )
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults}, type_checker=checker)
+
+
+def _types(schema: Mapping[str, Any]) -> list[str]:
+    types = schema.get("type")
+    return [types] if isinstance(types, str) else list(types or [])
+
+
+def _number(value: Any, schema: Mapping[str, Any]) -> Any:
+    """One value as the number its field wants: ``1000.0`` -> 1000 in an integer field, and ``'3e-5'`` (a
+    string to YAML 1.1 readers such as PyYAML and Snakemake's) -> 3e-05 in a number field."""
+    types = _types(schema)
+    if isinstance(value, str) and ("number" in types or "integer" in types) and FLOAT_12.match(value.strip()):
+        value = float(value.replace("_", ""))
+    if isinstance(value, float) and value.is_integer() and "integer" in types and "number" not in types:
+        return int(value)
+    return value
+
+
+def _as_schema_number(value: Any, schema: Mapping[str, Any]) -> Any:
+    """``_number`` on a field or on each item of a list field; anything else is left for the schema to judge."""
+    items = schema.get("items")
+    if isinstance(value, list) and isinstance(items, Mapping):
+        return [_number(v, items) for v in value]
+    return _number(value, schema)
 
 
 def validate_config(config: Mapping[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[str, Any]:
@@ -72,6 +104,40 @@ def check_cross_fields(config: Mapping[str, Any]) -> None:
             f"= {n['inputs']} + {n['targets']} = {n['inputs'] + n['targets']}; a full example would not fit"
         )
     t = config["train"]
+    for key, steps in (("train.steps", t["steps"]), ("base.pretrain_steps", config["base"]["pretrain_steps"])):
+        if steps and t["warmup_steps"] > steps:
+            raise ConfigError(
+                f"config key train.warmup_steps: {t['warmup_steps']} warmup steps are more than {key} = {steps}; "
+                "the learning rate would never reach train.lr. Lower warmup_steps or raise the step count"
+            )
+    if t["save_interval"] > t["steps"]:
+        warnings.warn(
+            f"config key train.save_interval: {t['save_interval']} > train.steps = {t['steps']}, so no checkpoint is "
+            "saved before the end (0 says the same on purpose)",
+            stacklevel=2,
+        )
+    base = config["base"]
+    if base["checkpoint"] and base["pretrain_steps"]:
+        warnings.warn(
+            f"config key base.pretrain_steps: {base['pretrain_steps']} is ignored because base.checkpoint is given "
+            "(the base model is that checkpoint, nothing is pretrained here)",
+            stacklevel=2,
+        )
+    mix = config["mixture"]
+    if mix["max_rate"] > mix["cap"]:
+        warnings.warn(
+            f"config key mixture.max_rate: {mix['max_rate']} > mixture.cap = {mix['cap']} has no effect (a dataset's "
+            "rate is min(examples, cap, max_rate)); FLAN uses cap 30000, max_rate 3000",
+            stacklevel=2,
+        )
+    tpl = config["templates"]
+    if tpl["num_templates"] is not None and tpl["train_mode"] != "natural":
+        warnings.warn(
+            f"config key templates.num_templates: {tpl['num_templates']} has no effect with templates.train_mode = "
+            f"{tpl['train_mode']!r} (it counts natural-instruction templates); the runs train on all examples "
+            "with no template",
+            stacklevel=2,
+        )
     if t["global_batch_size"] % t["micro_batch_size"]:
         raise ConfigError(
             f"config key train.global_batch_size: {t['global_batch_size']} is not divisible by "

@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from flanpipe.checks import PlanError, check_cluster_names, check_models, check_plan
 from flanpipe.io import resolve_config_path
 from flanpipe.registry import (
     FLAN_OVERLAPS,
@@ -43,13 +44,6 @@ from flanpipe.vocab import (
     main_run_name,
     shard_name,
 )
-
-if TYPE_CHECKING:
-    from flanpipe.model_config import ModelConfig
-
-
-class PlanError(ValueError):
-    """The config asks for an experiment that cannot be planned; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +100,13 @@ class Plan:
     evaluations: list[Evaluation]  # the main results and baselines (rule all)
     ablations: dict[str, list[Evaluation]] = field(default_factory=dict)
     config: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    ablation_errors: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     _checked: set[str] = field(default_factory=set, repr=False, compare=False)
+
+    def check_ablation(self, name: str) -> None:
+        """An ablation that cannot be planned fails when (and only when) its target is asked for."""
+        if name in self.ablation_errors:
+            raise PlanError(self.ablation_errors[name])
 
     def check_run(self, name: str) -> None:
         """Model checks of one run and its base (``check_models``): the DAG calls this for every training
@@ -256,6 +256,7 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
     """Load the registry, validate every used template against its dataset, and plan runs + evals."""
     mirror = (config.get("data") or {}).get("local_mirror")
     registry = with_local_mirror(load_registry(list(config["registry"])), mirror)
+    check_cluster_names(config, registry)
     if config.get("datasets"):
         unknown = sorted(set(config["datasets"]) - set(registry))
         if unknown:
@@ -298,7 +299,15 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
                 evals += [Evaluation(base.name, v, d) for v in _variants(registry[d], t["eval_mode"])]
                 if shots:
                     evals += [Evaluation(base.name, v, d) for v in _variants(registry[d], t["eval_mode"], shots)]
-    ablations = _plan_ablations(config, registry, overlaps, runs, base, in_cluster)
+    ablations: dict[str, list[Evaluation]] = {}
+    deferred: dict[str, str] = {}  # an ablation's plan error fails only its own target (check_ablation)
+    for name in ABLATIONS:
+        if (config.get("ablations") or {}).get(name):
+            one = {**config, "ablations": {name: config["ablations"][name]}}
+            try:
+                ablations.update(_plan_ablations(one, registry, overlaps, runs, base, in_cluster))
+            except PlanError as e:
+                deferred[name] = str(e)
     used = {d for r in runs.values() if r.kind is RunKind.TUNE for d in r.datasets}
     used |= {e.dataset for e in evals} | {e.dataset for es in ablations.values() for e in es}
     templates = {name: load_validated(registry[name]) for name in registry if name in used}
@@ -306,130 +315,17 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
     main = {e.run for e in evals}
     main |= {runs[r].init for r in main if runs[r].init}
     check_models(config, {r: runs[r] for r in sorted(main)})
-    return Plan(
-        registry=registry, templates=templates, runs=runs, evaluations=evals, ablations=ablations, config=config
+    plan = Plan(
+        registry=registry,
+        templates=templates,
+        runs=runs,
+        evaluations=evals,
+        ablations=ablations,
+        config=config,
+        ablation_errors=deferred,
     )
-
-
-def _model_key(config: Mapping[str, Any], model: str) -> str:
-    """The config key a run's model config comes from (for messages)."""
-    return "model" if model == config["model"] else "ablations.scale.models"
-
-
-def _load_model(path: str | Path, key: str) -> ModelConfig:
-    """A model config (YAML, or a checkpoint's model.json); any problem names the file and config key."""
-    from flanpipe.model_config import load_model_config
-
-    resolved = resolve_config_path(path)
-    if not Path(resolved).is_file():
-        raise PlanError(f"config key {key}: model config file {path} not found (looked for {resolved})")
-    try:
-        return load_model_config(resolved)
-    except (ValueError, TypeError) as e:  # unknown/missing keys, bad values, bad YAML/JSON
-        raise PlanError(f"config key {key}: model config {resolved}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - yaml.YAMLError and friends: still name the file
-        raise PlanError(f"config key {key}: model config {resolved} cannot be read: {e}") from None
-
-
-def _parallel_arithmetic(cfg: ModelConfig, tp: int, pp: int) -> list[str]:
-    out = [
-        f"{name} = {size} is not divisible by TP = {tp} ({size} % {tp} = {size % tp})"
-        for name, size in (
-            ("num_attention_heads", cfg.num_attention_heads),
-            ("ffn_hidden_size", cfg.ffn_hidden_size),
-            ("vocab_size", cfg.vocab_size),
-        )
-        if size % tp
-    ]
-    if cfg.num_layers % pp:
-        n = cfg.num_layers
-        out.append(f"num_layers = {n} is not divisible by PP = {pp} ({n} % {pp} = {n % pp})")
-    return out
-
-
-def check_models(config: Mapping[str, Any], runs: Mapping[str, Run]) -> None:
-    """Everything about the models that would otherwise fail inside packing or training, checked now.
-
-    Each run's model config must load and split over train.tensor/pipeline_model_parallel_size, hold a
-    packed row (lengths.pack <= max_position_embeddings) and a token id of the tokenizer (the given
-    tokenizer.model's pieces, or at most tokenizer.vocab_size when one is trained); a given base
-    checkpoint must have been trained with the model config it is tuned as.
-    """
-    t = config["train"]
-    tp, pp = t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"]
-    vpp = t["virtual_pipeline_model_parallel_size"]
-    models: dict[str, ModelConfig] = {}
-    for model in sorted({r.model for r in runs.values()}):
-        key = _model_key(config, model)
-        cfg = models[model] = _load_model(model, key)
-        path = resolve_config_path(model)
-        try:
-            cfg.check_parallel(tp, pp, vpp)
-        except ValueError as e:
-            detail = "; ".join(_parallel_arithmetic(cfg, tp, pp)) or str(e)
-            raise PlanError(
-                f"config key train.tensor_model_parallel_size / train.pipeline_model_parallel_size: model config "
-                f"{path} ({key}) does not split over TP x PP = {tp} x {pp}: {detail}. "
-                "`flanpipe plan --model NAME --gpus N` lists layouts that fit"
-            ) from None
-        pack = config["lengths"]["pack"]
-        if pack > cfg.max_position_embeddings:
-            raise PlanError(
-                f"config key lengths.pack: packed rows of {pack} tokens are longer than max_position_embeddings = "
-                f"{cfg.max_position_embeddings} of model config {path} ({key})"
-            )
-    _check_tokenizer(config, models)
-    for run in runs.values():
-        if run.kind == "given":
-            _check_checkpoint(config, run, models[run.model])
-
-
-def _check_tokenizer(config: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> None:
-    from flanpipe.tokenize import piece_count
-
-    tok = config["tokenizer"]
-    if tok["model"]:
-        path = resolve_config_path(tok["model"])
-        if not Path(path).is_file():
-            raise PlanError(
-                f"config key tokenizer.model: SentencePiece model {tok['model']} not found (looked for {path})"
-            )
-        try:
-            n, what = piece_count(path), f"tokenizer {path} (tokenizer.model) has"
-        except ValueError as e:
-            raise PlanError(f"config key tokenizer.model: {e}") from None
-    else:
-        n, what = tok["vocab_size"], "the tokenizer trained here (tokenizer.vocab_size) may have"
-    for model, cfg in models.items():
-        if n > cfg.vocab_size:
-            raise PlanError(
-                f"config key {'tokenizer.model' if tok['model'] else 'tokenizer.vocab_size'}: {what} {n} pieces "
-                f"but model config {resolve_config_path(model)} ({_model_key(config, model)}) has vocab_size = "
-                f"{cfg.vocab_size} ({n} > {cfg.vocab_size}): token ids would index past its embedding table. "
-                f"Raise the model's vocab_size to >= {n} or use a smaller tokenizer"
-            )
-
-
-def _check_checkpoint(config: Mapping[str, Any], run: Run, want: ModelConfig) -> None:
-    """A given base checkpoint's model.json must be the architecture its model config describes."""
-    assert run.checkpoint is not None
-    key = "base.checkpoint" if run.model == config["model"] else f"ablations.scale.checkpoints.{run.model}"
-    directory = resolve_config_path(run.checkpoint)
-    if not Path(directory).is_dir():
-        raise PlanError(
-            f"config key {key}: base checkpoint dir {run.checkpoint} does not exist (looked for {directory}); "
-            "it must hold model.json and checkpoint/ as a trained run's results/models/<run>/ does"
-        )
-    model_json = Path(directory) / "model.json"
-    got = _load_model(model_json, key)
-    if got != want:
-        a, b = got.to_dict(), want.to_dict()
-        diffs = ", ".join(f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k])
-        raise PlanError(
-            f"config key {key}: the checkpoint's architecture {model_json} differs from model config "
-            f"{resolve_config_path(run.model)} ({_model_key(config, run.model)}) in {diffs} (checkpoint vs config); "
-            "set the model config the checkpoint was trained with"
-        )
+    check_plan(config, plan)
+    return plan
 
 
 def _plan_ablations(

@@ -60,7 +60,7 @@ from jinja2 import StrictUndefined, meta, nodes
 from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from flanpipe.io import atomic_path
+from flanpipe.io import StrictLoader, atomic_path
 from flanpipe.templates import (
     MAX_TURNED_AROUND,
     OPTIONS_PLACEHOLDER,
@@ -201,8 +201,9 @@ def _dedupe(templates: list[ImportedTemplate], skipped: list[SkippedTemplate]) -
 # promptsource: YAML
 
 
-class PromptsourceLoader(yaml.SafeLoader):
-    """SafeLoader that also knows promptsource's ``!Template``/``!TemplateMetadata`` tags, built as dicts."""
+class PromptsourceLoader(StrictLoader):
+    """The strict loader (duplicate keys are errors) that also knows promptsource's ``!Template``/
+    ``!TemplateMetadata`` tags, built as dicts."""
 
 
 def _construct_plain_mapping(loader: yaml.SafeLoader, node: yaml.Node) -> dict[Any, Any]:
@@ -837,8 +838,16 @@ def import_templates(
     sample: str | os.PathLike[str] | None = None,
     options: Sequence[str] | None = None,
     turned_around_from: int | None = None,
+    force: bool = False,
 ) -> ImportResult:
-    """``flanpipe templates import``: read one dataset's templates from ``source``, write ``out``."""
+    """``flanpipe templates import``: read one dataset's templates from ``source``, write ``out``.
+
+    An existing ``out`` is often a hand-written template file: it is replaced only with ``force``."""
+    if Path(out).exists() and not force:
+        raise TemplateImportError(
+            f"{out}: file exists (perhaps hand-written templates); refusing to overwrite it. "
+            "Pass --force to replace it, or choose another --out"
+        )
     if kind == "promptsource":
         if turned_around_from is not None:
             raise TemplateImportError("--turned-around-from is for --from flan (promptsource has original_task)")

@@ -23,9 +23,20 @@ class DataError(ValueError):
     """Raw data does not fit its registry entry; the message names dataset, split, file and field."""
 
 
+def source_split(spec: DatasetSpec, role: str) -> str:
+    """The source split that ``role`` (train/validation/test) maps to; a role the entry leaves out is a
+    DataError naming the dataset and its registry file, not a KeyError."""
+    if role not in spec.splits:
+        raise DataError(
+            f"dataset {spec.name!r} has no {role!r} split: 'splits' of its entry in "
+            f"{spec.defined_in or 'the registry'} maps only {sorted(spec.splits)}"
+        )
+    return spec.splits[role]
+
+
 def local_path(spec: DatasetSpec, role: str, root: Path = Path(".")) -> Path:
     """The local file holding ``role`` (train/validation/test) of ``spec``."""
-    return root / spec.source.path.format(split=spec.splits[role])
+    return root / spec.source.path.format(split=source_split(spec, role))
 
 
 def _local_format(spec: DatasetSpec, path: Path) -> str:
@@ -109,7 +120,7 @@ def read_hf(spec: DatasetSpec, role: str, cache_dir: str | None = None) -> pl.La
     from its cache when ``HF_DATASETS_OFFLINE=1``); ``source.path`` may also be a local directory."""
     import datasets  # imported lazily: heavy, and only this source type needs it
 
-    split = spec.splits[role]
+    split = source_split(spec, role)
     try:
         ds = datasets.load_dataset(
             spec.source.path,
@@ -313,7 +324,7 @@ def ingest_split(
         canon, dropped = canonicalize(lf, spec, role, spec.bad_rows or policy, origin)
         with atomic_path(out_path) as tmp:
             canon.sink_parquet(tmp)  # streamed: a 40M-row WMT split never sits in memory
-    except pl.exceptions.ComputeError as e:  # e.g. invalid UTF-8 or malformed JSON in the raw file
+    except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as e:  # bad UTF-8, bad JSON, a non-object line
         local = Path(origin) if spec.source.type == "local" else None
         bad = _first_invalid_utf8(local) if local is not None and "utf-8" in str(e).lower() else None
         if bad:

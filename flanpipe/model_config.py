@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from flanpipe.io import read_yaml
 
 ACTIVATIONS = ("gelu", "relu", "silu")
 _POSITION_TYPES = ("rope", "learned_absolute")
@@ -90,8 +90,11 @@ class ModelConfig:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}")
         if self.normalization not in _NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {_NORMALIZATIONS}")
-        if not self.init_method_std > 0:
-            raise ValueError("init_method_std must be > 0")
+        std = self.init_method_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
+            raise ValueError(f"init_method_std must be a number > 0 (e.g. 0.02 or 2e-2), got {std!r}")
+        if not isinstance(self.gated_linear_unit, bool):
+            raise ValueError(f"gated_linear_unit must be true or false, got {self.gated_linear_unit!r}")
 
     def check_parallel(self, tp: int, pp: int, vpp: int = 1) -> None:
         """Raise ValueError unless this model splits evenly over TP x PP ranks (x VPP chunks per rank)."""
@@ -122,13 +125,21 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown model config keys: {unknown}")
+        required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"missing model config keys: {missing}")
+        # a size written 4.0 or 1e3 (a float to YAML) is the whole number it says; 2.5 stays and is rejected
+        ints = {f.name for f in fields(cls) if f.type in ("int", "int | None")}
+        data = {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
         return cls(**data)
 
 
 def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
-    """Read a model config from YAML (config/models/*.yaml) or JSON (a run's model.json)."""
-    text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    """Read a model config from YAML (config/models/*.yaml) or JSON (a run's model.json).
+
+    YAML goes through the strict loader: duplicate keys are errors, ``2e-2`` is a float."""
+    data = json.loads(Path(path).read_text()) if str(path).endswith(".json") else read_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping")
     return ModelConfig.from_dict(data)

@@ -132,6 +132,7 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
     unknown_join = sorted(set(spec.join) - set(spec.fields))
     if unknown_join:
         raise RegistryError(f"{where}: 'join' names field(s) {unknown_join} that are not in 'fields'")
+    _check_options(spec, where)
     if "answer" not in spec.fields:
         raise RegistryError(f"{where}: 'fields' must map the target field 'answer'")
     if spec.source.type == "local" and "{split}" not in spec.source.path:
@@ -139,11 +140,50 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
     return spec
 
 
+def _check_options(spec: DatasetSpec, where: str) -> None:
+    """Static options are the label set rank classification scores: a repeated or empty one collapses two
+    labels into one (or scores an empty string), and a label map must point into them."""
+    if spec.options is not None:
+        empty = [i for i, o in enumerate(spec.options) if not o.strip()]
+        if empty:
+            raise RegistryError(f"{where}: options {list(spec.options)}: option(s) at position {empty} are empty")
+        seen: dict[str, int] = {}
+        for i, o in enumerate(spec.options):
+            if o in seen:
+                raise RegistryError(
+                    f"{where}: options {list(spec.options)}: {o!r} is listed twice (positions {seen[o]} and {i}), "
+                    "which collapses two labels into one; every option must be distinct (as text: 1 and '1' are "
+                    "the same)"
+                )
+            seen[o] = i
+    for key, on in (("answer_is_index", spec.answer_is_index), ("answer_key_field", spec.answer_key_field)):
+        if on and not spec.has_options:
+            raise RegistryError(
+                f"{where}: {key} makes the answer an index into the options, but the entry has neither 'options' "
+                "nor 'options_field'; the targets would be the bare index numbers"
+            )
+    if spec.label_map and spec.options is not None:
+        n = len(spec.options)
+        for raw, v in spec.label_map.items():
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v - spec.answer_offset < n:
+                raise RegistryError(
+                    f"{where}: label_map {raw!r} -> {v} points past the {n} options {list(spec.options)}"
+                )
+            if isinstance(v, str) and v not in spec.options:
+                raise RegistryError(
+                    f"{where}: label_map {raw!r} -> {v!r} is not one of the options {list(spec.options)}; every "
+                    "row with that label would become a bad row"
+                )
+
+
 def _check_unique_names(path: Path) -> None:
     """A dataset defined twice in one file: YAML keeps the last silently, so find it in the node tree."""
     import yaml
 
-    root = yaml.compose(path.read_text(encoding="utf-8"))
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return  # read_yaml reports it with the file and line
     if not isinstance(root, yaml.MappingNode):
         return
     for key, value in root.value:
@@ -165,13 +205,16 @@ def load_registry(paths: Sequence[str | Path]) -> dict[str, DatasetSpec]:
     schema = read_yaml(SCHEMA_PATH)
     specs: dict[str, DatasetSpec] = {}
     for path in _expand(paths):
-        raw = read_yaml(path)
+        _check_unique_names(path)  # the dataset-level message first; read_yaml rejects any other duplicate key
+        try:
+            raw = read_yaml(path)
+        except ValueError as e:
+            raise RegistryError(str(e)) from None
         try:
             jsonschema.validate(raw, schema)
         except jsonschema.ValidationError as e:
             key = "/".join(str(p) for p in e.absolute_path) or "<top>"
             raise RegistryError(f"{path}: at {key}: {e.message}") from None
-        _check_unique_names(path)
         for name, entry in raw["datasets"].items():
             if name in specs:
                 raise RegistryError(
@@ -180,7 +223,22 @@ def load_registry(paths: Sequence[str | Path]) -> dict[str, DatasetSpec]:
                     "across registry files, and a dataset belongs to one cluster"
                 )
             specs[name] = _entry_to_spec(name, entry, path)
+    _check_paper_datasets(specs)
     return specs
+
+
+def _check_paper_datasets(specs: Mapping[str, DatasetSpec]) -> None:
+    """Loaders of one paper dataset (ANLI R1-R3) must share a cluster: split across two, holding one
+    cluster out would still train on the same dataset through the other."""
+    first: dict[str, DatasetSpec] = {}
+    for spec in specs.values():
+        other = first.setdefault(spec.paper_dataset or spec.name, spec)
+        if other.cluster != spec.cluster:
+            raise RegistryError(
+                f"{spec.defined_in}: dataset {spec.name!r} (cluster {spec.cluster!r}) and {other.name!r} (cluster "
+                f"{other.cluster!r}, {other.defined_in}) are loaders of paper_dataset {spec.paper_dataset!r} but in "
+                "different clusters; a paper dataset belongs to one cluster"
+            )
 
 
 def with_local_mirror(registry: Mapping[str, DatasetSpec], mirror: str | None) -> dict[str, DatasetSpec]:

@@ -122,7 +122,14 @@ def validate_templates(templates: Sequence[Template], spec: DatasetSpec, path: s
         )
     if n_turned == len(templates):
         raise TemplateError(f"{path}: every template is turned around; at least one must do the task itself")
+    first: dict[tuple[str, str], int] = {}
     for t in templates:
+        if (t.inputs, t.targets) in first:
+            raise TemplateError(
+                f"{path}: template {t.index} repeats template {first[t.inputs, t.targets]} of dataset {spec.name!r}; "
+                "a copy doubles that template's share of the examples (and counts twice in the template ablation)"
+            )
+        first[t.inputs, t.targets] = t.index
         for key in ("inputs", "targets"):
             try:
                 names = placeholders(getattr(t, key))
@@ -140,6 +147,38 @@ def validate_templates(templates: Sequence[Template], spec: DatasetSpec, path: s
                         f"{path}: template {t.index} ({key}): field {name!r} is not a field of dataset "
                         f"{spec.name!r} (fields: {sorted(fields)})"
                     )
+        check_template_task(t, path, spec.name)
+
+
+def check_template_task(t: Template, path: str | os.PathLike[str], dataset: str) -> None:
+    """A template must do its task: one that does the task itself (not turned around) answers with
+    ``{answer}`` and never shows it in the prompt (that would train on the gold label); no template's
+    target is a constant (it would train on one string); the options block belongs in the prompt."""
+    try:
+        inputs, targets = placeholders(t.inputs), placeholders(t.targets)
+    except ValueError:
+        return  # reported with its position by validate_templates
+    where = f"{path}: template {t.index} of dataset {dataset!r}"
+    if not targets:
+        raise TemplateError(
+            f"{where} (targets): {t.targets!r} has no placeholder, so every example would train on that constant "
+            'string; write e.g. targets: "{answer}"'
+        )
+    if OPTIONS_PLACEHOLDER in targets:
+        raise TemplateError(f"{where} (targets): {{options_}} belongs in 'inputs' (the prompt), not the target")
+    if t.turned_around:
+        return
+    if "answer" in inputs:
+        raise TemplateError(
+            f"{where} (inputs): {{answer}} in the prompt of a template that does the task itself puts the gold "
+            "label into the prompt; move it to 'targets', or mark the template 'turned_around: true' if it "
+            "asks for another field given the answer"
+        )
+    if "answer" not in targets:
+        raise TemplateError(
+            f"{where} (targets): {t.targets!r} does not contain {{answer}}; a template that does the task "
+            "itself must answer with it (mark it 'turned_around: true' if it asks for another field)"
+        )
 
 
 def load_validated(spec: DatasetSpec) -> list[Template]:
@@ -158,6 +197,11 @@ def select_templates(templates: Sequence[Template], num_templates: int | None) -
     if num_templates is None:
         return list(templates)
     natural = [t for t in templates if not t.turned_around]
+    if not 1 <= num_templates <= len(natural):
+        raise TemplateError(
+            f"{num_templates} templates asked for, but the file has {len(natural)} that do the task itself; "
+            f"choose 1 to {len(natural)}"
+        )
     return natural[:num_templates]
 
 
@@ -205,7 +249,10 @@ def templates_for_mode(
     if mode not in INSTRUCTION_MODES:
         raise ValueError(f"unknown instruction mode {mode!r}; choose one of {INSTRUCTION_MODES}")
     if mode == "natural":
-        return select_templates(templates, num_templates)
+        try:
+            return select_templates(templates, num_templates)
+        except TemplateError as e:
+            raise TemplateError(f"{spec.templates}: dataset {spec.name!r}: {e}") from None
     return instruction_free_templates(spec, mode)
 
 

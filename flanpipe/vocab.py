@@ -71,6 +71,8 @@ def parse_shard_name(name: str) -> tuple[str, int | None]:
     mode, _, k = name.rpartition("-")
     if mode not in INSTRUCTION_MODES or not (k == "all" or k.isdigit()):
         raise VocabError(f"unknown training shard variant {name!r}")
+    if k != "all" and int(k) < 1:
+        raise VocabError(f"training shard variant {name!r}: the template count must be >= 1 (or 'all')")
     return mode, None if k == "all" else int(k)
 
 

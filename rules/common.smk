@@ -4,6 +4,7 @@
 
 from pathlib import Path
 
+from flanpipe.checks import check_config_files
 from flanpipe.config import check_world, validate_config
 from flanpipe.experiments import plan_experiment
 from flanpipe.ingest import check_local_source
@@ -11,6 +12,7 @@ from flanpipe.io import resolve_config_path
 from flanpipe.vocab import ABLATIONS, SHARD_PATTERN, SPLITS, VARIANT_PATTERN, EvalVariant, parse_shard_name
 
 
+check_config_files(workflow.configfiles)  # Snakemake's YAML reader keeps a duplicate key's last value
 config = validate_config(config)  # defaults filled; a wrong key or type fails before any job
 PLAN = plan_experiment(config)  # registry + templates validated against each dataset's fields
 HUB = sorted(name for name, spec in PLAN.registry.items() if spec.source.type == "hf")
@@ -171,6 +173,7 @@ def report_meta(wildcards=None):
 
 
 def ablation_inputs(wildcards):
+    PLAN.check_ablation(wildcards.ablation)  # an ablation that cannot be planned fails only its own target
     return [e.path for e in PLAN.ablations.get(wildcards.ablation, [])]
 
 

@@ -5,6 +5,18 @@ tokenizer and the parallel layout when the DAG is built (validate_config / plan_
 rules/common.smk calls, and the DAG's own checks), bad data in the first rule that reads it (ingest).
 Each case asserts that the message names its culprit: the key path, file, dataset, template index,
 field or the arithmetic. Where a file would be written, nothing partial is left behind.
+
+Where each check runs (new cases go to the file of their stage, under tests/bad_inputs/):
+
+- schema (a file is loaded: YAML, config schema, registry entries, template files, model configs):
+  sections 1-2 and the first half of 3 here; ``bad_inputs/test_bad_schema.py``
+- plan (``plan_experiment`` / ``flanpipe.checks`` when the DAG is built; an ablation's own checks when
+  its target is asked for): the rest of 3, 5 and 6 here; ``bad_inputs/test_bad_plan.py``
+- data (the first job that reads a split: ingest): section 4 here; ``bad_inputs/test_bad_data.py``
+- run (what jobs and commands write: atomic outputs, file modes, refusing to overwrite): section 7
+  here; ``bad_inputs/test_bad_run.py``
+
+This module also holds the helpers the files under tests/bad_inputs/ import.
 """
 
 from __future__ import annotations
@@ -112,7 +124,7 @@ def default_config() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
-# ------------------------------------------------------------------------------- 1. the config
+# --------------------------------------------------------------------------- 1. the config [schema]
 
 
 @pytest.mark.parametrize(
@@ -162,7 +174,7 @@ def test_dag_build_fails_on_unknown_key_before_any_job(tmp_path: Path) -> None:
     assert_failed_before_any_job(r, tmp_path / "w", "config key mixture.cpa: unknown key")
 
 
-# ------------------------------------------------------------------- 2. template files (DAG build)
+# ----------------------------------------------------------------------- 2. template files [schema]
 
 
 def test_template_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
@@ -223,7 +235,7 @@ def test_template_file_missing_names_dataset_and_registry(tmp_path: Path) -> Non
         plan(tmp_path)
 
 
-# --------------------------------------------------------------------------------- 3. the registry
+# ------------------------------------------------ 3. the registry [schema; held-out clusters: plan]
 
 
 def test_dataset_in_two_clusters_across_files(tmp_path: Path) -> None:
@@ -265,12 +277,15 @@ def test_held_out_unknown_cluster(tmp_path: Path) -> None:
 
 
 def test_ablation_held_out_unknown_cluster(tmp_path: Path) -> None:
-    """Would otherwise plan an ablation with nothing to evaluate, silently."""
+    """Would otherwise plan an ablation with nothing to evaluate, silently. The error is the ablation's own:
+    the main DAG still plans (README: an ablation is checked when its target is asked for)."""
     registry_dir(tmp_path)
+    p = plan(tmp_path, ablations={"clusters": {"held_out": ["sentiment"], "order": ["closed_book_qa"], "counts": [1]}})
+    assert "heldout_nli" in p.runs
     with pytest.raises(
         PlanError, match=r"config key ablations\.clusters\.held_out: unknown cluster\(s\) \['sentiment'\]"
     ):
-        plan(tmp_path, ablations={"clusters": {"held_out": ["sentiment"], "order": ["closed_book_qa"], "counts": [1]}})
+        p.check_ablation("clusters")
 
 
 def test_held_out_cluster_leaving_no_training_data(tmp_path: Path) -> None:
@@ -335,7 +350,7 @@ def test_hf_source_offline_names_dataset_hub_id_and_what_to_do(tmp_path: Path) -
     assert_nothing_written(out)
 
 
-# -------------------------------------------------------------------------------------- 4. data
+# ----------------------------------------------------------------------------------- 4. data [data]
 
 
 @pytest.fixture
@@ -471,7 +486,7 @@ def test_data_malformed_json_line(toy) -> None:
     assert_nothing_written(out)
 
 
-# --------------------------------------------------------------------- 5. tokenizer and packing
+# ------------------------------------------ 5. tokenizer and packing [plan; truncation counts: run]
 
 
 @pytest.fixture(scope="module")
@@ -562,7 +577,7 @@ def test_long_examples_truncated_and_counted_in_packing_json(tmp_path: Path, spm
     assert not (tmp_path / "packed2").exists()
 
 
-# ------------------------------------------------------------------- 6. model and parallel layout
+# -------------------------------------------------------------- 6. model and parallel layout [plan]
 
 
 def test_heads_not_divisible_by_tp(tmp_path: Path) -> None:
@@ -669,6 +684,8 @@ def base_checkpoint(tmp_path: Path, model: Path) -> Path:
     d = tmp_path / "base"
     (d / "checkpoint").mkdir(parents=True)
     write(d / "model.json", json.dumps(load_model_config(model).to_dict()))
+    for name in ("metadata.json", "common.pt"):  # what dist_checkpointing.save leaves (besides the shards)
+        write(d / "checkpoint" / name, "{}")
     return d
 
 
@@ -701,7 +718,7 @@ def test_base_checkpoint_missing(tmp_path: Path) -> None:
         plan(tmp_path, base={"checkpoint": str(tmp_path / "empty")})
 
 
-# ---------------------------------------------------------- 7. interrupted jobs leave nothing plausible
+# ------------------------------------------------ 7. interrupted jobs leave nothing plausible [run]
 
 
 def test_atomic_path_failure_leaves_nothing(tmp_path: Path) -> None:

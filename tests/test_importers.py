@@ -286,7 +286,8 @@ def test_cli_templates_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     before = out2.read_text(encoding="utf-8")
     with pytest.raises(SystemExit) as e:  # errors are one clean line naming the culprit, no traceback
-        main(["templates", "import", "--from", "flan", str(FLAN), "--dataset", "toy_evil", "--out", str(out2)])
+        argv = ["templates", "import", "--from", "flan", str(FLAN), "--dataset", "toy_evil", "--out", str(out2)]
+        main([*argv, "--force"])
     assert e.value.code == 2
     assert "flan_patterns.py" in capsys.readouterr().err
     assert out2.read_text(encoding="utf-8") == before  # a failed import leaves the old file alone
