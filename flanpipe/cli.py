@@ -29,11 +29,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flanpipe.config import ConfigError, budget_tokens, dataset_spec, load_config, train_spec
-from flanpipe.experiments import Plan, Run, plan_experiment
 from flanpipe.io import read_yaml, resolve_config_path, write_json
+
+if TYPE_CHECKING:  # flanpipe.experiments imports polars: only after --threads has sized its pool
+    from flanpipe.experiments import Plan, Run
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,6 +116,8 @@ def cmd_render_eval_shard(args: argparse.Namespace) -> None:
 
 def _trained_run(cfg: dict[str, Any], name: str) -> tuple[Plan, Run]:
     """The plan and one run it trains, or an error naming the runs there are."""
+    from flanpipe.experiments import plan_experiment
+
     plan = plan_experiment(cfg)
     if name not in plan.mixtures:
         raise ConfigError(f"unknown run {name!r}; this config trains {sorted(plan.mixtures)}")
@@ -151,6 +155,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
             vocab_size=t["vocab_size"],
             sample_size=t["sample_size"],
             seed=t["seed"],
+            num_threads=args.threads,
         )
     )
 
@@ -166,6 +171,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
         Path(args.out),
         lengths=cfg["lengths"],
         seed=cfg["mixture"]["seed"],
+        num_threads=args.threads,
     )
     print(json.dumps(stats, indent=2))
 
@@ -183,14 +189,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Launch the Megatron-Core entry point exactly as rule train does (flanpipe.launch.launch)."""
     from flanpipe.launch import launch
 
-    raise SystemExit(launch(["--spec", args.spec, "--data", args.data, "--out", args.out], args.nproc, args.mpi))
+    train_args = ["--spec", args.spec, "--data", args.data, "--out", args.out]
+    raise SystemExit(launch(train_args, args.nproc, args.mpi, threads=args.threads))
 
 
 def cmd_launch(args: argparse.Namespace) -> None:
     from flanpipe.launch import launch
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    raise SystemExit(launch(train_args, args.nproc, args.mpi))
+    raise SystemExit(launch(train_args, args.nproc, args.mpi, threads=args.threads))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -318,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FLANPIPE_CONFIG", "config/config.yaml"),
         help="experiment config (default config/config.yaml)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="cores this command may use: Polars, torch and SentencePiece pools, and for train/launch the "
+        "job's threads split over its ranks (default: OMP_NUM_THREADS, else every core)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn, help: str) -> argparse.ArgumentParser:  # noqa: A002, ANN001
@@ -440,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.threads:  # before any subcommand imports polars or torch: their pools are sized at import
+        from flanpipe.threads import limit_threads
+
+        limit_threads(args.threads)
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError) as e:  # our errors name their culprit: no traceback needed
