@@ -71,7 +71,7 @@ def check_cross_fields(config: Mapping[str, Any]) -> None:
             f"= {n['inputs']} + {n['targets']} = {n['inputs'] + n['targets']}; a full example would not fit"
         )
     t = config["train"]
-    if t["global_batch_size"] % t["micro_batch_size"]:
+    if t["micro_batch_size"] and t["global_batch_size"] % t["micro_batch_size"]:
         raise ConfigError(
             f"config key train.global_batch_size: {t['global_batch_size']} is not divisible by "
             f"train.micro_batch_size {t['micro_batch_size']} "
@@ -79,11 +79,30 @@ def check_cross_fields(config: Mapping[str, Any]) -> None:
         )
 
 
+def micro_batch_for(global_batch: int, dp: int, cap: int, accumulation_multiple: int = 1) -> int:
+    """The largest micro-batch <= ``cap`` that divides this rank's share, global_batch / DP.
+
+    Why: on CPU (and for small models on GPU) each forward/backward pass pays a fixed cost (Python,
+    Megatron's schedule, kernel launches), so fewer, larger passes do the same work faster, and
+    memory (activations grow with the micro-batch) is what ``cap`` bounds. E.g. global 8, DP 1 ->
+    8 x 1 accumulation; DP 2 -> 4 x 1; DP 8 -> 1 x 1; global 12, DP 1, cap 8 -> 6 x 2. The
+    interleaved pipeline schedule wants the accumulation steps (share / micro) to be a multiple of
+    PP (``accumulation_multiple``). Falls back to 1 when nothing fits, leaving check_world to explain.
+    """
+    share, rem = divmod(global_batch, dp)
+    if dp < 1 or cap < 1 or rem or share < 1:
+        return 1
+    fits = [m for m in range(1, min(cap, share) + 1) if share % m == 0 and (share // m) % accumulation_multiple == 0]
+    return max(fits, default=1)
+
+
 def check_world(config: Mapping[str, Any], world: int, source: str = "training ranks") -> int:
     """Check world = TP x PP x DP and global batch = micro batch x DP x accumulation; return DP.
 
     ``world`` is the number of training ranks (the train rule's ``tasks``, from the profile); ``source``
-    says where it came from, for the message.
+    says where it came from, for the message. A config that leaves train.micro_batch_size null gets
+    it filled in here, for this DP (``micro_batch_for``): the Snakefile checks the world once, and the
+    run specs it builds afterwards carry the derived value.
     """
     t = config["train"]
     tp, pp = t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"]
@@ -94,6 +113,8 @@ def check_world(config: Mapping[str, Any], world: int, source: str = "training r
             f"({world} % {tp * pp} = {world % (tp * pp)}); world = TP x PP x DP"
         )
     dp = world // (tp * pp)
+    if not t["micro_batch_size"]:
+        t["micro_batch_size"] = _derived_micro_batch(t, dp)
     micro, glob = t["micro_batch_size"], t["global_batch_size"]
     if glob % (micro * dp):
         raise ConfigError(
@@ -109,6 +130,12 @@ def check_world(config: Mapping[str, Any], world: int, source: str = "training r
             f"PP = {pp} (world {world} from {source})"
         )
     return dp
+
+
+def _derived_micro_batch(t: Mapping[str, Any], dp: int) -> int:
+    vpp = t.get("virtual_pipeline_model_parallel_size", 1)
+    multiple = t["pipeline_model_parallel_size"] if vpp > 1 else 1
+    return micro_batch_for(t["global_batch_size"], dp, t.get("max_micro_batch_size", 8), multiple)
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -136,13 +163,16 @@ def train_spec(
     *,
     steps: int | None = None,
     init_checkpoint: str | None = None,
+    dp: int = 1,
 ) -> dict[str, Any]:
     """The JSON run spec the training entry point reads (model config + training facts).
 
     ``steps`` overrides train.steps (the base model's pretraining length); ``init_checkpoint`` is the
-    model dir whose weights the run starts from (the base model, for instruction tuning).
+    model dir whose weights the run starts from (the base model, for instruction tuning). A null
+    train.micro_batch_size (not filled in by check_world) is derived for ``dp`` data-parallel ranks.
     """
     t = config["train"]
+    micro = t["micro_batch_size"] or _derived_micro_batch(t, dp)
     return {
         "model": dict(model),
         "train": {
@@ -150,7 +180,7 @@ def train_spec(
             "init_checkpoint": init_checkpoint,
             "lr": t["lr"],
             "warmup_steps": t["warmup_steps"],
-            "micro_batch_size": t["micro_batch_size"],
+            "micro_batch_size": micro,
             "global_batch_size": t["global_batch_size"],
             "seq_length": config["lengths"]["pack"],
             "seed": t["seed"],
