@@ -14,8 +14,10 @@
     flanpipe report --json FILE --md FILE RESULT...
     flanpipe templates preview DATASET -n N
     flanpipe plan --model lamda_pt_137b --gpus 128 [--gpu-mem-gib 80] [--json]   TP/PP/DP layout planner
-    flanpipe bench train [--json]                 Megatron GPTModel vs plain PyTorch fwd+bwd tokens/s
-    flanpipe bench data [--json] [--scale S] [--workdir DIR]   render/mix/tokenize/pack on a FLAN-sized workload
+    flanpipe bench train [--json] [--peer]        Megatron GPTModel vs plain PyTorch fwd+bwd tokens/s
+                                                  (--peer: whole steps vs transformers' LlamaForCausalLM)
+    flanpipe bench data [--json] [--scale S] [--workdir DIR] [--peer]   render/mix/tokenize/pack on a FLAN-sized
+                                                  workload (--peer: tokenize + pack vs datasets + TRL bfd)
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
 
 Experiment facts (lengths, caps, seeds) come from ``--config`` (default config/config.yaml), exactly as
@@ -287,7 +289,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def cmd_bench_data(args: argparse.Namespace) -> None:
     from flanpipe.bench.data import main as bench_data
 
-    bench_data(args.scale, args.workdir, args.json)
+    bench_data(args.scale, args.workdir, args.json, peer=args.peer)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
@@ -298,6 +300,9 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         overrides["ffn_hidden_size"] = 4 * args.hidden
     if args.ffn is not None:
         overrides["ffn_hidden_size"] = args.ffn
+    if args.peer:
+        _bench_train_peer(args, overrides)
+        return
     cfg = bench_model_from(args.model, overrides)
     result = bench_train(
         cfg, batch_size=args.batch_size, seq_length=args.seq_length, iters=args.iters, warmup=args.warmup
@@ -310,6 +315,44 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     for name, row in t.items():
         print(f"{name:<11} {row['tokens_per_s']:>10.0f} tokens/s  {row['s_per_iter_median'] * 1e3:>8.1f} ms/iter")
     print(f"plain / megatron = {result['ratio_plain_over_megatron']:.2f}; losses {result['loss']}")
+
+
+def _bench_train_peer(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """``bench train --peer``: flanpipe's Megatron training step vs transformers' LlamaForCausalLM."""
+    import dataclasses
+
+    from flanpipe.bench.peer_train import LLAMA_BENCH, bench_train_peer, missing_peer_packages
+    from flanpipe.model_config import load_model_config
+
+    missing = missing_peer_packages()
+    if missing:
+        print(
+            f"flanpipe bench train --peer: the peer needs {', '.join(missing)}, not installed here "
+            "(pip install 'flanpipe[bench]')",
+            file=sys.stderr,
+        )
+        raise SystemExit(3)
+    base = load_model_config(args.model) if args.model else LLAMA_BENCH
+    cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    r = bench_train_peer(
+        cfg, batch_size=args.batch_size, seq_length=args.seq_length, iters=args.iters, warmup=args.warmup
+    )
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    m = r["model"]
+    print(
+        f"Llama-shaped: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
+        f"SwiGLU {m['ffn_hidden_size']}, vocab {m['vocab_size']}; {r['params_flanpipe']:,} params "
+        f"(HF {r['params_hf']:,}); batch {r['batch_size']} x {r['seq_length']} = micro {r['micro_batch_size']} "
+        f"x {r['accumulation']}; AdamW + clip 1.0; {r['threads']} threads"
+    )
+    for name, row in r["timings"].items():
+        ms = row["s_per_iter_median"] * 1e3
+        print(f"  {name:<9} {row['tokens_per_s']:>9.0f} tokens/s {ms:>8.1f} ms/step (median)")
+    print(f"  flanpipe / HF = {r['ratio_flanpipe_over_hf']:.2f} (median step {r['ratio_flanpipe_over_hf_median']:.2f})")
+    print(f"  first-step loss {r['first_step_loss']}; HF attention: {r['hf_attention']}")
+    print("  differs: " + "; ".join(r["differences"]))
 
 
 def cmd_bench_dag(args: argparse.Namespace) -> None:
@@ -431,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_bench_data)
     s.add_argument("--scale", type=float, default=1.0, help="1.0: >= 1M mixed examples; 0.005: seconds")
     s.add_argument("--workdir", help="keep intermediates here (default: a temporary directory)")
+    s.add_argument("--peer", action="store_true", help="also tokenize + pack with datasets map + TRL bfd packing")
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("dag", help="wall time of `snakemake -n` for an experiment config (planning cost)")
     s.set_defaults(fn=cmd_bench_dag)
@@ -447,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-length", type=int, default=256)
     s.add_argument("--iters", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--peer", action="store_true", help="whole AdamW steps vs transformers' LlamaForCausalLM")
     s.add_argument("--json", action="store_true")
     return p
 
