@@ -358,7 +358,9 @@ def _bench_train_peer(args: argparse.Namespace, overrides: dict[str, Any]) -> No
 def cmd_bench_dag(args: argparse.Namespace) -> None:
     from flanpipe.bench.dag import main as bench_dag
 
-    bench_dag(str(resolve_config_path(args.config)), args.targets, args.json)
+    # no --config (nor FLANPIPE_CONFIG): the default and flan137b on the fixture mirror, side by side
+    default = args.config == "config/config.yaml" and "FLANPIPE_CONFIG" not in os.environ
+    bench_dag(None if default else str(resolve_config_path(args.config)), args.targets, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -171,3 +171,17 @@ def test_peer_absent_says_so_and_fails(
     assert e.value.code == 3
     err = capsys.readouterr().err
     assert "not installed" in err and ("trl" in err or "transformers" in err) and "flanpipe[bench]" in err
+
+
+def test_heavy_imports_read_from_importtime() -> None:
+    """``bench dag``'s import check parses ``python -X importtime`` lines (module name last)."""
+    from flanpipe.bench.dag import heavy_imports
+
+    log = (
+        "import time: self [us] | cumulative | imported package\n"
+        "import time:       120 |        120 |   polars\n"
+        "import time:       300 |       4000 |     torch._C\n"
+        "import time:        50 |         50 | megatron.core\n"
+    )
+    assert heavy_imports(log) == ["megatron", "torch"]
+    assert heavy_imports(log.replace("torch._C", "yaml").replace("megatron.core", "jsonschema")) == []
