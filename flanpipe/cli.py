@@ -179,7 +179,10 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 
 def cmd_train_spec(args: argparse.Namespace) -> None:
+    from flanpipe.config import check_world
+
     cfg = _config(args)
+    check_world(cfg, args.world, "--world")  # the micro-batch follows DP (rule train_spec: the profile's tasks)
     plan, run = _trained_run(cfg, args.run)
     init = plan.model_dir(run.init) if run.init else None
     spec = train_spec(cfg, read_yaml(resolve_config_path(run.model)), steps=run.steps, init_checkpoint=init)
@@ -422,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("train-spec", cmd_train_spec, "write the training run spec JSON of one run")
     s.add_argument("run")
     s.add_argument("--out", required=True)
+    s.add_argument("--world", type=int, default=1, help="training ranks it will run on (= train --nproc)")
     s = add("train", cmd_train, "Megatron-Core training (torchrun, or srun with --mpi)")
     s.add_argument("--spec", required=True)
     s.add_argument("--data", required=True)

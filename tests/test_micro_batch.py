@@ -66,3 +66,18 @@ def test_explicit_micro_batch_is_kept() -> None:
     assert train_spec(cfg, {}, dp=2)["train"]["micro_batch_size"] == 2
     with pytest.raises(ConfigError, match="max_micro_batch_size"):
         validate_config({**raw, "train": {"max_micro_batch_size": 0}})
+
+
+def test_cli_train_spec_follows_world(tmp_path: Path) -> None:
+    """``flanpipe train-spec --world N`` writes the micro-batch ``flanpipe train --nproc N`` needs."""
+    import json
+
+    from flanpipe.cli import main
+
+    for world, micro in ((1, 8), (2, 4), (8, 1)):
+        out = tmp_path / f"spec{world}.json"
+        main(["train-spec", "heldout_nli", "--out", str(out), "--world", str(world)])
+        assert json.loads(out.read_text())["train"]["micro_batch_size"] == micro
+    with pytest.raises(SystemExit) as e:
+        main(["train-spec", "heldout_nli", "--out", str(tmp_path / "x.json"), "--world", "3"])
+    assert e.value.code == 2
