@@ -14,8 +14,10 @@
     flanpipe report --json FILE --md FILE RESULT...
     flanpipe templates preview DATASET -n N
     flanpipe plan --model lamda_pt_137b --gpus 128 [--gpu-mem-gib 80] [--json]   TP/PP/DP layout planner
-    flanpipe bench train [--json]                 Megatron GPTModel vs plain PyTorch fwd+bwd tokens/s
-    flanpipe bench data [--json] [--scale S] [--workdir DIR]   render/mix/tokenize/pack on a FLAN-sized workload
+    flanpipe bench train [--json] [--peer]        Megatron GPTModel vs plain PyTorch fwd+bwd tokens/s
+                                                  (--peer: whole steps vs transformers' LlamaForCausalLM)
+    flanpipe bench data [--json] [--scale S] [--workdir DIR] [--peer]   render/mix/tokenize/pack on a FLAN-sized
+                                                  workload (--peer: tokenize + pack vs datasets + TRL bfd)
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
 
 Experiment facts (lengths, caps, seeds) come from ``--config`` (default config/config.yaml), exactly as
@@ -29,12 +31,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flanpipe.config import dataset_spec, load_config
-from flanpipe.experiments import Plan, plan_experiment
 from flanpipe.io import resolve_config_path, write_json
 from flanpipe.vocab import DEFAULT_MODE, SPLITS, EvalVariant, parse_shard_name, shard_name
+
+if TYPE_CHECKING:  # flanpipe.experiments imports polars: only after --threads has sized its pool
+    from flanpipe.experiments import Plan
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,6 +117,8 @@ def cmd_render_eval_shard(args: argparse.Namespace) -> None:
 
 def _plan(cfg: dict[str, Any], run: str) -> Plan:
     """The plan, after checking it trains ``run`` (the error names the runs it does train)."""
+    from flanpipe.experiments import plan_experiment
+
     plan = plan_experiment(cfg)
     plan.trained_run(run)
     return plan
@@ -149,6 +155,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
             vocab_size=t["vocab_size"],
             sample_size=t["sample_size"],
             seed=t["seed"],
+            num_threads=args.threads,
         )
     )
 
@@ -159,6 +166,8 @@ def pack_model_config(cfg: dict[str, Any], mixture: str | os.PathLike[str], run:
     The run is ``--run``, else the directory of ``results/mixtures/<run>/mixture.parquet``; a mixture
     outside such a directory is packed for the config's ``model`` (the main runs' model).
     """
+    from flanpipe.experiments import plan_experiment
+
     plan = plan_experiment(cfg)
     if run is None:
         run = Path(mixture).parent.name
@@ -179,12 +188,16 @@ def cmd_pack(args: argparse.Namespace) -> None:
         Path(args.out),
         lengths=cfg["lengths"],
         seed=cfg["mixture"]["seed"],
+        num_threads=args.threads,
     )
     print(json.dumps(stats, indent=2))
 
 
 def cmd_train_spec(args: argparse.Namespace) -> None:
+    from flanpipe.config import check_world
+
     cfg = _config(args)
+    check_world(cfg, args.world, "--world")  # the micro-batch follows DP (rule train_spec: the profile's tasks)
     write_json(args.out, _plan(cfg, args.run).train_spec(args.run))
     print(args.out)
 
@@ -193,14 +206,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Launch the Megatron-Core entry point exactly as rule train does (flanpipe.launch.launch)."""
     from flanpipe.launch import launch
 
-    raise SystemExit(launch(["--spec", args.spec, "--data", args.data, "--out", args.out], args.nproc, args.mpi))
+    train_args = ["--spec", args.spec, "--data", args.data, "--out", args.out]
+    raise SystemExit(launch(train_args, args.nproc, args.mpi, threads=args.threads))
 
 
 def cmd_launch(args: argparse.Namespace) -> None:
     from flanpipe.launch import launch
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    raise SystemExit(launch(train_args, args.nproc, args.mpi))
+    raise SystemExit(launch(train_args, args.nproc, args.mpi, threads=args.threads))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -291,7 +305,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def cmd_bench_data(args: argparse.Namespace) -> None:
     from flanpipe.bench.data import main as bench_data
 
-    bench_data(args.scale, args.workdir, args.json)
+    bench_data(args.scale, args.workdir, args.json, peer=args.peer)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
@@ -302,6 +316,9 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         overrides["ffn_hidden_size"] = 4 * args.hidden
     if args.ffn is not None:
         overrides["ffn_hidden_size"] = args.ffn
+    if args.peer:
+        _bench_train_peer(args, overrides)
+        return
     cfg = bench_model_from(args.model, overrides)
     result = bench_train(
         cfg, batch_size=args.batch_size, seq_length=args.seq_length, iters=args.iters, warmup=args.warmup
@@ -316,10 +333,50 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     print(f"plain / megatron = {result['ratio_plain_over_megatron']:.2f}; losses {result['loss']}")
 
 
+def _bench_train_peer(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """``bench train --peer``: flanpipe's Megatron training step vs transformers' LlamaForCausalLM."""
+    import dataclasses
+
+    from flanpipe.bench.peer_train import LLAMA_BENCH, bench_train_peer, missing_peer_packages
+    from flanpipe.model_config import load_model_config
+
+    missing = missing_peer_packages()
+    if missing:
+        print(
+            f"flanpipe bench train --peer: the peer needs {', '.join(missing)}, not installed here "
+            "(pip install 'flanpipe[bench]')",
+            file=sys.stderr,
+        )
+        raise SystemExit(3)
+    base = load_model_config(args.model) if args.model else LLAMA_BENCH
+    cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    r = bench_train_peer(
+        cfg, batch_size=args.batch_size, seq_length=args.seq_length, iters=args.iters, warmup=args.warmup
+    )
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    m = r["model"]
+    print(
+        f"Llama-shaped: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
+        f"SwiGLU {m['ffn_hidden_size']}, vocab {m['vocab_size']}; {r['params_flanpipe']:,} params "
+        f"(HF {r['params_hf']:,}); batch {r['batch_size']} x {r['seq_length']} = micro {r['micro_batch_size']} "
+        f"x {r['accumulation']}; AdamW + clip 1.0; {r['threads']} threads"
+    )
+    for name, row in r["timings"].items():
+        ms = row["s_per_iter_median"] * 1e3
+        print(f"  {name:<9} {row['tokens_per_s']:>9.0f} tokens/s {ms:>8.1f} ms/step (median)")
+    print(f"  flanpipe / HF = {r['ratio_flanpipe_over_hf']:.2f} (median step {r['ratio_flanpipe_over_hf_median']:.2f})")
+    print(f"  first-step loss {r['first_step_loss']}; HF attention: {r['hf_attention']}")
+    print("  differs: " + "; ".join(r["differences"]))
+
+
 def cmd_bench_dag(args: argparse.Namespace) -> None:
     from flanpipe.bench.dag import main as bench_dag
 
-    bench_dag(str(resolve_config_path(args.config)), args.targets, args.json)
+    # no --config (nor FLANPIPE_CONFIG): the default and flan137b on the fixture mirror, side by side
+    default = args.config == "config/config.yaml" and "FLANPIPE_CONFIG" not in os.environ
+    bench_dag(None if default else str(resolve_config_path(args.config)), args.targets, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         default=os.environ.get("FLANPIPE_CONFIG", "config/config.yaml"),
         help="experiment config (default config/config.yaml)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="cores this command may use: Polars, torch and SentencePiece pools, and for train/launch the "
+        "job's threads split over its ranks (default: OMP_NUM_THREADS, else every core)",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -380,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("train-spec", cmd_train_spec, "write the training run spec JSON of one run")
     s.add_argument("run")
     s.add_argument("--out", required=True)
+    s.add_argument("--world", type=int, default=1, help="training ranks it will run on (= train --nproc)")
     s = add("train", cmd_train, "Megatron-Core training (torchrun, or srun with --mpi)")
     s.add_argument("--spec", required=True)
     s.add_argument("--data", required=True)
@@ -435,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_bench_data)
     s.add_argument("--scale", type=float, default=1.0, help="1.0: >= 1M mixed examples; 0.005: seconds")
     s.add_argument("--workdir", help="keep intermediates here (default: a temporary directory)")
+    s.add_argument("--peer", action="store_true", help="also tokenize + pack with datasets map + TRL bfd packing")
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("dag", help="wall time of `snakemake -n` for an experiment config (planning cost)")
     s.set_defaults(fn=cmd_bench_dag)
@@ -451,12 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-length", type=int, default=256)
     s.add_argument("--iters", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--peer", action="store_true", help="whole AdamW steps vs transformers' LlamaForCausalLM")
     s.add_argument("--json", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.threads:  # before any subcommand imports polars or torch: their pools are sized at import
+        from flanpipe.threads import limit_threads
+
+        limit_threads(args.threads)
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError) as e:  # our errors name their culprit: no traceback needed

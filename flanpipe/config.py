@@ -138,12 +138,29 @@ def check_cross_fields(config: Mapping[str, Any]) -> None:
             "with no template",
             stacklevel=2,
         )
-    if t["global_batch_size"] % t["micro_batch_size"]:
+    if t["micro_batch_size"] and t["global_batch_size"] % t["micro_batch_size"]:
         raise ConfigError(
             f"config key train.global_batch_size: {t['global_batch_size']} is not divisible by "
             f"train.micro_batch_size {t['micro_batch_size']} "
             f"({t['global_batch_size']} % {t['micro_batch_size']} = {t['global_batch_size'] % t['micro_batch_size']})"
         )
+
+
+def micro_batch_for(global_batch: int, dp: int, cap: int, accumulation_multiple: int = 1) -> int:
+    """The largest micro-batch <= ``cap`` that divides this rank's share, global_batch / DP.
+
+    Why: on CPU (and for small models on GPU) each forward/backward pass pays a fixed cost (Python,
+    Megatron's schedule, kernel launches), so fewer, larger passes do the same work faster, and
+    memory (activations grow with the micro-batch) is what ``cap`` bounds. E.g. global 8, DP 1 ->
+    8 x 1 accumulation; DP 2 -> 4 x 1; DP 8 -> 1 x 1; global 12, DP 1, cap 8 -> 6 x 2. The
+    interleaved pipeline schedule wants the accumulation steps (share / micro) to be a multiple of
+    PP (``accumulation_multiple``). Falls back to 1 when nothing fits, leaving check_world to explain.
+    """
+    share, rem = divmod(global_batch, dp)
+    if dp < 1 or cap < 1 or rem or share < 1:
+        return 1
+    fits = [m for m in range(1, min(cap, share) + 1) if share % m == 0 and (share // m) % accumulation_multiple == 0]
+    return max(fits, default=1)
 
 
 def check_world(config: Mapping[str, Any], world: int, source: str = "training ranks") -> int:
@@ -152,21 +169,34 @@ def check_world(config: Mapping[str, Any], world: int, source: str = "training r
     ``world`` is the number of training ranks (the train rule's ``tasks``, from the profile); ``source``
     says where it came from, for the message. The arithmetic is flanpipe.train_config.split_batch, the
     one the training entry point checks again.
+    A config that leaves train.micro_batch_size null gets it filled in here, for this DP
+    (``micro_batch_for``): the Snakefile checks the world once, and the run specs it builds afterwards
+    carry the derived value.
     """
     t = config["train"]
+    tp, pp = t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"]
+    if not t["micro_batch_size"] and world >= 1 and world % (tp * pp) == 0:
+        t["micro_batch_size"] = _derived_micro_batch(t, world // (tp * pp))
     try:
         grid = split_batch(
             world=world,
-            tp=t["tensor_model_parallel_size"],
-            pp=t["pipeline_model_parallel_size"],
+            tp=tp,
+            pp=pp,
             vpp=t.get("virtual_pipeline_model_parallel_size", 1),
-            micro_batch_size=t["micro_batch_size"],
+            micro_batch_size=t["micro_batch_size"] or 1,
             global_batch_size=t["global_batch_size"],
             source=source,
         )
     except BatchSplitError as e:
         raise ConfigError(f"config key {e}" if e.key else str(e)) from None
     return grid.dp
+
+
+def _derived_micro_batch(t: Mapping[str, Any], dp: int) -> int:
+    """train.micro_batch_size when the config leaves it null: the largest one that fits ``dp`` ranks."""
+    vpp = t.get("virtual_pipeline_model_parallel_size", 1)
+    multiple = t["pipeline_model_parallel_size"] if vpp > 1 else 1
+    return micro_batch_for(t["global_batch_size"], dp, t.get("max_micro_batch_size", 8), multiple)
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -194,18 +224,21 @@ def train_spec(
     *,
     steps: int | None = None,
     init_checkpoint: str | None = None,
+    dp: int = 1,
 ) -> dict[str, Any]:
     """The JSON run spec the training entry point reads (model config + training facts).
 
     ``steps`` overrides train.steps (the base model's pretraining length); ``init_checkpoint`` is the
-    model dir whose weights the run starts from (the base model, for instruction tuning).
+    model dir whose weights the run starts from (the base model, for instruction tuning). A null
+    train.micro_batch_size (not filled in by check_world) is derived for ``dp`` data-parallel ranks.
     """
     t = config["train"]
-    # Every TrainConfig field comes from the config's train block, except the three a run sets.
+    # Every TrainConfig field comes from the config's train block, except the four a run sets.
     per_run = {
         "steps": steps or t["steps"],
         "init_checkpoint": init_checkpoint,
         "seq_length": config["lengths"]["pack"],
+        "micro_batch_size": t["micro_batch_size"] or _derived_micro_batch(t, dp),
     }
     return {
         "model": dict(model),

@@ -13,6 +13,10 @@ of itself into the env:// rendezvous variables torch.distributed reads (``torch_
 
 The rule and ``flanpipe train`` both call ``launch``; ARGS are flanpipe.train's own
 (``--spec SPEC --data DIR --out DIR``).
+
+Threads: each rank gets the job's threads / local ranks (``rank_threads_env``), not torchrun's fixed 1:
+the train rule's ``threads`` reach the launcher as Snakemake's ``OMP_NUM_THREADS`` (or ``--threads``).
+Under srun each task has SLURM's ``--cpus-per-task`` CPUs, which is that same quotient by construction.
 """
 
 from __future__ import annotations
@@ -52,7 +56,25 @@ def launch_command(train_args: Sequence[str], nproc: int, mpi: str = "") -> list
     return [*shlex.split(mpi), "-n", str(nproc), sys.executable, "-m", "flanpipe.launch", "worker", *train_args]
 
 
-def launch(train_args: Sequence[str], nproc: int, mpi: str = "") -> int:
+def rank_threads_env(
+    nproc: int, mpi: str = "", threads: int | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for the ranks: the job's threads / the ranks on this node.
+
+    torchrun puts all ``nproc`` ranks on this node; srun spreads them over ``SLURM_JOB_NUM_NODES``
+    nodes (ceil(nproc / nodes) here). E.g. a 2-thread job with 1 rank: 2 threads; with 2 ranks: 1 each.
+    torchrun keeps an OMP_NUM_THREADS it finds (it only defaults it to 1 when unset).
+    """
+    from flanpipe.threads import job_threads, threads_per_rank
+
+    env = os.environ if env is None else env
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", "1") or 1) if mpi.strip() else 1
+    local = -(-nproc // max(1, nodes))
+    total = threads if threads else job_threads(dict(env))
+    return {"OMP_NUM_THREADS": str(threads_per_rank(total, local))}
+
+
+def launch(train_args: Sequence[str], nproc: int, mpi: str = "", threads: int | None = None) -> int:
     """Run the training ranks to completion; return the launcher's exit status.
 
     SIGTERM to the launcher (a scheduler's preemption or time limit) is passed on to torchrun or srun,
@@ -63,10 +85,11 @@ def launch(train_args: Sequence[str], nproc: int, mpi: str = "") -> int:
     from flanpipe.checkpointing import PREEMPTED_EXIT_CODE, clear_preempted, was_preempted
 
     cmd = launch_command(train_args, nproc, mpi)
-    print(f"flanpipe launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    env = {**os.environ, **rank_threads_env(nproc, mpi, threads)}
+    print(f"flanpipe launch: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {shlex.join(cmd)}", file=sys.stderr, flush=True)
     ckpt_dir = ckpt_dir_of(train_args)
     clear_preempted(ckpt_dir)  # only this attempt's preemption may count
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
     try:
         status = proc.wait()
@@ -154,8 +177,9 @@ def torch_env_from_slurm(
         "LOCAL_RANK": env["SLURM_LOCALID"],
         "MASTER_ADDR": env.get("MASTER_ADDR") or resolve_host(nodelist),
         "MASTER_PORT": env.get("MASTER_PORT") or str(master_port(env["SLURM_JOB_ID"])),
-        # torchrun's default: one thread per rank unless the job asked for more CPUs per task.
-        "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or env.get("SLURM_CPUS_PER_TASK") or "1",
+        # Intra-op threads = the CPUs SLURM bound to this task (--cpus-per-task: the job's CPUs on the
+        # node / its tasks there), else what the launcher computed, else 1.
+        "OMP_NUM_THREADS": env.get("SLURM_CPUS_PER_TASK") or env.get("OMP_NUM_THREADS") or "1",
     }
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
     if per_node:

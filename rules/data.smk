@@ -7,6 +7,7 @@ rule generate_synthetic:
     params:
         sizes={r: config["synthetic"][r] for r in SPLITS},
         seed=config["synthetic"]["seed"],
+    threads: 1
     log:
         "logs/generate_synthetic/{synthetic}.log",
     benchmark:
@@ -27,6 +28,7 @@ rule ingest:
         bad_rows=config["data"]["bad_rows"],
         root=config["data"]["root"],
         hf_cache=config["data"]["hf_cache"],
+    threads: 1
     log:
         "logs/ingest/{local_dataset}/{split}.log",
     benchmark:
@@ -47,6 +49,7 @@ rule download:
         bad_rows=config["data"]["bad_rows"],
         root=config["data"]["root"],
         hf_cache=config["data"]["hf_cache"],
+    threads: 1
     log:
         "logs/download/{hub_dataset}/{split}.log",
     benchmark:
@@ -68,6 +71,7 @@ rule render_shard:
     params:
         mode=shard_mode,
         num_templates=shard_num_templates,
+    threads: 1
     log:
         "logs/render_shard/{dataset}/{shard}.log",
     benchmark:
@@ -89,6 +93,7 @@ rule render_eval_shard:
         variant=variant_params,
         max_examples=config["eval"]["examples"],
         seed=config["mixture"]["seed"],
+    threads: 1
     log:
         "logs/render_eval_shard/{dataset}/{variant}.log",
     benchmark:

@@ -11,6 +11,7 @@ rule evaluate:
         metric=dataset_metric,
         lengths=config["lengths"],
         batch_size=config["eval"]["batch_size"],
+    threads: 1
     log:
         "logs/evaluate/{evalrun}/{variant}/{dataset}.log",
     benchmark:

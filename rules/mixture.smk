@@ -11,6 +11,7 @@ rule mix:
         mixture=config["mixture"],
         budget_tokens=run_budget,
         lengths=config["lengths"],
+    threads: 2
     log:
         "logs/mix/{run}.log",
     benchmark:

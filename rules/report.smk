@@ -12,6 +12,7 @@ rule report:
     params:
         meta=report_meta(),
         experiment=EXPERIMENT,
+    threads: 1
     log:
         "logs/report/report.log",
     benchmark:
@@ -35,6 +36,7 @@ rule ablation:
     params:
         meta=ablation_meta,
         experiment=EXPERIMENT,
+    threads: 1
     log:
         "logs/ablation/{ablation}.log",
     benchmark:

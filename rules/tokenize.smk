@@ -10,6 +10,7 @@ rule train_tokenizer:
         vocab_size=config["tokenizer"]["vocab_size"],
         sample_size=config["tokenizer"]["sample_size"],
         seed=config["tokenizer"]["seed"],
+    threads: 4  # SentencePiece's trainer; Snakemake gives at most --cores
     log:
         "logs/train_tokenizer/train_tokenizer.log",
     benchmark:
@@ -30,6 +31,7 @@ rule pack:
     params:
         lengths=config["lengths"],
         seed=config["mixture"]["seed"],
+    threads: 4
     log:
         "logs/pack/{run}.log",
     benchmark:

@@ -9,6 +9,7 @@ rule train_spec:
         "results/specs/{run}.json",
     params:
         spec=run_spec,
+    threads: 1
     log:
         "logs/train_spec/{run}.log",
     benchmark:
@@ -24,6 +25,7 @@ rule train:
         unpack(train_inputs),
     output:
         directory("results/models/{run}"),
+    threads: max(1, (workflow.cores or 1) // 2)  # the two held-out runs train side by side; split over ranks
     log:
         "logs/train/{run}.log",
     benchmark:

@@ -125,3 +125,63 @@ def test_mix_scaling_check_runs_each_size_in_its_own_process(run: tuple[dict, Pa
     assert abs(by_factor[4]["examples"] / by_factor[1]["examples"] - 4) < 0.01
     assert all(m["peak_rss_mb"] > 0 and m["shuffle_buckets"] >= 1 for m in by_factor.values())
     assert not list((work / "mixtures").glob("scaling_*")), "the check's mixtures are removed"
+
+
+def test_peer_tokenize_and_pack_same_mixture(run: tuple[dict, Path]) -> None:
+    """``bench data --peer``'s comparison on the kept workdir: datasets map + TRL bfd vs flanpipe, same tokens."""
+    pytest.importorskip("trl", reason="the peer needs TRL: pip install 'flanpipe[bench]'")
+    from flanpipe.bench.peer_data import compare
+
+    stats, work = run
+    cfg = stats["config"]
+    p = compare(
+        work / "mixtures" / "bench" / "mixture.parquet",
+        work / "tokenizer" / "spm.model",
+        work,
+        inputs_length=cfg["inputs_length"],
+        targets_length=cfg["targets_length"],
+        pack_length=cfg["pack_length"],
+    )
+    ours, hf = p["flanpipe"], p["hf_datasets_trl_bfd"]
+    # same SentencePiece model, same truncation + EOS rule: identical token counts, every example kept
+    assert p["same_tokens"] and ours["tokens"] == hf["tokens"] == stats["tokens"]
+    assert ours["examples"] == hf["examples"] == stats["examples"]
+    for side in (ours, hf):
+        fill = side["tokens"] / (side["rows"] * cfg["pack_length"])
+        assert side["packing_efficiency"] == pytest.approx(fill, abs=1e-5)
+        assert side["wall_s"] > 0 and side["peak_rss_mb"] > 0
+    assert ours["rows"] == stats["rows"]
+    assert ours["packing_efficiency"] >= hf["packing_efficiency"]  # equal or better packing, never worse
+    assert p["speedup"] == pytest.approx(hf["wall_s"] / ours["wall_s"], rel=0.01)
+
+
+@pytest.mark.parametrize("command", [["bench", "data", "--scale", "0.005"], ["bench", "train"]])
+def test_peer_absent_says_so_and_fails(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the peer's packages, ``--peer`` names them and exits non-zero before doing any work."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("trl", "transformers") else real(name, *a)
+    )
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--peer"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "not installed" in err and ("trl" in err or "transformers" in err) and "flanpipe[bench]" in err
+
+
+def test_heavy_imports_read_from_importtime() -> None:
+    """``bench dag``'s import check parses ``python -X importtime`` lines (module name last)."""
+    from flanpipe.bench.dag import heavy_imports
+
+    log = (
+        "import time: self [us] | cumulative | imported package\n"
+        "import time:       120 |        120 |   polars\n"
+        "import time:       300 |       4000 |     torch._C\n"
+        "import time:        50 |         50 | megatron.core\n"
+    )
+    assert heavy_imports(log) == ["megatron", "torch"]
+    assert heavy_imports(log.replace("torch._C", "yaml").replace("megatron.core", "jsonschema")) == []

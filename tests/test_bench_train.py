@@ -87,3 +87,18 @@ def test_cli_bench_train_json(capsys: pytest.CaptureFixture[str]) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["num_layers"] == 1 and out["model"]["ffn_hidden_size"] == 4 * 32
     assert "ratio_plain_over_megatron" in out
+
+
+def test_peer_llama_same_shape_and_both_train() -> None:
+    """``bench train --peer`` at tiny scale: equal parameter counts, both sides take real AdamW steps."""
+    pytest.importorskip("transformers", reason="the peer needs transformers: pip install 'flanpipe[bench]'")
+    from flanpipe.bench.peer_train import LLAMA_BENCH, bench_train_peer
+
+    tiny = dataclasses.replace(LLAMA_BENCH, num_layers=1, hidden_size=64, ffn_hidden_size=128, vocab_size=256)
+    r = bench_train_peer(tiny, batch_size=4, seq_length=32, iters=2, warmup=1, max_micro_batch=2)
+    assert r["params_flanpipe"] == r["params_hf"]  # same widths, biases on both sides
+    assert (r["micro_batch_size"], r["accumulation"]) == (2, 2)  # the micro-batch rule, capped at 2
+    for loss in r["first_step_loss"].values():  # untrained: close to ln(vocab) = ln(256) = 5.55
+        assert abs(loss - 5.55) < 0.3
+    assert set(r["timings"]) == {"flanpipe", "hf_llama"} and r["ratio_flanpipe_over_hf"] > 0
+    json.dumps(r)

@@ -110,15 +110,76 @@ def test_torch_env_from_slurm_outside_srun_fails_loudly() -> None:
 
 def test_cli_launch_and_train_call_the_same_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr("flanpipe.launch.launch", lambda args, nproc, mpi="": calls.append((args, nproc, mpi)) or 0)
+    monkeypatch.setattr(
+        "flanpipe.launch.launch",
+        lambda args, nproc, mpi="", threads=None: calls.append((args, nproc, mpi, threads)) or 0,
+    )
+    monkeypatch.setattr("flanpipe.threads.limit_threads", lambda n: n)  # keep this test process's pools
     for argv in (
         ["launch", "--mpi", "srun", "--nproc", "2", "--", *TRAIN_ARGS],
         ["train", "--spec", "s.json", "--data", "packed", "--out", "model", "--nproc", "2", "--mpi", "srun"],
+        ["--threads", "4", "launch", "--nproc", "2", "--", *TRAIN_ARGS],
     ):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
         assert exit_info.value.code == 0
-    assert calls == [(TRAIN_ARGS, 2, "srun")] * 2
+    assert calls == [(TRAIN_ARGS, 2, "srun", None)] * 2 + [(TRAIN_ARGS, 2, "", 4)]
+
+
+@pytest.mark.parametrize(
+    ("job", "ranks", "per_rank"),
+    [(2, 1, 2), (2, 2, 1), (8, 2, 4), (8, 3, 2), (2, 4, 1), (1, 1, 1)],
+)
+def test_threads_per_rank_splits_the_job(job: int, ranks: int, per_rank: int) -> None:
+    from flanpipe.threads import threads_per_rank
+
+    assert threads_per_rank(job, ranks) == per_rank
+
+
+def test_rank_threads_env_follows_the_job_not_a_fixed_one() -> None:
+    from flanpipe.launch import rank_threads_env
+
+    # Snakemake sets OMP_NUM_THREADS to the rule's threads in every shell job: 2 threads, 1 rank -> 2
+    assert rank_threads_env(1, env={"OMP_NUM_THREADS": "2"}) == {"OMP_NUM_THREADS": "2"}
+    assert rank_threads_env(2, env={"OMP_NUM_THREADS": "8"}) == {"OMP_NUM_THREADS": "4"}
+    assert rank_threads_env(2, threads=6, env={"OMP_NUM_THREADS": "8"}) == {"OMP_NUM_THREADS": "3"}  # --threads wins
+    # srun spreads 8 ranks over 2 nodes: 4 local ranks share this node's 16 threads
+    assert rank_threads_env(8, "srun", threads=16, env={"SLURM_JOB_NUM_NODES": "2"}) == {"OMP_NUM_THREADS": "4"}
+    # nothing said: the CPUs this process may use, split over the ranks
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    assert rank_threads_env(1, env={}) == {"OMP_NUM_THREADS": str(cpus)}
+
+
+def test_launch_passes_the_rank_threads_to_the_ranks(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The env the ranks start with carries threads = job threads / ranks (torchrun keeps a set value)."""
+    import subprocess
+
+    from flanpipe import launch as launch_mod
+
+    seen = {}
+
+    class FakeProc:
+        def __init__(self, cmd, env):
+            seen.update(cmd=cmd, env=env)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    args = ["--spec", "s.json", "--data", "d", "--out", str(tmp_path / "m")]
+    assert launch_mod.launch(args, 2) == 0
+    assert seen["env"]["OMP_NUM_THREADS"] == "1" and "--nproc_per_node" in seen["cmd"]
+    assert launch_mod.launch(args, 1) == 0
+    assert seen["env"]["OMP_NUM_THREADS"] == "2"
+
+
+def test_srun_task_threads_are_slurms_cpus_per_task() -> None:
+    """Under srun the CPUs SLURM bound to the task win over a job-wide OMP_NUM_THREADS."""
+    env = torch_env_from_slurm({**SRUN_TASK, "OMP_NUM_THREADS": "64"}, resolve_host=first_host)
+    assert env["OMP_NUM_THREADS"] == "8"
 
 
 def test_ckpt_dir_of_train_args() -> None:

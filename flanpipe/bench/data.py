@@ -477,20 +477,21 @@ def _mix_in_child(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_bench(scale: float = 1.0, workdir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+def run_bench(scale: float = 1.0, workdir: Path | None = None, seed: int = 0, peer: bool = False) -> dict[str, Any]:
     """Generate the workload and run render -> mix -> tokenizer -> encode -> pack; return the stats.
 
     ``workdir`` keeps every intermediate (canonical, shards, mixture, tokenizer, packed); by default a
-    temporary directory is used and removed.
+    temporary directory is used and removed. ``peer`` adds tokenize + pack of the same mixture by
+    datasets + TRL (flanpipe.bench.peer_data) beside flanpipe's, each in a fresh process.
     """
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="flanpipe-bench-data-") as tmp:
-            return run_bench(scale, Path(tmp), seed)
+            return run_bench(scale, Path(tmp), seed, peer)
     cfg = BenchConfig(scale=scale, seed=seed)
-    return _run(cfg, Path(workdir))
+    return _run(cfg, Path(workdir), peer)
 
 
-def _run(cfg: BenchConfig, work: Path) -> dict[str, Any]:
+def _run(cfg: BenchConfig, work: Path, peer: bool = False) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     seconds: dict[str, float] = {}
@@ -583,8 +584,23 @@ def _run(cfg: BenchConfig, work: Path) -> dict[str, Any]:
             }
             scaling.append({"factor": factor, **_mix_in_child(child)})
 
+    peer_figures = None
+    if peer:  # tokenize + pack only: the stages an HF user has a library for
+        from flanpipe.bench.peer_data import compare
+
+        with _stage("peer", seconds, cpu, rss):
+            peer_figures = compare(
+                mixture,
+                model,
+                work,
+                inputs_length=cfg.inputs_length,
+                targets_length=cfg.targets_length,
+                pack_length=cfg.pack_length,
+            )
+
     tokens = int(encoded.offsets[-1])
     return {
+        "peer": peer_figures,
         "scale": cfg.scale,
         "datasets": len(PROFILES),
         "clusters": len({p.cluster for p in PROFILES}),
@@ -637,10 +653,36 @@ def format_report(x: dict[str, Any]) -> str:
             for m in x["mix_scaling"]
         ),
     ]
+    p = x.get("peer")
+    if p:
+        ours, hf = p["flanpipe"], p["hf_datasets_trl_bfd"]
+        lines += [
+            "  tokenize + pack of the same mixture, each in a fresh process:",
+            *(
+                f"    {name:<24} {r['wall_s']:8.2f} s wall {r['cpu_s']:8.2f} s cpu  "
+                f"peak RSS {r['peak_rss_mb']:8,.0f} MB  packing "
+                f"{r['packing_efficiency']:.4f} in {r['rows']:,} rows"
+                for name, r in (("flanpipe", ours), ("datasets map + TRL bfd", hf))
+            ),
+            f"    flanpipe is {p['speedup']:.2f}x faster ({p['cpu_ratio_hf_over_flanpipe']:.2f}x less CPU), "
+            f"HF peak RSS {p['peak_rss_ratio_hf_over_flanpipe']:.2f}x "
+            f"flanpipe's; same tokens: {p['same_tokens']}",
+        ]
     return "\n".join(lines)
 
 
-def main(scale: float, workdir: str | None, as_json: bool) -> None:
-    """Entry point of ``flanpipe bench data``."""
-    stats = run_bench(scale, Path(workdir) if workdir else None)
+def main(scale: float, workdir: str | None, as_json: bool, peer: bool = False) -> None:
+    """Entry point of ``flanpipe bench data``; with ``peer``, fails (exit 3) when the peer is not installed."""
+    if peer:
+        from flanpipe.bench.peer_data import missing_peer_packages
+
+        missing = missing_peer_packages()
+        if missing:
+            print(
+                f"flanpipe bench data --peer: the peer needs {', '.join(missing)}, not installed here "
+                "(pip install 'flanpipe[bench]')",
+                file=sys.stderr,
+            )
+            raise SystemExit(3)
+    stats = run_bench(scale, Path(workdir) if workdir else None, peer=peer)
     print(json.dumps(stats) if as_json else format_report(stats))

@@ -1,5 +1,10 @@
 """Rule generate_synthetic -> flanpipe.synthetic.generate_dataset."""
 
+from flanpipe.threads import limit_threads
+
+# First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
+limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
+
 from pathlib import Path
 
 from flanpipe.io import log_to

@@ -1,5 +1,10 @@
 """Rule pack -> flanpipe.packing.pack_mixture."""
 
+from flanpipe.threads import limit_threads
+
+# First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
+limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
+
 import json
 from pathlib import Path
 
@@ -16,5 +21,6 @@ with log_to(snakemake.log[0]):
         Path(snakemake.output[0]),
         lengths=snakemake.params.lengths,
         seed=snakemake.params.seed,
+        num_threads=snakemake.threads,
     )
     print(json.dumps(stats, indent=2))
