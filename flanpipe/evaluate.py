@@ -23,7 +23,7 @@ Decisions (FLAN-compatible, written down so train and eval agree):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -296,6 +296,61 @@ def evaluate_shard(
     }
 
 
+def evaluate_many(
+    model_dir: Path,
+    tokenizer: Path,
+    shards: Mapping[str, Path],
+    metrics: Mapping[str, str],
+    out_dir: Path,
+    *,
+    lengths: dict[str, int],
+    batch_size: int = 32,
+    scorer: Scorer | None = None,
+) -> dict[str, dict]:
+    """Rule ``evaluate``: load a trained model once, score several datasets' eval shards with it, write
+    ``out_dir/{dataset}.json`` per dataset (the same record run_evaluation writes) and return them.
+
+    Every metric and shard is checked before the model loads, so a typo fails in seconds, not after a
+    load. ``scorer`` replaces the load (tests, benches). Inputs are truncated like training inputs (keep
+    the start, as seqio does) so the model is scored on the view of an example it was trained on.
+    """
+    from flanpipe.io import write_json
+    from flanpipe.tokenize import load_tokenizer
+
+    if set(shards) != set(metrics):
+        raise ValueError(f"datasets with a shard {sorted(shards)} differ from datasets with a metric {sorted(metrics)}")
+    for dataset, metric in metrics.items():
+        get_metric(metric)
+        if not Path(shards[dataset]).exists():
+            raise FileNotFoundError(f"eval shard of {dataset} not found: {shards[dataset]}")
+    if scorer is None:
+        from flanpipe.model import load_scorer
+
+        scorer = load_scorer(model_dir)
+    sp = load_tokenizer(tokenizer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for dataset in sorted(shards):
+        df = pl.read_parquet(shards[dataset])
+        result = evaluate_shard(
+            scorer,
+            sp,
+            df,
+            metrics[dataset],
+            lengths["inputs"],
+            lengths["targets"],
+            batch_size=batch_size,
+            keep_end=False,
+        )
+        if result["dataset"] != dataset:
+            raise ValueError(f"shard {shards[dataset]} holds {result['dataset']}, expected {dataset}")
+        result["model"] = str(model_dir)
+        write_json(out_dir / f"{dataset}.json", result)
+        results[dataset] = result
+    return results
+
+
 def run_evaluation(
     model_dir: Path,
     tokenizer: Path,
@@ -306,11 +361,7 @@ def run_evaluation(
     lengths: dict[str, int],
     batch_size: int = 32,
 ) -> dict:
-    """Rule ``evaluate``: load a trained model and its tokenizer, score one dataset's eval shard.
-
-    Inputs are truncated like training inputs (keep the start, as seqio does) so the model is scored
-    on the same view of an example it was trained on.
-    """
+    """``flanpipe evaluate``: one dataset's eval shard, its result written to ``out``."""
     from flanpipe.io import write_json
     from flanpipe.model import load_scorer
     from flanpipe.tokenize import load_tokenizer

@@ -148,19 +148,6 @@ def train_tasks(wildcards):
     return t["tensor_model_parallel_size"] * t["pipeline_model_parallel_size"]
 
 
-def eval_inputs(wildcards):
-    PLAN.check_run(wildcards.evalrun)
-    return {
-        "model": PLAN.model_dir(wildcards.evalrun),
-        "tokenizer": tokenizer_model(),
-        "shard": f"results/shards/{wildcards.dataset}/eval/{wildcards.variant}.parquet",
-    }
-
-
-def dataset_metric(wildcards):
-    return PLAN.registry[wildcards.dataset].metric
-
-
 def _record_meta(evaluation, ablation=None):
     """What the report needs to know about one evaluation besides its scores."""
     run = PLAN.runs[evaluation.run]
@@ -202,3 +189,34 @@ def ablation_meta(wildcards):
 
 def all_targets():
     return ["results/summary.json", "results/summary.md", "results/figures/summary.png"]
+
+
+def eval_group_datasets(wildcards):
+    """The datasets one evaluation job scores: its (model, variant, cluster) group over every planned
+    evaluation, ablations included (flanpipe.eval_plan: one model load serves them all)."""
+    from flanpipe.eval_plan import eval_groups, group_datasets
+
+    planned = PLAN.evaluations + [e for es in PLAN.ablations.values() for e in es]
+    cluster_of = {name: spec.cluster for name, spec in PLAN.registry.items()}
+    return group_datasets(eval_groups(planned, cluster_of), wildcards.evalrun, wildcards.variant, wildcards.cluster)
+
+
+def eval_group_inputs(wildcards):
+    PLAN.check_run(wildcards.evalrun)
+    return {
+        "model": PLAN.model_dir(wildcards.evalrun),
+        "tokenizer": tokenizer_model(),
+        "shards": [f"results/shards/{d}/eval/{wildcards.variant}.parquet" for d in eval_group_datasets(wildcards)],
+    }
+
+
+def eval_group_params(wildcards):
+    """Dataset names and metrics, in the order of eval_group_inputs' shards."""
+    names = eval_group_datasets(wildcards)
+    return {"datasets": names, "metrics": [PLAN.registry[d].metric for d in names]}
+
+
+def eval_group_dir(wildcards):
+    """The evaluation job whose directory holds this dataset's result."""
+    cluster = PLAN.registry[wildcards.dataset].cluster
+    return f"results/eval_groups/{wildcards.evalrun}/{wildcards.variant}/{cluster}"

@@ -1,21 +1,22 @@
-"""Rule evaluate -> flanpipe.evaluate.run_evaluation."""
+"""Rule evaluate -> flanpipe.evaluate.evaluate_many (one model load, one result per dataset)."""
 
 import json
 from pathlib import Path
 
-from flanpipe.evaluate import run_evaluation
+from flanpipe.evaluate import evaluate_many
 from flanpipe.io import log_to
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
 with log_to(snakemake.log[0]):
-    result = run_evaluation(
+    group = snakemake.params.group
+    results = evaluate_many(
         Path(snakemake.input.model),
         Path(snakemake.input.tokenizer),
-        Path(snakemake.input.shard),
+        dict(zip(group["datasets"], map(Path, snakemake.input.shards), strict=True)),
+        dict(zip(group["datasets"], group["metrics"], strict=True)),
         Path(snakemake.output[0]),
-        metric=snakemake.params.metric,
         lengths=snakemake.params.lengths,
         batch_size=snakemake.params.batch_size,
     )
-    print(json.dumps(result, indent=2))
+    print(json.dumps(results, indent=2))
