@@ -44,6 +44,11 @@ class Scorer(Protocol):
         ...
 
 
+def _uses_kv_cache(scorer: Scorer) -> bool:
+    """Scorers with a KV cache (flanpipe.inference.ParallelLM) decode and rank options incrementally."""
+    return all(hasattr(scorer, name) for name in ("new_context", "prefill", "step", "take_rows"))
+
+
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> torch.LongTensor:
     """Stack ragged id lists into one [b, max_len] tensor, padding on the right."""
     width = max(len(r) for r in rows)
@@ -129,8 +134,16 @@ def rank_classification(
     options_ids: Sequence[Sequence[Sequence[int]]],
     batch_size: int,
 ) -> list[int]:
-    """Index of the most likely option per example (ties go to the earliest option)."""
-    scores = option_logprobs(scorer, input_ids, options_ids, batch_size)
+    """Index of the most likely option per example (ties go to the earliest option).
+
+    A KV-cache scorer encodes each input once for all its options (inference.option_logprobs_shared).
+    """
+    if _uses_kv_cache(scorer):
+        from flanpipe.inference import option_logprobs_shared
+
+        scores = option_logprobs_shared(scorer, input_ids, options_ids, batch_size)
+    else:
+        scores = option_logprobs(scorer, input_ids, options_ids, batch_size)
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
 
@@ -145,7 +158,8 @@ def greedy_generate(
     """Greedy continuation of every input, stopping a row at EOS (EOS not returned).
 
     No KV cache: each step re-runs the prefix, which costs O(steps x len) forwards but is
-    trivially correct for the tiny models this pipeline trains. Rows are right-padded and
+    trivially correct: the reference the KV-cache path (inference.greedy_generate_cached,
+    chosen by predict_shard for scorers that have a cache) is tested against. Rows are right-padded and
     each row reads the logit at its OWN last position (lengths - 1); finished rows drop
     out of the forward pass, and the forward is cut to the longest active row.
     """
@@ -215,7 +229,12 @@ def predict_shard(
         parts.append(cls.with_columns(prediction=pl.col("options").list.get(pl.Series(best))))
     if gen.height:
         inputs = [truncate_input(ids, inputs_length, keep_end) for ids in sp.encode(gen["inputs"].to_list())]
-        new = greedy_generate(scorer, inputs, targets_length, eos, batch_size)
+        if _uses_kv_cache(scorer):
+            from flanpipe.inference import greedy_generate_cached
+
+            new = greedy_generate_cached(scorer, inputs, targets_length, eos, batch_size)
+        else:
+            new = greedy_generate(scorer, inputs, targets_length, eos, batch_size)
         parts.append(gen.with_columns(prediction=pl.Series(sp.decode(new), dtype=pl.Utf8)))
     if not parts:
         return df.drop("_row").with_columns(prediction=pl.lit(None, dtype=pl.Utf8))
@@ -324,9 +343,9 @@ def evaluate_many(
         if not Path(shards[dataset]).exists():
             raise FileNotFoundError(f"eval shard of {dataset} not found: {shards[dataset]}")
     if scorer is None:
-        from flanpipe.model import load_scorer
+        from flanpipe.inference import load_parallel_lm
 
-        scorer = load_scorer(model_dir)
+        scorer = load_parallel_lm(model_dir)
     sp = load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
