@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from flanpipe.experiments import Evaluation
+from flanpipe.model_config import ModelConfig
 
 
 def group_key(evaluation: Evaluation, cluster_of: Mapping[str, str]) -> tuple[str, str, str]:
@@ -40,3 +41,15 @@ def group_datasets(groups: Mapping[tuple[str, str, str], list[str]], run: str, v
         known = ", ".join("/".join(k) for k in list(groups)[:8])
         raise ValueError(f"no planned evaluation of {run} under {variant} on cluster {cluster}; planned: {known} ...")
     return groups[key]
+
+
+def check_eval_layout(cfg: ModelConfig, tp: int, pp: int, world: int, examples: int | None = None) -> int:
+    """Data-parallel size of an evaluation on ``world`` ranks at TP x PP, or a ValueError saying why not:
+    the layout must divide the model (heads, layers) and the world, and every DP rank needs an example."""
+    cfg.check_parallel(tp, pp, 1)
+    if world < 1 or world % (tp * pp):
+        raise ValueError(f"evaluation on {world} ranks: not a multiple of TP x PP = {tp} x {pp}; world = TP x PP x DP")
+    dp = world // (tp * pp)
+    if examples is not None and dp > examples:
+        raise ValueError(f"evaluation DP = {world} / ({tp} x {pp}) = {dp} ranks > {examples} examples per dataset")
+    return dp

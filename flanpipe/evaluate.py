@@ -241,6 +241,38 @@ def predict_shard(
     return pl.concat(parts).sort("_row").drop("_row")
 
 
+def _data_parallel(scorer: Scorer) -> tuple[int, int, object]:
+    """(DP rank, DP size, DP group) of a model-parallel scorer; (0, 1, None) for any other."""
+    return getattr(scorer, "dp_rank", 0), getattr(scorer, "dp_size", 1), getattr(scorer, "dp_group", None)
+
+
+def predict_shard_data_parallel(
+    scorer: Scorer,
+    sp: spm.SentencePieceProcessor,
+    shard: pl.DataFrame,
+    inputs_length: int,
+    targets_length: int,
+    batch_size: int = 32,
+    keep_end: bool = True,
+) -> pl.DataFrame:
+    """predict_shard with the rows dealt round-robin over the data-parallel replicas and the predictions
+    gathered on every rank, in the shard's order. Each row is scored alone (right padding, causal
+    model), so the predictions do not depend on the DP size."""
+    rank, size, group = _data_parallel(scorer)
+    if size == 1:
+        return predict_shard(scorer, sp, shard, inputs_length, targets_length, batch_size, keep_end)
+    import torch.distributed as dist
+
+    kept = shard.filter(~pl.col("turned_around")).with_row_index("_dp_row")
+    if kept.height < size:
+        raise ValueError(f"{kept.height} examples cannot be shared by {size} data-parallel ranks")
+    mine = kept.filter(pl.col("_dp_row") % size == rank)
+    local = predict_shard(scorer, sp, mine, inputs_length, targets_length, batch_size, keep_end)
+    parts: list[pl.DataFrame | None] = [None] * size
+    dist.all_gather_object(parts, local, group=group)
+    return pl.concat(parts).sort("_dp_row").drop("_dp_row")
+
+
 def score_templates(predictions: pl.DataFrame, metric: str) -> pl.DataFrame:
     """One row per template: validation/test score and counts (score null if no examples).
 
@@ -293,16 +325,20 @@ def evaluate_shard(
     targets_length: int,
     batch_size: int = 32,
     keep_end: bool = True,
+    predictions_out: Path | None = None,
 ) -> dict:
-    """Zero-shot result for one dataset's eval shard (schema: see ARCH.md, Evaluation)."""
+    """Zero-shot result for one dataset's eval shard (schema: see ARCH.md, Evaluation); with
+    ``predictions_out``, every row's prediction is written there (Parquet) too."""
     names = shard.select("dataset", "cluster").unique()
     if names.height != 1:
         raise ValueError(f"eval shard must hold exactly one dataset, got {names.rows()}")
     dataset, cluster = names.row(0)
     get_metric(metric)  # fail before spending model time on an unknown metric
     t0 = time.perf_counter()
-    preds = predict_shard(scorer, sp, shard, inputs_length, targets_length, batch_size, keep_end)
+    preds = predict_shard_data_parallel(scorer, sp, shard, inputs_length, targets_length, batch_size, keep_end)
     seconds = time.perf_counter() - t0
+    if predictions_out is not None:
+        preds.select("split", "example_id", "template_id", "targets", "prediction").write_parquet(predictions_out)
     per_template = score_templates(preds, metric)
     return {
         "dataset": dataset,
@@ -325,9 +361,15 @@ def evaluate_many(
     lengths: dict[str, int],
     batch_size: int = 32,
     scorer: Scorer | None = None,
+    tp: int = 1,
+    pp: int = 1,
 ) -> dict[str, dict]:
     """Rule ``evaluate``: load a trained model once, score several datasets' eval shards with it, write
-    ``out_dir/{dataset}.json`` per dataset (the same record run_evaluation writes) and return them.
+    ``out_dir/{dataset}.json`` per dataset (the same record run_evaluation writes) and its predictions
+    (``{dataset}.predictions.parquet``), and return the records.
+
+    Under torchrun/srun (flanpipe.launch, ``main``) every rank calls this: the model loads at TP x PP,
+    the world's remaining factor is data parallel, and global rank 0 alone writes.
 
     Every metric and shard is checked before the model loads, so a typo fails in seconds, not after a
     load. ``scorer`` replaces the load (tests, benches). Inputs are truncated like training inputs (keep
@@ -345,10 +387,12 @@ def evaluate_many(
     if scorer is None:
         from flanpipe.inference import load_parallel_lm
 
-        scorer = load_parallel_lm(model_dir)
+        scorer = load_parallel_lm(model_dir, tp, pp)
+    writer = getattr(scorer, "global_rank", 0) == 0
     sp = load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for dataset in sorted(shards):
         df = pl.read_parquet(shards[dataset])
@@ -361,13 +405,71 @@ def evaluate_many(
             lengths["targets"],
             batch_size=batch_size,
             keep_end=False,
+            predictions_out=out_dir / f"{dataset}.predictions.parquet" if writer else None,
         )
         if result["dataset"] != dataset:
             raise ValueError(f"shard {shards[dataset]} holds {result['dataset']}, expected {dataset}")
         result["model"] = str(model_dir)
-        write_json(out_dir / f"{dataset}.json", result)
+        if writer:
+            write_json(out_dir / f"{dataset}.json", result)
         results[dataset] = result
     return results
+
+
+def eval_argv(
+    model_dir: Path,
+    tokenizer: Path,
+    shards: Mapping[str, Path],
+    metrics: Mapping[str, str],
+    out_dir: Path,
+    *,
+    lengths: dict[str, int],
+    batch_size: int,
+    tp: int = 1,
+    pp: int = 1,
+) -> list[str]:
+    """``main``'s arguments for one evaluate_many call (what the rule hands to flanpipe.launch)."""
+    argv = ["--model", str(model_dir), "--tokenizer", str(tokenizer), "--out-dir", str(out_dir)]
+    argv += ["--inputs-length", str(lengths["inputs"]), "--targets-length", str(lengths["targets"])]
+    argv += ["--batch-size", str(batch_size), "--tp", str(tp), "--pp", str(pp)]
+    for dataset in sorted(shards):
+        argv += ["--shard", f"{dataset}={shards[dataset]}", "--metric", f"{dataset}={metrics[dataset]}"]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a launched evaluation (``flanpipe launch --module flanpipe.evaluate``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m flanpipe.evaluate", description="evaluate_many on this rank")
+    for name in ("--model", "--tokenizer", "--out-dir"):
+        p.add_argument(name, required=True)
+    for name in ("--inputs-length", "--targets-length", "--batch-size"):
+        p.add_argument(name, type=int, required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--shard", action="append", default=[], metavar="DATASET=PATH")
+    p.add_argument("--metric", action="append", default=[], metavar="DATASET=METRIC")
+    a = p.parse_args(argv)
+    evaluate_many(
+        Path(a.model),
+        Path(a.tokenizer),
+        {k: Path(v) for k, v in (item.split("=", 1) for item in a.shard)},
+        dict(item.split("=", 1) for item in a.metric),
+        Path(a.out_dir),
+        lengths={"inputs": a.inputs_length, "targets": a.targets_length},
+        batch_size=a.batch_size,
+        tp=a.tp,
+        pp=a.pp,
+    )
+    return 0
+
+
+# dist_checkpointing's spawn-mode machinery re-imports __main__: keep the entry point guarded.
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
 
 
 def run_evaluation(

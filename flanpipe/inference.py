@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from flanpipe import megatron_compat
+from flanpipe.eval_plan import check_eval_layout
 from flanpipe.model_config import ModelConfig
 
 
@@ -52,6 +53,12 @@ class ParallelLM:
         self.cfg = cfg
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        import torch.distributed as dist
+
+        self.global_rank = dist.get_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.first = ps.is_pipeline_first_stage()
         self.last = ps.is_pipeline_last_stage()
@@ -253,7 +260,8 @@ def load_parallel_lm(model_dir: str | os.PathLike[str], tp: int = 1, pp: int = 1
     model_dir = Path(model_dir)
     megatron_compat.quiet_warnings()
     cfg = load_model_config(model_dir / "model.json")
-    cfg.check_parallel(tp, pp, 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_eval_layout(cfg, tp, pp, world)
     init_eval_parallel(tp, pp)
     model = model_provider(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                            tp=tp, pp=pp)  # fmt: skip

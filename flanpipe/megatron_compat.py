@@ -55,6 +55,9 @@ _CPU_TORCH_MODULES: dict[str, str] = {
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "checkpoint save flags",
     # FileSystemWriterAsync.preload_tensors: torch.cuda.synchronize() before copying to host.
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "checkpoint writer sync",
+    # _gather_along_last_dim: the all-gather output of TP logits (runtime_gather_output, flanpipe.inference)
+    # on torch.cuda.current_device().
+    "megatron.core.tensor_parallel.mappings": "TP logits gather buffer",
     # GlobalMemoryBuffer.get_tensor (DotProductAttention's matmul buffer) on current_device().
     "megatron.core.utils": "attention score buffer",
 }
