@@ -201,8 +201,31 @@ def eval_group_datasets(wildcards):
     return group_datasets(eval_groups(planned, cluster_of), wildcards.evalrun, wildcards.variant, wildcards.cluster)
 
 
+def eval_world():
+    """Ranks of one evaluation job: the profile's evaluate `tasks` (set-resources), else eval TP x PP."""
+    from flanpipe.eval_plan import eval_layout
+
+    tp, pp = eval_layout(config)
+    res = workflow.resource_settings.overwrite_resources.get("evaluate", {})
+    tasks = res.get("tasks") if hasattr(res, "get") else None
+    value = getattr(tasks, "value", tasks)
+    return int(value) if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else tp * pp
+
+
+def eval_tasks(wildcards):
+    from flanpipe.eval_plan import eval_layout
+
+    tp, pp = eval_layout(config)
+    return tp * pp
+
+
 def eval_group_inputs(wildcards):
+    """The model, tokenizer and shards of one evaluation job; its layout is checked against the model first."""
+    from flanpipe.eval_plan import check_eval_layout, eval_layout
+
     PLAN.check_run(wildcards.evalrun)
+    model = load_model_config(resolve_config_path(PLAN.runs[wildcards.evalrun].model))
+    check_eval_layout(model, *eval_layout(config), eval_world(), examples=config["eval"]["examples"])
     return {
         "model": PLAN.model_dir(wildcards.evalrun),
         "tokenizer": tokenizer_model(),
@@ -212,8 +235,10 @@ def eval_group_inputs(wildcards):
 
 def eval_group_params(wildcards):
     """Dataset names and metrics, in the order of eval_group_inputs' shards."""
+    from flanpipe.eval_plan import eval_layout
+
     names = eval_group_datasets(wildcards)
-    return {"datasets": names, "metrics": [PLAN.registry[d].metric for d in names]}
+    return {"datasets": names, "metrics": [PLAN.registry[d].metric for d in names], "layout": eval_layout(config)}
 
 
 def eval_group_dir(wildcards):

@@ -17,6 +17,9 @@ rule evaluate:
         "logs/evaluate/{evalrun}/{variant}/{cluster}.log",
     benchmark:
         "benchmarks/evaluate/{evalrun}/{variant}/{cluster}.tsv"
+    resources:
+        tasks=eval_tasks,  # TP x PP ranks (eval.layout, else train's); more from the profile are data parallel
+        mpi="",  # empty: torchrun (or in-process for 1 task); profiles/slurm sets "srun"
     wildcard_constraints:
         cluster=r"[A-Za-z0-9_]+",
     conda:

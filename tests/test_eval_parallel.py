@@ -95,3 +95,26 @@ def test_bad_layouts_fail_with_a_reason() -> None:
         check_eval_layout(cfg, 2, 2, 6)
     with pytest.raises(ValueError, match="DP = 8 / \\(1 x 1\\) = 8 ranks > 5 examples"):
         check_eval_layout(cfg, 1, 1, 8, examples=5)
+
+
+def test_workflow_refuses_a_bad_eval_layout_before_any_job(tmp_path: Path) -> None:
+    """eval.layout that does not divide the model, or more DP ranks than examples: the dry run fails."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    cases = {
+        "tensor_model_parallel_size=3 must divide num_attention_heads=4": ({"layout": {"tensor_model_parallel_size": 3,
+                                                                           "pipeline_model_parallel_size": 1}}, []),
+        "DP = 100 / (1 x 1) = 100 ranks > 60 examples": ({}, ["--set-resources", "evaluate:tasks=100"]),
+    }  # fmt: skip
+    for message, (eval_extra, args) in cases.items():
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump({**config, "eval": {**config["eval"], **eval_extra}}))
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(tmp_path)]
+        cmd += ["--configfile", str(path), "-n", *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode != 0 and message in done.stdout + done.stderr, (done.stdout + done.stderr)[-2000:]
