@@ -20,7 +20,6 @@ from flanpipe.model_config import ModelConfig, load_model_config
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
-
 def te_available() -> bool:
     """True when the Transformer Engine layer spec can be used (TE importable and CUDA)."""
     if not torch.cuda.is_available():
