@@ -16,6 +16,7 @@
     flanpipe plan --model lamda_pt_137b --gpus 128 [--gpu-mem-gib 80] [--json]   TP/PP/DP layout planner
     flanpipe bench train [--json]                 Megatron GPTModel vs plain PyTorch fwd+bwd tokens/s
     flanpipe bench data [--json] [--scale S] [--workdir DIR]   render/mix/tokenize/pack on a FLAN-sized workload
+    flanpipe bench eval [--json] [--workdir DIR]  evaluation: per-dataset cache-free vs grouped KV-cache jobs
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
 
 Experiment facts (lengths, caps, seeds) come from ``--config`` (default config/config.yaml), exactly as
@@ -311,6 +312,12 @@ def cmd_bench_dag(args: argparse.Namespace) -> None:
     bench_dag(str(resolve_config_path(args.config)), args.targets, args.json)
 
 
+def cmd_bench_eval(args: argparse.Namespace) -> None:
+    from flanpipe.bench.eval import main as bench_eval
+
+    bench_eval(args.workdir, args.config, args.gen_rows, args.max_groups, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flanpipe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -422,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = bench.add_parser("dag", help="wall time of `snakemake -n` for an experiment config (planning cost)")
     s.set_defaults(fn=cmd_bench_dag)
     s.add_argument("targets", nargs="*", help="Snakemake targets (default: all)")
+    s.add_argument("--json", action="store_true")
+    s = bench.add_parser("eval", help="evaluation before/after: per-dataset cache-free jobs vs grouped KV-cache jobs")
+    s.set_defaults(fn=cmd_bench_eval)
+    s.add_argument("--workdir", default=".", help="where snakemake built the models and eval shards (default .)")
+    s.add_argument("--gen-rows", type=int, default=16, help="rows per dataset decoded greedily (generation)")
+    s.add_argument("--max-groups", type=int, help="only the first N evaluation jobs (default all)")
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("train", help="Megatron GPTModel vs plain PyTorch: fwd+bwd tokens/s, same weights")
     s.set_defaults(fn=cmd_bench_train)

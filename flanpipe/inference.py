@@ -17,9 +17,11 @@ what it generated. At every step each row's cache therefore holds exactly its ow
 0..t, so a row's logits equal the cache-free forward of that row alone. Batches are sorted by length,
 so the teacher-forced span (longest - shortest prompt of a batch) stays short.
 
-Rank classification shares the input across its options: the examples' prompts are prefilled once, the
-cache rows are then copied to one row per (example, option), and the option tokens are scored one
-position per step. The prompt is encoded once instead of once per option.
+Rank classification can share the input across its options (``share_prefix``): the examples' prompts
+are prefilled once, the cache rows are then copied to one row per (example, option), and the option
+tokens are scored one position per step. The prompt is encoded once instead of once per option, at the
+price of one forward call per option position; that was slower on CPU for short options (see
+ParallelLM), so by default options are scored with one full forward per (input, option) row.
 """
 
 from __future__ import annotations
@@ -46,9 +48,13 @@ def _right_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int = 0) -> to
 class ParallelLM:
     """This rank's stage of a GPTModel replica (TP x PP ranks), scored with or without a KV cache."""
 
-    def __init__(self, model: torch.nn.Module, cfg: ModelConfig):
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, *, share_prefix: bool = False):
         from megatron.core import parallel_state as ps
 
+        # Rank classification through the cache (option_logprobs_shared) instead of one full forward per
+        # (input, option): fewer FLOPs, but one forward per option position; on 2 CPU cores the default's
+        # short options ran 2.6x slower that way (flanpipe bench eval), so it is opt-in.
+        self.share_prefix = share_prefix
         self.model = model.eval()
         self.cfg = cfg
         self.device = next(model.parameters()).device

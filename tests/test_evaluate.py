@@ -401,7 +401,14 @@ def test_evaluate_many_writes_one_result_per_dataset_equal_to_single_runs(
     lm = make_lm(sp.vocab_size())
     lengths = {"inputs": 24, "targets": 4}
     out = evaluate_many(Path("m"), sp_path, shards, metrics, tmp_path / "out", lengths=lengths, batch_size=4, scorer=lm)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["toy_gen.json", "toy_sentiment.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "toy_gen.json",
+        "toy_gen.predictions.parquet",
+        "toy_sentiment.json",
+        "toy_sentiment.predictions.parquet",
+    ]
+    preds = pl.read_parquet(tmp_path / "out" / "toy_sentiment.predictions.parquet")
+    assert preds.height == cls.height and set(preds["prediction"]) <= set(cls["options"].explode())
     for name, shard in (("toy_sentiment", cls), ("toy_gen", gen)):
         alone = evaluate_shard(lm, sp, shard, metrics[name], 24, 4, batch_size=4, keep_end=False)
         written = json.loads((tmp_path / "out" / f"{name}.json").read_text())
