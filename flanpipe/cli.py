@@ -191,7 +191,8 @@ def cmd_launch(args: argparse.Namespace) -> None:
     from flanpipe.launch import launch
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    raise SystemExit(launch(train_args, args.nproc, args.mpi))
+    which = {"module": args.module} if args.module else {}  # default: flanpipe.train
+    raise SystemExit(launch(train_args, args.nproc, args.mpi, **which))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -380,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("launch", cmd_launch, "start training ranks: torchrun, or `MPI -n N` under SLURM")
     s.add_argument("--nproc", type=int, default=1, help="ranks (torchrun --nproc_per_node, or srun -n)")
     s.add_argument("--mpi", default="", help="e.g. srun; empty: torchrun --standalone")
+    s.add_argument("--module", help="ranks run this module's main (flanpipe.evaluate); default flanpipe.train")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then flanpipe.train's --spec/--data/--out")
     s = add("evaluate", cmd_evaluate, "zero-shot evaluation of one dataset")
     s.add_argument("--model", required=True)

@@ -485,12 +485,12 @@ def run_evaluation(
     batch_size: int = 32,
 ) -> dict:
     """``flanpipe evaluate``: one dataset's eval shard, its result written to ``out``."""
+    from flanpipe.inference import load_parallel_lm
     from flanpipe.io import write_json
-    from flanpipe.model import load_scorer
     from flanpipe.tokenize import load_tokenizer
 
     get_metric(metric)
-    scorer = load_scorer(model_dir)
+    scorer = load_parallel_lm(model_dir)
     sp = load_tokenizer(tokenizer)
     df = pl.read_parquet(shard)
     result = evaluate_shard(
