@@ -1,8 +1,11 @@
 """Zero-shot evaluation: rank classification for option tasks, greedy decoding otherwise.
 
 The model is only seen through `Scorer.logits`, a plain causal LM over right-padded rows,
-so the same code evaluates a Megatron checkpoint (flanpipe.model.load_scorer) or a toy
-PyTorch module in the tests.
+so the same code evaluates a Megatron checkpoint or a toy PyTorch module in the tests. The
+workflow's scorer is flanpipe.inference.ParallelLM: any TP x PP layout, and a KV cache that
+greedy decoding uses (``_uses_kv_cache``). ``evaluate_many`` is the evaluate rule: one model load
+for several datasets, on one process or on the ranks flanpipe.launch starts (``main``), rows
+dealt over data-parallel replicas (``predict_shard_data_parallel``).
 
 Decisions (FLAN-compatible, written down so train and eval agree):
 - Option scoring: an option is scored as its text tokens *plus EOS*, i.e. exactly the target
