@@ -41,5 +41,7 @@ rule eval_result:
         CONDA_ENV
     log:
         "logs/eval_result/{evalrun}/{variant}/{dataset}.log",
+    benchmark:
+        "benchmarks/eval_result/{evalrun}/{variant}/{dataset}.tsv"
     shell:
         "cp {input}/{wildcards.dataset}.json {output} 2> {log}"
