@@ -7,8 +7,9 @@ prefix per new token). After: one job per (model, variant, cluster) (flanpipe.ev
 (a full forward; ``share_prefix=True``, options sharing their input's encoding through the cache, is
 measured as a third side).
 
-Measured in this process: model loads (flanpipe.inference.load_parallel_lm) and scoring; a job's process
-start and imports are measured once (a fresh ``python -c 'import ...'``) and counted once per job.
+Measured in this process after a warm-up load and forward: model loads (flanpipe.inference.load_parallel_lm)
+and scoring; a job's process start and imports are measured once (a fresh ``python -c 'import ...'``)
+and counted once per job.
 Rank classification scores the default's eval shards as planned; generation greedily decodes
 ``gen_rows`` rows of each shard of one group with their options removed (the default has no generative
 held-out task), up to the configured target length. Both ways must give the same predictions.
@@ -88,6 +89,14 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
         t0 = time.perf_counter()
         lm = load_parallel_lm(workdir / plan.model_dir(run))
         return lm, time.perf_counter() - t0
+
+    # Warm up (first load's lazy imports, first forwards) outside the timings, both code paths.
+    (run0, variant0, _), datasets0 = groups[0]
+    warm, _ = timed_load(run0)
+    head = shard(variant0, datasets0[0]).head(8)
+    for scorer in (warm, _CacheFree(warm)):
+        predict_shard(scorer, sp, head, inl, tgl, bs, keep_end=False)
+        predict_shard(scorer, sp, head.with_columns(options=pl.lit([], dtype=pl.List(pl.Utf8))), inl, 4, bs)
 
     cls: dict[str, list[float]] = {s: [0, 0.0, 0.0, 0] for s in ("before", "after", "after_shared_prefix")}
     same = True
