@@ -140,8 +140,8 @@ def rank_classification(
     """Index of the most likely option per example (ties go to the earliest option).
 
     A KV-cache scorer with ``share_prefix`` set encodes each input once for all its options
-    (inference.option_logprobs_shared); measured slower on CPU for the default's short options
-    (``flanpipe bench eval``), so ParallelLM leaves it off unless asked.
+    (inference.option_logprobs_shared); on CPU it was not reliably faster for the default's short
+    options (``flanpipe bench eval``), so ParallelLM leaves it off unless asked.
     """
     if _uses_kv_cache(scorer) and getattr(scorer, "share_prefix", False):
         from flanpipe.inference import option_logprobs_shared

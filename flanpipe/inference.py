@@ -52,8 +52,9 @@ class ParallelLM:
         from megatron.core import parallel_state as ps
 
         # Rank classification through the cache (option_logprobs_shared) instead of one full forward per
-        # (input, option): fewer FLOPs, but one forward per option position; on 2 CPU cores the default's
-        # short options ran 2.6x slower that way (flanpipe bench eval), so it is opt-in.
+        # (input, option): fewer FLOPs, but one forward call per option position. On a shared, loaded 2-core
+        # machine `flanpipe bench eval` measured it at 0.3x to 1.6x the full forward's examples/s on the
+        # default's short options (call overhead vs FLOPs), so it is opt-in until a GPU measurement decides.
         self.share_prefix = share_prefix
         self.model = model.eval()
         self.cfg = cfg
