@@ -18,6 +18,7 @@
                                                   (--peer: whole steps vs transformers' LlamaForCausalLM)
     flanpipe bench data [--json] [--scale S] [--workdir DIR] [--peer]   render/mix/tokenize/pack on a FLAN-sized
                                                   workload (--peer: tokenize + pack vs datasets + TRL bfd)
+    flanpipe bench eval [--json] [--workdir DIR]  evaluation: per-dataset cache-free vs grouped KV-cache jobs
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
 
 Experiment facts (lengths, caps, seeds) come from ``--config`` (default config/config.yaml), exactly as
@@ -214,7 +215,8 @@ def cmd_launch(args: argparse.Namespace) -> None:
     from flanpipe.launch import launch
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    raise SystemExit(launch(train_args, args.nproc, args.mpi, threads=args.threads))
+    which = {"module": args.module} if args.module else {}  # default: flanpipe.train
+    raise SystemExit(launch(train_args, args.nproc, args.mpi, threads=args.threads, **which))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -379,6 +381,12 @@ def cmd_bench_dag(args: argparse.Namespace) -> None:
     bench_dag(None if default else str(resolve_config_path(args.config)), args.targets, args.json)
 
 
+def cmd_bench_eval(args: argparse.Namespace) -> None:
+    from flanpipe.bench.eval import main as bench_eval
+
+    bench_eval(args.workdir, args.config, args.gen_rows, args.max_groups, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flanpipe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -453,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("launch", cmd_launch, "start training ranks: torchrun, or `MPI -n N` under SLURM")
     s.add_argument("--nproc", type=int, default=1, help="ranks (torchrun --nproc_per_node, or srun -n)")
     s.add_argument("--mpi", default="", help="e.g. srun; empty: torchrun --standalone")
+    s.add_argument("--module", help="ranks run this module's main (flanpipe.evaluate); default flanpipe.train")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then flanpipe.train's --spec/--data/--out")
     s = add("evaluate", cmd_evaluate, "zero-shot evaluation of one dataset")
     s.add_argument("--model", required=True)
@@ -504,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = bench.add_parser("dag", help="wall time of `snakemake -n` for an experiment config (planning cost)")
     s.set_defaults(fn=cmd_bench_dag)
     s.add_argument("targets", nargs="*", help="Snakemake targets (default: all)")
+    s.add_argument("--json", action="store_true")
+    s = bench.add_parser("eval", help="evaluation before/after: per-dataset cache-free jobs vs grouped KV-cache jobs")
+    s.set_defaults(fn=cmd_bench_eval)
+    s.add_argument("--workdir", default=".", help="where snakemake built the models and eval shards (default .)")
+    s.add_argument("--gen-rows", type=int, default=16, help="rows per dataset decoded greedily (generation)")
+    s.add_argument("--max-groups", type=int, help="only the first N evaluation jobs (default all)")
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("train", help="Megatron GPTModel vs plain PyTorch: fwd+bwd tokens/s, same weights")
     s.set_defaults(fn=cmd_bench_train)

@@ -1,8 +1,11 @@
 """Zero-shot evaluation: rank classification for option tasks, greedy decoding otherwise.
 
 The model is only seen through `Scorer.logits`, a plain causal LM over right-padded rows,
-so the same code evaluates a Megatron checkpoint (flanpipe.model.load_scorer) or a toy
-PyTorch module in the tests.
+so the same code evaluates a Megatron checkpoint or a toy PyTorch module in the tests. The
+workflow's scorer is flanpipe.inference.ParallelLM: any TP x PP layout, and a KV cache that
+greedy decoding uses (``_uses_kv_cache``). ``evaluate_many`` is the evaluate rule: one model load
+for several datasets, on one process or on the ranks flanpipe.launch starts (``main``), rows
+dealt over data-parallel replicas (``predict_shard_data_parallel``).
 
 Decisions (FLAN-compatible, written down so train and eval agree):
 - Option scoring: an option is scored as its text tokens *plus EOS*, i.e. exactly the target
@@ -23,7 +26,7 @@ Decisions (FLAN-compatible, written down so train and eval agree):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -42,6 +45,11 @@ class Scorer(Protocol):
     def logits(self, tokens: torch.LongTensor) -> torch.FloatTensor:
         """tokens [b, s] -> logits [b, s, V]; logits[:, t] predicts tokens[:, t + 1]."""
         ...
+
+
+def _uses_kv_cache(scorer: Scorer) -> bool:
+    """Scorers with a KV cache (flanpipe.inference.ParallelLM) decode and rank options incrementally."""
+    return all(hasattr(scorer, name) for name in ("new_context", "prefill", "step", "take_rows"))
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> torch.LongTensor:
@@ -129,8 +137,18 @@ def rank_classification(
     options_ids: Sequence[Sequence[Sequence[int]]],
     batch_size: int,
 ) -> list[int]:
-    """Index of the most likely option per example (ties go to the earliest option)."""
-    scores = option_logprobs(scorer, input_ids, options_ids, batch_size)
+    """Index of the most likely option per example (ties go to the earliest option).
+
+    A KV-cache scorer with ``share_prefix`` set encodes each input once for all its options
+    (inference.option_logprobs_shared); on CPU it was not reliably faster for the default's short
+    options (``flanpipe bench eval``), so ParallelLM leaves it off unless asked.
+    """
+    if _uses_kv_cache(scorer) and getattr(scorer, "share_prefix", False):
+        from flanpipe.inference import option_logprobs_shared
+
+        scores = option_logprobs_shared(scorer, input_ids, options_ids, batch_size)
+    else:
+        scores = option_logprobs(scorer, input_ids, options_ids, batch_size)
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
 
@@ -145,7 +163,8 @@ def greedy_generate(
     """Greedy continuation of every input, stopping a row at EOS (EOS not returned).
 
     No KV cache: each step re-runs the prefix, which costs O(steps x len) forwards but is
-    trivially correct for the tiny models this pipeline trains. Rows are right-padded and
+    trivially correct: the reference the KV-cache path (inference.greedy_generate_cached,
+    chosen by predict_shard for scorers that have a cache) is tested against. Rows are right-padded and
     each row reads the logit at its OWN last position (lengths - 1); finished rows drop
     out of the forward pass, and the forward is cut to the longest active row.
     """
@@ -215,11 +234,48 @@ def predict_shard(
         parts.append(cls.with_columns(prediction=pl.col("options").list.get(pl.Series(best))))
     if gen.height:
         inputs = [truncate_input(ids, inputs_length, keep_end) for ids in sp.encode(gen["inputs"].to_list())]
-        new = greedy_generate(scorer, inputs, targets_length, eos, batch_size)
+        if _uses_kv_cache(scorer):
+            from flanpipe.inference import greedy_generate_cached
+
+            new = greedy_generate_cached(scorer, inputs, targets_length, eos, batch_size)
+        else:
+            new = greedy_generate(scorer, inputs, targets_length, eos, batch_size)
         parts.append(gen.with_columns(prediction=pl.Series(sp.decode(new), dtype=pl.Utf8)))
     if not parts:
         return df.drop("_row").with_columns(prediction=pl.lit(None, dtype=pl.Utf8))
     return pl.concat(parts).sort("_row").drop("_row")
+
+
+def _data_parallel(scorer: Scorer) -> tuple[int, int, object]:
+    """(DP rank, DP size, DP group) of a model-parallel scorer; (0, 1, None) for any other."""
+    return getattr(scorer, "dp_rank", 0), getattr(scorer, "dp_size", 1), getattr(scorer, "dp_group", None)
+
+
+def predict_shard_data_parallel(
+    scorer: Scorer,
+    sp: spm.SentencePieceProcessor,
+    shard: pl.DataFrame,
+    inputs_length: int,
+    targets_length: int,
+    batch_size: int = 32,
+    keep_end: bool = True,
+) -> pl.DataFrame:
+    """predict_shard with the rows dealt round-robin over the data-parallel replicas and the predictions
+    gathered on every rank, in the shard's order. Each row is scored alone (right padding, causal
+    model), so the predictions do not depend on the DP size."""
+    rank, size, group = _data_parallel(scorer)
+    if size == 1:
+        return predict_shard(scorer, sp, shard, inputs_length, targets_length, batch_size, keep_end)
+    import torch.distributed as dist
+
+    kept = shard.filter(~pl.col("turned_around")).with_row_index("_dp_row")
+    if kept.height < size:
+        raise ValueError(f"{kept.height} examples cannot be shared by {size} data-parallel ranks")
+    mine = kept.filter(pl.col("_dp_row") % size == rank)
+    local = predict_shard(scorer, sp, mine, inputs_length, targets_length, batch_size, keep_end)
+    parts: list[pl.DataFrame | None] = [None] * size
+    dist.all_gather_object(parts, local, group=group)
+    return pl.concat(parts).sort("_dp_row").drop("_dp_row")
 
 
 def score_templates(predictions: pl.DataFrame, metric: str) -> pl.DataFrame:
@@ -274,16 +330,20 @@ def evaluate_shard(
     targets_length: int,
     batch_size: int = 32,
     keep_end: bool = True,
+    predictions_out: Path | None = None,
 ) -> dict:
-    """Zero-shot result for one dataset's eval shard (schema: see ARCH.md, Evaluation)."""
+    """Zero-shot result for one dataset's eval shard (schema: see ARCH.md, Evaluation); with
+    ``predictions_out``, every row's prediction is written there (Parquet) too."""
     names = shard.select("dataset", "cluster").unique()
     if names.height != 1:
         raise ValueError(f"eval shard must hold exactly one dataset, got {names.rows()}")
     dataset, cluster = names.row(0)
     get_metric(metric)  # fail before spending model time on an unknown metric
     t0 = time.perf_counter()
-    preds = predict_shard(scorer, sp, shard, inputs_length, targets_length, batch_size, keep_end)
+    preds = predict_shard_data_parallel(scorer, sp, shard, inputs_length, targets_length, batch_size, keep_end)
     seconds = time.perf_counter() - t0
+    if predictions_out is not None:
+        preds.select("split", "example_id", "template_id", "targets", "prediction").write_parquet(predictions_out)
     per_template = score_templates(preds, metric)
     return {
         "dataset": dataset,
@@ -296,6 +356,127 @@ def evaluate_shard(
     }
 
 
+def evaluate_many(
+    model_dir: Path,
+    tokenizer: Path,
+    shards: Mapping[str, Path],
+    metrics: Mapping[str, str],
+    out_dir: Path,
+    *,
+    lengths: dict[str, int],
+    batch_size: int = 32,
+    scorer: Scorer | None = None,
+    tp: int = 1,
+    pp: int = 1,
+) -> dict[str, dict]:
+    """Rule ``evaluate``: load a trained model once, score several datasets' eval shards with it, write
+    ``out_dir/{dataset}.json`` per dataset (the same record run_evaluation writes) and its predictions
+    (``{dataset}.predictions.parquet``), and return the records.
+
+    Under torchrun/srun (flanpipe.launch, ``main``) every rank calls this: the model loads at TP x PP,
+    the world's remaining factor is data parallel, and global rank 0 alone writes.
+
+    Every metric and shard is checked before the model loads, so a typo fails in seconds, not after a
+    load. ``scorer`` replaces the load (tests, benches). Inputs are truncated like training inputs (keep
+    the start, as seqio does) so the model is scored on the view of an example it was trained on.
+    """
+    from flanpipe.io import write_json
+    from flanpipe.tokenize import load_tokenizer
+
+    if set(shards) != set(metrics):
+        raise ValueError(f"datasets with a shard {sorted(shards)} differ from datasets with a metric {sorted(metrics)}")
+    for dataset, metric in metrics.items():
+        get_metric(metric)
+        if not Path(shards[dataset]).exists():
+            raise FileNotFoundError(f"eval shard of {dataset} not found: {shards[dataset]}")
+    if scorer is None:
+        from flanpipe.inference import load_parallel_lm
+
+        scorer = load_parallel_lm(model_dir, tp, pp)
+    writer = getattr(scorer, "global_rank", 0) == 0
+    sp = load_tokenizer(tokenizer)
+    out_dir = Path(out_dir)
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for dataset in sorted(shards):
+        df = pl.read_parquet(shards[dataset])
+        result = evaluate_shard(
+            scorer,
+            sp,
+            df,
+            metrics[dataset],
+            lengths["inputs"],
+            lengths["targets"],
+            batch_size=batch_size,
+            keep_end=False,
+            predictions_out=out_dir / f"{dataset}.predictions.parquet" if writer else None,
+        )
+        if result["dataset"] != dataset:
+            raise ValueError(f"shard {shards[dataset]} holds {result['dataset']}, expected {dataset}")
+        result["model"] = str(model_dir)
+        if writer:
+            write_json(out_dir / f"{dataset}.json", result)
+        results[dataset] = result
+    return results
+
+
+def eval_argv(
+    model_dir: Path,
+    tokenizer: Path,
+    shards: Mapping[str, Path],
+    metrics: Mapping[str, str],
+    out_dir: Path,
+    *,
+    lengths: dict[str, int],
+    batch_size: int,
+    tp: int = 1,
+    pp: int = 1,
+) -> list[str]:
+    """``main``'s arguments for one evaluate_many call (what the rule hands to flanpipe.launch)."""
+    argv = ["--model", str(model_dir), "--tokenizer", str(tokenizer), "--out-dir", str(out_dir)]
+    argv += ["--inputs-length", str(lengths["inputs"]), "--targets-length", str(lengths["targets"])]
+    argv += ["--batch-size", str(batch_size), "--tp", str(tp), "--pp", str(pp)]
+    for dataset in sorted(shards):
+        argv += ["--shard", f"{dataset}={shards[dataset]}", "--metric", f"{dataset}={metrics[dataset]}"]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a launched evaluation (``flanpipe launch --module flanpipe.evaluate``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m flanpipe.evaluate", description="evaluate_many on this rank")
+    for name in ("--model", "--tokenizer", "--out-dir"):
+        p.add_argument(name, required=True)
+    for name in ("--inputs-length", "--targets-length", "--batch-size"):
+        p.add_argument(name, type=int, required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--shard", action="append", default=[], metavar="DATASET=PATH")
+    p.add_argument("--metric", action="append", default=[], metavar="DATASET=METRIC")
+    a = p.parse_args(argv)
+    evaluate_many(
+        Path(a.model),
+        Path(a.tokenizer),
+        {k: Path(v) for k, v in (item.split("=", 1) for item in a.shard)},
+        dict(item.split("=", 1) for item in a.metric),
+        Path(a.out_dir),
+        lengths={"inputs": a.inputs_length, "targets": a.targets_length},
+        batch_size=a.batch_size,
+        tp=a.tp,
+        pp=a.pp,
+    )
+    return 0
+
+
+# dist_checkpointing's spawn-mode machinery re-imports __main__: keep the entry point guarded.
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
+
+
 def run_evaluation(
     model_dir: Path,
     tokenizer: Path,
@@ -306,17 +487,13 @@ def run_evaluation(
     lengths: dict[str, int],
     batch_size: int = 32,
 ) -> dict:
-    """Rule ``evaluate``: load a trained model and its tokenizer, score one dataset's eval shard.
-
-    Inputs are truncated like training inputs (keep the start, as seqio does) so the model is scored
-    on the same view of an example it was trained on.
-    """
+    """``flanpipe evaluate``: one dataset's eval shard, its result written to ``out``."""
+    from flanpipe.inference import load_parallel_lm
     from flanpipe.io import write_json
-    from flanpipe.model import load_scorer
     from flanpipe.tokenize import load_tokenizer
 
     get_metric(metric)
-    scorer = load_scorer(model_dir)
+    scorer = load_parallel_lm(model_dir)
     sp = load_tokenizer(tokenizer)
     df = pl.read_parquet(shard)
     result = evaluate_shard(

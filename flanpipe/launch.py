@@ -35,8 +35,12 @@ PORT_BASE = 15000
 PORT_SPAN = 10000  # 15000..24999: clear of Linux's ephemeral range (32768..60999) and of torchrun's 29500
 
 
-def launch_command(train_args: Sequence[str], nproc: int, mpi: str = "") -> list[str]:
-    """The argv that starts ``nproc`` training ranks (see the module docstring)."""
+TRAIN_MODULE = "flanpipe.train"
+
+
+def launch_command(train_args: Sequence[str], nproc: int, mpi: str = "", module: str = TRAIN_MODULE) -> list[str]:
+    """The argv that starts ``nproc`` ranks of ``module`` (training, or flanpipe.evaluate: see the module
+    docstring); ``train_args`` are that module's arguments."""
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if not mpi.strip():
@@ -50,10 +54,11 @@ def launch_command(train_args: Sequence[str], nproc: int, mpi: str = "") -> list
             "--nproc_per_node",
             str(nproc),
             "-m",
-            "flanpipe.train",
+            module,
             *train_args,
         ]
-    return [*shlex.split(mpi), "-n", str(nproc), sys.executable, "-m", "flanpipe.launch", "worker", *train_args]
+    which = [] if module == TRAIN_MODULE else ["--module", module]
+    return [*shlex.split(mpi), "-n", str(nproc), sys.executable, "-m", "flanpipe.launch", "worker", *which, *train_args]
 
 
 def rank_threads_env(
@@ -74,7 +79,9 @@ def rank_threads_env(
     return {"OMP_NUM_THREADS": str(threads_per_rank(total, local))}
 
 
-def launch(train_args: Sequence[str], nproc: int, mpi: str = "", threads: int | None = None) -> int:
+def launch(
+    train_args: Sequence[str], nproc: int, mpi: str = "", threads: int | None = None, module: str = TRAIN_MODULE
+) -> int:
     """Run the training ranks to completion; return the launcher's exit status.
 
     SIGTERM to the launcher (a scheduler's preemption or time limit) is passed on to torchrun or srun,
@@ -84,9 +91,11 @@ def launch(train_args: Sequence[str], nproc: int, mpi: str = "", threads: int | 
     """
     from flanpipe.checkpointing import PREEMPTED_EXIT_CODE, clear_preempted, was_preempted
 
-    cmd = launch_command(train_args, nproc, mpi)
+    cmd = launch_command(train_args, nproc, mpi, module)
     env = {**os.environ, **rank_threads_env(nproc, mpi, threads)}
     print(f"flanpipe launch: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    if module != TRAIN_MODULE:  # evaluation keeps no checkpoints: a failure is a failure
+        return subprocess.run(cmd, check=False, env=env).returncode
     ckpt_dir = ckpt_dir_of(train_args)
     clear_preempted(ckpt_dir)  # only this attempt's preemption may count
     proc = subprocess.Popen(cmd, env=env)
@@ -187,8 +196,8 @@ def torch_env_from_slurm(
     return out
 
 
-def worker(train_args: Sequence[str]) -> int:
-    """One srun task: set the rendezvous variables, then run flanpipe.train in this process."""
+def worker(train_args: Sequence[str], module: str = TRAIN_MODULE) -> int:
+    """One srun task: set the rendezvous variables, then run flanpipe.train (or ``module``'s main) here."""
     os.environ.update(torch_env_from_slurm(os.environ))
     e = os.environ
     print(
@@ -197,13 +206,15 @@ def worker(train_args: Sequence[str]) -> int:
         file=sys.stderr,
         flush=True,
     )
-    from flanpipe.train import main
+    import importlib
 
-    return main(list(train_args))
+    return importlib.import_module(module).main(list(train_args))
 
 
 # dist_checkpointing's spawn-mode writer re-imports __main__: keep the entry point guarded.
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "worker":
         sys.exit("usage: python -m flanpipe.launch worker --spec SPEC --data DIR --out DIR  (one srun task)")
+    if sys.argv[2:3] == ["--module"]:
+        sys.exit(worker(sys.argv[4:], module=sys.argv[3]))
     sys.exit(worker(sys.argv[2:]))

@@ -55,6 +55,9 @@ _CPU_TORCH_MODULES: dict[str, str] = {
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "checkpoint save flags",
     # FileSystemWriterAsync.preload_tensors: torch.cuda.synchronize() before copying to host.
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "checkpoint writer sync",
+    # _gather_along_last_dim: the all-gather output of TP logits (runtime_gather_output, flanpipe.inference)
+    # on torch.cuda.current_device().
+    "megatron.core.tensor_parallel.mappings": "TP logits gather buffer",
     # GlobalMemoryBuffer.get_tensor (DotProductAttention's matmul buffer) on current_device().
     "megatron.core.utils": "attention score buffer",
 }
@@ -137,6 +140,13 @@ def _clip_grad_by_total_norm_cpu(
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0 and grads:
         torch._foreach_mul_([g.detach() for g in grads], clip_coeff)
+
+
+def _allocate_kv_cache_cpu(self: Any, inference_max_sequence_length: int, batch_size: int, dim: int, dtype: Any):
+    """CPU twin of ``Attention._allocate_memory``: one layer's key or value cache for inference."""
+    return torch.empty(
+        inference_max_sequence_length, batch_size, self.num_query_groups_per_partition, dim, dtype=dtype, device=_CPU
+    )
 
 
 def _make_cpu_rng_tracker_class(base: type) -> type:
@@ -230,5 +240,12 @@ def apply() -> None:
     mc_random.CudaRNGStatesTracker = _make_cpu_rng_tracker_class(mc_random.CudaRNGStatesTracker)
     mc_random._CUDA_RNG_STATE_TRACKER = None
     mc_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+    # Attention._allocate_memory (the KV cache of StaticInferenceContext, flanpipe.inference) allocates on
+    # torch.cuda.current_device(); the rest of megatron.core.transformer.attention must keep the real
+    # torch, so only this method is replaced (same shape [max_seq, max_batch, groups, dim], on the CPU).
+    from megatron.core.transformer import attention as mc_attention
+
+    mc_attention.Attention._allocate_memory = _allocate_kv_cache_cpu
 
     _APPLIED = True

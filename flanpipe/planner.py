@@ -521,3 +521,55 @@ def format_plan(p: dict[str, Any], top: int = 10) -> str:
         )
     lines += [f"note: {n}" for n in p["notes"]]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- evaluation (flanpipe.inference)
+
+
+def eval_memory_bytes(cfg: ModelConfig, tp: int, pp: int, *, batch: int, seq_length: int) -> dict[str, int]:
+    """Per-GPU bytes of evaluation at TP x PP (bf16 weights, no grads or optimizer), worst stage.
+
+    weights   = stage params / TP x 2 B
+    kv_cache  = 2 (K and V) x L/PP layers x batch x seq x (heads x head_dim) / TP x 2 B
+                (StaticInferenceContext allocates the whole [seq, batch] buffer up front)
+    logits    = batch x seq x V x 4 B on the last stage: rank classification's full forward gathers
+                fp32 logits over the whole vocabulary (runtime_gather_output)
+    activation= batch x seq x max(3 x heads x head_dim, (1 + gated) x ffn) / TP x 2 B: one layer's
+                widest intermediate (nothing is kept for a backward pass)
+    """
+    per_stage = max(stage_params(cfg, pp, s) for s in range(pp))
+    layers = cfg.num_layers // pp
+    d = attention_width(cfg)
+    kv = 2 * layers * batch * seq_length * d // tp * 2
+    widest = max(3 * d, (1 + int(cfg.gated_linear_unit)) * cfg.ffn_hidden_size)
+    out = {
+        "weights": per_stage // tp * 2,
+        "kv_cache": kv,
+        "logits": batch * seq_length * cfg.vocab_size * 4,
+        "activations": batch * seq_length * widest // tp * 2,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def plan_eval(
+    cfg: ModelConfig, *, gpu_mem_gib: float, gpus_per_node: int = 8, batch: int = 32, seq_length: int = 1280
+) -> dict[str, Any]:
+    """The smallest TP x PP (TP within a node, then fewest GPUs, then lowest PP) whose evaluation fits.
+
+    Evaluation has no gradients or optimizer state, so it fits on far fewer GPUs than training; the
+    remaining GPUs are best spent as data-parallel replicas (more evaluation tasks).
+    """
+    fits = []
+    for tp in _divisors(gpus_per_node):
+        for pp in _divisors(cfg.num_layers):
+            if not _fits(cfg, tp, pp):
+                continue
+            mem = eval_memory_bytes(cfg, tp, pp, batch=batch, seq_length=seq_length)
+            if mem["total"] <= gpu_mem_gib * GIB:
+                fits.append((tp * pp, pp, tp, mem))
+    if not fits:
+        return {"fits": False, "batch": batch, "seq_length": seq_length}
+    gpus, pp, tp, mem = min(fits, key=lambda f: f[:3])
+    return {"fits": True, "tp": tp, "pp": pp, "gpus": gpus, "batch": batch, "seq_length": seq_length,
+            "memory_gib": {k: v / GIB for k, v in mem.items()}}  # fmt: skip

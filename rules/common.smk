@@ -151,17 +151,6 @@ def train_inputs(wildcards):
     return inputs
 
 
-def eval_inputs(wildcards):
-    PLAN.check_run(wildcards.evalrun)
-    return {
-        "model": PLAN.model_dir(wildcards.evalrun),
-        "tokenizer": tokenizer_model(),
-        "shard": f"results/shards/{wildcards.dataset}/eval/{wildcards.variant}.parquet",
-    }
-
-
-def dataset_metric(wildcards):
-    return PLAN.registry[wildcards.dataset].metric
 
 
 def report_inputs(wildcards=None):
@@ -183,3 +172,59 @@ def ablation_meta(wildcards):
 
 def all_targets():
     return ["results/summary.json", "results/summary.md", "results/figures/summary.png"]
+
+
+def eval_group_datasets(wildcards):
+    """The datasets one evaluation job scores: its (model, variant, cluster) group over every planned
+    evaluation, ablations included (flanpipe.eval_plan: one model load serves them all)."""
+    from flanpipe.eval_plan import eval_groups, group_datasets
+
+    planned = PLAN.evaluations + [e for es in PLAN.ablations.values() for e in es]
+    cluster_of = {name: spec.cluster for name, spec in PLAN.registry.items()}
+    return group_datasets(eval_groups(planned, cluster_of), wildcards.evalrun, wildcards.variant, wildcards.cluster)
+
+
+def eval_world():
+    """Ranks of one evaluation job: the profile's evaluate `tasks` (set-resources), else eval TP x PP."""
+    from flanpipe.eval_plan import eval_layout
+
+    tp, pp = eval_layout(config)
+    value = set_resource("evaluate", "tasks")
+    return int(value) if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else tp * pp
+
+
+def eval_tasks(wildcards):
+    from flanpipe.eval_plan import eval_layout
+
+    tp, pp = eval_layout(config)
+    return tp * pp
+
+
+def eval_group_inputs(wildcards):
+    """The model, tokenizer and shards of one evaluation job; its layout is checked against the model first."""
+    from flanpipe.eval_plan import check_eval_layout, eval_layout
+
+    PLAN.check_run(wildcards.evalrun)
+    from flanpipe.model_config import load_model_config
+
+    model = load_model_config(PLAN.run_model_config(wildcards.evalrun))
+    check_eval_layout(model, *eval_layout(config), eval_world(), examples=config["eval"]["examples"])
+    return {
+        "model": PLAN.model_dir(wildcards.evalrun),
+        "tokenizer": tokenizer_model(),
+        "shards": [f"results/shards/{d}/eval/{wildcards.variant}.parquet" for d in eval_group_datasets(wildcards)],
+    }
+
+
+def eval_group_params(wildcards):
+    """Dataset names and metrics, in the order of eval_group_inputs' shards."""
+    from flanpipe.eval_plan import eval_layout
+
+    names = eval_group_datasets(wildcards)
+    return {"datasets": names, "metrics": [PLAN.registry[d].metric for d in names], "layout": eval_layout(config)}
+
+
+def eval_group_dir(wildcards):
+    """The evaluation job whose directory holds this dataset's result."""
+    cluster = PLAN.registry[wildcards.dataset].cluster
+    return f"results/eval_groups/{wildcards.evalrun}/{wildcards.variant}/{cluster}"

@@ -379,3 +379,72 @@ def test_shard_path_smoke(tmp_path: Path, sp: spm.SentencePieceProcessor) -> Non
     b = evaluate_shard(lm, sp, pl.read_parquet(path), "accuracy", 24, 4)
     assert a["per_template"] == b["per_template"]
     assert json.loads(json.dumps(b))["per_template"] == b["per_template"]  # plain JSON types
+
+
+# ---------------------------------------------------------------- one model load, many datasets
+
+
+def test_evaluate_many_writes_one_result_per_dataset_equal_to_single_runs(
+    tmp_path: Path, sp: spm.SentencePieceProcessor
+) -> None:
+    """One scorer serves two datasets; each file equals evaluate_shard on that dataset alone."""
+    from flanpipe.evaluate import evaluate_many
+
+    sp_path = tmp_path / "spm.model"
+    sp_path.write_bytes(sp.serialized_model_proto())
+    cls = make_shard(sentiment_rows(n=3, templates=2, options=[]))
+    gen = make_shard(sentiment_rows(n=2, templates=1, options=None)).with_columns(dataset=pl.lit("toy_gen"))
+    shards = {"toy_sentiment": tmp_path / "a.parquet", "toy_gen": tmp_path / "b.parquet"}
+    cls.write_parquet(shards["toy_sentiment"])
+    gen.write_parquet(shards["toy_gen"])
+    metrics = {"toy_sentiment": "accuracy", "toy_gen": "rouge"}
+    lm = make_lm(sp.vocab_size())
+    lengths = {"inputs": 24, "targets": 4}
+    out = evaluate_many(Path("m"), sp_path, shards, metrics, tmp_path / "out", lengths=lengths, batch_size=4, scorer=lm)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "toy_gen.json",
+        "toy_gen.predictions.parquet",
+        "toy_sentiment.json",
+        "toy_sentiment.predictions.parquet",
+    ]
+    preds = pl.read_parquet(tmp_path / "out" / "toy_sentiment.predictions.parquet")
+    assert preds.height == cls.height and set(preds["prediction"]) <= set(cls["options"].explode())
+    for name, shard in (("toy_sentiment", cls), ("toy_gen", gen)):
+        alone = evaluate_shard(lm, sp, shard, metrics[name], 24, 4, batch_size=4, keep_end=False)
+        written = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert written["per_template"] == alone["per_template"] == out[name]["per_template"]
+        assert written["model"] == "m" and written["dataset"] == name
+
+    # a wrong metric or a missing shard fails before any scoring (the scorer is never called)
+    class Exploding:
+        def logits(self, tokens):  # noqa: ANN001, ANN202
+            raise AssertionError("scored before checking its inputs")
+
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate_many(Path("m"), sp_path, shards, {**metrics, "toy_gen": "bleurt"}, tmp_path / "x", lengths=lengths,
+                      scorer=Exploding())  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="toy_gen"):
+        evaluate_many(Path("m"), sp_path, {**shards, "toy_gen": tmp_path / "nope.parquet"}, metrics, tmp_path / "x",
+                      lengths=lengths, scorer=Exploding())  # fmt: skip
+
+
+def test_eval_groups_one_job_per_model_variant_cluster() -> None:
+    from flanpipe.eval_plan import eval_groups, group_datasets
+    from flanpipe.experiments import Evaluation
+
+    cluster_of = {"a1": "A", "a2": "A", "b1": "B"}
+    evals = [Evaluation("run", "natural", d) for d in ("a2", "a1", "b1")] + [
+        Evaluation("run", "natural-noopts", "a1"),
+        Evaluation("base", "natural", "a1"),
+        Evaluation("run", "natural", "a2"),  # planned twice (main + ablation): once in the group
+    ]
+    groups = eval_groups(evals, cluster_of)
+    assert groups == {
+        ("base", "natural", "A"): ["a1"],
+        ("run", "natural", "A"): ["a1", "a2"],
+        ("run", "natural", "B"): ["b1"],
+        ("run", "natural-noopts", "A"): ["a1"],
+    }
+    assert group_datasets(groups, "run", "natural", "A") == ["a1", "a2"]
+    with pytest.raises(ValueError, match="no planned evaluation of run under natural-2shot on cluster A"):
+        group_datasets(groups, "run", "natural-2shot", "A")

@@ -238,3 +238,20 @@ def test_interleaved_layouts_are_offered_only_where_megatron_runs_them() -> None
     for lay in inter:
         m = 4 // (lay.dp * lay.micro_batch_size)
         assert lay.pp > 1 and SMALL.num_layers % (lay.pp * lay.vpp) == 0 and m % lay.pp == 0
+
+
+def test_eval_memory_and_layout_for_lamda_137b() -> None:
+    from flanpipe.planner import GIB, eval_memory_bytes, last_stage_extra_params, per_layer_params, plan_eval
+
+    cfg = load_model_config(MODELS / "lamda_pt_137b.yaml")
+    mem = eval_memory_bytes(cfg, 8, 4, batch=32, seq_length=1280)
+    # weights: the worst stage (16 layers + the untied output layer and final norm) / TP 8 x 2 B (bf16)
+    assert mem["weights"] == (16 * per_layer_params(cfg) + last_stage_extra_params(cfg)) // 8 * 2
+    assert 7.5 < mem["weights"] / GIB < 8.5  # ~138B / 32 GPUs x 2 B
+    # KV cache: 2 x 16 layers x 32 x 1280 x 16384 / 8 x 2 B = 5 GiB
+    assert mem["kv_cache"] == 2 * 16 * 32 * 1280 * 16384 // 8 * 2 == 5 * GIB
+    p = plan_eval(cfg, gpu_mem_gib=80, batch=32, seq_length=1280)
+    assert p["fits"] and p["memory_gib"]["total"] <= 80
+    # one node, TP=8: 32 GiB of weights + 20 GiB of KV cache + 5 GiB of logits per GPU; training needs 32+ GPUs
+    assert (p["tp"], p["pp"], p["gpus"]) == (8, 1, 8)
+    assert 2 * param_count(cfg) / p["gpus"] / GIB < 80

@@ -1,4 +1,5 @@
-"""Rule evaluate -> flanpipe.evaluate.run_evaluation."""
+"""Rule evaluate -> flanpipe.evaluate.evaluate_many (one model load, one result per dataset): in this
+process for one rank, else on `tasks` ranks started by flanpipe.launch (torchrun, or srun under SLURM)."""
 
 from flanpipe.threads import limit_threads
 
@@ -6,21 +7,28 @@ from flanpipe.threads import limit_threads
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 
 import json
+import sys
 from pathlib import Path
 
-from flanpipe.evaluate import run_evaluation
+from flanpipe.evaluate import eval_argv, evaluate_many
 from flanpipe.io import log_to
+from flanpipe.launch import launch
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
 with log_to(snakemake.log[0]):
-    result = run_evaluation(
+    group = snakemake.params.group
+    tp, pp = group["layout"]
+    args = (
         Path(snakemake.input.model),
         Path(snakemake.input.tokenizer),
-        Path(snakemake.input.shard),
+        dict(zip(group["datasets"], map(Path, snakemake.input.shards), strict=True)),
+        dict(zip(group["datasets"], group["metrics"], strict=True)),
         Path(snakemake.output[0]),
-        metric=snakemake.params.metric,
-        lengths=snakemake.params.lengths,
-        batch_size=snakemake.params.batch_size,
     )
-    print(json.dumps(result, indent=2))
+    kw = {"lengths": snakemake.params.lengths, "batch_size": snakemake.params.batch_size, "tp": tp, "pp": pp}
+    tasks, mpi = int(snakemake.resources.tasks), str(snakemake.resources.mpi)
+    if tasks == 1 and not mpi.strip():
+        print(json.dumps(evaluate_many(*args, **kw), indent=2))
+    elif status := launch(eval_argv(*args, **kw), tasks, mpi, module="flanpipe.evaluate"):
+        sys.exit(status)

@@ -1,0 +1,65 @@
+"""Which evaluations share one model load: the evaluation jobs of the DAG (torch-free: the Snakefile imports it).
+
+One job scores one model under one prompt variant on every planned dataset of one cluster. Loading a
+model (imports, process groups, reading the checkpoint) costs more than scoring a small dataset, so one
+load per dataset wasted most of an evaluation stage. Grouping by cluster keeps a held-out cluster (the
+unit the report averages over) in one job and keeps clusters in parallel jobs.
+
+What a template edit reruns: the edited dataset's eval shards change, so every job whose group holds
+that dataset reruns, i.e. the whole (model, variant, cluster) group, not only that dataset (Snakemake
+reruns jobs, not parts of jobs). The per-dataset result files are then all rewritten; datasets of other
+clusters, variants and models are untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flanpipe.experiments import Evaluation
+from flanpipe.model_config import ModelConfig
+
+
+def group_key(evaluation: Evaluation, cluster_of: Mapping[str, str]) -> tuple[str, str, str]:
+    """(model run, variant, cluster): the evaluations that one job (one model load) serves."""
+    return evaluation.run, evaluation.variant, cluster_of[evaluation.dataset]
+
+
+def eval_groups(
+    evaluations: Iterable[Evaluation], cluster_of: Mapping[str, str]
+) -> dict[tuple[str, str, str], list[str]]:
+    """Group key -> its datasets (sorted, unique) over every planned evaluation."""
+    groups: dict[tuple[str, str, str], set[str]] = {}
+    for e in evaluations:
+        groups.setdefault(group_key(e, cluster_of), set()).add(e.dataset)
+    return {k: sorted(v) for k, v in sorted(groups.items())}
+
+
+def group_datasets(groups: Mapping[tuple[str, str, str], list[str]], run: str, variant: str, cluster: str) -> list[str]:
+    """The datasets of one group, or an error naming the groups the plan has (a hand-typed target)."""
+    key = (run, variant, cluster)
+    if key not in groups:
+        known = ", ".join("/".join(k) for k in list(groups)[:8])
+        raise ValueError(f"no planned evaluation of {run} under {variant} on cluster {cluster}; planned: {known} ...")
+    return groups[key]
+
+
+def check_eval_layout(cfg: ModelConfig, tp: int, pp: int, world: int, examples: int | None = None) -> int:
+    """Data-parallel size of an evaluation on ``world`` ranks at TP x PP, or a ValueError saying why not:
+    the layout must divide the model (heads, layers) and the world, and every DP rank needs an example."""
+    try:
+        cfg.check_parallel(tp, pp, 1)
+    except ValueError as e:
+        raise ValueError(f"evaluation layout TP={tp} x PP={pp} (eval.layout, else train's): {e}") from None
+    if world < 1 or world % (tp * pp):
+        raise ValueError(f"evaluation on {world} ranks: not a multiple of TP x PP = {tp} x {pp}; world = TP x PP x DP")
+    dp = world // (tp * pp)
+    if examples is not None and dp > examples:
+        raise ValueError(f"evaluation DP = {world} / ({tp} x {pp}) = {dp} ranks > {examples} examples per dataset")
+    return dp
+
+
+def eval_layout(config: Mapping[str, Any]) -> tuple[int, int]:
+    """(TP, PP) evaluation loads models at: ``eval.layout``, else the training layout."""
+    layout = config["eval"].get("layout") or config["train"]
+    return layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]

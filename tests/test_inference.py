@@ -1,0 +1,84 @@
+"""KV-cache decoding and shared-prefix option scoring (flanpipe.inference) against the cache-free paths.
+
+A tiny Megatron GPTModel with a large init (logits far from ties) in one process. The cache-free
+references are flanpipe.evaluate's, which tests/test_evaluate.py checks against brute force.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from flanpipe.evaluate import greedy_generate, option_logprobs
+from flanpipe.inference import ParallelLM, greedy_generate_cached, option_logprobs_shared
+from flanpipe.model_config import ModelConfig
+
+VOCAB = 64
+MODEL = {
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "ffn_hidden_size": 128,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 64,
+    "gated_linear_unit": False,
+    "activation": "gelu",
+    "normalization": "LayerNorm",
+    "init_method_std": 0.3,
+}
+
+
+class CacheFree:
+    """The same model seen only through ``logits``: evaluate's cache-free code paths."""
+
+    def __init__(self, lm: ParallelLM) -> None:
+        self.logits = lm.logits
+
+
+@pytest.fixture(scope="module", params=["rope", "learned_absolute"])
+def lm(request: pytest.FixtureRequest) -> ParallelLM:
+    from flanpipe.model import init_single_process, model_provider
+
+    init_single_process()
+    cfg = ModelConfig(**MODEL, position_embedding_type=request.param)
+    torch.manual_seed(0)
+    return ParallelLM(model_provider(cfg), cfg)
+
+
+def ragged(rng: random.Random, n: int, lo: int, hi: int) -> list[list[int]]:
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def test_kv_cache_greedy_equals_cache_free_greedy(lm: ParallelLM) -> None:
+    rng = random.Random(0)
+    inputs = ragged(rng, 11, 1, 12)  # ragged lengths 1..12 in batches of 4: prefill + teacher forcing
+    free = greedy_generate(CacheFree(lm), inputs, 6, eos_id=-1, batch_size=4)
+    assert all(len(g) == 6 for g in free)
+    eos = free[0][2]  # a token the model emits mid-continuation: some rows stop early
+    want = greedy_generate(CacheFree(lm), inputs, 6, eos, batch_size=4)
+    assert any(len(g) < 6 for g in want) and any(len(g) == 6 for g in want)
+    for batch_size in (1, 4, 64):
+        assert greedy_generate_cached(lm, inputs, 6, eos, batch_size) == want
+    assert greedy_generate_cached(lm, inputs, 6, -1, 3) == free
+
+
+def test_shared_prefix_option_scores_equal_cache_free_scores(lm: ParallelLM) -> None:
+    rng = random.Random(1)
+    inputs = ragged(rng, 9, 1, 12)
+    options = [ragged(rng, rng.randint(2, 4), 1, 4) for _ in inputs]
+    want = option_logprobs(CacheFree(lm), inputs, options, batch_size=8)
+    for batch_size in (1, 8, 64):  # 1: one example per batch however many options it has
+        got = option_logprobs_shared(lm, inputs, options, batch_size)
+        for a, b in zip(got, want, strict=True):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
+    best = [max(range(len(s)), key=s.__getitem__) for s in want]
+    assert len(set(best)) > 1
+    with pytest.raises(ValueError, match="at least one token"):
+        option_logprobs_shared(lm, [[4]], [[[5], []]], batch_size=2)
+
+
+def test_cache_rejects_sequences_past_the_position_table(lm: ParallelLM) -> None:
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        greedy_generate_cached(lm, [[5] * 60], 8, eos_id=1, batch_size=1)
