@@ -1,0 +1,246 @@
+"""HF checkpoints in and out (flanpipe.hf): logits parity, exact round trip, refusals with named fields.
+
+Every HF model here is built locally from a tiny config with random weights (no hub download).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flanpipe import hf
+from flanpipe.model import load_scorer
+from flanpipe.model_config import ModelConfig, param_count
+
+transformers = pytest.importorskip("transformers")  # in the dev extra: CI runs these
+
+VOCAB = 100  # padded to 128 rows on import
+
+
+def _hf_config(arch: str):
+    common = dict(vocab_size=VOCAB)
+    if arch == "llama":  # GQA, untied, Llama 3's rope theta
+        return transformers.LlamaConfig(
+            **common, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rope_theta=500000.0, tie_word_embeddings=False,
+        )  # fmt: skip
+    if arch == "qwen2":  # GQA, tied, QKV bias only
+        return transformers.Qwen2Config(
+            **common, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        )  # fmt: skip
+    return transformers.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+
+
+def _make_hf(arch: str, out: Path):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_hf_config(arch)).float().eval()
+    with torch.no_grad():  # init leaves biases and norms at 0/1: perturb so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    return model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def converted(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model = _make_hf(request.param, root / "hf")
+    cfg = hf.import_hf(root / "hf", root / "base")
+    return request.param, model, cfg, root
+
+
+def test_import_gives_the_same_logits(converted):
+    arch, model, cfg, root = converted
+    assert cfg.vocab_size == 128 and cfg.tokenizer_vocab_size == VOCAB
+    scorer = load_scorer(root / "base")
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = scorer.logits(ids)
+    assert (got[..., :VOCAB] - ref).abs().max().item() <= 1e-4
+    assert torch.isneginf(got[..., VOCAB:]).all()  # padding rows never win
+
+
+def test_greedy_decodes_agree(converted):
+    arch, model, cfg, root = converted
+    scorer = load_scorer(root / "base")
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    ref = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    tokens = prompt
+    for _ in range(10):
+        nxt = scorer.logits(tokens)[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], dim=1)
+    assert tokens.tolist() == ref.tolist()
+
+
+def test_export_round_trip_is_exact_and_loads(converted, tmp_path):
+    arch, model, cfg, root = converted
+    out = hf.export_hf(root / "base", tmp_path / "export")
+    original = load_file(root / "hf" / "model.safetensors")
+    exported = load_file(out / "model.safetensors")
+    assert set(exported) == set(original)
+    for name, t in original.items():
+        assert torch.equal(exported[name], t), name
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_export_shards_past_the_size_limit(converted, tmp_path):
+    arch, model, cfg, root = converted
+    if arch != "llama":
+        pytest.skip("one architecture is enough")
+    out = hf.export_hf(root / "base", tmp_path / "export", max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert (again(ids).logits - model(ids).logits).abs().max() == 0
+    # ... and a sharded checkpoint imports too, to the same weights.
+    hf.import_hf(out, tmp_path / "reimport")
+    assert (tmp_path / "reimport" / "model.json").read_text() == (root / "base" / "model.json").read_text()
+
+
+def test_pipeline_parallel_import_loads_at_tp1(converted, tmp_path):
+    """Two ranks, each reading only its own layers, write one checkpoint that loads unsplit."""
+    arch, model, cfg, root = converted
+    if arch != "qwen2":  # tied embeddings: the last stage holds its own copy of the table
+        pytest.skip("one architecture is enough")
+    hf.import_hf(root / "hf", tmp_path / "pp2", ranks=2)
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = load_scorer(tmp_path / "pp2").logits(ids)
+    assert (got[..., :VOCAB] - ref).abs().max().item() <= 1e-4
+
+
+# --------------------------------------------------------------------------- layouts and config
+
+
+def test_qkv_fusion_groups_heads_and_inverts():
+    heads, groups, hd, h = 4, 2, 3, 5
+    q = torch.arange(heads * hd * h).reshape(heads * hd, h).float()
+    k, v = -torch.ones(groups * hd, h), torch.zeros(groups * hd, h)
+    fused = hf.fuse_qkv(q, k, v, heads, groups, hd)
+    # group 0: queries of heads 0 and 1, then its key, then its value
+    assert torch.equal(fused[: 2 * hd], q[: 2 * hd])
+    assert torch.equal(fused[2 * hd : 3 * hd], k[:hd]) and torch.equal(fused[3 * hd : 4 * hd], v[:hd])
+    assert all(torch.equal(a, b) for a, b in zip(hf.split_qkv(fused, heads, groups, hd), (q, k, v), strict=True))
+
+
+def test_param_count_follows_the_shape_switches():
+    """param_count equals the Megatron model's parameter count for GQA, tied, bias-free shapes."""
+    from flanpipe.model import init_single_process, model_provider
+
+    init_single_process()
+    for kw in (
+        dict(num_query_groups=2, add_bias_linear=False, gated_linear_unit=True, normalization="RMSNorm"),
+        dict(add_bias_linear=False, add_qkv_bias=True, share_embeddings_and_output_weights=True),
+        dict(position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True),
+    ):
+        cfg = ModelConfig(
+            num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, vocab_size=64,
+            max_position_embeddings=16, **kw,
+        )  # fmt: skip
+        model = model_provider(cfg)
+        assert param_count(cfg) == sum(p.numel() for p in model.parameters()), kw
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(num_query_groups=3), "num_query_groups"),
+        (dict(rotary_base=0), "rotary_base"),
+        (dict(norm_epsilon=0.0), "norm_epsilon"),
+        (dict(tokenizer_vocab_size=65), "tokenizer_vocab_size"),
+        (dict(rope_scaling_factor=8.0, position_embedding_type="learned_absolute"), "rope_scaling_factor"),
+        (dict(add_qkv_bias="yes"), "add_qkv_bias"),
+    ],
+)
+def test_model_config_refuses_bad_shapes(kw, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(
+            num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, vocab_size=64,
+            max_position_embeddings=16, **kw,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad") / "hf"
+    _make_hf("llama", d)
+    return d
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_shard_is_named(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "hf")
+    tensors = load_file(d / "model.safetensors")
+    names = sorted(tensors)
+    save_file({n: tensors[n] for n in names[:5]}, d / "model-00001-of-00002.safetensors")
+    (d / "model.safetensors").unlink()
+    weight_map = {n: ("model-00001-of-00002.safetensors" if i < 5 else "model-00002-of-00002.safetensors")
+                  for i, n in enumerate(names)}  # fmt: skip
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(hf.HFFormatError, match="model-00002-of-00002.safetensors"):
+        hf.import_hf(d, tmp_path / "out")
+
+
+def test_wrong_shape_names_the_tensor(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "hf")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(64, 64)  # MHA-shaped in a GQA model
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(hf.HFFormatError, match=r"model.layers.1.self_attn.k_proj.weight.*\[64, 64\].*\[32, 64\]"):
+        hf.import_hf(d, tmp_path / "out")
+
+
+def test_unknown_architecture_is_refused(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "hf")
+    config = json.loads((d / "config.json").read_text())
+    config["architectures"] = ["GPTNeoXForCausalLM"]
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.HFFormatError, match=r"config.json.*architectures.*GPTNeoXForCausalLM"):
+        hf.import_hf(d, tmp_path / "out")
+
+
+def test_unsupported_rope_scaling_is_refused(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "hf")
+    config = json.loads((d / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.HFFormatError, match=r"config.json.*rope_parameters.*yarn"):
+        hf.import_hf(d, tmp_path / "out")
+
+
+def test_vocab_larger_than_the_embedding_is_refused(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "hf")
+    config = json.loads((d / "config.json").read_text())
+    config["vocab_size"] = 120  # the embedding has 100 rows
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.HFFormatError, match=r"model.embed_tokens.weight.*\[100, 64\].*\[120, 64\]"):
+        hf.import_hf(d, tmp_path / "out")
+
+
+def test_unused_tensor_is_refused(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "hf")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(hf.HFFormatError, match="o_proj.bias"):
+        hf.import_hf(d, tmp_path / "out")
