@@ -244,3 +244,27 @@ def test_unused_tensor_is_refused(llama_dir, tmp_path):
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(hf.HFFormatError, match="o_proj.bias"):
         hf.import_hf(d, tmp_path / "out")
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(llama_dir, tmp_path):
+    from tokenizers import Tokenizer, models, trainers
+
+    d = _copy(llama_dir, tmp_path / "hf")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    words = [f"word{i} other{i * 7} thing{i * 13}" for i in range(300)]
+    tok.train_from_iterator(words, trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "</s>"]))
+    assert tok.get_vocab_size() > VOCAB
+    tok.save(str(d / "tokenizer.json"))
+    with pytest.raises(hf.HFFormatError, match=r"tokenizer.json.*ids.*vocab_size"):
+        hf.import_hf(d, tmp_path / "out")
+
+
+def test_cli_import_and_export(llama_dir, tmp_path):
+    from flanpipe.cli import main
+
+    main(["import-hf", str(llama_dir), "--out", str(tmp_path / "base")])
+    main(["export-hf", str(tmp_path / "base"), "--out", str(tmp_path / "export")])
+    original = load_file(llama_dir / "model.safetensors")
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert all(torch.equal(exported[n], t) for n, t in original.items())
+    assert json.loads((tmp_path / "export" / "generation_config.json").read_text())["eos_token_id"] == 2
