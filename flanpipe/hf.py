@@ -482,8 +482,10 @@ def fill_stage(
 
     params = model.state_dict(keep_vars=True)
     h, v = cfg.hidden_size, cfg.tokenizer_vocab_size or cfg.vocab_size
+    filled: set[str] = set()
 
     def put(name: str, tensor) -> None:  # noqa: ANN001
+        filled.add(name)
         target = params[name]
         with torch.no_grad():
             if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
@@ -508,6 +510,10 @@ def fill_stage(
         for local, hf_names in _layer_names(arch, prefix, first_layer + j, cfg).items():
             parts = [reader.get(n, s) for n, s in zip(hf_names, _hf_shapes(arch, hf_names, cfg), strict=True)]
             put(f"decoder.layers.{j}.{local}", _to_megatron(arch, local, parts, cfg))
+    # The model was built uninitialised (init_weights=False): a parameter left out would be garbage.
+    missing = [k for k in params if not k.endswith("_extra_state") and k not in filled]
+    if missing:
+        raise RuntimeError(f"{arch} mapping left Megatron parameters unset: {missing}")
 
 
 def unused_tensors(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig) -> list[str]:
@@ -548,12 +554,16 @@ def import_stage(hf_dir: str, out_dir: str, rank: int, world: int) -> None:
         parallel_state.initialize_model_parallel(1, world)
         tensor_parallel.model_parallel_cuda_manual_seed(0)
     pre, post = rank == 0, rank == world - 1
-    model = model_provider(cfg, pre_process=pre, post_process=post, pp=world)
+    model = model_provider(cfg, pre_process=pre, post_process=post, pp=world, init_weights=False)
     reader = SafetensorsReader(hf_dir)
     fill_stage(model, reader, arch, prefix, cfg, rank * cfg.num_layers // world, pre, post)
     save_checkpoint(model, Path(out_dir) / "checkpoint")
     if world > 1:
         dist.barrier()
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    (Path(out_dir) / f"import_rank{rank}.peak_rss").write_text(f"{peak}\n")  # read by flanpipe.bench.import_hf
 
 
 def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, ranks: int = 1) -> ModelConfig:

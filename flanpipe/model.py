@@ -79,11 +79,16 @@ def transformer_config(
     vpp: int = 1,
     bf16: bool = False,
     te: bool | None = None,
+    init_weights: bool = True,
 ):
     """Megatron TransformerConfig for ``cfg`` on a TP x PP grid (x VPP model chunks per PP rank).
 
     ``te``: whether the layers use the Transformer Engine spec (default: when TE is usable); it
     decides which fusions have kernels (``fusion_flags``).
+
+    ``init_weights=False``: leave the parameters uninitialised (``torch.empty``: no page touched) for a
+    caller that overwrites them all, e.g. flanpipe.hf's import (Megatron's CPU init builds each
+    weight twice, a master copy and the parameter, which doubles a converter's peak memory).
 
     ``bf16``: parameters, activations and pipeline messages in bfloat16; the optimizer keeps fp32
     master weights (flanpipe.optim.BF16Optimizer) and DDP reduces gradients in fp32.
@@ -123,6 +128,7 @@ def transformer_config(
         pipeline_dtype=dtype,
         params_dtype=dtype,
         calculate_per_token_loss=True,
+        perform_initialization=init_weights,
         **extra,
     )
 
@@ -138,6 +144,7 @@ def model_provider(
     vp_stage: int | None = None,
     vpp: int = 1,
     bf16: bool = False,
+    init_weights: bool = True,
 ):
     """Build this rank's GPTModel stage (embedding on the first stage, output layer on the last);
     with ``vpp`` > 1, its model chunk ``vp_stage`` (layers interleaved over the PP ranks).
@@ -153,7 +160,7 @@ def model_provider(
 
     megatron_compat.apply()
     use_te = te_available() if use_te is None else use_te
-    config = transformer_config(cfg, tp, pp, vpp=vpp, bf16=bf16, te=use_te)
+    config = transformer_config(cfg, tp, pp, vpp=vpp, bf16=bf16, te=use_te, init_weights=init_weights)
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:

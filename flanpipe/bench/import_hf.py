@@ -86,12 +86,15 @@ def run(
         seconds = time.perf_counter() - start
         out_bytes = sum(p.stat().st_size for p in (root / "base" / "checkpoint").rglob("*") if p.is_file())
         peak_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+        ranks_peak = [int(p.read_text()) for p in (root / "base").glob("import_rank*.peak_rss")]
         return {
             "checkpoint_bytes": files,
             "tensor_bytes": size,
             "converted_fp32_bytes": out_bytes,
             "ranks": ranks,
             "peak_rss_per_process_bytes": peak_child,
+            "peak_rss_per_rank_bytes": max(ranks_peak),
+            "peak_rss_per_rank_fraction_of_checkpoint": max(ranks_peak) / files,
             "peak_rss_fraction_of_checkpoint": peak_child / files,
             "seconds": seconds,
         }
