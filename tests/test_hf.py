@@ -311,3 +311,25 @@ def test_tensor_parallel_forward_matches_hf(converted, tmp_path):
     assert got.shape == (2, 16, cfg.vocab_size)
     assert (got[..., :VOCAB] - ref).abs().max().item() <= 1e-4
     assert torch.isneginf(got[..., VOCAB:]).all()
+
+
+def test_bf16_checkpoint_converts_to_fp32(tmp_path):
+    """A bf16 source becomes the fp32 base model: same logits as HF upcasting the same weights."""
+    model = _make_hf("llama", tmp_path / "fp32")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert next(iter(load_file(tmp_path / "bf16" / "model.safetensors").values())).dtype == torch.bfloat16
+    hf.import_hf(tmp_path / "bf16", tmp_path / "base")
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").float().eval()
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    got = load_scorer(tmp_path / "base").logits(ids)
+    assert got.dtype == torch.float32 and (got[..., :VOCAB] - ref).abs().max().item() <= 1e-4
+
+
+def test_import_bench_reports_peak_rss_beside_checkpoint_size(tmp_path):
+    from flanpipe.bench.import_hf import run
+
+    result = run(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=100, ranks=2, workdir=str(tmp_path))
+    assert result["checkpoint_bytes"] > 0 and result["converted_fp32_bytes"] > result["tensor_bytes"]
+    assert result["peak_rss_per_rank_bytes"] > 0 and result["ranks"] == 2
