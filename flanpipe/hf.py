@@ -219,7 +219,7 @@ def hf_config_from_model(cfg: ModelConfig, arch: str, base: dict[str, Any] | Non
             }
         out["rope_parameters"] = rope  # transformers 5
         out["rope_scaling"] = None if rope["rope_type"] == "default" else rope  # transformers 4
-    out["torch_dtype"] = "float32"
+    out["torch_dtype"] = out["dtype"] = "float32"  # the weights written (transformers 4 / 5 spelling)
     return out
 
 
