@@ -24,6 +24,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
     def decode(self, ids: list[int]) -> str: ...
 
 
@@ -57,6 +59,13 @@ class HFTokenizer:
             return list(self.backend.encode(text).ids)
         ids = list(self.backend.encode(text))
         return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text, in the backend's native threads (the data path's bulk call)."""
+        if self.kind == "tokenizers":
+            return [list(e.ids) for e in self.backend.encode_batch(list(texts))]
+        rows = self.backend.encode(list(texts), out_type=int)
+        return [[self.bos_id, *r] for r in rows] if self.add_bos and self.bos_id is not None else rows
 
     def decode(self, ids: list[int]) -> str:
         if self.kind == "tokenizers":

@@ -37,6 +37,7 @@ def test_tokenizer_json_ids_equal_transformers(tmp_path, pad):
     for text in TEXTS:
         assert ours.encode(text) == theirs(text)["input_ids"]
         assert ours.decode(ours.encode(text)) == theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True)
+    assert ours.encode_batch(TEXTS) == [theirs(t)["input_ids"] for t in TEXTS]
     assert ours.eos_id == theirs.eos_token_id == 2
     assert ours.pad_id == (3 if pad else 2)  # no pad token: pad with EOS (padded positions carry no loss)
     assert ours.vocab_size == len(theirs)
@@ -58,6 +59,7 @@ def test_sentencepiece_model_adds_bos_like_llama(tmp_path):
     assert ours.kind == "sentencepiece" and ours.eos_id == 2 and ours.pad_id == 2 and ours.vocab_size == 60
     for text in TEXTS:
         assert ours.encode(text) == [1, *sp.encode(text)]
+    assert ours.encode_batch(TEXTS) == [ours.encode(t) for t in TEXTS]
     assert ours.decode(ours.encode("the quick fox")) == "the quick fox"
 
 
