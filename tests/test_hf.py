@@ -333,3 +333,26 @@ def test_import_bench_reports_peak_rss_beside_checkpoint_size(tmp_path):
     result = run(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=100, ranks=2, workdir=str(tmp_path))
     assert result["checkpoint_bytes"] > 0 and result["converted_fp32_bytes"] > result["tensor_bytes"]
     assert result["peak_rss_per_rank_bytes"] > 0 and result["ranks"] == 2
+
+
+def test_padding_rows_carry_no_loss_and_get_no_gradient():
+    """Training's per-token loss over a padded vocabulary equals cross entropy over the real ids only."""
+    from flanpipe.model import init_single_process, model_provider
+
+    init_single_process()
+    cfg = ModelConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, vocab_size=128,
+        max_position_embeddings=16, tokenizer_vocab_size=VOCAB, share_embeddings_and_output_weights=True,
+    )  # fmt: skip
+    model = model_provider(cfg)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(8).expand(2, 8)
+    loss = model(input_ids=ids, position_ids=positions, attention_mask=None, labels=labels)
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=positions, attention_mask=None)[..., :VOCAB]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none")
+    assert torch.allclose(loss.reshape(-1), ref, atol=1e-5)
+    loss.sum().backward()
+    grad = model.embedding.word_embeddings.weight.grad
+    assert torch.isfinite(grad).all() and grad[VOCAB:].abs().max() == 0 and grad[:VOCAB].abs().max() > 0
