@@ -581,6 +581,8 @@ def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     _check_tokenizer(hf_dir, cfg)
     cfg.check_parallel(1, ranks)
     if out.exists():
+        if any(out.iterdir()) and not (out / "model.json").exists():
+            raise FileExistsError(f"{out}: exists and is not an import-hf output (no model.json); not overwriting it")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     if ranks == 1:  # in this process: it holds the whole model anyway
@@ -609,27 +611,42 @@ def _check_tokenizer(hf_dir: Path, cfg: ModelConfig) -> None:
 
 
 def _run_ranks(hf_dir: str, out_dir: str, world: int) -> None:
-    """Run ``import_stage`` in ``world`` fresh processes (gloo over localhost)."""
+    """Run ``import_stage`` in ``world`` fresh CPU processes (gloo over localhost; a conversion is
+    memory-bound copying, no GPU needed). If one rank fails the others are stopped at once: they would
+    otherwise wait in the checkpoint's collectives until gloo's timeout."""
     import socket
+    import tempfile
+    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = os.environ | {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-        }
-        cmd = [sys.executable, "-m", "flanpipe.hf", hf_dir, out_dir, str(rank), str(world)]
-        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
-    errors = [(p.wait(), p.stderr.read()) for p in procs]
-    for code, err in errors:
-        if code:
-            raise RuntimeError(f"import rank failed (exit {code}):\n{err[-3000:]}")
+    with tempfile.TemporaryDirectory(prefix="import_hf_logs_") as logs:
+        procs = []
+        for rank in range(world):
+            env = os.environ | {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "CUDA_VISIBLE_DEVICES": "",
+            }
+            cmd = [sys.executable, "-m", "flanpipe.hf", hf_dir, out_dir, str(rank), str(world)]
+            with open(Path(logs) / f"rank{rank}.log", "w") as log:  # a file: a full pipe would block the rank
+                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        while any(p.poll() is None for p in procs):
+            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+                break
+            time.sleep(0.5)
+        for rank, p in enumerate(procs):
+            if p.returncode:
+                tail = (Path(logs) / f"rank{rank}.log").read_text()[-3000:]
+                raise RuntimeError(f"import rank {rank} of {world} failed (exit {p.returncode}):\n{tail}")
 
 
 # --------------------------------------------------------------------------- export
