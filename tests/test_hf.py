@@ -356,3 +356,38 @@ def test_padding_rows_carry_no_loss_and_get_no_gradient():
     loss.sum().backward()
     grad = model.embedding.word_embeddings.weight.grad
     assert torch.isfinite(grad).all() and grad[VOCAB:].abs().max() == 0 and grad[:VOCAB].abs().max() > 0
+
+
+def test_llama31_rope_scaling_gives_the_same_logits(tmp_path):
+    """Llama 3.1's frequency scaling (factor 8, low/high 1 and 4, original context 8192) is Megatron's
+    rope_scaling: the import is exact, not approximate. Long wavelengths need a big theta and positions."""
+    config = _hf_config("llama")
+    config.max_position_embeddings = 256
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    if hasattr(config, "rope_parameters"):
+        config.rope_parameters = rope
+    else:
+        config.rope_scaling, config.rope_theta = rope, rope["rope_theta"]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # sharp attention, so that the rotation angles show in the logits
+        for name, p in model.named_parameters():
+            p.mul_(8.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0)
+    model.save_pretrained(tmp_path / "hf")
+    cfg = hf.import_hf(tmp_path / "hf", tmp_path / "base")
+    assert cfg.rope_scaling_factor == 8.0 and cfg.rotary_base == 500000
+    ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = load_scorer(tmp_path / "base").logits(ids)
+    assert (got[..., :VOCAB] - ref).abs().max().item() <= 1e-4
+    unscaled = json.loads((tmp_path / "base" / "model.json").read_text()) | {"rope_scaling_factor": None}
+    shutil.copytree(tmp_path / "base", tmp_path / "unscaled")
+    (tmp_path / "unscaled" / "model.json").write_text(json.dumps(unscaled))
+    wrong = load_scorer(tmp_path / "unscaled").logits(ids)
+    assert (wrong[..., :VOCAB] - ref).abs().max().item() > 1e-3  # the test can tell scaling from none
+    exported = hf.export_hf(tmp_path / "base", tmp_path / "export")
+    again = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ref)
