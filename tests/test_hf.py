@@ -260,14 +260,26 @@ def test_tokenizer_larger_than_the_embedding_is_refused(llama_dir, tmp_path):
 
 
 def test_cli_import_and_export(llama_dir, tmp_path):
+    """Weights and the tokenizer travel: base dir's hf/ -> the export, which AutoTokenizer loads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     from flanpipe.cli import main
 
-    main(["import-hf", str(llama_dir), "--out", str(tmp_path / "base")])
+    src = _copy(llama_dir, tmp_path / "hf")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    texts = [f"the model {i} reads tokens" for i in range(50)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"]))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(src)
+    main(["import-hf", str(src), "--out", str(tmp_path / "base")])
     main(["export-hf", str(tmp_path / "base"), "--out", str(tmp_path / "export")])
     original = load_file(llama_dir / "model.safetensors")
     exported = load_file(tmp_path / "export" / "model.safetensors")
     assert all(torch.equal(exported[n], t) for n, t in original.items())
     assert json.loads((tmp_path / "export" / "generation_config.json").read_text())["eos_token_id"] == 2
+    exported_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    original_tok = transformers.AutoTokenizer.from_pretrained(src)
+    assert exported_tok("the model 7 reads")["input_ids"] == original_tok("the model 7 reads")["input_ids"]
 
 
 def test_tensor_parallel_forward_matches_hf(converted, tmp_path):
