@@ -129,6 +129,9 @@ def model_config_from_hf(config: dict[str, Any], path: Path) -> tuple[str, Model
             tokenizer_vocab_size=vocab,
         )
         return arch, cfg
+    kinds = sorted(set(config.get("layer_types") or ["full_attention"]))
+    if kinds != ["full_attention"]:  # transformers 5 marks sliding-window layers here
+        raise _refuse(path, "layer_types", kinds, "only full attention converts exactly")
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise _refuse(path, "hidden_act", act, "SwiGLU (silu) is the supported gated MLP")

@@ -228,6 +228,15 @@ def test_unsupported_rope_scaling_is_refused(llama_dir, tmp_path):
         hf.import_hf(d, tmp_path / "out")
 
 
+def test_sliding_window_layers_are_refused(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "hf")
+    config = json.loads((d / "config.json").read_text())
+    config["layer_types"] = ["sliding_attention", "full_attention"]
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.HFFormatError, match=r"config.json.*layer_types.*sliding_attention"):
+        hf.import_hf(d, tmp_path / "out")
+
+
 def test_vocab_larger_than_the_embedding_is_refused(llama_dir, tmp_path):
     d = _copy(llama_dir, tmp_path / "hf")
     config = json.loads((d / "config.json").read_text())
