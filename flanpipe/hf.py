@@ -226,6 +226,27 @@ def hf_config_from_model(cfg: ModelConfig, arch: str, base: dict[str, Any] | Non
     return out
 
 
+def check_exportable(cfg: ModelConfig, arch: str, where: str) -> None:
+    """Raise unless ``arch``'s HF modeling code computes what ``cfg`` describes (a flanpipe-native
+    model with LayerNorm + GELU + RoPE, say, is no Llama and no GPT-2): names the model.json field."""
+    if arch == "GPT2LMHeadModel":
+        want = {"normalization": "LayerNorm", "position_embedding_type": "learned_absolute", "gated_linear_unit": False,
+                "add_bias_linear": True, "rope_scaling_factor": None}  # fmt: skip
+        acts = ("gelu_tanh", "gelu", "relu")
+    else:
+        want = {"normalization": "RMSNorm", "position_embedding_type": "rope", "gated_linear_unit": True}
+        if arch == "Qwen2ForCausalLM":
+            want |= {"add_bias_linear": False, "add_qkv_bias": True}
+        else:
+            want |= {"add_qkv_bias": False}
+        acts = ("silu",)
+    bad = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
+    if cfg.activation not in acts:
+        bad["activation"] = cfg.activation
+    if bad:
+        raise ValueError(f"{where}: {bad} cannot be exported as {arch} (it needs {want}, activation in {acts})")
+
+
 def architecture_of(cfg: ModelConfig) -> str:
     """The HF class a flanpipe model exports as, when no imported config.json says it."""
     if cfg.position_embedding_type == "learned_absolute":
@@ -715,6 +736,7 @@ def export_hf(
     side = _side_dir(Path(base) if base else run)
     base_config = json.loads((side / "config.json").read_text()) if side and (side / "config.json").exists() else None
     arch = base_config["architectures"][0] if base_config else architecture_of(cfg)
+    check_exportable(cfg, arch, str(run / "model.json"))
     scorer = load_scorer(run)
     state = {k: v.detach().float() for k, v in scorer.model.state_dict().items() if not k.endswith("_extra_state")}
     out.mkdir(parents=True, exist_ok=True)

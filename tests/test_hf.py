@@ -412,3 +412,19 @@ def test_llama31_rope_scaling_gives_the_same_logits(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
     with torch.no_grad():
         assert torch.equal(again(ids).logits, ref)
+
+
+def test_export_refuses_a_model_no_hf_class_computes(tmp_path):
+    """flanpipe's own default shape (LayerNorm, GELU MLP, RoPE) is neither Llama nor GPT-2."""
+    (tmp_path / "run").mkdir()
+    cfg = ModelConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=48,
+        vocab_size=64,
+        max_position_embeddings=16,
+    )
+    (tmp_path / "run" / "model.json").write_text(json.dumps(cfg.to_dict()))
+    with pytest.raises(ValueError, match=r"model.json.*normalization.*LlamaForCausalLM"):
+        hf.export_hf(tmp_path / "run", tmp_path / "out")
