@@ -606,7 +606,7 @@ def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     cfg.check_parallel(1, ranks)
     if out.exists():
         if any(out.iterdir()) and not (out / "model.json").exists():
-            raise FileExistsError(f"{out}: exists and is not an import-hf output (no model.json); not overwriting it")
+            raise ValueError(f"{out}: exists and is not an import-hf output (no model.json); not overwriting it")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     if ranks == 1:  # in this process: it holds the whole model anyway

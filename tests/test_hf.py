@@ -428,3 +428,11 @@ def test_export_refuses_a_model_no_hf_class_computes(tmp_path):
     (tmp_path / "run" / "model.json").write_text(json.dumps(cfg.to_dict()))
     with pytest.raises(ValueError, match=r"model.json.*normalization.*LlamaForCausalLM"):
         hf.export_hf(tmp_path / "run", tmp_path / "out")
+
+
+def test_import_never_overwrites_a_foreign_directory(llama_dir, tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not an import-hf output"):
+        hf.import_hf(llama_dir, tmp_path / "precious")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
