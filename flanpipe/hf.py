@@ -17,7 +17,10 @@ resident); the ranks then write one dist_checkpointing checkpoint together. Why 
 layer by layer into one checkpoint: dist_checkpointing's save is one collective call over the whole sharded
 state dict (its writer preloads every tensor), so one process writing the checkpoint holds everything it
 writes; splitting the stages over processes is what bounds a process to 1/ranks of the model. The saved
-sharded tensors carry global layer numbers, so the checkpoint loads at any TP/PP.
+sharded tensors carry global layer numbers, so the checkpoint loads at any TP/PP. Measured
+(``flanpipe bench import-hf``): a 2.15 GB bf16 checkpoint, 10 ranks, 1.28 GB peak RSS per rank, of which
+~0.4 GB is torch + Megatron themselves. A rank's floor is that plus its stage in fp32; going below it
+would mean writing the torch_dist files directly with a planner that reads each tensor lazily.
 """
 
 from __future__ import annotations
