@@ -387,6 +387,26 @@ def cmd_bench_eval(args: argparse.Namespace) -> None:
     bench_eval(args.workdir, args.config, args.gen_rows, args.max_groups, args.json)
 
 
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from flanpipe.hf import import_hf
+
+    cfg = import_hf(args.hf_dir, args.out, ranks=args.ranks)
+    rows = f"vocab {cfg.tokenizer_vocab_size} (rows {cfg.vocab_size})"
+    print(f"{args.hf_dir} -> {args.out}: {cfg.num_layers} layers, {rows}")
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from flanpipe.hf import export_hf
+
+    print(export_hf(args.run_dir, args.out, base=args.base, max_shard_bytes=int(args.max_shard_gb * 2**30)))
+
+
+def cmd_bench_import_hf(args: argparse.Namespace) -> None:
+    from flanpipe.bench.import_hf import main as bench_import_hf
+
+    bench_import_hf(ranks=args.ranks, layers=args.layers, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flanpipe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -503,6 +523,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reserve-gib", type=float, default=0.0, help="memory kept free per GPU")
     s.add_argument("--distributed-optimizer", action="store_true", help="shard master weights + state over DP")
     s.add_argument("--json", action="store_true")
+    s = add("import-hf", cmd_import_hf, "HF checkpoint dir (Llama/Qwen2/GPT-2 safetensors) -> model.json + checkpoint/")
+    s.add_argument("hf_dir")
+    s.add_argument("--out", required=True)
+    s.add_argument("--ranks", type=int, default=1, help="pipeline ranks sharing the conversion (memory / ranks)")
+    s = add("export-hf", cmd_export_hf, "model dir (model.json + checkpoint/) -> HF dir from_pretrained loads")
+    s.add_argument("run_dir")
+    s.add_argument("--out", required=True)
+    s.add_argument("--base", help="imported base dir with the tokenizer files (default: RUN_DIR)")
+    s.add_argument("--max-shard-gb", type=float, default=5.0)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     s = bench.add_parser("data", help="render -> mix -> tokenize -> pack on 62 synthetic FLAN-shaped datasets")
     s.set_defaults(fn=cmd_bench_data)
@@ -532,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iters", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)
     s.add_argument("--peer", action="store_true", help="whole AdamW steps vs transformers' LlamaForCausalLM")
+    s.add_argument("--json", action="store_true")
+    s = bench.add_parser("import-hf", help="peak RSS of import-hf vs the size of a generated >= 2 GB checkpoint")
+    s.set_defaults(fn=cmd_bench_import_hf)
+    s.add_argument("--ranks", type=int, default=10)
+    s.add_argument("--layers", type=int, default=20)
     s.add_argument("--json", action="store_true")
     return p
 

@@ -261,7 +261,8 @@ def load_parallel_lm(model_dir: str | os.PathLike[str], tp: int = 1, pp: int = 1
     layout); the process groups come from torchrun's environment, or a 1-process group."""
     from megatron.core import parallel_state as ps
 
-    from flanpipe.model import load_checkpoint, model_provider
+    from flanpipe.checkpointing import load_weights
+    from flanpipe.model import model_provider
     from flanpipe.model_config import load_model_config
 
     model_dir = Path(model_dir)
@@ -274,5 +275,5 @@ def load_parallel_lm(model_dir: str | os.PathLike[str], tp: int = 1, pp: int = 1
                            tp=tp, pp=pp)  # fmt: skip
     if torch.cuda.is_available():
         model = model.cuda(torch.cuda.current_device())
-    load_checkpoint(model, model_dir / "checkpoint")
+    load_weights(model, model_dir / "checkpoint")
     return ParallelLM(model, cfg)

@@ -248,4 +248,27 @@ def apply() -> None:
 
     mc_attention.Attention._allocate_memory = _allocate_kv_cache_cpu
 
+    # LanguageModule.setup_embeddings_and_output_layer (tied embeddings at PP > 1) moves the last
+    # stage's copy of the table with Tensor.cuda() before all-reducing it over the embedding group:
+    # a tensor method, so no module's torch name reaches it; keep the tensor on the CPU for that call.
+    from megatron.core.models.common.language_module import language_module as mc_language_module
+
+    mc_language_module.LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
+        mc_language_module.LanguageModule.setup_embeddings_and_output_layer
+    )
+
     _APPLIED = True
+
+
+def _tensor_cuda_is_identity(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with ``Tensor.cuda`` returning the tensor itself while it runs."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+    return wrapped

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,15 @@ import torch.nn.functional as F
 from flanpipe import megatron_compat
 from flanpipe.model_config import ModelConfig, load_model_config
 
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (GPT-2's ``gelu_new``): it differs from exact GELU by ~1e-3, so a
+    converted GPT-2 needs this very function to give the same logits."""
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu": F.relu, "silu": F.silu}
+
 
 def te_available() -> bool:
     """True when the Transformer Engine layer spec can be used (TE importable and CUDA)."""
@@ -70,11 +79,16 @@ def transformer_config(
     vpp: int = 1,
     bf16: bool = False,
     te: bool | None = None,
+    init_weights: bool = True,
 ):
     """Megatron TransformerConfig for ``cfg`` on a TP x PP grid (x VPP model chunks per PP rank).
 
     ``te``: whether the layers use the Transformer Engine spec (default: when TE is usable); it
     decides which fusions have kernels (``fusion_flags``).
+
+    ``init_weights=False``: leave the parameters uninitialised (``torch.empty``: no page touched) for a
+    caller that overwrites them all, e.g. flanpipe.hf's import (Megatron's CPU init builds each
+    weight twice, a master copy and the parameter, which doubles a converter's peak memory).
 
     ``bf16``: parameters, activations and pipeline messages in bfloat16; the optimizer keeps fp32
     master weights (flanpipe.optim.BF16Optimizer) and DDP reduces gradients in fp32.
@@ -97,13 +111,16 @@ def transformer_config(
         num_attention_heads=cfg.num_attention_heads,
         ffn_hidden_size=cfg.ffn_hidden_size,
         kv_channels=cfg.kv_channels,
+        num_query_groups=cfg.num_query_groups,
+        layernorm_epsilon=cfg.norm_epsilon,
         gated_linear_unit=cfg.gated_linear_unit,
         activation_func=_ACTIVATIONS[cfg.activation],
         normalization=cfg.normalization,
         init_method_std=cfg.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        add_bias_linear=True,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
@@ -111,6 +128,7 @@ def transformer_config(
         pipeline_dtype=dtype,
         params_dtype=dtype,
         calculate_per_token_loss=True,
+        perform_initialization=init_weights,
         **extra,
     )
 
@@ -126,6 +144,7 @@ def model_provider(
     vp_stage: int | None = None,
     vpp: int = 1,
     bf16: bool = False,
+    init_weights: bool = True,
 ):
     """Build this rank's GPTModel stage (embedding on the first stage, output layer on the last);
     with ``vpp`` > 1, its model chunk ``vp_stage`` (layers interleaved over the PP ranks).
@@ -141,7 +160,7 @@ def model_provider(
 
     megatron_compat.apply()
     use_te = te_available() if use_te is None else use_te
-    config = transformer_config(cfg, tp, pp, vpp=vpp, bf16=bf16, te=use_te)
+    config = transformer_config(cfg, tp, pp, vpp=vpp, bf16=bf16, te=use_te, init_weights=init_weights)
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
@@ -154,12 +173,41 @@ def model_provider(
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
+        rotary_base=cfg.rotary_base,
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
+    if post_process and cfg.tokenizer_vocab_size is not None and cfg.tokenizer_vocab_size < cfg.vocab_size:
+        mask_padded_vocab(model.output_layer, cfg.tokenizer_vocab_size, cfg.vocab_size, tp)
     model.flanpipe_uses_te = use_te  # forward_step feeds TE packed rows as THD, local a mask
     return model
+
+
+def mask_padded_vocab(output_layer: torch.nn.Module, real: int, padded: int, tp: int) -> None:
+    """Set the logits of the padding rows (ids >= ``real``) to -inf after ``output_layer``.
+
+    The output is vocab-parallel: TP rank r holds ids [r*V/tp, (r+1)*V/tp), so each rank masks the
+    padding ids in its own slice. With -inf a padding id never wins an argmax, its softmax probability
+    (in Megatron's vocab-parallel cross entropy as in a plain softmax) is exactly 0, so the loss equals
+    that of the unpadded model, and no gradient reaches the padding rows.
+    """
+    from megatron.core import parallel_state
+
+    per_rank = padded // tp
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        logits, bias = output
+        start = parallel_state.get_tensor_model_parallel_rank() * per_rank if tp > 1 else 0
+        first_pad = real - start
+        if first_pad >= logits.shape[-1]:
+            return output
+        keep = torch.arange(logits.shape[-1], device=logits.device) < first_pad
+        return logits.masked_fill(~keep, float("-inf")), bias
+
+    output_layer.register_forward_hook(hook)
 
 
 def init_single_process() -> None:

@@ -37,14 +37,15 @@ METRICS = {"toy_sentiment": "accuracy", "toy_gen": "rouge"}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, sp: spm.SentencePieceProcessor):  # noqa: F811
     """A saved random model (model.json + dist_checkpointing checkpoint), a tokenizer and two eval shards."""
+    from flanpipe.checkpointing import save_weights
     from flanpipe.io import write_json
-    from flanpipe.model import init_single_process, model_provider, save_checkpoint
+    from flanpipe.model import init_single_process, model_provider
 
     root = tmp_path_factory.mktemp("evalpar")
     init_single_process()
     cfg = ModelConfig(**MODEL)
     torch.manual_seed(0)
-    save_checkpoint(model_provider(cfg), root / "model" / "checkpoint")
+    save_weights(model_provider(cfg), root / "model" / "checkpoint")
     write_json(root / "model" / "model.json", cfg.to_dict())
     (root / "spm.model").write_bytes(sp.serialized_model_proto())
     shards = {"toy_sentiment": root / "cls.parquet", "toy_gen": root / "gen.parquet"}

@@ -1,0 +1,117 @@
+"""Peak memory of ``flanpipe import-hf`` against the size of the checkpoint it converts.
+
+Writes a Llama-shaped checkpoint of random bf16 weights straight with safetensors (one shard per
+layer plus an index: no transformers model is ever materialised), imports it with ``ranks`` pipeline
+ranks, and reports the largest peak RSS of any import process (the ranks are this process's children:
+``RUSAGE_CHILDREN``'s ru_maxrss is the maximum over them) beside the checkpoint's bytes on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def write_random_llama(out: Path, *, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int) -> int:
+    """A sharded bf16 Llama checkpoint of random weights; returns its bytes of tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    hd = hidden // heads
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    shards: list[dict[str, torch.Tensor]] = [
+        {"model.embed_tokens.weight": rand(vocab, hidden)},
+        {"lm_head.weight": rand(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)},
+    ]
+    weight_map, total = {}, 0
+    n_files = layers + len(shards)
+    for i in range(n_files):
+        if i < len(shards):
+            shard = shards[i]
+        else:
+            p = f"model.layers.{i - len(shards)}."
+            shard = {
+                p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                p + "self_attn.q_proj.weight": rand(heads * hd, hidden),
+                p + "self_attn.k_proj.weight": rand(kv_heads * hd, hidden),
+                p + "self_attn.v_proj.weight": rand(kv_heads * hd, hidden),
+                p + "self_attn.o_proj.weight": rand(hidden, heads * hd),
+                p + "mlp.gate_proj.weight": rand(ffn, hidden),
+                p + "mlp.up_proj.weight": rand(ffn, hidden),
+                p + "mlp.down_proj.weight": rand(hidden, ffn),
+            }
+        name = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        shard.clear()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return total
+
+
+def run(
+    *, layers: int = 20, hidden: int = 2048, heads: int = 16, kv_heads: int = 8, ffn: int = 5632,
+    vocab: int = 32000, ranks: int = 10, workdir: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Generate, import, measure; the work dir is removed unless given."""
+    from flanpipe.hf import import_hf
+
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bench_import_hf_"))
+    try:
+        size = write_random_llama(
+            root / "hf", layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn, vocab=vocab
+        )
+        files = sum(p.stat().st_size for p in (root / "hf").glob("*.safetensors"))
+        start = time.perf_counter()
+        import_hf(root / "hf", root / "base", ranks=ranks)
+        seconds = time.perf_counter() - start
+        out_bytes = sum(p.stat().st_size for p in (root / "base" / "checkpoint").rglob("*") if p.is_file())
+        peak_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+        ranks_peak = [int(p.read_text()) for p in (root / "base").glob("import_rank*.peak_rss")]
+        return {
+            "checkpoint_bytes": files,
+            "tensor_bytes": size,
+            "converted_fp32_bytes": out_bytes,
+            "ranks": ranks,
+            "peak_rss_per_process_bytes": peak_child,
+            "peak_rss_per_rank_bytes": max(ranks_peak),
+            "peak_rss_per_rank_fraction_of_checkpoint": max(ranks_peak) / files,
+            "peak_rss_fraction_of_checkpoint": peak_child / files,
+            "seconds": seconds,
+        }
+    finally:
+        if not workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def main(ranks: int = 10, layers: int = 20, as_json: bool = False) -> None:
+    result = run(ranks=ranks, layers=layers)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    gib = 2**30
+    print(
+        f"checkpoint {result['checkpoint_bytes'] / gib:.2f} GiB bf16 -> {result['converted_fp32_bytes'] / gib:.2f} GiB "
+        f"fp32 dist checkpoint in {result['seconds']:.0f} s with {ranks} ranks; peak RSS of any process "
+        f"{result['peak_rss_per_process_bytes'] / gib:.2f} GiB "
+        f"({100 * result['peak_rss_fraction_of_checkpoint']:.0f}% of the checkpoint)"
+    )

@@ -1,0 +1,125 @@
+"""The tokenizer that comes with a checkpoint, behind one small interface.
+
+A pretrained model only works with its own ids, so tokenize, pack and evaluate must use the
+checkpoint's tokenizer: an HF ``tokenizer.json`` (read by the ``tokenizers`` library: Llama 3,
+Qwen2, GPT-2) or a SentencePiece ``tokenizer.model`` (Llama 2, Mistral). EOS and pad ids come from
+the checkpoint's ``tokenizer_config.json`` / ``generation_config.json`` / ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Tokenizer(Protocol):
+    """What flanpipe's stages need from a tokenizer."""
+
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def _token_name(value: Any) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@dataclass
+class HFTokenizer:
+    """A checkpoint's tokenizer. ``encode`` adds what the checkpoint's tokenizer adds by default
+    (e.g. Llama's BOS), so ids equal ``transformers``' ``tokenizer(text)["input_ids"]``."""
+
+    backend: Any
+    kind: str  # "tokenizers" or "sentencepiece"
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+    bos_id: int | None
+    add_bos: bool
+    source: Path
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "tokenizers":
+            return list(self.backend.encode(text).ids)
+        ids = list(self.backend.encode(text))
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text, in the backend's native threads (the data path's bulk call)."""
+        if self.kind == "tokenizers":
+            return [list(e.ids) for e in self.backend.encode_batch(list(texts))]
+        rows = self.backend.encode(list(texts), out_type=int)
+        return [[self.bos_id, *r] for r in rows] if self.add_bos and self.bos_id is not None else rows
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "tokenizers":
+            return self.backend.decode(list(ids), skip_special_tokens=True)
+        return self.backend.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+
+def _special_id(name: str | None, lookup) -> int | None:  # noqa: ANN001
+    return None if name is None else lookup(name)
+
+
+def load_hf_tokenizer(directory: str | os.PathLike[str]) -> HFTokenizer:
+    """The tokenizer in ``directory`` (``tokenizer.json`` preferred over ``tokenizer.model``).
+
+    EOS: tokenizer_config.json's eos_token, else generation_config.json's / config.json's eos_token_id.
+    Pad: its pad_token if set, else EOS (decoder-only checkpoints usually ship without one; flanpipe
+    masks padded positions out of the loss, so which id fills them does not matter).
+    """
+    d = Path(directory)
+    tcfg = _read_json(d / "tokenizer_config.json")
+    names = {k: _token_name(tcfg.get(k)) for k in ("eos_token", "pad_token", "bos_token")}
+    if (d / "tokenizer.json").exists():
+        from tokenizers import Tokenizer as HFBackend
+
+        source = d / "tokenizer.json"
+        backend = HFBackend.from_file(str(source))
+        kind = "tokenizers"
+        lookup = backend.token_to_id
+        vocab = backend.get_vocab_size(with_added_tokens=True)
+    elif (d / "tokenizer.model").exists():
+        import sentencepiece as spm
+
+        source = d / "tokenizer.model"
+        backend = spm.SentencePieceProcessor(model_file=str(source))
+        kind = "sentencepiece"
+
+        def lookup(piece: str) -> int | None:
+            i = backend.piece_to_id(piece)
+            return None if i == backend.unk_id() and piece != backend.id_to_piece(i) else i
+
+        vocab = backend.get_piece_size()
+    else:
+        raise FileNotFoundError(f"{d}: no tokenizer.json or tokenizer.model")
+    ids = {k: _special_id(v, lookup) for k, v in names.items()}
+    fallback = _read_json(d / "generation_config.json") or _read_json(d / "config.json")
+    eos = ids["eos_token"]
+    if eos is None:
+        eos = fallback.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
+    if eos is None:
+        raise ValueError(f"{d}: no EOS token in tokenizer_config.json, generation_config.json or config.json")
+    bos = ids["bos_token"]
+    if bos is None and kind == "sentencepiece":
+        bos = backend.bos_id() if backend.bos_id() >= 0 else None
+    add_bos = bool(tcfg.get("add_bos_token", kind == "sentencepiece"))
+    pad = ids["pad_token"] if ids["pad_token"] is not None else eos
+    return HFTokenizer(backend, kind, vocab, int(eos), int(pad), bos, add_bos, source)
