@@ -17,6 +17,8 @@
     flanpipe bench train [--json]                 Megatron GPTModel vs plain PyTorch fwd+bwd tokens/s
     flanpipe bench data [--json] [--scale S] [--workdir DIR]   render/mix/tokenize/pack on a FLAN-sized workload
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
+    flanpipe audit RUN --out FILE                 rule audit: n-gram contamination of a run's mixture (cli_audit)
+    flanpipe bench audit [--examples N] [--json]  audit speed and peak RSS on 1M examples with planted leaks
 
 Experiment facts (lengths, caps, seeds) come from ``--config`` (default config/config.yaml), exactly as
 the Snakefile reads them.
@@ -435,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iters", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)
     s.add_argument("--json", action="store_true")
+    from flanpipe.cli_audit import add_audit_commands  # flanpipe audit, flanpipe bench audit
+
+    add_audit_commands(sub, bench)
     return p
 
 

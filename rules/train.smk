@@ -22,6 +22,7 @@ rule train_spec:
 rule train:
     input:
         unpack(train_inputs),
+        audit=audit_report,  # rules/audit.smk: a failed contamination audit stops the run here
     output:
         directory("results/models/{run}"),
     log:
