@@ -138,3 +138,15 @@ def test_ngram_hashes_stay_inside_one_text():
     again, _ = ngram_hashes(*word_hashes(pl.Series(["hello world", "X Y Z"])), 3)
     assert again.tolist() == [h[1]]  # normalised: same words -> same hash
     assert len(np.unique(h)) == 3
+
+
+def test_cli_and_bench_find_the_planted_leaks(tmp_path):
+    from flanpipe.bench.audit import run_bench
+    from flanpipe.cli import build_parser
+    from flanpipe.cli_audit import cmd_audit, cmd_bench_audit
+
+    args = build_parser().parse_args(["audit", "heldout_nli", "--out", "x.json"])
+    assert args.fn is cmd_audit and args.ingest == "results/ingest"
+    assert build_parser().parse_args(["bench", "audit", "--examples", "10"]).fn is cmd_bench_audit
+    result = run_bench(examples=3000, eval_examples=20, leaks=4, workdir=tmp_path)
+    assert result["examples"] == 3000 and result["planted"] == 4 and result["found_exactly_planted"]
