@@ -22,6 +22,7 @@ include: "rules/audit.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/uncertainty.smk"
 
 
 rule all:

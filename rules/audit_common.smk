@@ -16,3 +16,9 @@ def audit_inputs(wildcards):
 
 def audit_report(wildcards):
     return f"results/audit/{wildcards.run}.json"
+
+
+def uncertainty_inputs(wildcards=None):
+    """Every main-result evaluation (as rule report) and the audit of each run among them trained here."""
+    runs = sorted({e.run for e in PLAN.evaluations} & set(PLAN.mixtures))
+    return {"results": report_inputs(), **{f"audit__{r}": f"results/audit/{r}.json" for r in runs}}
