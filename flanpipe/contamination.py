@@ -236,20 +236,17 @@ def scan_training(
             t_hit = template_set.contains(t_hashes)
             if t_hit.any():
                 seen_tpl.append(np.unique(t_hashes[t_hit]))
-    cat = lambda xs: np.unique(np.concatenate(xs)) if xs else np.empty(0, np.uint64)  # noqa: E731
-    return {"rows": rows, "examples": cat(seen_ex), "templates": cat(seen_tpl), "sources": sources}
+    return {"rows": rows, "examples": _union(seen_ex), "templates": _union(seen_tpl), "sources": sources}
+
+
+def _union(parts: Sequence[np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
 
 
 def _flagged(side: _EvalSide, seen: np.ndarray) -> pl.DataFrame:
     """Per key: n-grams, n-grams seen in training, contaminated (any seen)."""
     hit = np.isin(side.hashes, seen)
-    counts = pl.DataFrame(
-        {
-            "_key": side.owner,
-            "hit": hit,
-        },
-        schema={"_key": pl.Int64, "hit": pl.Boolean},
-    )
+    counts = pl.DataFrame({"_key": side.owner, "hit": hit}, schema={"_key": pl.Int64, "hit": pl.Boolean})
     per_key = counts.group_by("_key").agg(ngrams=pl.len(), ngrams_seen=pl.col("hit").sum())
     return (
         side.keys.with_row_index("_key")
