@@ -18,9 +18,11 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/mixture.smk"
 include: "rules/tokenize.smk"
+include: "rules/audit.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/uncertainty.smk"
 
 
 rule all:

@@ -20,6 +20,8 @@
                                                   workload (--peer: tokenize + pack vs datasets + TRL bfd)
     flanpipe bench eval [--json] [--workdir DIR]  evaluation: per-dataset cache-free vs grouped KV-cache jobs
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
+    flanpipe audit RUN --out FILE                 rule audit: n-gram contamination of a run's mixture (cli_audit)
+    flanpipe bench audit [--examples N] [--json]  audit speed and peak RSS on 1M examples with planted leaks
 
 Experiment facts (lengths, caps, seeds) come from ``--config`` (default config/config.yaml), exactly as
 the Snakefile reads them.
@@ -567,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ranks", type=int, default=10)
     s.add_argument("--layers", type=int, default=20)
     s.add_argument("--json", action="store_true")
+    from flanpipe.cli_audit import add_audit_commands  # flanpipe audit, flanpipe bench audit
+
+    add_audit_commands(sub, bench)
     return p
 
 

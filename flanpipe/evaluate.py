@@ -301,6 +301,26 @@ def score_templates(predictions: pl.DataFrame, metric: str) -> pl.DataFrame:
     return templates.select("template_id", *SPLITS, *(pl.col(f"n_{s}").fill_null(0).cast(pl.Int64) for s in SPLITS))
 
 
+def per_example_scores(predictions: pl.DataFrame, metric: str) -> dict[str, list]:
+    """Each scored (split, template, example)'s own metric value, column-wise: what flanpipe.stats
+    resamples for confidence intervals and paired tests.
+
+    For accuracy, exact match, F1 and ROUGE the per-template score is exactly the mean of these; for a
+    corpus metric (BLEU) each is the metric of that example alone (sentence BLEU), whose mean differs
+    from the corpus score, so intervals on BLEU datasets are about sentence BLEU. The loop is over a
+    few thousand scored rows, each handed to the same metric function as ``score_templates``.
+    """
+    fn = get_metric(metric)
+    rows = predictions.filter(pl.col("split").is_in(SPLITS)).sort("split", "template_id", "example_id")
+    scores = [fn([p], [t]) for p, t in zip(rows["prediction"].to_list(), rows["targets"].to_list(), strict=True)]
+    return {
+        "split": rows["split"].to_list(),
+        "template_id": rows["template_id"].to_list(),
+        "example_id": rows["example_id"].to_list(),
+        "score": scores,
+    }
+
+
 def summarize(per_template: pl.DataFrame) -> dict:
     """Mean/std over templates (test split) and the best-dev-template test score.
 
@@ -353,6 +373,7 @@ def evaluate_shard(
         "per_template": per_template.to_dicts(),
         **summarize(per_template),
         "examples_per_s": preds.height / seconds if seconds > 0 else None,
+        "per_example": per_example_scores(preds, metric),  # flanpipe.stats: intervals, paired tests
     }
 
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from flanpipe.io import atomic_path
 from flanpipe.tokenize import EncodedExamples, token_positions
@@ -143,9 +144,12 @@ def pack_to_indexed_dataset(
     out_dir: Path,
     max_rows: int | None = None,
     order_seed: int = 0,
+    meta: pl.DataFrame | None = None,
 ) -> dict:
     """BFD-pack ``encoded`` into rows of exactly ``pack_length`` tokens and write tokens/segments/loss_mask.
 
+    ``meta`` (one row per example, e.g. flanpipe.provenance.mixture_meta) adds ``provenance.parquet``:
+    one row per packed segment with its row, segment id, token span and ``meta``'s columns.
     Writes into a temp dir beside ``out_dir`` and renames it into place, so a killed job leaves no
     plausible-looking partial dataset. ``max_rows`` keeps only the first rows after the shuffle (an
     unbiased subset: every row is equally likely to survive). Returns the stats written to packing.json.
@@ -208,6 +212,10 @@ def pack_to_indexed_dataset(
             "pack_length": pack_length,
             "order_seed": order_seed,
         }
+        if meta is not None:
+            from flanpipe.provenance import provenance_frame
+
+            provenance_frame(order, out_row, segment, lengths, meta).write_parquet(tmp / "provenance.parquet")
         (tmp / "packing.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return stats
 
@@ -228,6 +236,7 @@ def pack_mixture(
     fails here, in seconds, instead of as an index error inside training.
     """
     from flanpipe.io import read_yaml
+    from flanpipe.provenance import mixture_meta
     from flanpipe.tokenize import check_vocab, encode_parquet, load_tokenizer
 
     if lengths["pack"] < lengths["inputs"] + lengths["targets"]:
@@ -238,4 +247,5 @@ def pack_mixture(
     sp = load_tokenizer(tokenizer)
     check_vocab(sp, int(read_yaml(model_config)["vocab_size"]), path=str(tokenizer), model_path=str(model_config))
     encoded = encode_parquet(sp, mixture, lengths["inputs"], lengths["targets"], num_threads)
-    return pack_to_indexed_dataset(encoded, lengths["pack"], Path(out_dir), order_seed=seed)
+    meta = mixture_meta(mixture, seed)  # provenance.parquet: seed is the mixture's, which the pack rule passes
+    return pack_to_indexed_dataset(encoded, lengths["pack"], Path(out_dir), order_seed=seed, meta=meta)

@@ -23,6 +23,7 @@ rule train_spec:
 rule train:
     input:
         unpack(train_inputs),
+        audit=audit_report,  # rules/audit.smk: a failed contamination audit stops the run here
     output:
         directory("results/models/{run}"),
     threads: max(1, (workflow.cores or 1) // 2)  # the two held-out runs train side by side; split over ranks

@@ -298,6 +298,18 @@ def test_evaluate_shard_classification_end_to_end(sp: spm.SentencePieceProcessor
     assert result["mean"] == pytest.approx(sum(tests) / 2)
     assert result["examples_per_s"] > 0
 
+    # per-example scores: 100 where the chosen option is the target, keyed by (split, template, example)
+    per = pl.DataFrame(result["per_example"])
+    assert per.height == kept.height == 2 * 2 * 6
+    want = kept.select("split", "template_id", "example_id", score=(pl.col("prediction") == pl.col("targets")) * 100.0)
+    joined = per.join(want, on=["split", "template_id", "example_id"], suffix="_want")
+    assert joined.height == per.height and joined["score"].to_list() == joined["score_want"].to_list()
+    means = per.group_by("template_id", "split").agg(pl.col("score").mean())
+    for row in result["per_template"]:
+        for split in ("validation", "test"):
+            m = means.filter((pl.col("template_id") == row["template_id"]) & (pl.col("split") == split))["score"]
+            assert m.item() == pytest.approx(row[split])
+
 
 def test_evaluate_shard_generation_end_to_end(sp: spm.SentencePieceProcessor) -> None:
     lm = make_lm(sp.vocab_size(), seed=5)
@@ -314,6 +326,11 @@ def test_evaluate_shard_generation_end_to_end(sp: spm.SentencePieceProcessor) ->
     per = score_templates(shard.with_columns(prediction=pl.Series(want)), "rouge")
     assert result["per_template"] == per.to_dicts()
     assert [r["n_test"] for r in result["per_template"]] == [3, 3]
+    # ROUGE is a mean over examples: the per-example scores average back to each template's score
+    ex = pl.DataFrame(result["per_example"]).group_by("template_id", "split").agg(pl.col("score").mean())
+    for row in result["per_template"]:
+        m = ex.filter((pl.col("template_id") == row["template_id"]) & (pl.col("split") == "test"))["score"]
+        assert m.item() == pytest.approx(row["test"])
 
 
 class ConstantScorer:

@@ -46,7 +46,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("incremental")
     shutil.copytree(ROOT / "config", work / "config")
     shutil.copy(CONFIG, work / "config" / "config.yaml")
-    snakemake(work, "--cores", "2", "--until", "pack", "render_eval_shard", "train_spec")
+    snakemake(work, "--cores", "2", "--until", "pack", "audit", "render_eval_shard", "train_spec")
     return work
 
 
@@ -74,4 +74,6 @@ def test_touch_replans_nothing_and_edit_replans_its_dependents(built: Path) -> N
         "train_tokenizer[]",  # trained on every training shard...
         "pack[run=heldout_sentiment]",  # ...so both runs are re-tokenized
         "pack[run=heldout_nli]",
+        "audit[run=heldout_sentiment]",  # its mixture changed
+        "audit[run=heldout_nli]",  # the template file of the dataset it is scored on changed
     }

@@ -1,0 +1,24 @@
+# Input functions of rules/audit.smk (kept beside it, not in common.smk, so the audit stays one unit).
+
+
+from flanpipe.contamination import audited_datasets
+
+
+def audit_inputs(wildcards):
+    """The run's mixture, the canonical eval splits and the template file of every audited dataset."""
+    inputs = {"mixture": f"results/mixtures/{wildcards.run}/mixture.parquet"}
+    for d in audited_datasets(PLAN, wildcards.run):
+        inputs[f"validation__{d}"] = f"results/ingest/{d}/validation.parquet"
+        inputs[f"test__{d}"] = f"results/ingest/{d}/test.parquet"
+        inputs[f"templates__{d}"] = str(PLAN.registry[d].templates)
+    return inputs
+
+
+def audit_report(wildcards):
+    return f"results/audit/{wildcards.run}.json"
+
+
+def uncertainty_inputs(wildcards=None):
+    """Every main-result evaluation (as rule report) and the audit of each run among them trained here."""
+    runs = sorted({e.run for e in PLAN.evaluations} & set(PLAN.mixtures))
+    return {"results": report_inputs(), **{f"audit__{r}": f"results/audit/{r}.json" for r in runs}}

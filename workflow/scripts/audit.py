@@ -1,0 +1,29 @@
+"""Rule audit -> flanpipe.contamination.run_audit."""
+
+import json
+
+from flanpipe.contamination import AuditConfig, run_audit
+from flanpipe.io import log_to
+
+snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
+
+with log_to(snakemake.log[0]):
+    splits: dict[str, dict[str, str]] = {}
+    template_files: dict[str, str] = {}
+    for key, path in snakemake.input.items():  # "<validation|test|templates>__<dataset>" (rules/audit.smk)
+        what, _, dataset = key.partition("__")
+        if not dataset:
+            continue
+        if what == "templates":
+            template_files[dataset] = path
+        else:
+            splits.setdefault(dataset, {})[what] = path
+    report = run_audit(
+        snakemake.input.mixture,
+        splits,
+        template_files,
+        snakemake.output[0],
+        AuditConfig(**snakemake.params.audit),
+        max_examples=snakemake.params.max_examples,
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "datasets"}, indent=2))
