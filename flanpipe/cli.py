@@ -242,6 +242,7 @@ def cmd_templates_import(args: argparse.Namespace) -> None:
         sample=args.sample,
         options=args.options,
         turned_around_from=args.turned_around_from,
+        keep_jinja=args.jinja,
     )
     print(json.dumps({**result.summary(), "out": args.out}, indent=2))
 
@@ -400,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample", help="promptsource: JSONL records (source column names) to check conversions on")
     s.add_argument("--options", nargs="+", help="promptsource: the registry's options (default: most common)")
     s.add_argument("--turned-around-from", type=int, metavar="K", help="flan: templates K.. are turned around")
+    s.add_argument(
+        "--jinja", action="store_true", help="promptsource: keep templates that are not plain substitutions verbatim"
+    )
     s = add("plan", cmd_plan, "TP x PP x DP layout: memory per GPU, bubble, step time, hours")
     s.add_argument("--model", required=True, help="config/models/NAME.yaml name, or a config path")
     s.add_argument("--gpus", type=int, required=True)

@@ -12,14 +12,18 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
 from flanpipe.io import atomic_path, read_yaml
 from flanpipe.registry import DatasetSpec
 
+if TYPE_CHECKING:
+    from flanpipe.jinja_templates import JinjaSpec
+
 OPTIONS_PLACEHOLDER = "options_"
+TemplateKind = Literal["pattern", "jinja"]  # jinja: promptsource templates kept verbatim (flanpipe.jinja_templates)
 MAX_TURNED_AROUND = 3  # FLAN: "up to three" templates that turn the task around
 InstructionMode = Literal["natural", "no_template", "dataset_name", "lm"]
 # "lm" is not an instruction mode but the base model's pretraining text: the input fields, no answer.
@@ -53,6 +57,8 @@ class Template:
     inputs: str
     targets: str
     turned_around: bool = False
+    kind: TemplateKind = "pattern"
+    jinja: JinjaSpec | None = None  # kind "jinja" only; inputs/targets are then empty
 
 
 Piece = tuple[Literal["text", "field"], str]
@@ -96,7 +102,14 @@ def load_templates(path: str | os.PathLike[str]) -> list[Template]:
     for i, t in enumerate(raw["templates"]):
         if not isinstance(t, dict):
             raise TemplateError(f"{path}: template {i}: expected a mapping with 'inputs' and 'targets'")
-        unknown = set(t) - {"inputs", "targets", "turned_around"}
+        if t.get("kind", "pattern") == "jinja":
+            from flanpipe.jinja_templates import load_entry
+
+            out.append(load_entry(path, i, t))
+            continue
+        if t.get("kind", "pattern") != "pattern":
+            raise TemplateError(f"{path}: template {i}: kind {t['kind']!r} is not 'pattern' or 'jinja'")
+        unknown = set(t) - {"kind", "inputs", "targets", "turned_around"}
         if unknown:
             raise TemplateError(f"{path}: template {i}: unknown key(s) {sorted(unknown)}")
         for key in ("inputs", "targets"):
@@ -121,6 +134,11 @@ def validate_templates(templates: Sequence[Template], spec: DatasetSpec, path: s
     if n_turned == len(templates):
         raise TemplateError(f"{path}: every template is turned around; at least one must do the task itself")
     for t in templates:
+        if t.kind == "jinja":
+            from flanpipe.jinja_templates import validate
+
+            validate(t, spec, path)
+            continue
         for key in ("inputs", "targets"):
             try:
                 names = placeholders(getattr(t, key))
@@ -258,6 +276,10 @@ def render_train(lf: pl.LazyFrame, spec: DatasetSpec, chosen: Sequence[Template]
     template_id = pl.lit(chosen[-1].index, pl.Int32)
     for i, t in reversed(list(enumerate(chosen[:-1]))):
         template_id = pl.when(position == i).then(pl.lit(t.index, pl.Int32)).otherwise(template_id)
+    if any(t.kind == "jinja" for t in chosen):
+        from flanpipe.jinja_templates import render_mixed
+
+        return render_mixed(lf, spec, "train", template_id, chosen)
     return lf.select(_rendered_columns(spec, "train", template_id, chosen))
 
 
@@ -265,7 +287,12 @@ def fewshot_prefix(
     exemplars: pl.LazyFrame, spec: DatasetSpec, template: Template, options_in_prompt: bool = True
 ) -> str:
     """k solved examples under the same template, each "inputs\ntargets", separated by blank lines."""
-    df = exemplars.select(_rendered_columns(spec, "train", pl.lit(template.index), [template], options_in_prompt))
+    if template.kind == "jinja":
+        from flanpipe.jinja_templates import render_template
+
+        df = render_template(exemplars, spec, "train", template)
+    else:
+        df = exemplars.select(_rendered_columns(spec, "train", pl.lit(template.index), [template], options_in_prompt))
     rows = df.select(pl.concat_str([pl.col("inputs"), pl.lit("\n"), pl.col("targets")])).collect().to_series()
     return "".join(f"{r}\n\n" for r in rows)
 
@@ -289,7 +316,12 @@ def render_eval(
     base = lf.head(max_examples) if max_examples else lf
     frames = []
     for t in scored:
-        frame = base.select(_rendered_columns(spec, split, pl.lit(t.index), [t], options_in_prompt))
+        if t.kind == "jinja":  # rendered as written: its own choices, whatever options_in_prompt says
+            from flanpipe.jinja_templates import render_template
+
+            frame = render_template(base, spec, split, t)
+        else:
+            frame = base.select(_rendered_columns(spec, split, pl.lit(t.index), [t], options_in_prompt))
         if exemplars is not None:
             prefix = fewshot_prefix(exemplars, spec, t, options_in_prompt)
             frame = frame.with_columns(pl.concat_str([pl.lit(prefix), pl.col("inputs")]).alias("inputs"))
@@ -364,7 +396,12 @@ def preview(spec: DatasetSpec, canonical: str | os.PathLike[str], n: int) -> str
     lf = pl.scan_parquet(canonical).head(n)
     blocks: list[str] = []
     for t in templates:
-        df = lf.select(_rendered_columns(spec, "train", pl.lit(t.index), [t])).collect()
+        if t.kind == "jinja":
+            from flanpipe.jinja_templates import render_template
+
+            df = render_template(lf, spec, "train", t).collect()
+        else:
+            df = lf.select(_rendered_columns(spec, "train", pl.lit(t.index), [t])).collect()
         tag = " (turned around)" if t.turned_around else ""
         for inp, tgt in zip(df["inputs"], df["targets"], strict=True):
             blocks.append(f"--- {spec.name} template {t.index}{tag}\n[inputs]\n{inp}\n[targets]\n{tgt}")
