@@ -16,6 +16,7 @@
     flanpipe plan --model lamda_pt_137b --gpus 128 [--gpu-mem-gib 80] [--json]   TP/PP/DP layout planner
     flanpipe bench train [--json]                 Megatron GPTModel vs plain PyTorch fwd+bwd tokens/s
     flanpipe bench data [--json] [--scale S] [--workdir DIR]   render/mix/tokenize/pack on a FLAN-sized workload
+    flanpipe bench templates [--rows N] [--json]  render rows/s: {field} pattern vs Jinja template kind
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
 
 Experiment facts (lengths, caps, seeds) come from ``--config`` (default config/config.yaml), exactly as
@@ -284,6 +285,12 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
     bench_data(args.scale, args.workdir, args.json)
 
 
+def cmd_bench_templates(args: argparse.Namespace) -> None:
+    from flanpipe.bench.templates import main as bench_templates
+
+    bench_templates(args.rows, args.json)
+
+
 def cmd_bench_train(args: argparse.Namespace) -> None:
     from flanpipe.bench.train import bench_model_from, bench_train
 
@@ -422,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_bench_data)
     s.add_argument("--scale", type=float, default=1.0, help="1.0: >= 1M mixed examples; 0.005: seconds")
     s.add_argument("--workdir", help="keep intermediates here (default: a temporary directory)")
+    s.add_argument("--json", action="store_true")
+    s = bench.add_parser("templates", help="render rows/s: {field} pattern (Polars) vs Jinja (row-wise sandbox)")
+    s.set_defaults(fn=cmd_bench_templates)
+    s.add_argument("--rows", type=int, default=100_000)
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("dag", help="wall time of `snakemake -n` for an experiment config (planning cost)")
     s.set_defaults(fn=cmd_bench_dag)

@@ -276,3 +276,11 @@ def test_cli_import_jinja(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     )
     assert '"converted": 4' in capsys.readouterr().out
     assert [t.kind for t in load_templates(out)].count("jinja") == 3
+
+
+def test_bench_templates_renders_the_same_text_both_ways() -> None:
+    from flanpipe.bench.templates import bench_templates
+
+    result = bench_templates(300)
+    assert result["same_text"] is True
+    assert result["pattern_rows_per_s"] > 0 and result["jinja_rows_per_s"] > 0  # type: ignore[operator]
