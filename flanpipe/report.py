@@ -140,6 +140,7 @@ def _dataset_scores(record: Record) -> dict[str, Any]:
         "per_template": [dict(t) for t in record.get("per_template", [])],
         "mean": record.get("mean"),
         "std": record.get("std"),
+        "median": record.get("median"),
         "best_dev_template": record.get("best_dev_template"),
         "best_dev_test": record.get("best_dev_test"),
     }
