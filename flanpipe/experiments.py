@@ -24,6 +24,7 @@ from flanpipe.registry import (
     RegistryError,
     excluded_clusters,
     load_registry,
+    with_clusters,
     with_local_mirror,
 )
 from flanpipe.templates import Template, load_validated
@@ -196,6 +197,10 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
     """Load the registry, validate every used template against its dataset, and plan runs + evals."""
     mirror = (config.get("data") or {}).get("local_mirror")
     registry = with_local_mirror(load_registry(list(config["registry"])), mirror)
+    try:
+        registry = with_clusters(registry, config.get("clusters"))
+    except RegistryError as e:
+        raise PlanError(str(e)) from None
     if config.get("datasets"):
         unknown = sorted(set(config["datasets"]) - set(registry))
         if unknown:
