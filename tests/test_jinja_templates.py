@@ -220,6 +220,7 @@ def _bypass(jinja: str, answer_choices: str | None = None) -> Any:
         ("{{ 'a' * 10**8 }} ||| x", "refused by the sandbox"),
         ("{% for i in range(9999) %}{% for j in range(9999) %}{% endfor %}{% endfor %} ||| x", "longer than"),
         ("{{ ctx }} no separator", "separators"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }} ||| x", "does not render"),  # unbounded recursion
     ],
 )
 def test_render_time_guards_name_file_template_and_example(jinja: str, why: str) -> None:
