@@ -20,6 +20,7 @@ from flanpipe.io import atomic_path, read_yaml
 from flanpipe.registry import DatasetSpec
 
 if TYPE_CHECKING:
+    from flanpipe.formats import FormatMix
     from flanpipe.jinja_templates import JinjaSpec
 
 OPTIONS_PLACEHOLDER = "options_"
@@ -341,10 +342,17 @@ def render_shard(
     *,
     mode: InstructionMode = "natural",
     num_templates: int | None = None,
+    formats: FormatMix | None = None,
 ) -> dict[str, object]:
-    """Render the training split of one dataset into its templated shard."""
+    """Render the training split of one dataset into its templated shard (``formats``: Flan 2022's mixture
+    of zero-/few-shot and options/no-options prompts, flanpipe.formats; natural mode only)."""
     chosen = templates_for_mode(load_validated(spec), spec, mode, num_templates)
-    lf = render_train(pl.scan_parquet(canonical), spec, chosen)
+    if formats is not None and not formats.is_flan and mode == "natural":
+        from flanpipe.formats import render_train_formats
+
+        lf = render_train_formats(pl.scan_parquet(canonical), spec, chosen, formats)
+    else:
+        lf = render_train(pl.scan_parquet(canonical), spec, chosen)
     with atomic_path(out_path) as tmp:
         lf.sink_parquet(tmp)
     rows = pl.scan_parquet(out_path).select(pl.len()).collect().item()

@@ -68,6 +68,7 @@ rule render_shard:
     params:
         mode=shard_mode,
         num_templates=shard_num_templates,
+        formats=config["formats"],
     log:
         "logs/render_shard/{dataset}/{shard}.log",
     benchmark:
