@@ -32,7 +32,7 @@ from flanpipe.templates import Template, load_validated
 if TYPE_CHECKING:
     from flanpipe.model_config import ModelConfig
 
-ABLATIONS = ("clusters", "scale", "instructions", "templates")
+ABLATIONS = ("clusters", "scale", "instructions", "templates", "options")
 _VARIANT = re.compile(r"(?P<mode>natural|no_template|dataset_name)(?P<noopts>-noopts)?(?:-(?P<shots>\d+)shot)?\Z")
 
 
@@ -74,13 +74,16 @@ class Run:
     kind: str = "tune"  # tune | pretrain | given
     checkpoint: str | None = None  # kind == given: a model dir (model.json + checkpoint/)
     steps: int | None = None  # override of train.steps (pretraining)
+    options_share: float | None = None  # options ablation: share of training prompts showing options
 
     @property
     def shard_variant(self) -> str:
-        """Training shards depend only on the instruction mode and the template count."""
+        """Training shards depend only on the instruction mode, the template count and (options ablation)
+        the share of prompts that show their options (``-optsNN``, percent)."""
         if self.kind == "pretrain":
             return "lm"
-        return f"{self.train_mode}-{'all' if self.num_templates is None else self.num_templates}"
+        opts = "" if self.options_share is None else f"-opts{round(self.options_share * 100)}"
+        return f"{self.train_mode}-{'all' if self.num_templates is None else self.num_templates}{opts}"
 
 
 @dataclass(frozen=True)
@@ -133,10 +136,22 @@ def parse_shard_variant(name: str) -> tuple[str, int | None]:
     """``natural-all`` -> ("natural", None); ``natural-4`` -> ("natural", 4); ``lm`` -> ("lm", None)."""
     if name == "lm":
         return "lm", None
+    name = re.sub(r"-opts\d+\Z", "", name)
     mode, _, k = name.rpartition("-")
     if mode not in ("natural", "no_template", "dataset_name") or not (k == "all" or k.isdigit()):
         raise PlanError(f"unknown training shard variant {name!r}")
     return mode, None if k == "all" else int(k)
+
+
+def shard_options_share(name: str) -> float | None:
+    """``natural-all-opts50`` -> 0.5: the options ablation's share; None when the config's formats decide."""
+    m = re.search(r"-opts(\d+)\Z", name)
+    return None if m is None else int(m[1]) / 100
+
+
+def options_setting(share: float) -> str:
+    """The options ablation's names for a share of prompts showing options."""
+    return "always" if share == 1.0 else "never" if share == 0.0 else f"mixed {round(share * 100)}%"
 
 
 def model_stem(model: str) -> str:
@@ -450,6 +465,21 @@ def _plan_ablations(
                 datasets = _training_set(registry, c, overlaps)
                 evals += add(Run(f"heldout_{c}__templates{k}", model, datasets, c, num_templates=k, init=init))
         out["templates"] = evals
+    if abl.get("options"):  # Flan 2022: train with options always / never / mixed, eval with and without
+        evals = []
+        a = abl["options"]
+        config_share = float((config.get("formats") or {}).get("options", 1.0))
+        shares = {"always": 1.0, "never": 0.0, "mixed": float(a.get("mixed", 0.5))}
+        for setting in a["settings"]:
+            share = shares[setting]
+            for c in config["held_out"]:
+                datasets = _training_set(registry, c, overlaps)
+                same = share == config_share  # the main run already trains this way
+                name = f"heldout_{c}" if same else f"heldout_{c}__opts-{setting}"
+                run = Run(name, model, datasets, c, options_share=None if same else share, init=init)
+                evals += add(run, "natural")
+                evals += [e for e in add(run, "natural-noopts") if registry[e.dataset].has_options]
+        out["options"] = evals
     return out
 
 

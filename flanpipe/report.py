@@ -46,7 +46,7 @@ SLOT_ORDER = (
     "base_fewshot_noopts",
 )
 
-ABLATION_NAMES = ("clusters", "scale", "instructions", "templates")
+ABLATION_NAMES = ("clusters", "scale", "instructions", "templates", "options")
 
 # Held-out averages in the paper (LaMDA-PT 137B), to compare the *shape* of a small reproduction against.
 # clusters: Figure 6 (held out NLI, commonsense, closed-book QA), 1..7 training clusters.
@@ -305,6 +305,8 @@ def ablation_value(name: str, record: Record) -> int | str:
     v = record["ablation_value"]
     if name == "instructions":
         return "".join(str(v).split())  # "natural -> natural" == "natural->natural"
+    if name == "options":
+        return str(v)  # "always->no options": training setting -> evaluation prompt
     return int(v)
 
 
@@ -316,6 +318,8 @@ def instruction_label(value: str) -> str:
 def _value_label(name: str, value: int | str, models: Sequence[str]) -> str:
     if name == "instructions":
         return instruction_label(str(value))
+    if name == "options":
+        return str(value).replace("->", " -> ")
     if name == "scale":
         return format_params(int(value)) + (f" ({', '.join(models)})" if models else "")
     return str(value)
@@ -334,7 +338,7 @@ def summarize_ablation(name: str, records: Sequence[Record], experiment: str = "
     seen: dict[tuple[str, int | str], None] = {}
     for role, value, _, _ in cells:
         seen.setdefault((role, value), None)
-    keys = list(seen) if name == "instructions" else sorted(seen, key=lambda k: (k[0] != "tuned", k[1]))
+    keys = list(seen) if name in ("instructions", "options") else sorted(seen, key=lambda k: (k[0] != "tuned", k[1]))
     reference = PAPER_REFERENCE.get(name, {})
     points = []
     for role, value in keys:
@@ -371,6 +375,7 @@ _VALUE_HEADER = {
     "scale": "model size (parameters)",
     "instructions": "instruction setting (train -> eval)",
     "templates": "templates per dataset",
+    "options": "options in training -> in evaluation",
 }
 
 

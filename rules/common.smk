@@ -4,7 +4,13 @@
 from pathlib import Path
 
 from flanpipe.config import budget_tokens, check_world, train_spec, validate_config
-from flanpipe.experiments import EvalVariant, parse_shard_variant, plan_experiment
+from flanpipe.experiments import (
+    EvalVariant,
+    options_setting,
+    parse_shard_variant,
+    plan_experiment,
+    shard_options_share,
+)
 from flanpipe.ingest import check_local_source
 from flanpipe.io import read_yaml, resolve_config_path
 from flanpipe.model_config import load_model_config, param_count
@@ -53,9 +59,9 @@ wildcard_constraints:
     synthetic=_alternatives(SYNTHETIC),
     run=_alternatives(TRAINED),
     evalrun=_alternatives(PLAN.runs),
-    shard=r"lm|(natural|no_template|dataset_name)-(all|\d+)",
+    shard=r"lm|(natural|no_template|dataset_name)-(all|\d+)(-opts\d+)?",
     variant=r"(natural|no_template|dataset_name)(-noopts)?(-\d+shot)?",
-    ablation="|".join(("clusters", "scale", "instructions", "templates")),
+    ablation="|".join(("clusters", "scale", "instructions", "templates", "options")),
     split="train|validation|test",
 
 
@@ -84,6 +90,12 @@ def shard_mode(wildcards):
 
 def shard_num_templates(wildcards):
     return parse_shard_variant(wildcards.shard)[1]
+
+
+def shard_formats(wildcards):
+    """config formats, with the options ablation's share for its -optsNN shards."""
+    share = shard_options_share(wildcards.shard)
+    return {**config["formats"], **({} if share is None else {"options": share})}
 
 
 def eval_shard_inputs(wildcards):
@@ -181,6 +193,10 @@ def _record_meta(evaluation, ablation=None):
         meta["ablation_value"] = f"{run.train_mode}->{EvalVariant.parse(evaluation.variant).mode}"
     elif ablation == "templates":
         meta["ablation_value"] = run.num_templates
+    elif ablation == "options":
+        share = config["formats"]["options"] if run.options_share is None else run.options_share
+        shown = "options" if EvalVariant.parse(evaluation.variant).options else "no options"
+        meta["ablation_value"] = f"{options_setting(share)}->{shown}"
     return meta
 
 

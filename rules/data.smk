@@ -68,7 +68,7 @@ rule render_shard:
     params:
         mode=shard_mode,
         num_templates=shard_num_templates,
-        formats=config["formats"],
+        formats=shard_formats,
     log:
         "logs/render_shard/{dataset}/{shard}.log",
     benchmark:

@@ -107,3 +107,87 @@ def test_render_shard_takes_formats_and_refuses_jinja(spec: DatasetSpec, tmp_pat
         render_shard(j_spec, canonical, tmp_path / "j.parquet", formats=FormatMix(fewshot=0.5))
     with pytest.raises(ValueError, match="formats.options must be a share"):
         FormatMix(options=1.5)
+
+
+# --------------------------------------------------------------------------------------- options ablation
+
+
+def options_config(tmp_path: Path) -> Path:
+    """The embedded default plus Flan 2022's options ablation (always / never / mixed)."""
+    import yaml
+
+    from flanpipe.io import read_yaml
+
+    raw = read_yaml(Path(__file__).resolve().parent.parent / "config" / "config.yaml")
+    raw["ablations"] = {**(raw.get("ablations") or {}), "options": {"settings": ["always", "never", "mixed"]}}
+    path = tmp_path / "options.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def test_options_ablation_plans_three_trainings_each_evaluated_both_ways(tmp_path: Path) -> None:
+    from flanpipe.config import load_config
+    from flanpipe.experiments import parse_shard_variant, plan_experiment, shard_options_share
+
+    config = load_config(options_config(tmp_path))
+    plan = plan_experiment(config)
+    evals = plan.ablations["options"]
+    runs = sorted({e.run for e in evals})
+    held = config["held_out"]
+    assert runs == sorted(
+        [f"heldout_{c}" for c in held] + [f"heldout_{c}__opts-{s}" for c in held for s in ("never", "mixed")]
+    )
+    assert {plan.runs[r].shard_variant for r in runs} == {"natural-all", "natural-all-opts0", "natural-all-opts50"}
+    assert (
+        parse_shard_variant("natural-all-opts50") == ("natural", None)
+        and shard_options_share("natural-all-opts50") == 0.5
+    )
+    assert shard_options_share("natural-all") is None
+    for e in evals:  # classification datasets with and without options; the others once
+        assert e.variant in ("natural", "natural-noopts")
+        if e.variant == "natural-noopts":
+            assert plan.registry[e.dataset].has_options
+    per_run = {r: {e.variant for e in evals if e.run == r} for r in runs}
+    assert all(v == {"natural", "natural-noopts"} for v in per_run.values())
+
+
+def test_options_ablation_dry_run_renders_a_shard_per_share(tmp_path: Path) -> None:
+    import re
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dag import run_snakemake
+
+    r = run_snakemake(tmp_path, options_config(tmp_path), "-n", "ablation_options", timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    shards = set(re.findall(r"results/shards/\w+/train/(natural-all\S*)\.parquet", r.stdout))
+    assert shards == {"natural-all", "natural-all-opts0", "natural-all-opts50"}
+
+
+def test_options_ablation_summary_and_figure(tmp_path: Path) -> None:
+    from flanpipe.figures import ablation_figure, save_figure
+    from flanpipe.report import summarize_ablation
+
+    records = []
+    for i, setting in enumerate(("always", "never", "mixed 50%")):
+        for j, shown in enumerate(("options", "no options")):
+            records.append(
+                {
+                    "run": f"r{i}",
+                    "variant": "natural" if shown == "options" else "natural-noopts",
+                    "dataset": "rte",
+                    "held_out": "nli",
+                    "role": "tuned",
+                    "model": "tiny",
+                    "metric": "accuracy",
+                    "mean": 50.0 + 10 * i - 5 * j,
+                    "std": 0.0,
+                    "best_dev_test": 50.0,
+                    "ablation_value": f"{setting}->{shown}",
+                }
+            )
+    summary = summarize_ablation("options", records)
+    assert [p["label"] for p in summary["points"]][:2] == ["always -> options", "always -> no options"]
+    assert summary["points"][3]["held_out_average"] == 55.0  # never -> no options
+    save_figure(ablation_figure(summary), tmp_path / "options.png")
+    assert (tmp_path / "options.png").stat().st_size > 1000
