@@ -22,7 +22,11 @@ promptsource -> ``{field}`` pattern (the Jinja AST is walked; nothing is matched
 - ``{% if label != -1 %}...{% endif %}`` (P3's guard for unlabelled test rows) -> its body, since every
   canonical row we render has a label
 - anything else -- loops, other conditionals, ``{% set %}``, filters, attribute access, calls, slicing --
-  cannot be expressed as a ``{field}`` pattern: the template is SKIPPED with the reason logged and counted.
+  cannot be expressed as a ``{field}`` pattern: the template is SKIPPED with the reason logged and counted,
+  unless ``--jinja`` (``keep_jinja``) keeps it verbatim as a ``kind: jinja`` template (flanpipe.jinja_templates:
+  rendered row-wise in a guarded sandbox, with its own per-example answer choices). With ``--jinja``, templates
+  that would change surface form (``answer_choices | join`` -> ``{options_}``) or word their choices differently
+  from the dataset's are kept verbatim too, and sandbox escapes stop the import naming file and template.
 
 Every converted template is then rendered both ways on sample records (``--sample FILE.jsonl`` or records
 synthesized from the template's variables, one per label value) and skipped unless the outputs agree.
