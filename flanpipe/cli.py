@@ -19,6 +19,7 @@
     flanpipe bench data [--json] [--scale S] [--workdir DIR] [--peer]   render/mix/tokenize/pack on a FLAN-sized
                                                   workload (--peer: tokenize + pack vs datasets + TRL bfd)
     flanpipe bench eval [--json] [--workdir DIR]  evaluation: per-dataset cache-free vs grouped KV-cache jobs
+    flanpipe bench templates [--rows N] [--json]  render rows/s: {field} pattern vs Jinja template kind
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
     flanpipe audit RUN --out FILE                 rule audit: n-gram contamination of a run's mixture (cli_audit)
     flanpipe bench audit [--examples N] [--json]  audit speed and peak RSS on 1M examples with planted leaks
@@ -271,6 +272,7 @@ def cmd_templates_import(args: argparse.Namespace) -> None:
         options=args.options,
         turned_around_from=args.turned_around_from,
         force=args.force,
+        keep_jinja=args.jinja,
     )
     print(json.dumps({**result.summary(), "out": args.out}, indent=2))
 
@@ -310,6 +312,12 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
     from flanpipe.bench.data import main as bench_data
 
     bench_data(args.scale, args.workdir, args.json, peer=args.peer)
+
+
+def cmd_bench_templates(args: argparse.Namespace) -> None:
+    from flanpipe.bench.templates import main as bench_templates
+
+    bench_templates(args.rows, args.json)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
@@ -512,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample", help="promptsource: JSONL records (source column names) to check conversions on")
     s.add_argument("--options", nargs="+", help="promptsource: the registry's options (default: most common)")
     s.add_argument("--turned-around-from", type=int, metavar="K", help="flan: templates K.. are turned around")
+    s.add_argument(
+        "--jinja", action="store_true", help="promptsource: keep templates that are not plain substitutions verbatim"
+    )
     s = add("plan", cmd_plan, "TP x PP x DP layout: memory per GPU, bubble, step time, hours")
     s.add_argument("--model", required=True, help="config/models/NAME.yaml name, or a config path")
     s.add_argument("--gpus", type=int, required=True)
@@ -540,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=float, default=1.0, help="1.0: >= 1M mixed examples; 0.005: seconds")
     s.add_argument("--workdir", help="keep intermediates here (default: a temporary directory)")
     s.add_argument("--peer", action="store_true", help="also tokenize + pack with datasets map + TRL bfd packing")
+    s.add_argument("--json", action="store_true")
+    s = bench.add_parser("templates", help="render rows/s: {field} pattern (Polars) vs Jinja (row-wise sandbox)")
+    s.set_defaults(fn=cmd_bench_templates)
+    s.add_argument("--rows", type=int, default=100_000)
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("dag", help="wall time of `snakemake -n` for an experiment config (planning cost)")
     s.set_defaults(fn=cmd_bench_dag)

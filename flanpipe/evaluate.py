@@ -336,6 +336,7 @@ def summarize(per_template: pl.DataFrame) -> dict:
     return {
         "mean": float(test.mean()) if test.len() else None,
         "std": float(test.std(ddof=0)) if test.len() else None,
+        "median": float(test.median()) if test.len() else None,  # T0 reports mean and median over prompts
         "best_dev_template": int(best["template_id"]) if best else None,
         "best_dev_test": best["test"] if best else None,
     }

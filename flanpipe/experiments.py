@@ -27,6 +27,7 @@ from flanpipe.registry import (
     RegistryError,
     excluded_clusters,
     load_registry,
+    with_clusters,
     with_local_mirror,
 )
 from flanpipe.templates import Template, load_validated
@@ -42,6 +43,7 @@ from flanpipe.vocab import (
     instruction_setting,
     is_ablation_run_name,
     main_run_name,
+    options_ablation_value,
     shard_name,
 )
 
@@ -60,14 +62,17 @@ class Run:
     kind: RunKind = RunKind.TUNE
     checkpoint: str | None = None  # kind GIVEN: a model dir (model.json + checkpoint/)
     steps: int | None = None  # override of train.steps (pretraining)
+    options_share: float | None = None  # options ablation: share of training prompts showing options
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", RunKind(self.kind))  # "given" works too; `is RunKind.GIVEN` holds
 
     @property
     def shard_variant(self) -> str:
-        """Training shards depend only on the instruction mode and the template count."""
-        return shard_name(LM_MODE if self.kind is RunKind.PRETRAIN else self.train_mode, self.num_templates)
+        """Training shards depend only on the instruction mode, the template count and (options ablation)
+        the share of prompts that show their options (``-optsNN``, percent)."""
+        mode = LM_MODE if self.kind is RunKind.PRETRAIN else self.train_mode
+        return shard_name(mode, self.num_templates, self.options_share)
 
     @property
     def role(self) -> RunRole:
@@ -195,6 +200,10 @@ class Plan:
             return instruction_setting(run.train_mode, EvalVariant.parse(evaluation.variant).mode)
         if ablation == "templates":
             return run.num_templates
+        if ablation == "options":
+            assert self.config is not None
+            share = self.config["formats"]["options"] if run.options_share is None else run.options_share
+            return options_ablation_value(share, EvalVariant.parse(evaluation.variant).options)
         raise PlanError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
 
 
@@ -256,6 +265,10 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
     """Load the registry, validate every used template against its dataset, and plan runs + evals."""
     mirror = (config.get("data") or {}).get("local_mirror")
     registry = with_local_mirror(load_registry(list(config["registry"])), mirror)
+    try:
+        registry = with_clusters(registry, config.get("clusters"))
+    except RegistryError as e:
+        raise PlanError(str(e)) from None
     check_cluster_names(config, registry)
     if config.get("datasets"):
         unknown = sorted(set(config["datasets"]) - set(registry))
@@ -401,6 +414,21 @@ def _plan_ablations(
                 datasets = _training_set(registry, c, overlaps)
                 evals += add(Run(ablation_run_name(c, f"templates{k}"), model, datasets, c, num_templates=k, init=init))
         out["templates"] = evals
+    if abl.get("options"):  # Flan 2022: train with options always / never / mixed, eval with and without
+        evals = []
+        a = abl["options"]
+        config_share = float((config.get("formats") or {}).get("options", 1.0))
+        shares = {"always": 1.0, "never": 0.0, "mixed": float(a.get("mixed", 0.5))}
+        for setting in a["settings"]:
+            share = shares[setting]
+            for c in config["held_out"]:
+                datasets = _training_set(registry, c, overlaps)
+                same = share == config_share  # the main run already trains this way
+                name = main_run_name(c) if same else ablation_run_name(c, f"opts-{setting}")
+                run = Run(name, model, datasets, c, options_share=None if same else share, init=init)
+                evals += add(run, "natural")
+                evals += [e for e in add(run, "natural-noopts") if registry[e.dataset].has_options]
+        out["options"] = evals
     return out
 
 

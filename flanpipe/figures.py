@@ -60,12 +60,14 @@ ABLATION_TITLES = {
     "scale": "held-out average vs model size: instruction-tuned vs untuned base",
     "instructions": "role of instructions: held-out average by instruction setting",
     "templates": "held-out average vs number of templates per dataset in training",
+    "options": "options block: trained always / never / mixed, evaluated with and without",
 }
 ABLATION_XLABELS = {
     "clusters": "number of clusters used for instruction tuning",
     "scale": "model size (parameters, log scale)",
     "instructions": "instruction setting (fine-tuning -> evaluation)",
     "templates": "number of instruction templates per dataset (training)",
+    "options": "options block in training prompts",
 }
 
 
@@ -177,11 +179,13 @@ def ablation_figure(ablation: Mapping[str, Any]) -> Figure:
         values = _scale_axes(ax, ablation["points"])
     elif name == "instructions":
         values = _instruction_axes(ax, ablation["points"])
+    elif name == "options":
+        values = _options_axes(ax, ablation["points"])
     else:
         values = _count_axes(ax, ablation["points"])
-    _score_ylim(ax, values, bars=name == "instructions")
+    _score_ylim(ax, values, bars=name in ("instructions", "options"))
     _finish(ax, f"{ablation['experiment']}\n{ABLATION_TITLES[name]}", ABLATION_XLABELS[name], HELD_OUT_AXIS)
-    if name != "instructions":  # its bars carry their own legend handles
+    if name not in ("instructions", "options"):  # their bars carry their own legend handles
         _legend_below(ax)
     return fig
 
@@ -300,6 +304,31 @@ def _instruction_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[flo
     ax.set_xticks(range(len(tuned)), [_wrap_setting(p["label"]) for p in tuned], fontsize=8)
     _legend_below(ax, handles)
     return [y for y in ys if y is not None] + [y for _, y in paper]
+
+
+def _options_axes(ax: Axes, points: Sequence[Mapping[str, Any]]) -> list[float]:
+    """One group per training setting, a bar each for evaluation with and without the options block."""
+    tuned = [p for p in points if p["role"] == "tuned"]
+    settings = list(dict.fromkeys(str(p["value"]).split("->")[0] for p in tuned))
+    shown = {"options": (COLORS["tuned_zeroshot"], -0.2), "no options": (COLORS["cluster"], 0.2)}
+    ys: list[float] = []
+    handles: list[Any] = []
+    for evaluated, (color, dx) in shown.items():
+        xs, heights = [], []
+        for p in tuned:
+            train, _, ev = str(p["value"]).partition("->")
+            if ev == evaluated:
+                xs.append(settings.index(train) + dx)
+                heights.append(p["held_out_average"])
+        if not xs:
+            continue
+        bars = ax.bar(xs, [h or 0.0 for h in heights], 0.4, color=color, edgecolor="black", linewidth=0.5)
+        ax.bar_label(bars, labels=["n/a" if h is None else f"{h:.1f}" for h in heights], fontsize=8, padding=2)
+        handles.append(Patch(facecolor=color, edgecolor="black", label=f"evaluated with {evaluated}"))
+        ys += [h for h in heights if h is not None]
+    ax.set_xticks(range(len(settings)), [f"trained: {s}" for s in settings], fontsize=8)
+    _legend_below(ax, handles)
+    return ys
 
 
 def _wrap_setting(label: str) -> str:

@@ -22,7 +22,11 @@ promptsource -> ``{field}`` pattern (the Jinja AST is walked; nothing is matched
 - ``{% if label != -1 %}...{% endif %}`` (P3's guard for unlabelled test rows) -> its body, since every
   canonical row we render has a label
 - anything else -- loops, other conditionals, ``{% set %}``, filters, attribute access, calls, slicing --
-  cannot be expressed as a ``{field}`` pattern: the template is SKIPPED with the reason logged and counted.
+  cannot be expressed as a ``{field}`` pattern: the template is SKIPPED with the reason logged and counted,
+  unless ``--jinja`` (``keep_jinja``) keeps it verbatim as a ``kind: jinja`` template (flanpipe.jinja_templates:
+  rendered row-wise in a guarded sandbox, with its own per-example answer choices). With ``--jinja``, templates
+  that would change surface form (``answer_choices | join`` -> ``{options_}``) or word their choices differently
+  from the dataset's are kept verbatim too, and sandbox escapes stop the import naming file and template.
 
 Every converted template is then rendered both ways on sample records (``--sample FILE.jsonl`` or records
 synthesized from the template's variables, one per label value) and skipped unless the outputs agree.
@@ -61,6 +65,7 @@ from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flanpipe.io import StrictLoader, atomic_path
+from flanpipe.jinja_templates import GLOBALS, JinjaSpec, unsafe_constructs
 from flanpipe.templates import (
     MAX_TURNED_AROUND,
     OPTIONS_PLACEHOLDER,
@@ -96,6 +101,12 @@ class ImportedTemplate:
     inputs: str
     targets: str
     turned_around: bool = False
+    jinja: JinjaSpec | None = None  # --jinja: kept verbatim as a `kind: jinja` template (inputs/targets empty)
+
+    def key(self) -> tuple[Any, ...]:
+        j = self.jinja
+        extra = (j.jinja, j.answer_choices, j.label, tuple(sorted(j.variables.items()))) if j else ()
+        return (self.inputs, self.targets, *extra)
 
 
 @dataclass(frozen=True)
@@ -185,10 +196,10 @@ def is_task_inverted(inputs: str, targets: str) -> bool:
 
 def _dedupe(templates: list[ImportedTemplate], skipped: list[SkippedTemplate]) -> list[ImportedTemplate]:
     """Two sources wording that convert to the same pattern would only double one template's weight."""
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
     out = []
     for t in templates:
-        key = (t.inputs, t.targets)
+        key = t.key()
         if key in seen:
             skipped.append(SkippedTemplate(t.source, f"converts to the same patterns as {seen[key]}"))
         else:
@@ -584,8 +595,14 @@ def import_promptsource(
     field_map: Mapping[str, str] | None = None,
     sample: str | os.PathLike[str] | None = None,
     options: Sequence[str] | None = None,
+    keep_jinja: bool = False,
 ) -> ImportResult:
-    """Convert every faithfully convertible template of one promptsource dataset (see the module doc)."""
+    """Convert every faithfully convertible template of one promptsource dataset (see the module doc).
+
+    ``keep_jinja`` (``--jinja``): a template that is not a plain substitution, changes surface form
+    (``answer_choices | join`` -> ``{options_}``) or words its choices differently is kept verbatim as a
+    ``kind: jinja`` template instead of skipped; unsafe Jinja is refused with the file and template named.
+    """
     fmap = dict(field_map or {})
     path = find_promptsource_file(source, dataset)
     doc = load_promptsource_yaml(path)
@@ -593,7 +610,7 @@ def import_promptsource(
         raise TemplateImportError(f"{path}: holds templates for {_promptsource_name(doc)!r}, not {dataset!r}")
     records = read_sample(sample) if sample is not None else None
     env = sandbox()
-    kept: list[tuple[ImportedTemplate, tuple[str, ...] | str | None]] = []
+    kept: list[tuple[ImportedTemplate, tuple[str, ...] | str | None, dict[str, Any]]] = []
     skipped: list[SkippedTemplate] = []
     for key, t in doc["templates"].items():
         if not isinstance(t, dict):
@@ -604,21 +621,31 @@ def import_promptsource(
             raise TemplateImportError(f"{path}: template {src}: 'jinja' must be a non-empty string")
         if answer_choices is not None and not isinstance(answer_choices, str):
             raise TemplateImportError(f"{path}: template {src}: 'answer_choices' must be a string or null")
+        if keep_jinja:
+            _refuse_unsafe(env, path, src, jinja, answer_choices)
         try:
             conv = convert_template(env, jinja, answer_choices, fmap)
             turned = _turned_around(t.get("metadata"), conv)
             recs = records if records is not None else synthesize_records(env, jinja, answer_choices, conv.label)
             check_equivalent(env, conv, jinja, answer_choices, recs, fmap)
+            if keep_jinja and conv.join_sep is not None:
+                raise Unconvertible("{options_} would replace its inline choices")
         except Unconvertible as e:
-            skipped.append(SkippedTemplate(src, str(e)))
+            if keep_jinja:
+                try:
+                    kept.append((verbatim_template(env, t, src, fmap), None, t))
+                except Unconvertible as e2:
+                    skipped.append(SkippedTemplate(src, str(e2)))
+            else:
+                skipped.append(SkippedTemplate(src, str(e)))
             continue
         uses_choices = conv.uses_answer or conv.join_sep is not None
         choice_key = _choice_key(env, answer_choices) if uses_choices and answer_choices is not None else None
-        kept.append((ImportedTemplate(src, conv.inputs, conv.targets, turned), choice_key))
+        kept.append((ImportedTemplate(src, conv.inputs, conv.targets, turned), choice_key, t))
 
     # {answer}/{options_} render ONE option list per dataset: keep the templates that agree on it.
     notes: list[str] = []
-    keys = [k for _, k in kept if k is not None]
+    keys = [k for _, k, _ in kept if k is not None]
     chosen: tuple[str, ...] | str | None = tuple(options) if options is not None else None
     if chosen is None and keys:
         chosen = Counter(keys).most_common(1)[0][0]  # ties: the first seen (Counter keeps insertion order)
@@ -628,8 +655,13 @@ def import_promptsource(
             + ("options: are exactly these, in this order" if isinstance(chosen, tuple) else "options_field")
         )
     templates: list[ImportedTemplate] = []
-    for t, k in kept:
-        if k is not None and k != chosen:
+    for t, k, raw in kept:
+        if k is not None and k != chosen and keep_jinja:  # its own wording of the choices, kept as written
+            try:
+                templates.append(verbatim_template(env, raw, t.source, fmap))
+            except Unconvertible as e:
+                skipped.append(SkippedTemplate(t.source, str(e)))
+        elif k is not None and k != chosen:
             skipped.append(
                 SkippedTemplate(
                     t.source,
@@ -639,6 +671,56 @@ def import_promptsource(
         else:
             templates.append(t)
     return _finish("promptsource", path, dataset, templates, skipped, notes)
+
+
+def _refuse_unsafe(
+    env: ImmutableSandboxedEnvironment, path: Path, src: str, jinja: str, answer_choices: str | None
+) -> None:
+    """Sandbox escapes (dunder attributes, attr filter, includes) stop the import, naming file and template."""
+    for what, text in (("jinja", jinja), ("answer_choices", answer_choices)):
+        if text is None:
+            continue
+        try:
+            bad = unsafe_constructs(env.parse(text))
+        except JinjaError:
+            continue  # a parse error is reported (and the template skipped) by the conversion
+        if bad:
+            raise TemplateImportError(f"{path}: template {src} ({what}): refused by the sandbox: {'; '.join(bad)}")
+
+
+def _label_variable(tree: nodes.Template, free: set[str]) -> str | None:
+    """The variable that indexes answer_choices (``answer_choices[label]``), if exactly one does; else
+    P3's usual ``label`` when the template uses it (``endings[label]``)."""
+    names = {n.arg.name for n in tree.find_all(nodes.Getitem) if _is_choices(n.node) and isinstance(n.arg, nodes.Name)}
+    if len(names) == 1:
+        return names.pop()
+    return "label" if "label" in free else None
+
+
+def verbatim_template(
+    env: ImmutableSandboxedEnvironment, t: Mapping[str, Any], src: str, field_map: Mapping[str, str]
+) -> ImportedTemplate:
+    """A promptsource template kept as written; ``--field-map`` renames become its ``variables``.
+
+    The variable indexing ``answer_choices`` becomes ``label``: at render time it receives the gold answer's
+    index in the registry's options, so those must follow the source's label order.
+    """
+    metadata = t.get("metadata")
+    if isinstance(metadata, dict) and metadata.get("original_task") is False:
+        raise Unconvertible("original_task is false (turned-around cannot be checked for a Jinja template)")
+    jinja, answer_choices = t["jinja"], t.get("answer_choices")
+    try:
+        tree = env.parse(jinja)
+        free = set(meta.find_undeclared_variables(tree))
+        if answer_choices is not None:
+            free |= meta.find_undeclared_variables(env.parse(answer_choices))
+    except JinjaError as e:
+        raise Unconvertible(f"Jinja does not parse: {_first_line(e)}") from None
+    label = _label_variable(tree, free)
+    free -= {CHOICES, label or "", *GLOBALS}
+    variables = {v: field_map[v] for v in sorted(free) if v in field_map and field_map[v] != v}
+    name = t.get("name") if isinstance(t.get("name"), str) else ""
+    return ImportedTemplate(src, "", "", False, JinjaSpec(jinja, answer_choices, label, variables, name))
 
 
 def _finish(
@@ -807,11 +889,34 @@ def format_template_file(result: ImportResult) -> str:
     lines.append("templates:")
     for t in result.templates:
         lines.append(f"  # {_comment(t.source)}")
+        if t.jinja is not None:
+            lines += _jinja_entry(t.jinja)
+            continue
         lines.append(f"  - inputs: {_quoted(t.inputs)}")
         lines.append(f"    targets: {_quoted(t.targets)}")
         if t.turned_around:
             lines.append("    turned_around: true")
     return "\n".join(lines) + "\n"
+
+
+def _jinja_entry(j: JinjaSpec) -> list[str]:
+    lines = ["  - kind: jinja"]
+    if j.name:
+        lines.append(f"    name: {_quoted(j.name)}")
+    lines.append(f"    jinja: {_quoted(j.jinja)}")
+    if j.answer_choices is not None:
+        lines.append(f"    answer_choices: {_quoted(j.answer_choices)}")
+    if j.label is not None:
+        lines.append(f"    label: {_quoted(j.label)}")
+    if j.variables:
+        pairs = ", ".join(f"{_quoted(k)}: {_quoted(v)}" for k, v in j.variables.items())
+        lines.append("    variables: {" + pairs + "}")
+    return lines
+
+
+def _readback_key(inputs: str, targets: str, turned: bool, j: JinjaSpec | None) -> tuple[Any, ...]:
+    extra = (j.jinja, j.answer_choices, j.label, dict(j.variables)) if j is not None else ()
+    return (inputs, targets, turned, *extra)
 
 
 def write_template_file(result: ImportResult, out: str | os.PathLike[str]) -> Path:
@@ -820,10 +925,10 @@ def write_template_file(result: ImportResult, out: str | os.PathLike[str]) -> Pa
     with atomic_path(final) as tmp:
         tmp.write_text(format_template_file(result), encoding="utf-8")
         try:
-            loaded = [(t.inputs, t.targets, t.turned_around) for t in load_templates(tmp)]
+            loaded = [_readback_key(t.inputs, t.targets, t.turned_around, t.jinja) for t in load_templates(tmp)]
         except (TemplateError, ValueError) as e:
             raise TemplateImportError(f"{final}: the imported file does not load: {e}") from None
-        if loaded != [(t.inputs, t.targets, t.turned_around) for t in result.templates]:
+        if loaded != [_readback_key(t.inputs, t.targets, t.turned_around, t.jinja) for t in result.templates]:
             raise TemplateImportError(f"{final}: the imported file does not read back as written")
     return final
 
@@ -839,6 +944,7 @@ def import_templates(
     options: Sequence[str] | None = None,
     turned_around_from: int | None = None,
     force: bool = False,
+    keep_jinja: bool = False,
 ) -> ImportResult:
     """``flanpipe templates import``: read one dataset's templates from ``source``, write ``out``.
 
@@ -851,10 +957,14 @@ def import_templates(
     if kind == "promptsource":
         if turned_around_from is not None:
             raise TemplateImportError("--turned-around-from is for --from flan (promptsource has original_task)")
-        result = import_promptsource(source, dataset, field_map=field_map, sample=sample, options=options)
+        result = import_promptsource(
+            source, dataset, field_map=field_map, sample=sample, options=options, keep_jinja=keep_jinja
+        )
     elif kind == "flan":
-        if sample is not None or options is not None:
-            raise TemplateImportError("--sample/--options are for --from promptsource (FLAN patterns need no check)")
+        if sample is not None or options is not None or keep_jinja:
+            raise TemplateImportError(
+                "--sample/--options/--jinja are for --from promptsource (FLAN patterns need no check)"
+            )
         result = import_flan(source, dataset, field_map=field_map, turned_around_from=turned_around_from)
     else:
         raise TemplateImportError(f"unknown source format {kind!r}; choose promptsource or flan")

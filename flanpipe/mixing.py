@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -34,12 +34,32 @@ class MixtureConfig:
     seed: int = 0
     cap_mode: CapMode = "first"  # first: source order as FLAN; sample: seeded sample of `cap`
     chars_per_token: float = 4.0  # only to size the mixture before the tokenizer exists
+    # T0: a dataset with k prompts keeps at most prompt_budget / k examples (500k / #prompts); null = off
+    prompt_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.cap < 1 or self.max_rate < 1:
             raise ValueError(f"mixture cap ({self.cap}) and max_rate ({self.max_rate}) must be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"mixture temperature must be > 0, got {self.temperature}")
+        if self.prompt_budget is not None and self.prompt_budget < 1:
+            raise ValueError(f"mixture prompt_budget must be >= 1, got {self.prompt_budget}")
+
+
+def dataset_cap(cfg: MixtureConfig, n_templates: int) -> int:
+    """The cap of one dataset: ``cap``, and with T0's rule also prompt_budget // its number of prompts
+    (T0 caps each dataset at 500k / #prompts examples, so datasets with many prompts are not upweighted)."""
+    if cfg.prompt_budget is None:
+        return cfg.cap
+    return max(1, min(cfg.cap, cfg.prompt_budget // max(1, n_templates)))
+
+
+def shard_cap(shard: str | os.PathLike[str], cfg: MixtureConfig) -> int:
+    """``dataset_cap`` with the number of prompts read off the shard (its distinct template ids)."""
+    if cfg.prompt_budget is None:
+        return cfg.cap
+    n = pl.scan_parquet(shard).select(pl.col("template_id").n_unique()).collect().item()
+    return dataset_cap(cfg, int(n))
 
 
 def mixing_rate(n: int, cfg: MixtureConfig) -> float:
@@ -282,19 +302,22 @@ def build_mixture(
     """
     if not shards:
         raise ValueError("a mixture needs at least one dataset")
-    pools = {d: pool_stats(p, d, cfg, inputs_length, targets_length) for d, p in shards.items()}
+    cfgs = {d: replace(cfg, cap=shard_cap(p, cfg)) for d, p in shards.items()}  # per-dataset cap (T0's rule)
+    pools = {d: pool_stats(p, d, cfgs[d], inputs_length, targets_length) for d, p in shards.items()}
     empty = [d for d, st in pools.items() if st.rows == 0]
     if empty:
         raise ValueError(f"mixture: training shard(s) of {empty} are empty")
-    counts = {d: st.rows for d, st in pools.items()}
+    counts = {d: min(st.rows, cfgs[d].cap) for d, st in pools.items()}  # capped: cfg.cap caps them no further
     rates = {d: mixing_rate(n, cfg) for d, n in counts.items()}
     rsum = sum(rates.values())
     est = sum(rates[d] / rsum * pools[d].tokens for d in shards)
     total = max(len(shards), math.ceil(budget_tokens / est))
     plan = plan_mixture(counts, cfg, total)
+    for row in plan:
+        row["available"] = pools[str(row["dataset"])].rows
     parts = [
         _draws(
-            _pool(shards[row["dataset"]], str(row["dataset"]), cfg),
+            _pool(shards[row["dataset"]], str(row["dataset"]), cfgs[str(row["dataset"])]),
             str(row["dataset"]),
             int(row["capped"]),
             int(row["draws"]),

@@ -258,6 +258,19 @@ def with_local_mirror(registry: Mapping[str, DatasetSpec], mirror: str | None) -
     }
 
 
+def with_clusters(
+    registry: Mapping[str, DatasetSpec], override: Mapping[str, str] | None, source: str = "config key clusters"
+) -> dict[str, DatasetSpec]:
+    """An experiment's own grouping (config ``clusters:``): T0's task types are not FLAN's clusters, and a
+    dataset's registry entry (its facts) should not change with the experiment that groups it."""
+    if not override:
+        return dict(registry)
+    unknown = sorted(set(override) - set(registry))
+    if unknown:
+        raise RegistryError(f"{source}: unknown dataset(s) {unknown}")
+    return {name: replace(spec, cluster=override.get(name, spec.cluster)) for name, spec in registry.items()}
+
+
 def clusters(registry: Mapping[str, DatasetSpec]) -> dict[str, list[str]]:
     """Cluster -> its dataset names, in registry order."""
     out: dict[str, list[str]] = {}

@@ -142,6 +142,7 @@ def _dataset_scores(record: Record) -> dict[str, Any]:
         "per_template": [dict(t) for t in record.get("per_template", [])],
         "mean": record.get("mean"),
         "std": record.get("std"),
+        "median": record.get("median"),
         "best_dev_template": record.get("best_dev_template"),
         "best_dev_test": record.get("best_dev_test"),
     }
@@ -280,6 +281,8 @@ def ablation_value(name: str, record: Record) -> int | str:
     v = record["ablation_value"]
     if name == "instructions":
         return "".join(str(v).split())  # "natural -> natural" == "natural->natural"
+    if name == "options":
+        return str(v)  # "always->no options": training setting -> evaluation prompt
     return int(v)
 
 
@@ -291,6 +294,8 @@ def instruction_label(value: str) -> str:
 def _value_label(name: str, value: int | str, models: Sequence[str]) -> str:
     if name == "instructions":
         return instruction_label(str(value))
+    if name == "options":
+        return str(value).replace("->", " -> ")
     if name == "scale":
         return format_params(int(value)) + (f" ({', '.join(models)})" if models else "")
     return str(value)
@@ -309,7 +314,8 @@ def summarize_ablation(name: str, records: Sequence[Record], experiment: str = "
     seen: dict[tuple[str, int | str], None] = {}
     for role, value, _, _ in cells:
         seen.setdefault((role, value), None)
-    keys = list(seen) if name == "instructions" else sorted(seen, key=lambda k: (k[0] != RunRole.TUNED.value, k[1]))
+    in_order = name in ("instructions", "options")  # settings in the order the ablation lists them
+    keys = list(seen) if in_order else sorted(seen, key=lambda k: (k[0] != RunRole.TUNED.value, k[1]))
     reference = PAPER_REFERENCE.get(name, {})
     points = []
     for role, value in keys:
@@ -346,6 +352,7 @@ _VALUE_HEADER = {
     "scale": "model size (parameters)",
     "instructions": "instruction setting (train -> eval)",
     "templates": "templates per dataset",
+    "options": "options in training -> in evaluation",
 }
 
 

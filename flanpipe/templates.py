@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
@@ -20,7 +20,12 @@ from flanpipe.io import atomic_path, read_yaml
 from flanpipe.registry import DatasetSpec
 from flanpipe.vocab import RENDER_MODES, RenderMode
 
+if TYPE_CHECKING:
+    from flanpipe.formats import FormatMix
+    from flanpipe.jinja_templates import JinjaSpec
+
 OPTIONS_PLACEHOLDER = "options_"
+TemplateKind = Literal["pattern", "jinja"]  # jinja: promptsource templates kept verbatim (flanpipe.jinja_templates)
 MAX_TURNED_AROUND = 3  # FLAN: "up to three" templates that turn the task around
 # What rendering accepts: an instruction mode, or "lm" (not an instruction mode but the base model's
 # pretraining text: the input fields, no answer). The names are flanpipe.vocab's.
@@ -55,6 +60,8 @@ class Template:
     inputs: str
     targets: str
     turned_around: bool = False
+    kind: TemplateKind = "pattern"
+    jinja: JinjaSpec | None = None  # kind "jinja" only; inputs/targets are then empty
 
 
 Piece = tuple[Literal["text", "field"], str]
@@ -98,7 +105,14 @@ def load_templates(path: str | os.PathLike[str]) -> list[Template]:
     for i, t in enumerate(raw["templates"]):
         if not isinstance(t, dict):
             raise TemplateError(f"{path}: template {i}: expected a mapping with 'inputs' and 'targets'")
-        unknown = set(t) - {"inputs", "targets", "turned_around"}
+        if t.get("kind", "pattern") == "jinja":
+            from flanpipe.jinja_templates import load_entry
+
+            out.append(load_entry(path, i, t))
+            continue
+        if t.get("kind", "pattern") != "pattern":
+            raise TemplateError(f"{path}: template {i}: kind {t['kind']!r} is not 'pattern' or 'jinja'")
+        unknown = set(t) - {"kind", "inputs", "targets", "turned_around"}
         if unknown:
             raise TemplateError(f"{path}: template {i}: unknown key(s) {sorted(unknown)}")
         for key in ("inputs", "targets"):
@@ -124,6 +138,11 @@ def validate_templates(templates: Sequence[Template], spec: DatasetSpec, path: s
         raise TemplateError(f"{path}: every template is turned around; at least one must do the task itself")
     first: dict[tuple[str, str], int] = {}
     for t in templates:
+        if t.kind == "jinja":
+            from flanpipe.jinja_templates import validate
+
+            validate(t, spec, path)
+            continue
         if (t.inputs, t.targets) in first:
             raise TemplateError(
                 f"{path}: template {t.index} repeats template {first[t.inputs, t.targets]} of dataset {spec.name!r}; "
@@ -307,6 +326,10 @@ def render_train(lf: pl.LazyFrame, spec: DatasetSpec, chosen: Sequence[Template]
     template_id = pl.lit(chosen[-1].index, pl.Int32)
     for i, t in reversed(list(enumerate(chosen[:-1]))):
         template_id = pl.when(position == i).then(pl.lit(t.index, pl.Int32)).otherwise(template_id)
+    if any(t.kind == "jinja" for t in chosen):
+        from flanpipe.jinja_templates import render_mixed
+
+        return render_mixed(lf, spec, "train", template_id, chosen)
     return lf.select(_rendered_columns(spec, "train", template_id, chosen))
 
 
@@ -314,7 +337,12 @@ def fewshot_prefix(
     exemplars: pl.LazyFrame, spec: DatasetSpec, template: Template, options_in_prompt: bool = True
 ) -> str:
     """k solved examples under the same template, each "inputs\ntargets", separated by blank lines."""
-    df = exemplars.select(_rendered_columns(spec, "train", pl.lit(template.index), [template], options_in_prompt))
+    if template.kind == "jinja":
+        from flanpipe.jinja_templates import render_template
+
+        df = render_template(exemplars, spec, "train", template)
+    else:
+        df = exemplars.select(_rendered_columns(spec, "train", pl.lit(template.index), [template], options_in_prompt))
     rows = df.select(pl.concat_str([pl.col("inputs"), pl.lit("\n"), pl.col("targets")])).collect().to_series()
     return "".join(f"{r}\n\n" for r in rows)
 
@@ -338,7 +366,12 @@ def render_eval(
     base = lf.head(max_examples) if max_examples else lf
     frames = []
     for t in scored:
-        frame = base.select(_rendered_columns(spec, split, pl.lit(t.index), [t], options_in_prompt))
+        if t.kind == "jinja":  # rendered as written: its own choices, whatever options_in_prompt says
+            from flanpipe.jinja_templates import render_template
+
+            frame = render_template(base, spec, split, t)
+        else:
+            frame = base.select(_rendered_columns(spec, split, pl.lit(t.index), [t], options_in_prompt))
         if exemplars is not None:
             prefix = fewshot_prefix(exemplars, spec, t, options_in_prompt)
             frame = frame.with_columns(pl.concat_str([pl.lit(prefix), pl.col("inputs")]).alias("inputs"))
@@ -358,10 +391,17 @@ def render_shard(
     *,
     mode: InstructionMode = "natural",
     num_templates: int | None = None,
+    formats: FormatMix | None = None,
 ) -> dict[str, object]:
-    """Render the training split of one dataset into its templated shard."""
+    """Render the training split of one dataset into its templated shard (``formats``: Flan 2022's mixture
+    of zero-/few-shot and options/no-options prompts, flanpipe.formats; natural mode only)."""
     chosen = templates_for_mode(load_validated(spec), spec, mode, num_templates)
-    lf = render_train(pl.scan_parquet(canonical), spec, chosen)
+    if formats is not None and not formats.is_flan and mode == "natural":
+        from flanpipe.formats import render_train_formats
+
+        lf = render_train_formats(pl.scan_parquet(canonical), spec, chosen, formats)
+    else:
+        lf = render_train(pl.scan_parquet(canonical), spec, chosen)
     with atomic_path(out_path) as tmp:
         lf.sink_parquet(tmp)
     rows = pl.scan_parquet(out_path).select(pl.len()).collect().item()
@@ -413,7 +453,12 @@ def preview(spec: DatasetSpec, canonical: str | os.PathLike[str], n: int) -> str
     lf = pl.scan_parquet(canonical).head(n)
     blocks: list[str] = []
     for t in templates:
-        df = lf.select(_rendered_columns(spec, "train", pl.lit(t.index), [t])).collect()
+        if t.kind == "jinja":
+            from flanpipe.jinja_templates import render_template
+
+            df = render_template(lf, spec, "train", t).collect()
+        else:
+            df = lf.select(_rendered_columns(spec, "train", pl.lit(t.index), [t])).collect()
         tag = " (turned around)" if t.turned_around else ""
         for inp, tgt in zip(df["inputs"], df["targets"], strict=True):
             blocks.append(f"--- {spec.name} template {t.index}{tag}\n[inputs]\n{inp}\n[targets]\n{tgt}")

@@ -29,7 +29,7 @@ DEFAULT_MODE: InstructionMode = "natural"
 # ---------------------------------------------------------------------------------------------------
 # ablations (each a named DAG target: ablation_<name>)
 
-AblationName = Literal["clusters", "scale", "instructions", "templates"]
+AblationName = Literal["clusters", "scale", "instructions", "templates", "options"]
 ABLATIONS: tuple[str, ...] = get_args(AblationName)
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -43,6 +43,16 @@ def instruction_setting(train_mode: str, eval_mode: str) -> str:
 FLAN_SETTING = instruction_setting(DEFAULT_MODE, DEFAULT_MODE)  # natural instructions in and out
 
 
+def options_setting(share: float) -> str:
+    """The options ablation's names for a share of training prompts that show their options."""
+    return "always" if share == 1.0 else "never" if share == 0.0 else f"mixed {round(share * 100)}%"
+
+
+def options_ablation_value(share: float, eval_options: bool) -> str:
+    """The options ablation's x: how training showed options -> whether evaluation does."""
+    return f"{options_setting(share)}->{'options' if eval_options else 'no options'}"
+
+
 class VocabError(ValueError):
     """A name that is not in the vocabulary (an unknown variant, shard or mode)."""
 
@@ -52,23 +62,33 @@ def _alternatives(names: tuple[str, ...]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# training shards: "<mode>-<k|all>" or "lm"
+# training shards: "<mode>-<k|all>[-optsNN]" or "lm" (-optsNN: the options ablation's percent of
+# training prompts that show their options block; absent: the config's formats decide)
 
-SHARD_PATTERN = rf"{LM_MODE}|({_alternatives(INSTRUCTION_MODES)})-(all|\d+)"
+SHARD_PATTERN = rf"{LM_MODE}|({_alternatives(INSTRUCTION_MODES)})-(all|\d+)(-opts\d+)?"
+_OPTS = re.compile(r"-opts(\d+)\Z")
 
 
-def shard_name(mode: str, num_templates: int | None) -> str:
-    """Training shards depend only on the render mode and the template count."""
+def shard_name(mode: str, num_templates: int | None, options_share: float | None = None) -> str:
+    """Training shards depend only on the render mode, the template count and the options share."""
     if mode == LM_MODE:
         return LM_MODE
-    return f"{mode}-{'all' if num_templates is None else num_templates}"
+    opts = "" if options_share is None else f"-opts{round(options_share * 100)}"
+    return f"{mode}-{'all' if num_templates is None else num_templates}{opts}"
+
+
+def shard_options_share(name: str) -> float | None:
+    """``natural-all-opts50`` -> 0.5: the options ablation's share; None when the config's formats decide."""
+    m = _OPTS.search(name)
+    return None if m is None else int(m[1]) / 100
 
 
 def parse_shard_name(name: str) -> tuple[str, int | None]:
-    """``natural-all`` -> ("natural", None); ``natural-4`` -> ("natural", 4); ``lm`` -> ("lm", None)."""
+    """``natural-all`` -> ("natural", None); ``natural-4`` -> ("natural", 4); ``lm`` -> ("lm", None);
+    an ``-optsNN`` suffix is read by shard_options_share."""
     if name == LM_MODE:
         return LM_MODE, None
-    mode, _, k = name.rpartition("-")
+    mode, _, k = _OPTS.sub("", name).rpartition("-")
     if mode not in INSTRUCTION_MODES or not (k == "all" or k.isdigit()):
         raise VocabError(f"unknown training shard variant {name!r}")
     if k != "all" and int(k) < 1:
@@ -179,7 +199,10 @@ __all__ = [
     "instruction_setting",
     "is_ablation_run_name",
     "main_run_name",
+    "options_ablation_value",
+    "options_setting",
     "parse_shard_name",
     "role_of_run_name",
     "shard_name",
+    "shard_options_share",
 ]

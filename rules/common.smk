@@ -9,7 +9,7 @@ from flanpipe.config import check_world, validate_config
 from flanpipe.experiments import plan_experiment
 from flanpipe.ingest import check_local_source
 from flanpipe.io import resolve_config_path
-from flanpipe.vocab import ABLATIONS, SHARD_PATTERN, SPLITS, VARIANT_PATTERN, EvalVariant, parse_shard_name
+from flanpipe.vocab import ABLATIONS, SHARD_PATTERN, SPLITS, VARIANT_PATTERN, EvalVariant, parse_shard_name, shard_options_share
 
 
 check_config_files(workflow.configfiles)  # Snakemake's YAML reader keeps a duplicate key's last value
@@ -100,6 +100,12 @@ def shard_mode(wildcards):
 
 def shard_num_templates(wildcards):
     return parse_shard_name(wildcards.shard)[1]
+
+
+def shard_formats(wildcards):
+    """config formats, with the options ablation's share for its -optsNN shards."""
+    share = shard_options_share(wildcards.shard)
+    return {**config["formats"], **({} if share is None else {"options": share})}
 
 
 def eval_shard_inputs(wildcards):

@@ -71,6 +71,7 @@ rule render_shard:
     params:
         mode=shard_mode,
         num_templates=shard_num_templates,
+        formats=shard_formats,
     threads: 1
     log:
         "logs/render_shard/{dataset}/{shard}.log",

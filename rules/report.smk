@@ -1,5 +1,5 @@
 # The main results (tuned vs base per held-out cluster) and the paper's ablations, each a named target:
-#   snakemake ablation_clusters | ablation_scale | ablation_instructions | ablation_templates
+#   snakemake ablation_clusters | ablation_scale | ablation_instructions | ablation_templates | ablation_options
 
 
 rule report:
@@ -65,3 +65,8 @@ rule ablation_instructions:
 rule ablation_templates:
     input:
         "results/ablations/templates.json",
+
+
+rule ablation_options:
+    input:
+        "results/ablations/options.json",

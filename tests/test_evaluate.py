@@ -179,6 +179,7 @@ def test_best_dev_template_uses_validation_only() -> None:
     # mean = (10 + 95 + 30) / 3 = 45; population std = sqrt(((-35)^2 + 50^2 + (-15)^2) / 3)
     assert out["mean"] == pytest.approx(45.0)
     assert out["std"] == pytest.approx(((35**2 + 50**2 + 15**2) / 3) ** 0.5)
+    assert out["median"] == pytest.approx(30.0)  # T0's other summary over prompts: median of 10, 30, 95
     # changing only test scores never changes the chosen template
     shuffled = per_template.with_columns(test=pl.Series([0.0, 100.0, 100.0]))
     assert summarize(shuffled)["best_dev_template"] == 0

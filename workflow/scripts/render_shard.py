@@ -8,6 +8,7 @@ limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 import json
 
 from flanpipe.config import dataset_spec
+from flanpipe.formats import FormatMix
 from flanpipe.io import log_to
 from flanpipe.templates import render_shard
 
@@ -21,5 +22,6 @@ with log_to(snakemake.log[0]):
         snakemake.output[0],
         mode=snakemake.params.mode,
         num_templates=snakemake.params.num_templates,
+        formats=FormatMix.from_config(snakemake.params.formats),
     )
     print(json.dumps(report))
