@@ -14,6 +14,7 @@ rule audit:
     params:
         audit=config["audit"],
         max_examples=config["eval"]["examples"],
+    threads: 2
     log:
         "logs/audit/{run}.log",
     benchmark:

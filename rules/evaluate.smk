@@ -40,6 +40,7 @@ rule eval_result:
         "results/eval/{evalrun}/{variant}/{dataset}.json",
     conda:
         CONDA_ENV
+    threads: 1
     log:
         "logs/eval_result/{evalrun}/{variant}/{dataset}.log",
     benchmark:

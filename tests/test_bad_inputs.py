@@ -1,4 +1,4 @@
-"""Bad input never costs a cluster run (issue 8).
+"""Bad input never costs a cluster run.
 
 Every bad input below fails where it is cheapest: the config, registry, templates, model configs, the
 tokenizer and the parallel layout when the DAG is built (validate_config / plan_experiment, which

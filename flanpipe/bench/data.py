@@ -1,4 +1,4 @@
-"""Issue 4 benchmark: the data path (render -> mix -> tokenize -> pack) on a FLAN-sized synthetic workload.
+"""Data-path benchmark: the data path (render -> mix -> tokenize -> pack) on a FLAN-sized synthetic workload.
 
 FLAN's training data is 62 datasets in 12 clusters, each capped at 30k examples and mixed
 examples-proportionally (rate = min(n, 3000)); the interesting costs are string rendering of ~1.7M rows,

@@ -1,5 +1,10 @@
 """Rule audit -> flanpipe.contamination.run_audit."""
 
+from flanpipe.threads import limit_threads
+
+# First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
+limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
+
 import json
 
 from flanpipe.contamination import AuditConfig, run_audit

@@ -1,5 +1,10 @@
 """Rule uncertainty -> flanpipe.uncertainty.write_uncertainty."""
 
+from flanpipe.threads import limit_threads
+
+# First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
+limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
+
 from flanpipe.io import log_to
 from flanpipe.uncertainty import write_uncertainty
 
