@@ -11,12 +11,10 @@ rank), clip the global grad norm to 1.0, AdamW (betas 0.9/0.95, eps 1e-8, no wei
 - flanpipe: Megatron-Core GPTModel in Megatron's DDP, flanpipe.optim's optimizer and
   flanpipe.train's forward step through Megatron's ``forward_backward`` schedule, as rule train runs it.
 
-Shape: RMSNorm, SwiGLU (gated SiLU), rope, untied embeddings, equal widths, multi-head attention (no
-GQA: kv heads = heads). What differs, because flanpipe's ModelConfig cannot express it yet: Megatron's
-linears carry biases (Llama's have none), so the HF model is built with ``attention_bias`` and
-``mlp_bias`` on to keep the parameter count and FLOPs equal; the input rows are one causal document
-each (the dense packed-row mask Megatron takes is plain causal then), and HF shifts labels inside, so
-it scores s - 1 tokens per row where Megatron scores s.
+Shape: Llama's block exactly: RMSNorm, SwiGLU (gated SiLU), rope, no biases, untied embeddings, equal
+widths, multi-head attention (no GQA: kv heads = heads), so both sides have the same parameters. The
+input rows are one causal document each (the dense packed-row mask Megatron takes is plain causal
+then), and HF shifts labels inside, so it scores s - 1 tokens per row where Megatron scores s.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ from typing import Any
 
 import torch
 
-from flanpipe.bench.train import summarize
+from flanpipe.bench.train import timing_stats
 from flanpipe.model_config import ModelConfig, param_count
 
 # 4 layers, hidden 256, SwiGLU ffn 704 (~8/3 x 256, rounded to 64), vocab 4096:
@@ -47,6 +45,7 @@ LLAMA_BENCH = ModelConfig(
     gated_linear_unit=True,
     activation="silu",
     normalization="RMSNorm",
+    add_bias_linear=False,
 )
 
 PEER_PACKAGES = ("transformers",)
@@ -59,9 +58,15 @@ def missing_peer_packages() -> list[str]:
 
 
 def llama_shaped(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with Llama's block: RMSNorm, SwiGLU, rope (widths kept)."""
+    """``cfg`` with Llama's block: RMSNorm, SwiGLU, rope, no biases (widths kept)."""
     return dataclasses.replace(
-        cfg, position_embedding_type="rope", gated_linear_unit=True, activation="silu", normalization="RMSNorm"
+        cfg,
+        position_embedding_type="rope",
+        gated_linear_unit=True,
+        activation="silu",
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        add_qkv_bias=False,
     )
 
 
@@ -82,8 +87,8 @@ def hf_llama(cfg: ModelConfig, seed: int) -> torch.nn.Module:
         rms_norm_eps=1e-5,  # Megatron's layernorm_epsilon
         initializer_range=cfg.init_method_std,
         tie_word_embeddings=False,
-        attention_bias=True,  # Megatron's linears have biases (see the module docstring)
-        mlp_bias=True,
+        attention_bias=False,  # Llama: no biases, as flanpipe's add_bias_linear=False
+        mlp_bias=False,
         attention_dropout=0.0,
     )
     return LlamaForCausalLM(config)
@@ -198,7 +203,7 @@ def bench_train_peer(
     )
     tokens_per_step = batch_size * seq_length
     flops = float(model_flops_per_step(cfg, tokens_per_step, seq_length))
-    timings = {name: summarize(t, tokens_per_step, flops) for name, t in times.items()}
+    timings = {name: timing_stats(t, tokens_per_step, flops) for name, t in times.items()}
     hf_params = sum(p.numel() for p in hf.parameters())
     return {
         "model": cfg.to_dict(),
@@ -206,7 +211,6 @@ def bench_train_peer(
         "params_hf": hf_params,
         "hf_attention": getattr(hf.config, "_attn_implementation", None),
         "differences": [
-            "HF built with attention_bias/mlp_bias on: Megatron's linears have biases (Llama's do not)",
             "HF shifts labels inside: s-1 scored tokens per row vs s",
             "flanpipe: Megatron local spec, unfused masked softmax on a dense mask (what packed rows need)",
         ],
