@@ -347,10 +347,8 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
 
 def _bench_train_peer(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     """``bench train --peer``: flanpipe's Megatron training step vs transformers' LlamaForCausalLM."""
-    import dataclasses
-
     from flanpipe.bench.peer_train import LLAMA_BENCH, bench_train_peer, missing_peer_packages
-    from flanpipe.model_config import load_model_config
+    from flanpipe.bench.train import bench_model_from
 
     missing = missing_peer_packages()
     if missing:
@@ -360,8 +358,7 @@ def _bench_train_peer(args: argparse.Namespace, overrides: dict[str, Any]) -> No
             file=sys.stderr,
         )
         raise SystemExit(3)
-    base = load_model_config(args.model) if args.model else LLAMA_BENCH
-    cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = bench_model_from(args.model, overrides, base=LLAMA_BENCH)
     r = bench_train_peer(
         cfg, batch_size=args.batch_size, seq_length=args.seq_length, iters=args.iters, warmup=args.warmup
     )

@@ -35,9 +35,22 @@ def eval_groups(
     return {k: sorted(v) for k, v in sorted(groups.items())}
 
 
-def group_datasets(groups: Mapping[tuple[str, str, str], list[str]], run: str, variant: str, cluster: str) -> list[str]:
-    """The datasets of one group, or an error naming the groups the plan has (a hand-typed target)."""
+def group_datasets(
+    groups: Mapping[tuple[str, str, str], list[str]],
+    run: str,
+    variant: str,
+    cluster: str,
+    unplanned: Iterable[str] = (),
+) -> list[str]:
+    """The datasets of one group, or an error naming the groups the plan has (a hand-typed target).
+
+    A group the plan lacks is still served when ``unplanned`` names datasets: a result asked for by hand
+    (e.g. a tuned model on a cluster it trained on, to check that training took) evaluates the
+    ``unplanned`` datasets, the cluster's evaluable ones, in one job like any other group.
+    """
     key = (run, variant, cluster)
+    if key not in groups and (fallback := sorted(set(unplanned))):
+        return fallback
     if key not in groups:
         known = ", ".join("/".join(k) for k in list(groups)[:8])
         raise ValueError(f"no planned evaluation of {run} under {variant} on cluster {cluster}; planned: {known} ...")

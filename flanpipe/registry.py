@@ -75,6 +75,11 @@ class DatasetSpec:
         return self.options is not None or self.options_field is not None
 
     @property
+    def has_eval_splits(self) -> bool:
+        """Whether the entry maps both splits an evaluation reads (validation picks the template, test scores)."""
+        return "validation" in self.splits and "test" in self.splits
+
+    @property
     def canonical_fields(self) -> tuple[str, ...]:
         return tuple(self.fields)
 

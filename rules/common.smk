@@ -44,6 +44,17 @@ def train_tasks(wildcards=None):
     return t["tensor_model_parallel_size"] * t["pipeline_model_parallel_size"]
 
 
+def train_threads(wildcards=None):
+    """Half the cores, so the default's two held-out runs train side by side; the profile's set-threads
+    overrides it. Under an executor that gives no --cores (a SLURM profile), Snakemake refuses to read
+    workflow.cores: then 1, and the profile's set-threads decides."""
+    try:
+        cores = workflow.cores
+    except Exception:  # snakemake's WorkflowError: "requires a total number of cores"
+        return 1
+    return max(1, (cores or 1) // 2)
+
+
 def _train_world():
     """Training ranks: the profile's train `tasks` (set-resources), else TP x PP (rules/train.smk)."""
     value = set_resource("train", "tasks")
@@ -187,7 +198,9 @@ def eval_group_datasets(wildcards):
 
     planned = PLAN.evaluations + [e for es in PLAN.ablations.values() for e in es]
     cluster_of = {name: spec.cluster for name, spec in PLAN.registry.items()}
-    return group_datasets(eval_groups(planned, cluster_of), wildcards.evalrun, wildcards.variant, wildcards.cluster)
+    evaluable = [d for d, c in cluster_of.items() if c == wildcards.cluster and PLAN.registry[d].has_eval_splits]
+    groups = eval_groups(planned, cluster_of)
+    return group_datasets(groups, wildcards.evalrun, wildcards.variant, wildcards.cluster, evaluable)
 
 
 def eval_world():

@@ -26,7 +26,7 @@ rule train:
         audit=audit_report,  # rules/audit.smk: a failed contamination audit stops the run here
     output:
         directory("results/models/{run}"),
-    threads: max(1, (workflow.cores or 1) // 2)  # the two held-out runs train side by side; split over ranks
+    threads: train_threads  # the two held-out runs train side by side; split over ranks
     log:
         "logs/train/{run}.log",
     benchmark:

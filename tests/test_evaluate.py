@@ -466,3 +466,5 @@ def test_eval_groups_one_job_per_model_variant_cluster() -> None:
     assert group_datasets(groups, "run", "natural", "A") == ["a1", "a2"]
     with pytest.raises(ValueError, match="no planned evaluation of run under natural-2shot on cluster A"):
         group_datasets(groups, "run", "natural-2shot", "A")
+    # a result asked for by hand: the cluster's evaluable datasets, in one job
+    assert group_datasets(groups, "base", "natural", "B", unplanned=["b2", "b1"]) == ["b1", "b2"]

@@ -301,9 +301,20 @@ def bench_train(
     }
 
 
-def bench_model_from(path: str | None, overrides: dict[str, int]) -> ModelConfig:
-    """The bench model: BENCH_MODEL or a config file, with CLI shape overrides applied."""
+def bench_model_from(path: str | None, overrides: dict[str, int], base: ModelConfig = BENCH_MODEL) -> ModelConfig:
+    """The bench model: ``base`` or a config file, with CLI shape overrides applied.
+
+    ``ModelConfig`` fills kv_channels (hidden / heads) and num_query_groups (= heads) from the shape;
+    when the overrides change that shape, those derived values are derived again (a grouped-query
+    config keeps its group count).
+    """
     from flanpipe.model_config import load_model_config
 
-    base = load_model_config(path) if path else BENCH_MODEL
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = load_model_config(path) if path else base
+    changes: dict[str, object] = {k: v for k, v in overrides.items() if v is not None}
+    if "hidden_size" in changes or "num_attention_heads" in changes:
+        if cfg.kv_channels * cfg.num_attention_heads == cfg.hidden_size:
+            changes.setdefault("kv_channels", None)
+        if cfg.num_query_groups == cfg.num_attention_heads:
+            changes.setdefault("num_query_groups", None)
+    return dataclasses.replace(cfg, **changes)
