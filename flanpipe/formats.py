@@ -21,8 +21,8 @@ from typing import Any
 
 import polars as pl
 
+from flanpipe.patterns import Template, fewshot_exemplars, pattern_fewshot_prefix, rendered_columns
 from flanpipe.registry import DatasetSpec
-from flanpipe.templates import Template, _rendered_columns, fewshot_exemplars, fewshot_prefix
 
 _UNIT = float(2**64)
 
@@ -73,9 +73,9 @@ def render_train_formats(
     template_id = pl.lit(chosen[-1].index, pl.Int32)
     for i, t in reversed(list(enumerate(chosen[:-1]))):
         template_id = pl.when(position == i).then(pl.lit(t.index, pl.Int32)).otherwise(template_id)
-    with_opts = _rendered_columns(spec, "train", template_id, chosen, True)
+    with_opts = rendered_columns(spec, "train", template_id, chosen, True)
     at = [c.meta.output_name() for c in with_opts].index("inputs")
-    no_opts_inputs = _rendered_columns(spec, "train", template_id, chosen, False)[at]
+    no_opts_inputs = rendered_columns(spec, "train", template_id, chosen, False)[at]
     show = uniform(spec.name, "options", mix.seed) < mix.options if spec.has_options else pl.lit(True)
     inputs = pl.when(show).then(with_opts[at]).otherwise(no_opts_inputs)
     if mix.fewshot > 0:
@@ -84,7 +84,7 @@ def render_train_formats(
         prefix: Any = pl.lit("")
         for t in chosen:
             for shown in (True, False):
-                text = fewshot_prefix(exemplars, spec, t, shown)
+                text = pattern_fewshot_prefix(exemplars, spec, t, shown)
                 prefix = pl.when((template_id == t.index) & (show == shown)).then(pl.lit(text)).otherwise(prefix)
         fewshot = (uniform(spec.name, "fewshot", mix.seed) < mix.fewshot) & ~pl.col("example_id").is_in(ids)
         inputs = pl.when(fewshot).then(pl.concat_str([prefix, inputs])).otherwise(inputs)

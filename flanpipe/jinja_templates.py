@@ -47,8 +47,8 @@ from jinja2.exceptions import SecurityError
 from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from flanpipe.patterns import SHARD_SCHEMA, Template, TemplateError, rendered_columns
 from flanpipe.registry import DatasetSpec
-from flanpipe.templates import SHARD_SCHEMA, Template, TemplateError
 
 SEPARATOR = "|||"
 CHOICES = "answer_choices"
@@ -387,8 +387,6 @@ def render_mixed(
 ) -> pl.LazyFrame:
     """Rows whose template is a pattern stay vectorised; rows whose template is Jinja are collected and
     rendered row-wise; the two meet again in example order."""
-    from flanpipe.templates import _rendered_columns
-
     jinja = [t for t in chosen if t.kind == "jinja"]
     pattern = [t for t in chosen if t.kind != "jinja"]
     jinja_ids = [t.index for t in jinja]
@@ -396,7 +394,7 @@ def render_mixed(
     parts: list[pl.LazyFrame] = []
     if pattern:
         rest = tagged.filter(~pl.col("__template_id").is_in(jinja_ids))
-        parts.append(rest.select(_rendered_columns(spec, split, pl.col("__template_id"), pattern)))
+        parts.append(rest.select(rendered_columns(spec, split, pl.col("__template_id"), pattern)))
     rows = tagged.filter(pl.col("__template_id").is_in(jinja_ids)).collect()
     parts.append(render_rows(rows, spec, split, jinja, rows["__template_id"].to_list()).lazy())
     return pl.concat(parts).sort("example_id", "template_id", maintain_order=True)

@@ -1,97 +1,42 @@
-"""Instruction templates: pure data in ``config/templates/*.yaml``, rendered with Polars expressions.
+"""Instruction templates: pure data in ``config/templates/*.yaml``; loading, validation and rendering by kind.
 
-A template is a pair of patterns (inputs, targets) with ``{field}`` placeholders naming canonical fields,
-plus ``{options_}`` for FLAN's options block. Patterns are parsed by a small regex and turned into
-``pl.concat_str`` expressions: nothing in a template file is ever evaluated as code, and rendering a
-million examples is a handful of vectorized string concatenations, not a Python loop.
+Two kinds: ``{field}`` patterns (flanpipe.patterns, rendered as Polars expressions, never evaluated as
+code) and ``kind: jinja`` promptsource templates (flanpipe.jinja_templates, a guarded sandbox, row-wise).
+This module loads and validates template files and dispatches rendering by kind; the kinds and the
+prompt formats (flanpipe.formats) never import it back.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
+from flanpipe import jinja_templates
+from flanpipe.formats import FormatMix, render_train_formats
 from flanpipe.io import atomic_path, read_yaml
+from flanpipe.patterns import (  # noqa: F401 (re-exported: the pattern kind's names, as callers know them)
+    INSTRUCTION_MODES,
+    MAX_TURNED_AROUND,
+    OPTIONS_PLACEHOLDER,
+    SHARD_SCHEMA,
+    InstructionMode,
+    Piece,
+    Template,
+    TemplateError,
+    TemplateKind,
+    fewshot_exemplars,
+    options_block,
+    options_expr,
+    parse_pattern,
+    pattern_expr,
+    pattern_fewshot_prefix,
+    placeholders,
+    rendered_columns,
+    solved_examples,
+)
 from flanpipe.registry import DatasetSpec
-from flanpipe.vocab import RENDER_MODES, RenderMode
-
-if TYPE_CHECKING:
-    from flanpipe.formats import FormatMix
-    from flanpipe.jinja_templates import JinjaSpec
-
-OPTIONS_PLACEHOLDER = "options_"
-TemplateKind = Literal["pattern", "jinja"]  # jinja: promptsource templates kept verbatim (flanpipe.jinja_templates)
-MAX_TURNED_AROUND = 3  # FLAN: "up to three" templates that turn the task around
-# What rendering accepts: an instruction mode, or "lm" (not an instruction mode but the base model's
-# pretraining text: the input fields, no answer). The names are flanpipe.vocab's.
-InstructionMode = RenderMode
-INSTRUCTION_MODES = RENDER_MODES
-
-_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-SHARD_SCHEMA = {
-    "dataset": pl.Utf8,
-    "cluster": pl.Utf8,
-    "split": pl.Utf8,
-    "example_id": pl.Int64,
-    "template_id": pl.Int32,
-    "turned_around": pl.Boolean,
-    "inputs": pl.Utf8,
-    "targets": pl.Utf8,
-    "options": pl.List(pl.Utf8),
-}
-
-
-class TemplateError(ValueError):
-    """A template file is wrong; the message names the file, the template's index and the culprit."""
-
-
-@dataclass(frozen=True)
-class Template:
-    """One (inputs, targets) pattern pair; ``index`` is its position in the file (its template id)."""
-
-    index: int
-    inputs: str
-    targets: str
-    turned_around: bool = False
-    kind: TemplateKind = "pattern"
-    jinja: JinjaSpec | None = None  # kind "jinja" only; inputs/targets are then empty
-
-
-Piece = tuple[Literal["text", "field"], str]
-
-
-def parse_pattern(pattern: str) -> list[Piece]:
-    """Split a pattern into literal text and field references; ``{{``/``}}`` are literal braces."""
-    pieces: list[Piece] = []
-    pos = 0
-    for m in _TOKEN.finditer(pattern):
-        if m.start() > pos:
-            pieces.append(("text", pattern[pos : m.start()]))
-        tok = m.group(0)
-        if tok in ("{{", "}}"):
-            pieces.append(("text", tok[0]))
-        elif tok in ("{", "}"):
-            raise ValueError(f"unbalanced {tok!r} at character {m.start()} (write {tok * 2} for a literal brace)")
-        else:
-            name = m.group(1)
-            if not _NAME.match(name):
-                raise ValueError(f"invalid placeholder {tok!r}: placeholders are plain field names")
-            pieces.append(("field", name))
-        pos = m.end()
-    if pos < len(pattern):
-        pieces.append(("text", pattern[pos:]))
-    return pieces
-
-
-def placeholders(pattern: str) -> list[str]:
-    return [v for k, v in parse_pattern(pattern) if k == "field"]
 
 
 def load_templates(path: str | os.PathLike[str]) -> list[Template]:
@@ -106,9 +51,7 @@ def load_templates(path: str | os.PathLike[str]) -> list[Template]:
         if not isinstance(t, dict):
             raise TemplateError(f"{path}: template {i}: expected a mapping with 'inputs' and 'targets'")
         if t.get("kind", "pattern") == "jinja":
-            from flanpipe.jinja_templates import load_entry
-
-            out.append(load_entry(path, i, t))
+            out.append(jinja_templates.load_entry(path, i, t))
             continue
         if t.get("kind", "pattern") != "pattern":
             raise TemplateError(f"{path}: template {i}: kind {t['kind']!r} is not 'pattern' or 'jinja'")
@@ -139,9 +82,7 @@ def validate_templates(templates: Sequence[Template], spec: DatasetSpec, path: s
     first: dict[tuple[str, str], int] = {}
     for t in templates:
         if t.kind == "jinja":
-            from flanpipe.jinja_templates import validate
-
-            validate(t, spec, path)
+            jinja_templates.validate(t, spec, path)
             continue
         if (t.inputs, t.targets) in first:
             raise TemplateError(
@@ -224,28 +165,6 @@ def select_templates(templates: Sequence[Template], num_templates: int | None) -
     return natural[:num_templates]
 
 
-def options_expr(spec: DatasetSpec) -> pl.Expr:
-    """The options as a List(Utf8) expression (empty list when the dataset has none)."""
-    if spec.options is not None:
-        return pl.lit(pl.Series([list(spec.options)], dtype=pl.List(pl.Utf8))).first()
-    if spec.options_field is not None:
-        return pl.col(spec.options_field)
-    return pl.lit(pl.Series([[]], dtype=pl.List(pl.Utf8))).first()
-
-
-def options_block(options: pl.Expr) -> pl.Expr:
-    """FLAN's block: ``OPTIONS:\\n- a\\n- b``."""
-    return pl.concat_str([pl.lit("OPTIONS:\n- "), options.list.join("\n- ")])
-
-
-def pattern_expr(pattern: str, options_text: pl.Expr) -> pl.Expr:
-    parts = [
-        pl.lit(v) if k == "text" else (options_text if v == OPTIONS_PLACEHOLDER else pl.col(v).cast(pl.Utf8))
-        for k, v in parse_pattern(pattern)
-    ]
-    return pl.concat_str(parts) if parts else pl.lit("")
-
-
 def instruction_free_templates(spec: DatasetSpec, mode: InstructionMode) -> list[Template]:
     """Paper Table 3 ablations: the inputs with no instruction, optionally prefixed by the dataset name.
 
@@ -275,44 +194,6 @@ def templates_for_mode(
     return instruction_free_templates(spec, mode)
 
 
-def _rendered_columns(
-    spec: DatasetSpec, split: str, template_id: pl.Expr, chosen: Sequence[Template], options_in_prompt: bool = True
-) -> list[pl.Expr]:
-    """Shard columns for rows whose template id is given by ``template_id``.
-
-    ``options_in_prompt=False`` renders ``{options_}`` as nothing (FLAN's "no options" evaluation); the
-    ``options`` column still lists them, since rank classification scores them either way.
-    """
-    opts = options_expr(spec)
-    block = options_block(opts) if options_in_prompt else pl.lit("")
-
-    def choose(attr: str) -> pl.Expr:
-        expr: pl.Expr | pl.When | pl.Then | None = None
-        for t in chosen:
-            e = pattern_expr(getattr(t, attr), block)
-            if not options_in_prompt and attr == "inputs" and OPTIONS_PLACEHOLDER in placeholders(t.inputs):
-                e = e.str.strip_chars_end()
-            cond = template_id == t.index
-            expr = pl.when(cond).then(e) if expr is None else expr.when(cond).then(e)  # type: ignore[union-attr]
-        return expr.otherwise(None)  # type: ignore[union-attr]
-
-    turned = pl.lit(False)
-    for t in chosen:
-        if t.turned_around:
-            turned = turned | (template_id == t.index)
-    return [
-        pl.lit(spec.name).alias("dataset"),
-        pl.lit(spec.cluster).alias("cluster"),
-        pl.lit(split).alias("split"),
-        pl.col("example_id").cast(pl.Int64),
-        template_id.cast(pl.Int32).alias("template_id"),
-        turned.alias("turned_around"),
-        choose("inputs").alias("inputs"),
-        choose("targets").alias("targets"),
-        opts.cast(pl.List(pl.Utf8)).alias("options"),
-    ]
-
-
 def render_train(lf: pl.LazyFrame, spec: DatasetSpec, chosen: Sequence[Template]) -> pl.LazyFrame:
     """Each example gets exactly one template, round-robin over example ids (FLAN's code cycles through
     the templates example by example): example i gets template i mod k, whichever rows were dropped.
@@ -327,10 +208,8 @@ def render_train(lf: pl.LazyFrame, spec: DatasetSpec, chosen: Sequence[Template]
     for i, t in reversed(list(enumerate(chosen[:-1]))):
         template_id = pl.when(position == i).then(pl.lit(t.index, pl.Int32)).otherwise(template_id)
     if any(t.kind == "jinja" for t in chosen):
-        from flanpipe.jinja_templates import render_mixed
-
-        return render_mixed(lf, spec, "train", template_id, chosen)
-    return lf.select(_rendered_columns(spec, "train", template_id, chosen))
+        return jinja_templates.render_mixed(lf, spec, "train", template_id, chosen)
+    return lf.select(rendered_columns(spec, "train", template_id, chosen))
 
 
 def fewshot_prefix(
@@ -338,13 +217,8 @@ def fewshot_prefix(
 ) -> str:
     """k solved examples under the same template, each "inputs\ntargets", separated by blank lines."""
     if template.kind == "jinja":
-        from flanpipe.jinja_templates import render_template
-
-        df = render_template(exemplars, spec, "train", template)
-    else:
-        df = exemplars.select(_rendered_columns(spec, "train", pl.lit(template.index), [template], options_in_prompt))
-    rows = df.select(pl.concat_str([pl.col("inputs"), pl.lit("\n"), pl.col("targets")])).collect().to_series()
-    return "".join(f"{r}\n\n" for r in rows)
+        return solved_examples(jinja_templates.render_template(exemplars, spec, "train", template))
+    return pattern_fewshot_prefix(exemplars, spec, template, options_in_prompt)
 
 
 def render_eval(
@@ -367,21 +241,14 @@ def render_eval(
     frames = []
     for t in scored:
         if t.kind == "jinja":  # rendered as written: its own choices, whatever options_in_prompt says
-            from flanpipe.jinja_templates import render_template
-
-            frame = render_template(base, spec, split, t)
+            frame = jinja_templates.render_template(base, spec, split, t)
         else:
-            frame = base.select(_rendered_columns(spec, split, pl.lit(t.index), [t], options_in_prompt))
+            frame = base.select(rendered_columns(spec, split, pl.lit(t.index), [t], options_in_prompt))
         if exemplars is not None:
             prefix = fewshot_prefix(exemplars, spec, t, options_in_prompt)
             frame = frame.with_columns(pl.concat_str([pl.lit(prefix), pl.col("inputs")]).alias("inputs"))
         frames.append(frame)
     return pl.concat(frames)
-
-
-def fewshot_exemplars(train: pl.LazyFrame, shots: int, seed: int) -> pl.LazyFrame:
-    """A seeded choice of ``shots`` training examples (fixed per dataset, so templates compare fairly)."""
-    return train.sort(pl.col("example_id").hash(seed)).head(shots)
 
 
 def render_shard(
@@ -397,8 +264,6 @@ def render_shard(
     of zero-/few-shot and options/no-options prompts, flanpipe.formats; natural mode only)."""
     chosen = templates_for_mode(load_validated(spec), spec, mode, num_templates)
     if formats is not None and not formats.is_flan and mode == "natural":
-        from flanpipe.formats import render_train_formats
-
         lf = render_train_formats(pl.scan_parquet(canonical), spec, chosen, formats)
     else:
         lf = render_train(pl.scan_parquet(canonical), spec, chosen)
@@ -454,11 +319,9 @@ def preview(spec: DatasetSpec, canonical: str | os.PathLike[str], n: int) -> str
     blocks: list[str] = []
     for t in templates:
         if t.kind == "jinja":
-            from flanpipe.jinja_templates import render_template
-
-            df = render_template(lf, spec, "train", t).collect()
+            df = jinja_templates.render_template(lf, spec, "train", t).collect()
         else:
-            df = lf.select(_rendered_columns(spec, "train", pl.lit(t.index), [t])).collect()
+            df = lf.select(rendered_columns(spec, "train", pl.lit(t.index), [t])).collect()
         tag = " (turned around)" if t.turned_around else ""
         for inp, tgt in zip(df["inputs"], df["targets"], strict=True):
             blocks.append(f"--- {spec.name} template {t.index}{tag}\n[inputs]\n{inp}\n[targets]\n{tgt}")
