@@ -415,6 +415,7 @@ def cmd_bench_import_hf(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command table: one subparser per rule and tool (long, but flat: a table, not logic)."""
     p = argparse.ArgumentParser(prog="flanpipe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--config",

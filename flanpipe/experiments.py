@@ -349,7 +349,8 @@ def _plan_ablations(
     base: Run | None,
     in_cluster: Any,
 ) -> dict[str, list[Evaluation]]:
-    """Runs and evaluations of the paper's ablations (each a named DAG target)."""
+    """Runs and evaluations of the paper's ablations (each a named DAG target): one short block per
+    ablation, each reading its own config block, so the function is long but flat."""
     abl = config.get("ablations") or {}
     out: dict[str, list[Evaluation]] = {}
     model = config["model"]

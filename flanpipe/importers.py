@@ -602,6 +602,7 @@ def import_promptsource(
     ``keep_jinja`` (``--jinja``): a template that is not a plain substitution, changes surface form
     (``answer_choices | join`` -> ``{options_}``) or words its choices differently is kept verbatim as a
     ``kind: jinja`` template instead of skipped; unsafe Jinja is refused with the file and template named.
+    Long but flat: one pass over the file's templates, each either converted, kept or skipped with its reason.
     """
     fmap = dict(field_map or {})
     path = find_promptsource_file(source, dataset)

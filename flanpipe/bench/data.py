@@ -492,6 +492,8 @@ def run_bench(scale: float = 1.0, workdir: Path | None = None, seed: int = 0, pe
 
 
 def _run(cfg: BenchConfig, work: Path, peer: bool = False) -> dict[str, Any]:
+    """The whole data path, stage by stage, timing each (long: one straight sequence of measured stages,
+    each a few lines of setup, timing and bookkeeping; split, the timings would need threading through)."""
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     seconds: dict[str, float] = {}

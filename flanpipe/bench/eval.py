@@ -64,7 +64,8 @@ def _side(loads: int, load_s: float, score_s: float, examples: int, import_s: fl
 
 def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: int | None = None) -> dict[str, Any]:
     """Before/after figures for ``workdir`` (a directory where ``snakemake`` built the default's models
-    and eval shards)."""
+    and eval shards). Long on purpose: the before and after paths are measured side by side in one
+    sequence, so that both see the same machine state."""
     from flanpipe.evaluate import predict_shard
     from flanpipe.inference import load_parallel_lm
     from flanpipe.tokenize import load_tokenizer
