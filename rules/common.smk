@@ -55,11 +55,16 @@ def train_threads(wildcards=None):
     return max(1, (cores or 1) // 2)
 
 
+def set_tasks(rule):
+    """The `tasks` the profile or --set-resources gives ``rule``, as an int, or None."""
+    value = set_resource(rule, "tasks")
+    return int(value) if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else None
+
+
 def _train_world():
     """Training ranks: the profile's train `tasks` (set-resources), else TP x PP (rules/train.smk)."""
-    value = set_resource("train", "tasks")
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-        return int(value), "set-resources train:tasks (the profile or --set-resources)"
+    if (tasks := set_tasks("train")) is not None:
+        return tasks, "set-resources train:tasks (the profile or --set-resources)"
     return train_tasks(), "the default train tasks = TP x PP"
 
 
@@ -205,14 +210,12 @@ def eval_group_datasets(wildcards):
 
 def eval_world():
     """Ranks of one evaluation job: the profile's evaluate `tasks` (set-resources), else eval TP x PP."""
-    from flanpipe.eval_plan import eval_layout
-
-    tp, pp = eval_layout(config)
-    value = set_resource("evaluate", "tasks")
-    return int(value) if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else tp * pp
+    tasks = set_tasks("evaluate")
+    return eval_tasks() if tasks is None else tasks
 
 
-def eval_tasks(wildcards):
+def eval_tasks(wildcards=None):
+    """Ranks of one evaluation job at data-parallel size 1: eval TP x PP (more DP ranks come from the profile)."""
     from flanpipe.eval_plan import eval_layout
 
     tp, pp = eval_layout(config)
