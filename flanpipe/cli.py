@@ -394,6 +394,12 @@ def cmd_bench_eval(args: argparse.Namespace) -> None:
     bench_eval(args.workdir, args.config, args.gen_rows, args.max_groups, args.json)
 
 
+def cmd_bench_adafactor(args: argparse.Namespace) -> None:
+    from flanpipe.bench.adafactor import main as bench_adafactor
+
+    bench_adafactor(args.spec, args.data, args.steps, args.lr, args.threads or 1, args.json)
+
+
 def cmd_import_hf(args: argparse.Namespace) -> None:
     from flanpipe.hf import import_hf
 
@@ -581,6 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_bench_import_hf)
     s.add_argument("--ranks", type=int, default=10)
     s.add_argument("--layers", type=int, default=20)
+    s.add_argument("--json", action="store_true")
+    s = bench.add_parser("adafactor", help="tune one base with each Adafactor setting: loss at start and end")
+    s.set_defaults(fn=cmd_bench_adafactor)
+    s.add_argument("--spec", required=True, help="a tuned run's spec (results/specs/RUN.json, init_checkpoint set)")
+    s.add_argument("--data", required=True, help="its packed data (results/packed/RUN)")
+    s.add_argument("--steps", type=int, default=150)
+    s.add_argument("--lr", type=float, default=3e-5, help="FLAN's")
     s.add_argument("--json", action="store_true")
     from flanpipe.cli_audit import add_audit_commands  # flanpipe audit, flanpipe bench audit
 
