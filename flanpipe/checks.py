@@ -114,13 +114,13 @@ def _check_tokenizer(config: Mapping[str, Any], models: Mapping[str, ModelConfig
     tok = config["tokenizer"]
     if tok["model"]:
         path = resolve_config_path(tok["model"])
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise PlanError(
                 f"config key tokenizer.model: SentencePiece model {tok['model']} not found (looked for {path})"
             )
-        try:
+        try:  # a .model file or a checkpoint's tokenizer directory (flanpipe.tokenize.open_tokenizer)
             n, what = piece_count(path), f"tokenizer {path} (tokenizer.model) has"
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             raise PlanError(f"config key tokenizer.model: {e}") from None
     else:
         n, what = tok["vocab_size"], "the tokenizer trained here (tokenizer.vocab_size) may have"

@@ -236,10 +236,13 @@ def open_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
 
 def piece_count(path: str | os.PathLike[str]) -> int:
     """Vocabulary size of a .model file, read from its proto without building a processor (milliseconds,
-    so the DAG can check a given tokenizer against the model config before any job runs)."""
+    so the DAG can check a given tokenizer against the model config before any job runs), or of a
+    checkpoint tokenizer directory (``open_tokenizer``'s ``vocab_size``, added tokens included)."""
     from google.protobuf.message import DecodeError
 
     path = Path(path)
+    if path.is_dir():
+        return open_tokenizer(path).vocab_size
     proto = model_pb2.ModelProto()
     try:
         proto.ParseFromString(path.read_bytes())

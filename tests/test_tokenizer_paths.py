@@ -17,7 +17,7 @@ from test_packing import _read
 
 from flanpipe.evaluate import evaluate_shard, predict_shard, truncate_input
 from flanpipe.packing import pack_to_indexed_dataset
-from flanpipe.tokenize import check_vocab, encode_examples, open_tokenizer
+from flanpipe.tokenize import check_vocab, encode_examples, open_tokenizer, piece_count
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,6 +101,8 @@ def test_tokenizer_larger_than_embedding_is_named(checkpoint: Path):
     with pytest.raises(ValueError, match=rf"{tok.vocab_size} pieces but .*vocab_size is 8\b"):
         check_vocab(tok, 8, path=checkpoint)
     assert str(checkpoint) in _message(lambda: check_vocab(tok, 8, path=checkpoint))
+    # the plan-time check (config key tokenizer.model) reads a checkpoint directory's size too
+    assert piece_count(checkpoint) == tok.vocab_size
 
 
 def _message(fn) -> str:  # noqa: ANN001
@@ -120,3 +122,14 @@ def test_bad_paths_are_named(tmp_path: Path):
     (tmp_path / "junk.model").write_bytes(b"not a proto")
     with pytest.raises(ValueError, match="junk.model is not a SentencePiece"):
         open_tokenizer(tmp_path / "junk.model")
+
+
+def test_plan_checks_a_checkpoint_tokenizer_dir_against_the_model(checkpoint: Path, tmp_path: Path):
+    from test_bad_inputs import PlanError, model_file, plan, registry_dir
+
+    n = open_tokenizer(checkpoint).vocab_size
+    registry_dir(tmp_path)
+    small = model_file(tmp_path, vocab_size=n - 1)
+    with pytest.raises(PlanError, match=rf"tokenizer {checkpoint} \(tokenizer.model\) has {n} pieces.*\({n} > {n - 1}\)"):
+        plan(tmp_path, model=str(small), tokenizer={"model": str(checkpoint)})
+    assert plan(tmp_path, tokenizer={"model": str(checkpoint)}).runs  # the tiny model's 1024 ids fit it
