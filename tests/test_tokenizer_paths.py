@@ -133,3 +133,18 @@ def test_plan_checks_a_checkpoint_tokenizer_dir_against_the_model(checkpoint: Pa
     with pytest.raises(PlanError, match=rf"tokenizer {checkpoint} \(tokenizer.model\) has {n} pieces.*\({n} > {n - 1}\)"):
         plan(tmp_path, model=str(small), tokenizer={"model": str(checkpoint)})
     assert plan(tmp_path, tokenizer={"model": str(checkpoint)}).runs  # the tiny model's 1024 ids fit it
+
+
+def test_flanpipe_model_keeps_its_ids(tmp_path: Path):
+    """flanpipe's own .model: EOS 1, pad 0, no BOS, and the per-word fast path, so its packed data is unchanged."""
+    from flanpipe.tokenize import SPTokenizer, train_tokenizer
+
+    texts = [f"w{i} x{i % 7}\ny{i % 13}" for i in range(200)]
+    pl.DataFrame({"inputs": texts, "targets": texts[::-1]}).write_parquet(tmp_path / "s.parquet")
+    tok = open_tokenizer(train_tokenizer([tmp_path / "s.parquet"], tmp_path / "spm.model", 300, 1_000, seed=0))
+    assert isinstance(tok, SPTokenizer) and tok.splits_at_spaces
+    assert (tok.eos_id, tok.pad_id, tok.bos_id, tok.add_bos) == (1, 0, None, False)
+    enc = encode_examples(tok, texts, texts[::-1], 8, 4)
+    for i, (a, b) in enumerate(zip(texts, texts[::-1], strict=True)):
+        inp, tgt = enc.example(i)
+        assert inp.tolist() == tok.sp.encode(a)[:8] and tgt.tolist() == tok.sp.encode(b)[:3] + [1]
