@@ -81,7 +81,9 @@ class HFTokenizer:
         job's budget; SentencePiece takes ``num_threads``. ``add_special=False``: the bare text ids.
         """
         if self.kind == "tokenizers":
-            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special)]
+            # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read: ~20% less CPU
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            return [e.ids for e in encode(list(texts), add_special_tokens=add_special)]
         rows = self.backend.encode(list(texts), out_type=int, num_threads=num_threads)
         if add_special and self.add_bos and self.bos_id is not None:
             return [[self.bos_id, *r] for r in rows]
