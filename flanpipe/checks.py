@@ -104,7 +104,7 @@ def check_models(config: Mapping[str, Any], runs: Mapping[str, Run]) -> None:
             )
     _check_tokenizer(config, models)
     for run in runs.values():
-        if run.kind == "given":
+        if run.kind == "given" and not run.hf:  # base.hf's import is a job, not a file yet
             _check_checkpoint(config, run, models[run.model])
 
 
