@@ -87,3 +87,28 @@ def test_dry_run_imports_once_and_trains_no_tokenizer(hf_dir: Path, tmp_path: Pa
     out = done.stdout
     assert "import_hf" in out and "export_hf" in out
     assert "train_tokenizer" not in out and "pretrain" not in out
+
+
+def test_tune_evaluate_export_equals_transformers(hf_dir: Path, tmp_path: Path) -> None:
+    """The whole default DAG on base.hf; the exported tuned run's transformers logits equal flanpipe's scorer."""
+    import json
+
+    from flanpipe.model import load_scorer
+
+    done = run_snakemake(tmp_path, _write(tmp_path, hf_dir), "--cores", "2", timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert summary
+    run = "heldout_sentiment"
+    assert any((tmp_path / "results" / "eval" / run).rglob("*.json"))
+    export = tmp_path / "results" / "hf" / run
+    model = transformers.AutoModelForCausalLM.from_pretrained(export, local_files_only=True).float().eval()
+    tok = transformers.AutoTokenizer.from_pretrained(export, local_files_only=True)
+    ids = torch.tensor([tok("Is this review positive? great film").input_ids[:16]])
+    scorer = load_scorer(tmp_path / "results" / "models" / run)
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = scorer.logits(ids)[..., : ref.shape[-1]]
+    assert (got - ref).abs().max().item() <= 1e-4
+    tuned = load_scorer(tmp_path / "results" / "base" / "hf" / "tiny-llama").logits(ids)[..., : ref.shape[-1]]
+    assert (tuned - ref).abs().max().item() > 1e-4  # the export is the tuned model, not the base
