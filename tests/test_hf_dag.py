@@ -24,7 +24,7 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = _bpe_dir(tmp_path_factory.mktemp("hf") / "tiny-llama", pad=True)
     cfg = transformers.LlamaConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -112,3 +112,22 @@ def test_tune_evaluate_export_equals_transformers(hf_dir: Path, tmp_path: Path) 
     assert (got - ref).abs().max().item() <= 1e-4
     tuned = load_scorer(tmp_path / "results" / "base" / "hf" / "tiny-llama").logits(ids)[..., : ref.shape[-1]]
     assert (tuned - ref).abs().max().item() > 1e-4  # the export is the tuned model, not the base
+
+
+def test_flan_hf_recipe_plans_on_the_fixture_mirror(hf_dir: Path, tmp_path: Path) -> None:
+    """config/flan_hf.yaml as flan137b.yaml is tested (tests/test_flan_fixtures.py): the local mirror, base.hf
+    pointed at the tiny checkpoint, TP/PP 1 for its 2 layers; one import, six exports, no tokenizer training."""
+    import re
+
+    raw = read_yaml(ROOT / "config" / "flan_hf.yaml")
+    raw["data"] = {**(raw.get("data") or {}), "local_mirror": str(ROOT / "tests" / "fixtures" / "flan")}
+    raw["base"] = {**raw["base"], "hf": str(hf_dir)}
+    raw["train"] = {**raw["train"], "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+                    "global_batch_size": 4}  # fmt: skip
+    raw["eval"] = {**raw["eval"], "layout": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}}
+    (tmp_path / "flan_hf.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    done = run_snakemake(tmp_path, tmp_path / "flan_hf.yaml", "-n", "--cores", "2", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", done.stdout, flags=re.MULTILINE)}
+    assert stats["import_hf"] == 1 and stats["export_hf"] == len(raw["held_out"]) == 6
+    assert "train_tokenizer" not in stats and stats["train"] == 6
