@@ -48,6 +48,11 @@ def test_ids_eos_pad_match_transformers_through_pack(checkpoint: Path, rendered:
         assert inp.tolist() == hf(text)["input_ids"][:N_IN]
         assert tgt.tolist() == hf(target, add_special_tokens=False)["input_ids"][: N_TG - 1] + [hf.eos_token_id]
 
+    # texts where SentencePiece and transformers' reading of it could part: spaces, newlines, bytes
+    odd = [" leading space", "two  spaces", "tab\tand\nnewline ", "é ü 中文 !", "", " "]
+    assert tok.encode_batch(odd) == [hf(t)["input_ids"] for t in odd]
+    assert tok.encode_batch(odd, add_special=False) == [hf(t, add_special_tokens=False)["input_ids"] for t in odd]
+
     stats = pack_to_indexed_dataset(enc, PACK, tmp_path / "packed", pad_id=tok.pad_id)
     rows = _read(tmp_path / "packed")
     assert stats["examples"] == len(inputs)
