@@ -118,6 +118,17 @@ def _message(fn) -> str:  # noqa: ANN001
     raise AssertionError("no error")
 
 
+def test_import_hf_output_dir_opens(checkpoint: Path, tmp_path: Path):
+    """``flanpipe import-hf``'s output keeps the tokenizer side files in ``hf/``: the output dir itself opens."""
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path / "imported" / "hf")
+    tok, direct = open_tokenizer(tmp_path / "imported"), open_tokenizer(checkpoint)
+    assert tok.source == tmp_path / "imported" / "hf" / direct.source.name
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (direct.vocab_size, direct.eos_id, direct.pad_id)
+    assert tok.encode("the lazy fox") == direct.encode("the lazy fox")
+
+
 def test_bad_paths_are_named(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
         open_tokenizer(tmp_path / "nope.model")
