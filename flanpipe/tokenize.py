@@ -199,7 +199,9 @@ class SPTokenizer:
         return self.sp.decode([list(r) for r in rows])
 
 
-def as_tokenizer(tok: Tokenizer | spm.SentencePieceProcessor, source: str | os.PathLike[str] = "<in memory>") -> Tokenizer:
+def as_tokenizer(
+    tok: Tokenizer | spm.SentencePieceProcessor, source: str | os.PathLike[str] = "<in memory>"
+) -> Tokenizer:
     """``tok`` itself, or an in-memory SentencePiece processor wrapped as an ``SPTokenizer`` (tests, benches)."""
     if not isinstance(tok, spm.SentencePieceProcessor):
         return tok

@@ -146,7 +146,9 @@ def test_plan_checks_a_checkpoint_tokenizer_dir_against_the_model(checkpoint: Pa
     n = open_tokenizer(checkpoint).vocab_size
     registry_dir(tmp_path)
     small = model_file(tmp_path, vocab_size=n - 1)
-    with pytest.raises(PlanError, match=rf"tokenizer {checkpoint} \(tokenizer.model\) has {n} pieces.*\({n} > {n - 1}\)"):
+    with pytest.raises(
+        PlanError, match=rf"tokenizer {checkpoint} \(tokenizer.model\) has {n} pieces.*\({n} > {n - 1}\)"
+    ):
         plan(tmp_path, model=str(small), tokenizer={"model": str(checkpoint)})
     assert plan(tmp_path, tokenizer={"model": str(checkpoint)}).runs  # the tiny model's 1024 ids fit it
 
