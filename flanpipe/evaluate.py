@@ -225,7 +225,10 @@ def predict_shard(
     if cls.height:
         inputs = [truncate_input(ids, inputs_length, keep_end) for ids in sp.encode_batch(cls["inputs"].to_list())]
         flat = cls.select("_row", "options").explode("options")
-        flat_ids = [encode_target(ids, targets_length, eos) for ids in sp.encode_batch(flat["options"].to_list(), add_special=False)]
+        flat_ids = [
+            encode_target(ids, targets_length, eos)
+            for ids in sp.encode_batch(flat["options"].to_list(), add_special=False)
+        ]
         options_ids = (
             flat.with_columns(_ids=pl.Series(flat_ids, dtype=pl.List(pl.Int64)))
             .group_by("_row", maintain_order=True)

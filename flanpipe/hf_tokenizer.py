@@ -69,8 +69,7 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         if self.kind == "tokenizers":
             return list(self.backend.encode(text).ids)
-        ids = list(self.backend.encode(text))
-        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(
         self, texts: list[str], add_special: bool = True, num_threads: int | None = None
@@ -84,7 +83,15 @@ class HFTokenizer:
             # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read: ~20% less CPU
             encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
             return [e.ids for e in encode(list(texts), add_special_tokens=add_special)]
-        rows = self.backend.encode(list(texts), out_type=int, num_threads=num_threads)
+        # transformers reads a tokenizer.model as a Metaspace pre-tokenizer that prepends '▁' only when
+        # the text does not already start with a space; SentencePiece's dummy prefix is unconditional,
+        # so one leading space is dropped here to give transformers' ids (a per-text check, not per token)
+        rows = self.backend.encode(
+            [t[1:] if t.startswith(" ") else t for t in texts], out_type=int, num_threads=num_threads
+        )
+        if " " in texts:  # a lone space is the lone piece '▁' there, nothing here once its space is dropped
+            space = [self.backend.piece_to_id("\u2581")]
+            rows = [space if t == " " else r for t, r in zip(texts, rows, strict=True)]
         if add_special and self.add_bos and self.bos_id is not None:
             return [[self.bos_id, *r] for r in rows]
         return rows

@@ -253,4 +253,6 @@ def pack_mixture(
     check_vocab(tok, int(read_yaml(model_config)["vocab_size"]), path=str(tokenizer), model_path=str(model_config))
     encoded = encode_parquet(tok, mixture, lengths["inputs"], lengths["targets"], num_threads)
     meta = mixture_meta(mixture, seed)  # provenance.parquet: seed is the mixture's, which the pack rule passes
-    return pack_to_indexed_dataset(encoded, lengths["pack"], Path(out_dir), order_seed=seed, meta=meta, pad_id=tok.pad_id)
+    return pack_to_indexed_dataset(
+        encoded, lengths["pack"], Path(out_dir), order_seed=seed, meta=meta, pad_id=tok.pad_id
+    )

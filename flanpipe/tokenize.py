@@ -199,7 +199,9 @@ class SPTokenizer:
         return self.sp.decode([list(r) for r in rows])
 
 
-def as_tokenizer(tok: Tokenizer | spm.SentencePieceProcessor, source: str | os.PathLike[str] = "<in memory>") -> Tokenizer:
+def as_tokenizer(
+    tok: Tokenizer | spm.SentencePieceProcessor, source: str | os.PathLike[str] = "<in memory>"
+) -> Tokenizer:
     """``tok`` itself, or an in-memory SentencePiece processor wrapped as an ``SPTokenizer`` (tests, benches)."""
     if not isinstance(tok, spm.SentencePieceProcessor):
         return tok
@@ -220,7 +222,7 @@ def _open_sentencepiece(path: Path) -> Tokenizer:
 def open_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """The one way to get a tokenizer: a SentencePiece ``.model`` file, or a checkpoint directory.
 
-    A directory (e.g. ``flanpipe import-hf``'s output, which copies the tokenizer side files) is read
+    A directory (a checkpoint, or ``flanpipe import-hf``'s output, whose ``hf/`` holds the copied side files) is read
     with its ``tokenizer.json`` or ``tokenizer.model`` plus ``tokenizer_config.json``, so ids, EOS, pad
     and BOS are the checkpoint's (``flanpipe.hf_tokenizer.load_hf_tokenizer``).
     """
@@ -228,6 +230,10 @@ def open_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     if path.is_dir():
         from flanpipe.hf_tokenizer import load_hf_tokenizer
 
+        # ``flanpipe import-hf DIR --out OUT`` keeps the checkpoint's side files in OUT/hf
+        names = ("tokenizer.json", "tokenizer.model")
+        if not any((path / n).exists() for n in names) and any((path / "hf" / n).exists() for n in names):
+            path = path / "hf"
         return load_hf_tokenizer(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer not found: {path} (a SentencePiece .model file or a checkpoint directory)")

@@ -67,7 +67,12 @@ def test_sentencepiece_model_adds_bos_like_llama(tmp_path):
     d = _sp_dir(tmp_path / "hf")
     sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
     ours = load_hf_tokenizer(d)
-    assert ours.kind == "sentencepiece" and ours.eos_id == 2 and ours.pad_id == 2 and ours.vocab_size == sp.get_piece_size()
+    assert (
+        ours.kind == "sentencepiece"
+        and ours.eos_id == 2
+        and ours.pad_id == 2
+        and ours.vocab_size == sp.get_piece_size()
+    )
     for text in TEXTS:
         assert ours.encode(text) == [1, *sp.encode(text)]
     assert ours.encode_batch(TEXTS) == [ours.encode(t) for t in TEXTS]

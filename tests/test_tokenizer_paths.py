@@ -48,6 +48,11 @@ def test_ids_eos_pad_match_transformers_through_pack(checkpoint: Path, rendered:
         assert inp.tolist() == hf(text)["input_ids"][:N_IN]
         assert tgt.tolist() == hf(target, add_special_tokens=False)["input_ids"][: N_TG - 1] + [hf.eos_token_id]
 
+    # texts where SentencePiece and transformers' reading of it could part: spaces, newlines, bytes
+    odd = [" leading space", "two  spaces", "tab\tand\nnewline ", "é ü 中文 !", "", " "]
+    assert tok.encode_batch(odd) == [hf(t)["input_ids"] for t in odd]
+    assert tok.encode_batch(odd, add_special=False) == [hf(t, add_special_tokens=False)["input_ids"] for t in odd]
+
     stats = pack_to_indexed_dataset(enc, PACK, tmp_path / "packed", pad_id=tok.pad_id)
     rows = _read(tmp_path / "packed")
     assert stats["examples"] == len(inputs)
@@ -113,6 +118,17 @@ def _message(fn) -> str:  # noqa: ANN001
     raise AssertionError("no error")
 
 
+def test_import_hf_output_dir_opens(checkpoint: Path, tmp_path: Path):
+    """``flanpipe import-hf``'s output keeps the tokenizer side files in ``hf/``: the output dir itself opens."""
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path / "imported" / "hf")
+    tok, direct = open_tokenizer(tmp_path / "imported"), open_tokenizer(checkpoint)
+    assert tok.source == tmp_path / "imported" / "hf" / direct.source.name
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (direct.vocab_size, direct.eos_id, direct.pad_id)
+    assert tok.encode("the lazy fox") == direct.encode("the lazy fox")
+
+
 def test_bad_paths_are_named(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
         open_tokenizer(tmp_path / "nope.model")
@@ -130,7 +146,9 @@ def test_plan_checks_a_checkpoint_tokenizer_dir_against_the_model(checkpoint: Pa
     n = open_tokenizer(checkpoint).vocab_size
     registry_dir(tmp_path)
     small = model_file(tmp_path, vocab_size=n - 1)
-    with pytest.raises(PlanError, match=rf"tokenizer {checkpoint} \(tokenizer.model\) has {n} pieces.*\({n} > {n - 1}\)"):
+    with pytest.raises(
+        PlanError, match=rf"tokenizer {checkpoint} \(tokenizer.model\) has {n} pieces.*\({n} > {n - 1}\)"
+    ):
         plan(tmp_path, model=str(small), tokenizer={"model": str(checkpoint)})
     assert plan(tmp_path, tokenizer={"model": str(checkpoint)}).runs  # the tiny model's 1024 ids fit it
 
