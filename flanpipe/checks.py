@@ -104,7 +104,7 @@ def check_models(config: Mapping[str, Any], runs: Mapping[str, Run]) -> None:
             )
     _check_tokenizer(config, models)
     for run in runs.values():
-        if run.kind == "given":
+        if run.kind == "given" and not run.hf:  # base.hf's import is a job, not a file yet
             _check_checkpoint(config, run, models[run.model])
 
 
@@ -114,13 +114,13 @@ def _check_tokenizer(config: Mapping[str, Any], models: Mapping[str, ModelConfig
     tok = config["tokenizer"]
     if tok["model"]:
         path = resolve_config_path(tok["model"])
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise PlanError(
                 f"config key tokenizer.model: SentencePiece model {tok['model']} not found (looked for {path})"
             )
-        try:
+        try:  # a .model file or a checkpoint's tokenizer directory (flanpipe.tokenize.open_tokenizer)
             n, what = piece_count(path), f"tokenizer {path} (tokenizer.model) has"
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             raise PlanError(f"config key tokenizer.model: {e}") from None
     else:
         n, what = tok["vocab_size"], "the tokenizer trained here (tokenizer.vocab_size) may have"

@@ -92,6 +92,62 @@ def validate_config(config: Mapping[str, Any], schema_path: Path = SCHEMA_PATH) 
         key = ".".join(path) or "<top level>"
         raise ConfigError(f"config key {key}: {e.message}")
     check_cross_fields(out)
+    return with_hf_base(out)
+
+
+def with_hf_base(config: dict[str, Any]) -> dict[str, Any]:
+    """With ``base.hf``, the checkpoint decides the model and the tokenizer: ``model`` becomes its config.json
+    (a given model config must describe the same architecture) and ``tokenizer.model`` its directory.
+
+    The tokenizer is read from the HF dir itself, not the imported copy, so the plan-time vocabulary checks
+    run before the import job exists. Torch-free: config.json is plain JSON (flanpipe.hf's config side)."""
+    import json
+
+    from flanpipe.io import resolve_config_path
+    from flanpipe.model_config import load_model_config
+
+    base = config["base"]
+    if not base["hf"]:
+        if not config["model"]:
+            raise ConfigError("config key model: required key is missing (a model config file, or base.hf)")
+        return config
+    for key, bad in (("checkpoint", base["checkpoint"]), ("pretrain_steps", base["pretrain_steps"])):
+        if bad:
+            raise ConfigError(
+                f"config key base.{key}: {bad!r} conflicts with base.hf = {base['hf']!r}; the HF checkpoint is "
+                f"the base model (nothing is pretrained here), so leave base.{key} unset"
+            )
+    hf_dir = resolve_config_path(base["hf"])
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"config key base.hf: {path} not found; base.hf must be a HuggingFace checkpoint dir holding config.json"
+        )
+    from flanpipe.hf import HFFormatError, model_config_from_hf
+
+    try:
+        _, want = model_config_from_hf(json.loads(path.read_text()), path)
+    except (HFFormatError, ValueError, KeyError) as e:
+        raise ConfigError(f"config key base.hf: {e}") from None
+    if config["model"] and Path(config["model"]) != path:
+        given = resolve_config_path(config["model"])
+        got = load_model_config(given)
+        if got != want:
+            a, b = got.to_dict(), want.to_dict()
+            diffs = ", ".join(f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k])
+            raise ConfigError(
+                f"config key model: {given} differs from base.hf's {path} in {diffs} (model vs config.json); "
+                "with base.hf the checkpoint decides the model: leave model unset (--config model=null)"
+            )
+    tok = config["tokenizer"]["model"]
+    if tok and resolve_config_path(tok) != hf_dir:
+        raise ConfigError(
+            f"config key tokenizer.model: {tok!r} with base.hf = {base['hf']!r}; the checkpoint's own tokenizer "
+            "is used (its ids are the embedding rows), so leave tokenizer.model unset"
+        )
+    out = copy.deepcopy(config)
+    out["model"] = str(path)
+    out["tokenizer"]["model"] = str(hf_dir)
     return out
 
 

@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Protocol
 
 import polars as pl
-import sentencepiece as spm
 import torch
 
+from flanpipe.hf_tokenizer import Tokenizer
 from flanpipe.metrics import get_metric
+from flanpipe.tokenize import as_tokenizer
 
 SPLITS = ("validation", "test")
 
@@ -202,7 +203,7 @@ def greedy_generate(
 
 def predict_shard(
     scorer: Scorer,
-    sp: spm.SentencePieceProcessor,
+    sp: Tokenizer,
     shard: pl.DataFrame,
     inputs_length: int,
     targets_length: int,
@@ -215,15 +216,19 @@ def predict_shard(
     (up to targets_length tokens, the trained target budget including EOS). Turned-around
     templates are dropped: they invert the task, so they are not evaluations of it.
     """
-    eos = sp.eos_id()
+    sp = as_tokenizer(sp)
+    eos = sp.eos_id
     df = shard.filter(~pl.col("turned_around")).with_row_index("_row")
     is_cls = pl.col("options").list.len() > 0
     cls, gen = df.filter(is_cls), df.filter(~is_cls)
     parts: list[pl.DataFrame] = []
     if cls.height:
-        inputs = [truncate_input(ids, inputs_length, keep_end) for ids in sp.encode(cls["inputs"].to_list())]
+        inputs = [truncate_input(ids, inputs_length, keep_end) for ids in sp.encode_batch(cls["inputs"].to_list())]
         flat = cls.select("_row", "options").explode("options")
-        flat_ids = [encode_target(ids, targets_length, eos) for ids in sp.encode(flat["options"].to_list())]
+        flat_ids = [
+            encode_target(ids, targets_length, eos)
+            for ids in sp.encode_batch(flat["options"].to_list(), add_special=False)
+        ]
         options_ids = (
             flat.with_columns(_ids=pl.Series(flat_ids, dtype=pl.List(pl.Int64)))
             .group_by("_row", maintain_order=True)
@@ -233,14 +238,14 @@ def predict_shard(
         best = rank_classification(scorer, inputs, options_ids, batch_size)
         parts.append(cls.with_columns(prediction=pl.col("options").list.get(pl.Series(best))))
     if gen.height:
-        inputs = [truncate_input(ids, inputs_length, keep_end) for ids in sp.encode(gen["inputs"].to_list())]
+        inputs = [truncate_input(ids, inputs_length, keep_end) for ids in sp.encode_batch(gen["inputs"].to_list())]
         if _uses_kv_cache(scorer):
             from flanpipe.inference import greedy_generate_cached
 
             new = greedy_generate_cached(scorer, inputs, targets_length, eos, batch_size)
         else:
             new = greedy_generate(scorer, inputs, targets_length, eos, batch_size)
-        parts.append(gen.with_columns(prediction=pl.Series(sp.decode(new), dtype=pl.Utf8)))
+        parts.append(gen.with_columns(prediction=pl.Series(sp.decode_batch(new), dtype=pl.Utf8)))
     if not parts:
         return df.drop("_row").with_columns(prediction=pl.lit(None, dtype=pl.Utf8))
     return pl.concat(parts).sort("_row").drop("_row")
@@ -253,7 +258,7 @@ def _data_parallel(scorer: Scorer) -> tuple[int, int, object]:
 
 def predict_shard_data_parallel(
     scorer: Scorer,
-    sp: spm.SentencePieceProcessor,
+    sp: Tokenizer,
     shard: pl.DataFrame,
     inputs_length: int,
     targets_length: int,
@@ -344,7 +349,7 @@ def summarize(per_template: pl.DataFrame) -> dict:
 
 def evaluate_shard(
     scorer: Scorer,
-    sp: spm.SentencePieceProcessor,
+    sp: Tokenizer,
     shard: pl.DataFrame,
     metric: str,
     inputs_length: int,
@@ -403,7 +408,7 @@ def evaluate_many(
     the start, as seqio does) so the model is scored on the view of an example it was trained on.
     """
     from flanpipe.io import write_json
-    from flanpipe.tokenize import load_tokenizer
+    from flanpipe.tokenize import open_tokenizer
 
     if set(shards) != set(metrics):
         raise ValueError(f"datasets with a shard {sorted(shards)} differ from datasets with a metric {sorted(metrics)}")
@@ -416,7 +421,7 @@ def evaluate_many(
 
         scorer = load_parallel_lm(model_dir, tp, pp)
     writer = getattr(scorer, "global_rank", 0) == 0
-    sp = load_tokenizer(tokenizer)
+    sp = open_tokenizer(tokenizer)
     out_dir = Path(out_dir)
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -512,11 +517,11 @@ def run_evaluation(
     """``flanpipe evaluate``: one dataset's eval shard, its result written to ``out``."""
     from flanpipe.inference import load_parallel_lm
     from flanpipe.io import write_json
-    from flanpipe.tokenize import load_tokenizer
+    from flanpipe.tokenize import open_tokenizer
 
     get_metric(metric)
     scorer = load_parallel_lm(model_dir)
-    sp = load_tokenizer(tokenizer)
+    sp = open_tokenizer(tokenizer)
     df = pl.read_parquet(shard)
     result = evaluate_shard(
         scorer, sp, df, metric, lengths["inputs"], lengths["targets"], batch_size=batch_size, keep_end=False

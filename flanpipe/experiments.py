@@ -14,6 +14,7 @@ run names and roles) are flanpipe.vocab's.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ class Run:
     init: str | None = None  # name of the base run whose weights start this one
     kind: RunKind = RunKind.TUNE
     checkpoint: str | None = None  # kind GIVEN: a model dir (model.json + checkpoint/)
+    hf: str | None = None  # kind GIVEN from base.hf: the HF dir rule import_hf converts into model_dir
     steps: int | None = None  # override of train.steps (pretraining)
     options_share: float | None = None  # options ablation: share of training prompts showing options
 
@@ -133,7 +135,14 @@ class Plan:
 
     def model_dir(self, run: str) -> str:
         r = self.runs[run]
+        if r.hf:
+            return hf_import_dir(r.model)
         return str(resolve_config_path(r.checkpoint)) if r.kind is RunKind.GIVEN else f"results/models/{run}"
+
+    @property
+    def hf_base(self) -> Run | None:
+        """The base run that base.hf gives (imported by rule import_hf, exported beside each tuned run), or None."""
+        return next((r for r in self.runs.values() if r.hf), None)
 
     def trained_run(self, name: str) -> Run:
         """A run this config trains, or an error naming the runs it does train."""
@@ -167,11 +176,14 @@ class Plan:
         """Rule train_spec's JSON: model config + training facts, the run's step count, its initial weights."""
         from flanpipe.config import train_spec
         from flanpipe.io import read_yaml
+        from flanpipe.model_config import load_model_config
 
         assert self.config is not None
         r = self.runs[run]
         init = self.model_dir(r.init) if r.init else None
-        return train_spec(self.config, read_yaml(self.run_model_config(run)), steps=r.steps, init_checkpoint=init)
+        path = self.run_model_config(run)
+        model = load_model_config(path).to_dict() if path.name == "config.json" else read_yaml(path)  # base.hf
+        return train_spec(self.config, model, steps=r.steps, init_checkpoint=init)
 
     def record_meta(self, evaluation: Evaluation, ablation: str | None = None) -> dict[str, Any]:
         """What the report needs to know about one evaluation besides its scores (rules report, ablation)."""
@@ -208,7 +220,17 @@ class Plan:
 
 
 def model_stem(model: str) -> str:
-    return Path(model).stem
+    """A model's short name: the config file's stem, or for base.hf's config.json its checkpoint dir's name
+    (characters a path or wildcard would trip on replaced by ``_``)."""
+    p = Path(model)
+    if p.name == "config.json":
+        return re.sub(r"[^A-Za-z0-9_-]", "_", p.resolve().parent.name)
+    return p.stem
+
+
+def hf_import_dir(model: str) -> str:
+    """Where rule import_hf writes base.hf's checkpoint in flanpipe's format (model.json, checkpoint/, hf/)."""
+    return f"results/base/hf/{model_stem(model)}"
 
 
 def _training_set(
@@ -231,6 +253,13 @@ def _training_set(
 def _base_run(config: Mapping[str, Any], model: str, registry: Mapping[str, DatasetSpec]) -> Run | None:
     """The base model of ``model``: a given checkpoint, one pretrained here, or none."""
     base = config["base"]
+    if base["hf"]:
+        if model != config["model"]:
+            raise PlanError(
+                f"config key base.hf: gives the base of {config['model']} only; model {model!r} "
+                "(ablations.scale) would need its own base, which base.hf cannot give"
+            )
+        return Run(name=base_run_name(model_stem(model)), model=model, kind=RunKind.GIVEN, hf=base["hf"])
     if base["checkpoint"]:
         checkpoint = base["checkpoint"]
         if model != config["model"]:

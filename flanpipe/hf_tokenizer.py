@@ -16,17 +16,29 @@ from typing import Any, Protocol
 
 
 class Tokenizer(Protocol):
-    """What flanpipe's stages need from a tokenizer."""
+    """What flanpipe's stages need from a tokenizer (``flanpipe.tokenize.open_tokenizer`` returns one).
+
+    ``encode``/``encode_batch`` with ``add_special=True`` give the ids a model sees for a prompt: what
+    ``transformers``' ``tokenizer(text)["input_ids"]`` gives (e.g. Llama's BOS first). Targets are
+    encoded with ``add_special=False`` and end in ``eos_id`` (see ``flanpipe.tokenize``).
+    """
 
     vocab_size: int
     eos_id: int
     pad_id: int
+    bos_id: int | None
+    add_bos: bool
+    source: Path
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def encode_batch(
+        self, texts: list[str], add_special: bool = True, num_threads: int | None = None
+    ) -> list[list[int]]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def decode_batch(self, rows: list[list[int]]) -> list[str]: ...
 
 
 def _token_name(value: Any) -> str | None:
@@ -57,20 +69,43 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         if self.kind == "tokenizers":
             return list(self.backend.encode(text).ids)
-        ids = list(self.backend.encode(text))
-        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+        return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """``encode`` of each text, in the backend's native threads (the data path's bulk call)."""
+    def encode_batch(
+        self, texts: list[str], add_special: bool = True, num_threads: int | None = None
+    ) -> list[list[int]]:
+        """``encode`` of each text, in the backend's native threads (the data path's bulk call).
+
+        ``tokenizers`` sizes its pool from RAYON_NUM_THREADS, which ``flanpipe.threads`` sets to the
+        job's budget; SentencePiece takes ``num_threads``. ``add_special=False``: the bare text ids.
+        """
         if self.kind == "tokenizers":
-            return [list(e.ids) for e in self.backend.encode_batch(list(texts))]
-        rows = self.backend.encode(list(texts), out_type=int)
-        return [[self.bos_id, *r] for r in rows] if self.add_bos and self.bos_id is not None else rows
+            # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read: ~20% less CPU
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            return [e.ids for e in encode(list(texts), add_special_tokens=add_special)]
+        # transformers reads a tokenizer.model as a Metaspace pre-tokenizer that prepends '▁' only when
+        # the text does not already start with a space; SentencePiece's dummy prefix is unconditional,
+        # so one leading space is dropped here to give transformers' ids (a per-text check, not per token)
+        rows = self.backend.encode(
+            [t[1:] if t.startswith(" ") else t for t in texts], out_type=int, num_threads=num_threads
+        )
+        if " " in texts:  # a lone space is the lone piece '▁' there, nothing here once its space is dropped
+            space = [self.backend.piece_to_id("\u2581")]
+            rows = [space if t == " " else r for t, r in zip(texts, rows, strict=True)]
+        if add_special and self.add_bos and self.bos_id is not None:
+            return [[self.bos_id, *r] for r in rows]
+        return rows
 
     def decode(self, ids: list[int]) -> str:
         if self.kind == "tokenizers":
             return self.backend.decode(list(ids), skip_special_tokens=True)
         return self.backend.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+    def decode_batch(self, rows: list[list[int]]) -> list[str]:
+        """``decode`` of each row (one native call for ``tokenizers``)."""
+        if self.kind == "tokenizers":
+            return self.backend.decode_batch([list(r) for r in rows], skip_special_tokens=True)
+        return [self.decode(r) for r in rows]
 
 
 def _special_id(name: str | None, lookup) -> int | None:  # noqa: ANN001

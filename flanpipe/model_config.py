@@ -197,7 +197,12 @@ class ModelConfig:
 def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     """Read a model config from YAML (config/models/*.yaml) or JSON (a run's model.json).
 
-    YAML goes through the strict loader: duplicate keys are errors, ``2e-2`` is a float."""
+    YAML goes through the strict loader: duplicate keys are errors, ``2e-2`` is a float. An HF checkpoint's
+    ``config.json`` (base.hf) is converted by flanpipe.hf (torch-free), so the plan reads it like a YAML."""
+    if Path(path).name == "config.json":
+        from flanpipe.hf import model_config_from_hf  # hf imports this module
+
+        return model_config_from_hf(json.loads(Path(path).read_text()), Path(path))[1]
     data = json.loads(Path(path).read_text()) if str(path).endswith(".json") else read_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping")

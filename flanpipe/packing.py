@@ -117,8 +117,11 @@ def _fill_rows(
     segment: np.ndarray,
     n_rows: int,
     pack_length: int,
+    pad_id: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Materialise ``n_rows`` rows from examples ``ex`` (in row order) by one scatter per array."""
+    """Materialise ``n_rows`` rows from examples ``ex`` (in row order) by one scatter per array.
+
+    Padding slots hold ``pad_id`` (the tokenizer's; masked out of loss and attention by segment 0)."""
     lens = encoded.offsets[ex + 1] - encoded.offsets[ex]
     # start of each example within its row = tokens of the earlier examples in the same row
     csum = np.cumsum(lens) - lens
@@ -128,7 +131,7 @@ def _fill_rows(
     pos = token_positions(lens)  # token position within its example
     src = np.repeat(encoded.offsets[ex], lens) + pos
     dst = np.repeat(local_row * pack_length + start_in_row, lens) + pos
-    tokens = np.zeros(n_rows * pack_length, dtype=np.int32)  # pad id 0
+    tokens = np.full(n_rows * pack_length, pad_id, dtype=np.int32)
     segments = np.zeros(n_rows * pack_length, dtype=np.int32)  # 0 = padding
     loss_mask = np.zeros(n_rows * pack_length, dtype=np.uint8)
     tokens[dst] = encoded.tokens[src]
@@ -145,6 +148,7 @@ def pack_to_indexed_dataset(
     max_rows: int | None = None,
     order_seed: int = 0,
     meta: pl.DataFrame | None = None,
+    pad_id: int = 0,
 ) -> dict:
     """BFD-pack ``encoded`` into rows of exactly ``pack_length`` tokens and write tokens/segments/loss_mask.
 
@@ -188,7 +192,7 @@ def pack_to_indexed_dataset(
             n = min(_WRITE_CHUNK_ROWS, kept_rows - row0)
             if n <= 0:
                 break
-            arrays = _fill_rows(encoded, order[lo:hi], out_row[lo:hi] - row0, segment[lo:hi], n, pack_length)
+            arrays = _fill_rows(encoded, order[lo:hi], out_row[lo:hi] - row0, segment[lo:hi], n, pack_length, pad_id)
             for builder, arr in zip(builders.values(), arrays, strict=True):
                 for r in range(n):  # one row = one document, so GPTDataset-style readers see rows
                     builder.add_document(arr[r], [pack_length])
@@ -232,20 +236,23 @@ def pack_mixture(
 ) -> dict:
     """Rule ``pack``: tokenize a mixture's (inputs, targets) and pack them into IndexedDatasets.
 
-    The tokenizer's vocabulary is checked against the model config first, so a mismatched ``.model``
-    fails here, in seconds, instead of as an index error inside training.
+    ``tokenizer``: a ``.model`` file or a checkpoint directory (``open_tokenizer``); its EOS ends each
+    target and its pad id fills row padding. The tokenizer's vocabulary is checked against the model
+    config first, so a mismatched tokenizer fails here, in seconds, instead of as an index error in training.
     """
     from flanpipe.io import read_yaml
     from flanpipe.provenance import mixture_meta
-    from flanpipe.tokenize import check_vocab, encode_parquet, load_tokenizer
+    from flanpipe.tokenize import check_vocab, encode_parquet, open_tokenizer
 
     if lengths["pack"] < lengths["inputs"] + lengths["targets"]:
         raise ValueError(
             f"pack length {lengths['pack']} < inputs {lengths['inputs']} + targets {lengths['targets']} "
             f"= {lengths['inputs'] + lengths['targets']}"
         )
-    sp = load_tokenizer(tokenizer)
-    check_vocab(sp, int(read_yaml(model_config)["vocab_size"]), path=str(tokenizer), model_path=str(model_config))
-    encoded = encode_parquet(sp, mixture, lengths["inputs"], lengths["targets"], num_threads)
+    tok = open_tokenizer(tokenizer)
+    check_vocab(tok, int(read_yaml(model_config)["vocab_size"]), path=str(tokenizer), model_path=str(model_config))
+    encoded = encode_parquet(tok, mixture, lengths["inputs"], lengths["targets"], num_threads)
     meta = mixture_meta(mixture, seed)  # provenance.parquet: seed is the mixture's, which the pack rule passes
-    return pack_to_indexed_dataset(encoded, lengths["pack"], Path(out_dir), order_seed=seed, meta=meta)
+    return pack_to_indexed_dataset(
+        encoded, lengths["pack"], Path(out_dir), order_seed=seed, meta=meta, pad_id=tok.pad_id
+    )

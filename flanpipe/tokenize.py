@@ -1,12 +1,26 @@
-"""SentencePiece tokenizer: train on a seeded sample, load, and batch-encode examples into flat arrays.
+"""Tokenizers: train flanpipe's SentencePiece model, open any tokenizer, batch-encode examples into flat arrays.
+
+``open_tokenizer`` is the one entry point: a SentencePiece ``.model`` file or a checkpoint directory
+(``tokenizer.json`` / ``tokenizer.model`` + ``tokenizer_config.json``), behind one ``Tokenizer`` interface.
 
 The encoding rule is the contract the packer, trainer and evaluator share (ARCH.md, "Tokenizer"):
-input ids truncated to ``inputs_length``; target ids truncated to ``targets_length - 1`` and then EOS
-(id 1) appended, so a target always ends in EOS and never exceeds ``targets_length``.
+input ids truncated to ``inputs_length``; target ids truncated to ``targets_length - 1`` and then the
+tokenizer's EOS appended, so a target always ends in EOS and never exceeds ``targets_length``.
+
+BOS and other special tokens: the input is encoded as the checkpoint's tokenizer encodes a prompt
+(``add_special=True``: a Llama tokenizer puts BOS first, as ``transformers`` does), the target as bare
+text. So every example is ``[BOS] input target EOS``: packing concatenates whole examples, each row
+segment starts with the BOS the model saw at the start of every pretraining document, and the EOS
+between examples is the one the model must learn to emit. A BOS inside the target would be a token
+the model is trained to generate mid-answer; BOS only at the start of a packed row would give every
+later example in that row a start the model never sees at evaluation time, where each input is
+encoded on its own (with its BOS). Truncation keeps the start of the input, so BOS survives it.
+flanpipe's own model has no BOS, so its ids are unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import os
@@ -21,6 +35,7 @@ import pyarrow.compute as pc
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from flanpipe.hf_tokenizer import Tokenizer
 from flanpipe.io import atomic_path
 
 PAD_ID = 0
@@ -147,20 +162,93 @@ def train_tokenizer(
     return out_model
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> spm.SentencePieceProcessor:
-    """Load a .model file; fails with the path in the message rather than SentencePiece's bare OSError."""
+@dataclass
+class SPTokenizer:
+    """A bare SentencePiece ``.model`` (flanpipe-trained or user-given) behind the ``Tokenizer`` interface.
+
+    Ids are ``sp.encode(text)``'s: no BOS is added (a bare model carries no tokenizer config that asks
+    for one, and flanpipe's own model has none), so packed data stays as it always was. EOS and pad
+    are the model's own ids (flanpipe's: pad 0, EOS 1); a model without a pad id pads with EOS.
+    """
+
+    sp: spm.SentencePieceProcessor
+    source: Path
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+    bos_id: int | None = None
+    add_bos: bool = False
+
+    @functools.cached_property
+    def splits_at_spaces(self) -> bool:
+        """Whether the per-word cache of ``encode_examples`` is exact for this model (see ``splits_at_spaces``)."""
+        return splits_at_spaces(self.sp)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(
+        self, texts: list[str], add_special: bool = True, num_threads: int | None = None
+    ) -> list[list[int]]:
+        return self.sp.encode(list(texts), out_type=int, num_threads=num_threads)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def decode_batch(self, rows: list[list[int]]) -> list[str]:
+        return self.sp.decode([list(r) for r in rows])
+
+
+def as_tokenizer(
+    tok: Tokenizer | spm.SentencePieceProcessor, source: str | os.PathLike[str] = "<in memory>"
+) -> Tokenizer:
+    """``tok`` itself, or an in-memory SentencePiece processor wrapped as an ``SPTokenizer`` (tests, benches)."""
+    if not isinstance(tok, spm.SentencePieceProcessor):
+        return tok
+    if tok.eos_id() < 0:
+        raise ValueError(f"{source}: SentencePiece model has no EOS id (train it with eos_id >= 0)")
+    pad = tok.pad_id() if tok.pad_id() >= 0 else tok.eos_id()
+    return SPTokenizer(tok, Path(source), tok.get_piece_size(), tok.eos_id(), pad)
+
+
+def _open_sentencepiece(path: Path) -> Tokenizer:
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a SentencePiece .model file: {e}") from None
+    return as_tokenizer(sp, path)
+
+
+def open_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """The one way to get a tokenizer: a SentencePiece ``.model`` file, or a checkpoint directory.
+
+    A directory (a checkpoint, or ``flanpipe import-hf``'s output, whose ``hf/`` holds the copied side files) is read
+    with its ``tokenizer.json`` or ``tokenizer.model`` plus ``tokenizer_config.json``, so ids, EOS, pad
+    and BOS are the checkpoint's (``flanpipe.hf_tokenizer.load_hf_tokenizer``).
+    """
     path = Path(path)
+    if path.is_dir():
+        from flanpipe.hf_tokenizer import load_hf_tokenizer
+
+        # ``flanpipe import-hf DIR --out OUT`` keeps the checkpoint's side files in OUT/hf
+        names = ("tokenizer.json", "tokenizer.model")
+        if not any((path / n).exists() for n in names) and any((path / "hf" / n).exists() for n in names):
+            path = path / "hf"
+        return load_hf_tokenizer(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer model not found: {path}")
-    return spm.SentencePieceProcessor(model_file=str(path))
+        raise FileNotFoundError(f"tokenizer not found: {path} (a SentencePiece .model file or a checkpoint directory)")
+    return _open_sentencepiece(path)
 
 
 def piece_count(path: str | os.PathLike[str]) -> int:
     """Vocabulary size of a .model file, read from its proto without building a processor (milliseconds,
-    so the DAG can check a given tokenizer against the model config before any job runs)."""
+    so the DAG can check a given tokenizer against the model config before any job runs), or of a
+    checkpoint tokenizer directory (``open_tokenizer``'s ``vocab_size``, added tokens included)."""
     from google.protobuf.message import DecodeError
 
     path = Path(path)
+    if path.is_dir():
+        return open_tokenizer(path).vocab_size
     proto = model_pb2.ModelProto()
     try:
         proto.ParseFromString(path.read_bytes())
@@ -172,13 +260,13 @@ def piece_count(path: str | os.PathLike[str]) -> int:
 
 
 def check_vocab(
-    sp: spm.SentencePieceProcessor,
+    tok: Tokenizer,
     model_vocab_size: int,
     path: str | os.PathLike[str] = "tokenizer",
     model_path: str | os.PathLike[str] = "the model config",
 ) -> None:
     """Raise if token ids could index past the model's embedding table (a silent crash on GPU)."""
-    n = sp.get_piece_size()
+    n = as_tokenizer(tok).vocab_size
     if n > model_vocab_size:
         raise ValueError(
             f"tokenizer {path} has {n} pieces but {model_path}'s vocab_size is {model_vocab_size} "
@@ -286,12 +374,15 @@ def _encode_by_words(
 
 
 def _encode_texts(
-    sp: spm.SentencePieceProcessor, texts: pl.Series, num_threads: int, by_words: bool
+    tok: Tokenizer, texts: pl.Series, num_threads: int, by_words: bool, add_special: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int32 ids, int64 lengths) exactly as ``sp.encode(texts)`` gives them."""
+    """(flat int32 ids, int64 lengths) exactly as ``tok.encode_batch(texts, add_special)`` gives them.
+
+    ``by_words`` (an ``SPTokenizer`` that ``splits_at_spaces``, which adds no special tokens) takes
+    the per-word cache; any other tokenizer encodes in its own native threads."""
     if by_words and texts.dtype == pl.String and len(texts) and not texts.null_count():
-        return _encode_by_words(sp, texts, num_threads)
-    return _flatten(sp.encode(texts.to_list(), out_type=int, num_threads=num_threads))
+        return _encode_by_words(tok.sp, texts, num_threads)
+    return _flatten(tok.encode_batch(texts.to_list(), add_special=add_special, num_threads=num_threads))
 
 
 def token_positions(lengths: np.ndarray) -> np.ndarray:
@@ -301,7 +392,7 @@ def token_positions(lengths: np.ndarray) -> np.ndarray:
 
 
 def _encode_chunk(
-    sp: spm.SentencePieceProcessor,
+    tok: Tokenizer,
     inputs: pl.Series,
     targets: pl.Series,
     inputs_length: int,
@@ -309,8 +400,8 @@ def _encode_chunk(
     num_threads: int,
     by_words: bool,
 ) -> EncodedExamples:
-    in_flat, in_len = _encode_texts(sp, inputs, num_threads, by_words)
-    tg_flat, tg_len = _encode_texts(sp, targets, num_threads, by_words)
+    in_flat, in_len = _encode_texts(tok, inputs, num_threads, by_words, add_special=True)
+    tg_flat, tg_len = _encode_texts(tok, targets, num_threads, by_words, add_special=False)
     in_pos, tg_pos = token_positions(in_len), token_positions(tg_len)
     keep_in = np.minimum(in_len, inputs_length)
     keep_tg = np.minimum(tg_len, targets_length - 1)
@@ -324,7 +415,7 @@ def _encode_chunk(
     tokens[np.repeat(offsets[:-1], in_len)[m] + in_pos[m]] = in_flat[m]
     m = tg_pos < np.repeat(keep_tg, tg_len)
     tokens[np.repeat(offsets[:-1] + keep_in, tg_len)[m] + tg_pos[m]] = tg_flat[m]
-    tokens[offsets[1:] - 1] = EOS_ID
+    tokens[offsets[1:] - 1] = tok.eos_id
     return EncodedExamples(
         tokens=tokens,
         offsets=offsets,
@@ -383,7 +474,7 @@ def _concat_consuming(parts: list[EncodedExamples]) -> EncodedExamples:
 
 
 def encode_examples(
-    sp: spm.SentencePieceProcessor,
+    tok: Tokenizer,
     inputs: Sequence[str] | pl.Series,
     targets: Sequence[str] | pl.Series,
     inputs_length: int,
@@ -402,10 +493,11 @@ def encode_examples(
     if len(inputs) != len(targets):
         raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
     threads = num_threads or os.cpu_count() or 1
-    by_words = splits_at_spaces(sp)
+    tok = as_tokenizer(tok)
+    by_words = isinstance(tok, SPTokenizer) and tok.splits_at_spaces
     parts = [
         _encode_chunk(
-            sp,
+            tok,
             inputs.slice(s, _ENCODE_CHUNK),
             targets.slice(s, _ENCODE_CHUNK),
             inputs_length,
@@ -419,7 +511,7 @@ def encode_examples(
 
 
 def encode_parquet(
-    sp: spm.SentencePieceProcessor,
+    tok: Tokenizer,
     path: str | os.PathLike[str],
     inputs_length: int,
     targets_length: int,
@@ -431,11 +523,11 @@ def encode_parquet(
 
     pf = pq.ParquetFile(path)
     parts = [
-        encode_examples(sp, batch["inputs"], batch["targets"], inputs_length, targets_length, num_threads)
+        encode_examples(tok, batch["inputs"], batch["targets"], inputs_length, targets_length, num_threads)
         for batch in (
             pl.from_arrow(b) for b in pf.iter_batches(batch_size=_ENCODE_CHUNK, columns=["inputs", "targets"])
         )
     ]
     if not parts:
-        return encode_examples(sp, [], [], inputs_length, targets_length, num_threads)
+        return encode_examples(tok, [], [], inputs_length, targets_length, num_threads)
     return parts[0] if len(parts) == 1 else _concat_consuming(parts)

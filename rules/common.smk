@@ -193,7 +193,24 @@ def ablation_meta(wildcards):
 
 
 def all_targets():
-    return ["results/summary.json", "results/summary.md", "results/figures/summary.png"]
+    """The report, and with base.hf every main tuned run exported back to HF format (rules/hf.smk)."""
+    hf = [f"results/hf/{r.name}" for r in PLAN.runs.values() if r.is_main] if PLAN.hf_base else []
+    return ["results/summary.json", "results/summary.md", "results/figures/summary.png", *hf]
+
+
+def hf_source_files():
+    """base.hf's config.json and weights: import_hf reruns when the checkpoint changes."""
+    src = resolve_config_path(config["base"]["hf"])
+    return [str(src / "config.json"), *sorted(str(p) for p in src.glob("*.safetensors*"))]
+
+
+def export_inputs(wildcards):
+    """A tuned run's model dir, and with base.hf the imported base whose tokenizer and config.json it ships."""
+    PLAN.trained_run(wildcards.run)
+    inputs = {"model": PLAN.model_dir(wildcards.run)}
+    if PLAN.hf_base is not None:
+        inputs["base"] = PLAN.model_dir(PLAN.hf_base.name)
+    return inputs
 
 
 def eval_group_datasets(wildcards):

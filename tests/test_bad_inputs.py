@@ -561,9 +561,9 @@ def test_pack_length_longer_than_model_positions(tmp_path: Path) -> None:
 
 def test_long_examples_truncated_and_counted_in_packing_json(tmp_path: Path, spm_model: Path) -> None:
     from flanpipe.packing import pack_to_indexed_dataset
-    from flanpipe.tokenize import encode_examples, load_tokenizer
+    from flanpipe.tokenize import encode_examples, open_tokenizer
 
-    sp = load_tokenizer(spm_model)
+    sp = open_tokenizer(spm_model)
     long = " ".join(f"w{i}" for i in range(200))
     enc = encode_examples(sp, [long, "w1", long], ["X1", long, "Y2"], inputs_length=16, targets_length=8)
     assert enc.truncated_inputs == 2 and enc.truncated_targets == 1
@@ -829,9 +829,9 @@ def test_interrupted_mixture_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
 
 def test_interrupted_packing_leaves_nothing(tmp_path: Path, spm_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flanpipe import packing
-    from flanpipe.tokenize import encode_examples, load_tokenizer
+    from flanpipe.tokenize import encode_examples, open_tokenizer
 
-    enc = encode_examples(load_tokenizer(spm_model), ["w1 w2"] * 50, ["X"] * 50, inputs_length=16, targets_length=8)
+    enc = encode_examples(open_tokenizer(spm_model), ["w1 w2"] * 50, ["X"] * 50, inputs_length=16, targets_length=8)
     real = packing._fill_rows
 
     def fill_then_die(*args, **kwargs):  # noqa: ANN002, ANN003

@@ -43,20 +43,36 @@ def test_tokenizer_json_ids_equal_transformers(tmp_path, pad):
     assert ours.vocab_size == len(theirs)
 
 
-def test_sentencepiece_model_adds_bos_like_llama(tmp_path):
-    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS))
-    d = tmp_path / "hf"
-    d.mkdir()
+def _sp_dir(out: Path) -> Path:
+    """A Llama-style checkpoint tokenizer: SentencePiece tokenizer.model (BOS 1, EOS 2, no pad; byte
+    fallback, identity normalization, spaces kept, as Llama's) + tokenizer_config.json."""
+    out.mkdir(parents=True)
+    (out / "corpus.txt").write_text("\n".join(CORPUS))
     spm.SentencePieceTrainer.train(
-        input=str(tmp_path / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=60, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"), vocab_size=300, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, hard_vocab_limit=False,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
     )  # fmt: skip
-    (d / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
-    )
+    (out / "corpus.txt").unlink()
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+             "add_bos_token": True, "add_eos_token": False, "legacy": True}
+        )
+    )  # fmt: skip
+    return out
+
+
+def test_sentencepiece_model_adds_bos_like_llama(tmp_path):
+    d = _sp_dir(tmp_path / "hf")
     sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
     ours = load_hf_tokenizer(d)
-    assert ours.kind == "sentencepiece" and ours.eos_id == 2 and ours.pad_id == 2 and ours.vocab_size == 60
+    assert (
+        ours.kind == "sentencepiece"
+        and ours.eos_id == 2
+        and ours.pad_id == 2
+        and ours.vocab_size == sp.get_piece_size()
+    )
     for text in TEXTS:
         assert ours.encode(text) == [1, *sp.encode(text)]
     assert ours.encode_batch(TEXTS) == [ours.encode(t) for t in TEXTS]

@@ -44,7 +44,7 @@ def model_path(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sp(model_path: Path):
-    return tok.load_tokenizer(model_path)
+    return tok.open_tokenizer(model_path).sp
 
 
 def test_train_is_deterministic_across_threads_and_row_order(corpus: Path, model_path: Path, tmp_path: Path):
@@ -101,7 +101,7 @@ def test_check_vocab(sp):
 
 def test_load_missing(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
-        tok.load_tokenizer(tmp_path / "nope.model")
+        tok.open_tokenizer(tmp_path / "nope.model")
 
 
 def _reference(sp, inputs: list[str], targets: list[str], n_in: int, n_tg: int) -> list[tuple[list, list]]:

@@ -53,7 +53,7 @@ def sp(tmp_path_factory: pytest.TempPathFactory) -> spm.SentencePieceProcessor:
     path = tmp_path_factory.mktemp("tok") / "corpus.parquet"
     texts = _texts(3_000, 0)
     pl.DataFrame({"inputs": texts, "targets": texts[::-1]}).write_parquet(path)
-    return tok.load_tokenizer(tok.train_tokenizer([path], path.with_name("spm.model"), 400, 3_000, seed=0))
+    return tok.open_tokenizer(tok.train_tokenizer([path], path.with_name("spm.model"), 400, 3_000, seed=0)).sp
 
 
 def test_flanpipe_models_split_at_spaces(sp: spm.SentencePieceProcessor) -> None:
@@ -62,7 +62,7 @@ def test_flanpipe_models_split_at_spaces(sp: spm.SentencePieceProcessor) -> None
 
 def test_word_path_equals_sentencepiece(sp: spm.SentencePieceProcessor) -> None:
     texts = _texts(5_000, 1)
-    flat, lengths = tok._encode_texts(sp, pl.Series(texts), 2, by_words=True)
+    flat, lengths = tok._encode_texts(tok.as_tokenizer(sp), pl.Series(texts), 2, by_words=True, add_special=True)
     ref_flat, ref_lengths = _reference(sp, texts)
     assert np.array_equal(lengths, ref_lengths) and np.array_equal(flat, ref_flat)
 

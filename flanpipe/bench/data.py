@@ -507,7 +507,7 @@ def _run(cfg: BenchConfig, work: Path, peer: bool = False) -> dict[str, Any]:
         from flanpipe.mixing import MixtureConfig, build_mixture, estimate_tokens_per_example, mixing_rate
         from flanpipe.packing import pack_to_indexed_dataset
         from flanpipe.templates import render_shard
-        from flanpipe.tokenize import encode_parquet, load_tokenizer, splits_at_spaces, train_tokenizer
+        from flanpipe.tokenize import encode_parquet, open_tokenizer, train_tokenizer
 
     # 1. generate: canonical Parquet + template files for 62 datasets
     sizes = {p.name: cfg.raw_size(p) for p in PROFILES}
@@ -560,7 +560,7 @@ def _run(cfg: BenchConfig, work: Path, peer: bool = False) -> dict[str, Any]:
         train_tokenizer(
             list(shards.values()), model, vocab_size=vocab, sample_size=cfg.n(cfg.tokenizer_sample, 500), seed=cfg.seed
         )
-        sp = load_tokenizer(model)
+        sp = open_tokenizer(model)
 
     # 5. encode the mixture on all cores (rule pack, first half)
     with _stage("tokenize", seconds, cpu, rss):
@@ -613,9 +613,9 @@ def _run(cfg: BenchConfig, work: Path, peer: bool = False) -> dict[str, Any]:
         "tokens_per_example": round(tokens / max(1, len(encoded)), 1),
         "truncated_inputs": encoded.truncated_inputs,
         "truncated_targets": encoded.truncated_targets,
-        "vocab_pieces": sp.get_piece_size(),
+        "vocab_pieces": sp.vocab_size,
         "estimated_tokens_per_example": round(est, 1),  # chars / 4: what mixing sizes the draws with
-        "encode_by_words": splits_at_spaces(sp),
+        "encode_by_words": sp.splits_at_spaces,
         "rows": packed["rows"],
         "pack_length": cfg.pack_length,
         "render_examples_per_s": round(sum(rendered.values()) / seconds["render"]),

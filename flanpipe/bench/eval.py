@@ -68,7 +68,7 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
     sequence, so that both see the same machine state."""
     from flanpipe.evaluate import predict_shard
     from flanpipe.inference import load_parallel_lm
-    from flanpipe.tokenize import load_tokenizer
+    from flanpipe.tokenize import open_tokenizer
 
     cfg = load_config(config)
     plan = plan_experiment(cfg)
@@ -79,7 +79,7 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
     missing = [p for p in [tok] + [workdir / plan.model_dir(run) for (run, _, _), _ in groups] if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{missing[0]} missing: build the default first (snakemake --cores 2 in {workdir})")
-    sp = load_tokenizer(tok)
+    sp = open_tokenizer(tok)
     inl, tgl, bs = cfg["lengths"]["inputs"], cfg["lengths"]["targets"], cfg["eval"]["batch_size"]
     import_s = _import_seconds()
 

@@ -46,10 +46,10 @@ def flanpipe_side(a: dict[str, Any]) -> dict[str, Any]:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401  (import not timed)
 
     from flanpipe.packing import pack_to_indexed_dataset
-    from flanpipe.tokenize import encode_parquet, load_tokenizer
+    from flanpipe.tokenize import encode_parquet, open_tokenizer
 
     t0, c0 = time.perf_counter(), time.process_time()
-    sp = load_tokenizer(a["tokenizer"])
+    sp = open_tokenizer(a["tokenizer"])
     encoded = encode_parquet(sp, a["mixture"], a["inputs_length"], a["targets_length"], os.cpu_count())
     packed = pack_to_indexed_dataset(encoded, a["pack_length"], Path(a["out"]), order_seed=0)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
