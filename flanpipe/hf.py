@@ -597,8 +597,8 @@ def import_stage(hf_dir: str, out_dir: str, rank: int, world: int) -> None:
 def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, ranks: int = 1) -> ModelConfig:
     """HF checkpoint directory -> flanpipe base model dir (model.json, checkpoint/, hf/ side files).
 
-    ``ranks`` > 1 splits the conversion over that many processes (a pipeline of ``ranks`` stages),
-    each holding ~1/ranks of the model. The checkpoint loads at any TP/PP.
+    One process streams the checkpoint tensor by tensor (``stream_checkpoint``); ``ranks`` is accepted
+    and ignored (it used to split the import over processes). The checkpoint loads at any TP/PP.
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
     arch, cfg, _, prefix = read_hf_config(hf_dir)
@@ -607,16 +607,13 @@ def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     if extra:
         raise HFFormatError(f"{hf_dir}: tensors flanpipe's {arch} mapping does not use: {extra[:8]}")
     _check_tokenizer(hf_dir, cfg)
-    cfg.check_parallel(1, ranks)
     if out.exists():
         if any(out.iterdir()) and not (out / "model.json").exists():
             raise ValueError(f"{out}: exists and is not an import-hf output (no model.json); not overwriting it")
         shutil.rmtree(out)
+    _check_shapes(reader, arch, prefix, cfg)
     out.mkdir(parents=True)
-    if ranks == 1:  # in this process: it holds the whole model anyway
-        import_stage(str(hf_dir), str(out), 0, 1)
-    else:
-        _run_ranks(str(hf_dir), str(out), ranks)
+    stream_checkpoint(hf_dir, out / "checkpoint")  # ``ranks`` is kept for callers and ignored
     (out / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     _copy_side_files(hf_dir, out / "hf")
     (out / "hf" / "architecture").write_text(arch + "\n")
@@ -766,3 +763,140 @@ def _side_dir(path: Path) -> Path | None:
 
 if __name__ == "__main__":  # one import rank (see _run_ranks); dist_checkpointing re-imports __main__
     import_stage(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+
+
+# --------------------------------------------------------------------------- streaming writer
+
+
+def _megatron_tensor(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str):  # noqa: ANN202
+    """One Megatron state-dict tensor (unsplit model's name), built from its HF tensors in fp32; the
+    vocabulary's padding rows are zero (their logits are masked)."""
+    import torch
+
+    h, v = cfg.hidden_size, cfg.tokenizer_vocab_size or cfg.vocab_size
+    glob = _global_names(arch, prefix, cfg)
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        src = glob.get(name, glob["embedding.word_embeddings.weight"])  # tied: the embedding's table
+        t = torch.zeros(cfg.vocab_size, h, dtype=torch.float32)
+        t[:v].copy_(reader.get(src, (v, h)))
+        return t
+    if name in glob:
+        shape = (cfg.max_position_embeddings, h) if "position" in name else (h,)
+        return reader.get(glob[name], shape).float()
+    _, _, layer, local = name.split(".", 3)
+    hf_names = _layer_names(arch, prefix, int(layer), cfg)[local]
+    parts = [reader.get(n, s).float() for n, s in zip(hf_names, _hf_shapes(arch, hf_names, cfg), strict=True)]
+    return _to_megatron(arch, local, parts, cfg).float()
+
+
+def _check_shapes(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig) -> None:
+    """Every HF tensor the conversion reads exists with its expected shape (only headers are read), so a
+    bad checkpoint is named before anything is written."""
+    from safetensors import safe_open
+
+    h, v = cfg.hidden_size, cfg.tokenizer_vocab_size or cfg.vocab_size
+    want: dict[str, tuple[int, ...]] = {}
+    for local, hf_name in _global_names(arch, prefix, cfg).items():
+        big = {"embedding.word_embeddings.weight": (v, h), "output_layer.weight": (v, h),
+               "embedding.position_embeddings.weight": (cfg.max_position_embeddings, h)}  # fmt: skip
+        want[hf_name] = big.get(local, (h,))
+    for i in range(cfg.num_layers):
+        for names in _layer_names(arch, prefix, i, cfg).values():
+            want.update(zip(names, _hf_shapes(arch, names, cfg), strict=True))
+    for name, shape in want.items():
+        if name not in reader.files:
+            raise HFFormatError(f"{reader.dir}: tensor '{name}' not found in the checkpoint")
+        path = reader.files[name]
+        with safe_open(path, "pt") as f:
+            if name not in f.keys():
+                raise HFFormatError(f"{path}: tensor '{name}' named in the index is not in this file")
+            got = tuple(f.get_slice(name).get_shape())
+        if got != tuple(shape):
+            raise HFFormatError(f"{path}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+
+
+def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
+    """Write the torch_dist checkpoint ``save_weights`` would write for the whole model, in this one
+    process, one tensor resident at a time (see the module docstring).
+
+    The sharded keys, global shapes and offsets come from Megatron itself: the model is built on the
+    ``meta`` device (no storage) and its ``sharded_state_dict`` lists what the real saver writes. A DCP
+    planner then resolves each write item by reading its HF tensors just then."""
+    import io
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    from flanpipe import megatron_compat
+    from flanpipe.model import init_single_process, model_provider
+
+    megatron_compat.quiet_warnings()
+    arch, cfg, _, prefix = read_hf_config(hf_dir)
+    reader = SafetensorsReader(hf_dir)
+    init_single_process()
+    with torch.device("meta"):
+        model = model_provider(cfg, pre_process=True, post_process=True, pp=1, init_weights=False)
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)
+    items: list[WriteItem] = []
+    sources: dict[MetadataIndex, Any] = {}
+
+    def leaves(x: Any) -> Iterator[Any]:
+        if isinstance(x, dict):
+            for y in x.values():
+                yield from leaves(y)
+        elif isinstance(x, list | tuple):
+            for y in x:
+                yield from leaves(y)
+        else:
+            yield x
+
+    for name, entry in sharded.items():
+        for leaf in leaves(entry):
+            if isinstance(leaf, ShardedObject):
+                fqn = f"{leaf.key}/shard_{'_'.join(map(str, leaf.global_offset))}_{'_'.join(map(str, leaf.global_shape))}"
+                idx = MetadataIndex(fqn)
+                buf = io.BytesIO()
+                torch.save([leaf.data], buf)  # what Megatron's torch_dist saver writes for one object
+                sources[idx] = buf
+                items.append(WriteItem(index=idx, type=WriteItemType.BYTE_IO))
+                continue
+            assert isinstance(leaf, ShardedTensor), (name, type(leaf))
+            pre = leaf.prepend_axis_num
+            offsets = torch.Size(leaf.global_offset)
+            sizes = torch.Size((1,) * pre + tuple(leaf.local_shape))
+            idx = MetadataIndex(leaf.key, offsets)
+            within = tuple(slice(o, o + s) for o, s in zip(leaf.global_offset[pre:], leaf.local_shape, strict=True))
+            sources[idx] = (name, within, sizes)
+            props = TensorProperties(dtype=torch.float32)
+            chunk = ChunkStorageMetadata(offsets=offsets, sizes=sizes)
+            items.append(
+                WriteItem(index=idx, type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=chunk, properties=props, size=torch.Size(leaf.global_shape)))
+            )  # fmt: skip
+
+    class LazyPlanner(DefaultSavePlanner):
+        """Hands DCP our write items; ``resolve_data`` reads an item's HF tensors only when it is written."""
+
+        def create_local_plan(self) -> SavePlan:
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def resolve_data(self, write_item: WriteItem) -> Any:
+            src = sources[MetadataIndex(write_item.index.fqn, write_item.index.offset)]
+            if isinstance(src, io.BytesIO):
+                return src
+            name, within, sizes = src
+            return _megatron_tensor(reader, arch, prefix, cfg, name)[within].reshape(sizes).contiguous()
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    writer = dcp.FileSystemWriter(str(ckpt_dir), thread_count=1, single_file_per_rank=True)
+    dcp.save({}, storage_writer=writer, planner=LazyPlanner(flatten_state_dict=False), no_dist=True)
+    torch.save({}, ckpt_dir / "common.pt")  # the saver's non-sharded part: nothing for model weights
+    meta = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+            "common_backend_version": 1}  # fmt: skip
+    (ckpt_dir / "metadata.json").write_text(json.dumps(meta))
