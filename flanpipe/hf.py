@@ -25,8 +25,11 @@ previous design (one pipeline stage per process, each saving collectively) is go
 is identical (same keys, chunks and values; verified against it on Llama GQA), loads at any TP/PP.
 Measured (``flanpipe bench import-hf``, load 6.4 -> 4.4): a 2.00 GiB bf16 Llama checkpoint -> 4.00 GiB
 fp32 in 26 s, peak RSS 1.22 GiB in ONE process (61%; before: 1.28 GB per rank on 10 ranks). That is
-above the arithmetic's ~0.8 GB: not yet explained (suspects: the writer's serialisation copy of the
-262 MB fp32 vocab table, allocator fragmentation); writing the vocab tables in row chunks is the next step.
+above the arithmetic's ~0.8 GB. It does not grow with depth: the same source cut to 2 layers peaks at
+1.14 GiB, and with vocab 3200 instead of 32000 at 0.72 GiB -- so the peak is a constant set by the
+largest tensor (about twice the fp32 vocab table plus its bf16 source; the extra copy is suspected in the
+writer's serialisation) over ~0.4 GB of interpreter + torch + Megatron. Next step: write the vocab tables
+in row chunks (DCP loads any chunking), which would bring the constant near 0.5 GB.
 """
 
 from __future__ import annotations
