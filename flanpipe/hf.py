@@ -10,17 +10,26 @@ The layouts (see /work/shared/notes/hf-megatron.md):
   TP size up to 128 divides it); ``ModelConfig.tokenizer_vocab_size`` keeps the real size and the model
   masks the padding logits to -inf, so the padded model predicts and scores exactly as the original.
 
-Memory: a conversion never holds the whole model in one process. Each rank of a pipeline-parallel group
-(``ranks`` processes, PP = ranks) builds only its stage and reads only its own tensors, one at a time,
-through safetensors' lazy ``safe_open`` (each file opened per tensor, so no mapping of a whole shard stays
-resident); the ranks then write one dist_checkpointing checkpoint together. Why ranks rather than streaming
-layer by layer into one checkpoint: dist_checkpointing's save is one collective call over the whole sharded
-state dict (its writer preloads every tensor), so one process writing the checkpoint holds everything it
-writes; splitting the stages over processes is what bounds a process to 1/ranks of the model. The saved
-sharded tensors carry global layer numbers, so the checkpoint loads at any TP/PP. Measured
-(``flanpipe bench import-hf``): a 2.15 GB bf16 checkpoint, 10 ranks, 1.28 GB peak RSS per rank, of which
-~0.4 GB is torch + Megatron themselves. A rank's floor is that plus its stage in fp32; going below it
-would mean writing the torch_dist files directly with a planner that reads each tensor lazily.
+Memory: one process writes the whole dist_checkpointing (torch_dist) checkpoint while holding about
+one tensor. torch_dist is torch.distributed.checkpoint (DCP) files + Megatron's metadata.json/common.pt;
+``stream_checkpoint`` builds the Megatron model on the ``meta`` device (no storage) only to learn the
+sharded keys, global shapes and chunk offsets the real saver would write (so they cannot drift from
+Megatron's), hands DCP one write item per chunk, and a planner's ``resolve_data`` reads that chunk's
+HF tensors through safetensors' ``safe_open`` only when DCP writes it (QKV fuse, SwiGLU halves, GPT-2
+transpose, vocab padding, fp32 cast there). On CPU, DCP's FileSystemWriter with thread_count=1 uses
+its serial loader: one item resolved, written, dropped. Arithmetic: resident = interpreter + torch +
+Megatron (~0.35 GB) + the largest item in fp32 plus its bf16 source (for a 32000x2048 vocab table
+0.26 + 0.13 GB; SwiGLU fc1 is built gate|up = 2 x 5632x2048 fp32 = 92 MB before slicing) -- a constant,
+not a fraction of the model, vs 1/ranks of the model per process (and ranks processes) before. The
+previous design (one pipeline stage per process, each saving collectively) is gone: the checkpoint
+is identical (same keys, chunks and values; verified against it on Llama GQA), loads at any TP/PP.
+Measured (``flanpipe bench import-hf``, load 6.4 -> 4.4): a 2.00 GiB bf16 Llama checkpoint -> 4.00 GiB
+fp32 in 26 s, peak RSS 1.22 GiB in ONE process (61%; before: 1.28 GB per rank on 10 ranks). That is
+above the arithmetic's ~0.8 GB. It does not grow with depth: the same source cut to 2 layers peaks at
+1.14 GiB, and with vocab 3200 instead of 32000 at 0.72 GiB -- so the peak is a constant set by the
+largest tensor (about twice the fp32 vocab table plus its bf16 source; the extra copy is suspected in the
+writer's serialisation) over ~0.4 GB of interpreter + torch + Megatron. Next step: write the vocab tables
+in row chunks (DCP loads any chunking), which would bring the constant near 0.5 GB.
 """
 
 from __future__ import annotations
@@ -28,8 +37,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -493,56 +500,6 @@ def read_hf_config(hf_dir: str | os.PathLike[str]) -> tuple[str, ModelConfig, di
     return arch, cfg, raw, prefix
 
 
-def fill_stage(
-    model,
-    reader: SafetensorsReader,
-    arch: str,
-    prefix: str,
-    cfg: ModelConfig,  # noqa: ANN001
-    first_layer: int,
-    pre_process: bool,
-    post_process: bool,
-) -> None:
-    """Copy this pipeline stage's weights from ``reader`` into ``model`` (built by model_provider), one
-    HF tensor at a time; the padding rows of the vocabulary are zero (their logits are masked)."""
-    import torch
-
-    params = model.state_dict(keep_vars=True)
-    h, v = cfg.hidden_size, cfg.tokenizer_vocab_size or cfg.vocab_size
-    filled: set[str] = set()
-
-    def put(name: str, tensor) -> None:  # noqa: ANN001
-        filled.add(name)
-        target = params[name]
-        with torch.no_grad():
-            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-                target.zero_()
-                target[: tensor.shape[0]].copy_(tensor)
-            else:
-                target.copy_(tensor)
-
-    shapes = {
-        "embedding.word_embeddings.weight": (v, h),
-        "output_layer.weight": (v, h),
-        "embedding.position_embeddings.weight": (cfg.max_position_embeddings, h),
-    }
-    for local, hf_name in _global_names(arch, prefix, cfg).items():
-        if local in params and (pre_process or not local.startswith("embedding")):
-            put(local, reader.get(hf_name, shapes.get(local, (h,))))
-    if post_process and "output_layer.weight" in params and cfg.share_embeddings_and_output_weights:
-        emb = _global_names(arch, prefix, cfg)["embedding.word_embeddings.weight"]
-        put("output_layer.weight", reader.get(emb, (v, h)))  # a later stage's copy of the tied table
-    n_local = sum(1 for k in params if k.endswith(".input_layernorm.weight"))
-    for j in range(n_local):
-        for local, hf_names in _layer_names(arch, prefix, first_layer + j, cfg).items():
-            parts = [reader.get(n, s) for n, s in zip(hf_names, _hf_shapes(arch, hf_names, cfg), strict=True)]
-            put(f"decoder.layers.{j}.{local}", _to_megatron(arch, local, parts, cfg))
-    # The model was built uninitialised (init_weights=False): a parameter left out would be garbage.
-    missing = [k for k in params if not k.endswith("_extra_state") and k not in filled]
-    if missing:
-        raise RuntimeError(f"{arch} mapping left Megatron parameters unset: {missing}")
-
-
 def unused_tensors(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig) -> list[str]:
     """HF tensors the conversion would not use (besides recomputed buffers): refusing them keeps a
     checkpoint with an unexpected extra part (a bias, a head) from being converted approximately."""
@@ -563,42 +520,11 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def import_stage(hf_dir: str, out_dir: str, rank: int, world: int) -> None:
-    """One rank of the import: build pipeline stage ``rank`` of ``world``, fill it, save collectively."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    from flanpipe import megatron_compat
-    from flanpipe.checkpointing import save_weights
-    from flanpipe.model import init_single_process, model_provider
-
-    megatron_compat.quiet_warnings()
-    arch, cfg, _, prefix = read_hf_config(hf_dir)
-    if world == 1:
-        init_single_process()
-    else:
-        megatron_compat.apply()
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        parallel_state.initialize_model_parallel(1, world)
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
-    pre, post = rank == 0, rank == world - 1
-    model = model_provider(cfg, pre_process=pre, post_process=post, pp=world, init_weights=False)
-    reader = SafetensorsReader(hf_dir)
-    fill_stage(model, reader, arch, prefix, cfg, rank * cfg.num_layers // world, pre, post)
-    save_weights(model, Path(out_dir) / "checkpoint")
-    if world > 1:
-        dist.barrier()
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    (Path(out_dir) / f"import_rank{rank}.peak_rss").write_text(f"{peak}\n")  # read by flanpipe.bench.import_hf
-
-
 def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, ranks: int = 1) -> ModelConfig:
     """HF checkpoint directory -> flanpipe base model dir (model.json, checkpoint/, hf/ side files).
 
-    ``ranks`` > 1 splits the conversion over that many processes (a pipeline of ``ranks`` stages),
-    each holding ~1/ranks of the model. The checkpoint loads at any TP/PP.
+    One process streams the checkpoint tensor by tensor (``stream_checkpoint``); ``ranks`` is accepted
+    and ignored (it used to split the import over processes). The checkpoint loads at any TP/PP.
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
     arch, cfg, _, prefix = read_hf_config(hf_dir)
@@ -607,16 +533,13 @@ def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     if extra:
         raise HFFormatError(f"{hf_dir}: tensors flanpipe's {arch} mapping does not use: {extra[:8]}")
     _check_tokenizer(hf_dir, cfg)
-    cfg.check_parallel(1, ranks)
     if out.exists():
         if any(out.iterdir()) and not (out / "model.json").exists():
             raise ValueError(f"{out}: exists and is not an import-hf output (no model.json); not overwriting it")
         shutil.rmtree(out)
+    _check_shapes(reader, arch, prefix, cfg)
     out.mkdir(parents=True)
-    if ranks == 1:  # in this process: it holds the whole model anyway
-        import_stage(str(hf_dir), str(out), 0, 1)
-    else:
-        _run_ranks(str(hf_dir), str(out), ranks)
+    stream_checkpoint(hf_dir, out / "checkpoint")  # ``ranks`` is kept for callers and ignored
     (out / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     _copy_side_files(hf_dir, out / "hf")
     (out / "hf" / "architecture").write_text(arch + "\n")
@@ -636,48 +559,6 @@ def _check_tokenizer(hf_dir: Path, cfg: ModelConfig) -> None:
         raise HFFormatError(
             f"{tok.source}: tokenizer has {tok.vocab_size} ids but config.json vocab_size (embedding rows) is {rows}"
         )
-
-
-def _run_ranks(hf_dir: str, out_dir: str, world: int) -> None:
-    """Run ``import_stage`` in ``world`` fresh CPU processes (gloo over localhost; a conversion is
-    memory-bound copying, no GPU needed). If one rank fails the others are stopped at once: they would
-    otherwise wait in the checkpoint's collectives until gloo's timeout."""
-    import socket
-    import tempfile
-    import time
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="import_hf_logs_") as logs:
-        procs = []
-        for rank in range(world):
-            env = os.environ | {
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": str(rank),
-                "WORLD_SIZE": str(world),
-                "CUDA_VISIBLE_DEVICES": "",
-            }
-            cmd = [sys.executable, "-m", "flanpipe.hf", hf_dir, out_dir, str(rank), str(world)]
-            with open(Path(logs) / f"rank{rank}.log", "w") as log:  # a file: a full pipe would block the rank
-                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-        while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                        p.wait()
-                break
-            time.sleep(0.5)
-        for rank, p in enumerate(procs):
-            if p.returncode:
-                tail = (Path(logs) / f"rank{rank}.log").read_text()[-3000:]
-                raise RuntimeError(f"import rank {rank} of {world} failed (exit {p.returncode}):\n{tail}")
-
-
-# --------------------------------------------------------------------------- export
 
 
 def megatron_to_hf_tensors(state: dict[str, Any], arch: str, cfg: ModelConfig) -> Iterator[tuple[str, Any]]:
@@ -764,5 +645,135 @@ def _side_dir(path: Path) -> Path | None:
     return None
 
 
-if __name__ == "__main__":  # one import rank (see _run_ranks); dist_checkpointing re-imports __main__
-    import_stage(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+# --------------------------------------------------------------------------- streaming writer
+
+
+def _megatron_tensor(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str):  # noqa: ANN202
+    """One Megatron state-dict tensor (unsplit model's name), built from its HF tensors in fp32; the
+    vocabulary's padding rows are zero (their logits are masked)."""
+    import torch
+
+    h, v = cfg.hidden_size, cfg.tokenizer_vocab_size or cfg.vocab_size
+    glob = _global_names(arch, prefix, cfg)
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        src = glob.get(name, glob["embedding.word_embeddings.weight"])  # tied: the embedding's table
+        t = torch.zeros(cfg.vocab_size, h, dtype=torch.float32)
+        t[:v].copy_(reader.get(src, (v, h)))
+        return t
+    if name in glob:
+        shape = (cfg.max_position_embeddings, h) if "position" in name else (h,)
+        return reader.get(glob[name], shape).float()
+    _, _, layer, local = name.split(".", 3)
+    hf_names = _layer_names(arch, prefix, int(layer), cfg)[local]
+    parts = [reader.get(n, s).float() for n, s in zip(hf_names, _hf_shapes(arch, hf_names, cfg), strict=True)]
+    return _to_megatron(arch, local, parts, cfg).float()
+
+
+def _check_shapes(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig) -> None:
+    """Every HF tensor the conversion reads exists with its expected shape (only headers are read), so a
+    bad checkpoint is named before anything is written."""
+    from safetensors import safe_open
+
+    h, v = cfg.hidden_size, cfg.tokenizer_vocab_size or cfg.vocab_size
+    want: dict[str, tuple[int, ...]] = {}
+    for local, hf_name in _global_names(arch, prefix, cfg).items():
+        big = {"embedding.word_embeddings.weight": (v, h), "output_layer.weight": (v, h),
+               "embedding.position_embeddings.weight": (cfg.max_position_embeddings, h)}  # fmt: skip
+        want[hf_name] = big.get(local, (h,))
+    for i in range(cfg.num_layers):
+        for names in _layer_names(arch, prefix, i, cfg).values():
+            want.update(zip(names, _hf_shapes(arch, names, cfg), strict=True))
+    for name, shape in want.items():
+        if name not in reader.files:
+            raise HFFormatError(f"{reader.dir}: tensor '{name}' not found in the checkpoint")
+        path = reader.files[name]
+        with safe_open(path, "pt") as f:
+            if name not in f.keys():
+                raise HFFormatError(f"{path}: tensor '{name}' named in the index is not in this file")
+            got = tuple(f.get_slice(name).get_shape())
+        if got != tuple(shape):
+            raise HFFormatError(f"{path}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+
+
+def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
+    """Write the torch_dist checkpoint ``save_weights`` would write for the whole model, in this one
+    process, one tensor resident at a time (see the module docstring).
+
+    The sharded keys, global shapes and offsets come from Megatron itself: the model is built on the
+    ``meta`` device (no storage) and its ``sharded_state_dict`` lists what the real saver writes. A DCP
+    planner then resolves each write item by reading its HF tensors just then."""
+    import io
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    from flanpipe import megatron_compat
+    from flanpipe.model import init_single_process, model_provider
+
+    megatron_compat.quiet_warnings()
+    arch, cfg, _, prefix = read_hf_config(hf_dir)
+    reader = SafetensorsReader(hf_dir)
+    init_single_process()
+    with torch.device("meta"):
+        model = model_provider(cfg, pre_process=True, post_process=True, pp=1, init_weights=False)
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)
+    items: list[WriteItem] = []
+    sources: dict[MetadataIndex, Any] = {}
+
+    def leaves(x: Any) -> Iterator[Any]:
+        if isinstance(x, dict):
+            for y in x.values():
+                yield from leaves(y)
+        elif isinstance(x, list | tuple):
+            for y in x:
+                yield from leaves(y)
+        else:
+            yield x
+
+    for name, entry in sharded.items():
+        for leaf in leaves(entry):
+            if isinstance(leaf, ShardedObject):
+                idx = MetadataIndex(leaf.unique_key)  # the name Megatron's saver gives it
+                buf = io.BytesIO()
+                torch.save([leaf.data], buf)  # what Megatron's torch_dist saver writes for one object
+                sources[idx] = buf
+                items.append(WriteItem(index=idx, type=WriteItemType.BYTE_IO))
+                continue
+            assert isinstance(leaf, ShardedTensor), (name, type(leaf))
+            pre = leaf.prepend_axis_num
+            offsets = torch.Size(leaf.global_offset)
+            sizes = torch.Size((1,) * pre + tuple(leaf.local_shape))
+            idx = MetadataIndex(leaf.key, offsets)
+            within = tuple(slice(o, o + s) for o, s in zip(leaf.global_offset[pre:], leaf.local_shape, strict=True))
+            sources[idx] = (name, within, sizes)
+            props = TensorProperties(dtype=torch.float32)
+            chunk = ChunkStorageMetadata(offsets=offsets, sizes=sizes)
+            data = TensorWriteData(chunk=chunk, properties=props, size=torch.Size(leaf.global_shape))
+            items.append(WriteItem(index=idx, type=WriteItemType.SHARD, tensor_data=data))
+
+    class LazyPlanner(DefaultSavePlanner):
+        """Hands DCP our write items; ``resolve_data`` reads an item's HF tensors only when it is written."""
+
+        def create_local_plan(self) -> SavePlan:
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def resolve_data(self, write_item: WriteItem) -> Any:
+            src = sources[MetadataIndex(write_item.index.fqn, write_item.index.offset)]
+            if isinstance(src, io.BytesIO):
+                return src
+            name, within, sizes = src
+            return _megatron_tensor(reader, arch, prefix, cfg, name)[within].reshape(sizes).contiguous()
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    writer = dcp.FileSystemWriter(str(ckpt_dir), thread_count=1, single_file_per_rank=True)
+    dcp.save({}, storage_writer=writer, planner=LazyPlanner(flatten_state_dict=False), no_dist=True)
+    torch.save({}, ckpt_dir / "common.pt")  # the saver's non-sharded part: nothing for model weights
+    meta = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+            "common_backend_version": 1}  # fmt: skip
+    (ckpt_dir / "metadata.json").write_text(json.dumps(meta))

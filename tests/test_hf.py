@@ -353,7 +353,7 @@ def test_import_bench_reports_peak_rss_beside_checkpoint_size(tmp_path):
 
     result = run(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=100, ranks=2, workdir=str(tmp_path))
     assert result["checkpoint_bytes"] > 0 and result["converted_fp32_bytes"] > result["tensor_bytes"]
-    assert result["peak_rss_per_rank_bytes"] > 0 and result["ranks"] == 2
+    assert 0 < result["peak_rss_bytes"] and result["peak_rss_fraction_of_checkpoint"] > 0
 
 
 def test_padding_rows_carry_no_loss_and_get_no_gradient():
