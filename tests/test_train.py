@@ -180,6 +180,34 @@ def test_cpu_rope_and_cross_entropy_match_megatrons():
     assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-7)
 
 
+def test_sdpa_attention_matches_megatrons_on_packed_rows():
+    """flanpipe.model's fused attention equals Megatron's local DotProductAttention (float rounding)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from flanpipe.data import attention_mask
+    from flanpipe.model import init_single_process, sdpa_core_attention, transformer_config
+
+    init_single_process()
+    config = transformer_config(ModelConfig(**{**MODEL, "num_query_groups": 2}))
+    args = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    ours, ref = sdpa_core_attention()(**args), DotProductAttention(**args)
+    gen = torch.Generator().manual_seed(0)
+    s, b = 12, 2
+    q = torch.randn(s, b, 4, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(s, b, 2, 16, generator=gen, requires_grad=True) for _ in range(2))  # GQA: 2 groups
+    segments = torch.tensor([[1] * 5 + [2] * 4 + [0] * 3, [3] * 12])  # two documents + pads; one
+    mask = attention_mask(segments)
+    for m in (mask, None):  # packed rows; None: plain causal (evaluation)
+        out, expected = ours(q, k, v, m), ref(q, k, v, m)
+        assert out.shape == expected.shape == (s, b, 64)
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+        g = torch.randn(out.shape, generator=gen)
+        for a, e in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g),
+                        strict=True):
+            assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
 def test_a_train_job_alone_in_the_dag_gets_every_core():
     from flanpipe.threads import train_job_threads
 
