@@ -257,7 +257,60 @@ def apply() -> None:
         mc_language_module.LanguageModule.setup_embeddings_and_output_layer
     )
 
+    # CPU speed (bench train --peer): Megatron's unfused RoPE ends in a cat with an empty
+    # pass-through slice (a full copy of q and k), and its vocab-parallel cross entropy at TP=1 does
+    # by hand, in several passes, what one fused log-softmax kernel does.
+    from megatron.core import tensor_parallel as mc_tensor_parallel
+    from megatron.core.models.common.embeddings import rope_utils as mc_rope_utils
+
+    mc_rope_utils._apply_rotary_pos_emb_bshd = _rope_bshd_without_copy(mc_rope_utils._apply_rotary_pos_emb_bshd)
+    mc_tensor_parallel.vocab_parallel_cross_entropy = _plain_cross_entropy_at_tp1(
+        mc_tensor_parallel.vocab_parallel_cross_entropy
+    )
+
     _APPLIED = True
+
+
+def _rope_bshd_without_copy(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Megatron's unfused RoPE (``_apply_rotary_pos_emb_bshd``), bit for bit, minus its final copy.
+
+    When the rotary dim is the whole head dim (every flanpipe model), the pass-through slice is
+    empty and ``cat((t, t_pass))`` only copies ``t``; the same arithmetic is returned uncopied.
+    Other layouts (partial rotary, interleaved, MLA) go to ``original``.
+    """
+
+    def rope(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool = False,
+             multi_latent_attention: bool = False, mscale: float = 1.0) -> torch.Tensor:
+        if rotary_interleaved or multi_latent_attention or freqs.shape[-1] != t.shape[-1]:
+            return original(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+        cos_ = (torch.cos(freqs) * mscale).to(t.dtype)
+        sin_ = (torch.sin(freqs) * mscale).to(t.dtype)
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        return (t * cos_) + (torch.cat((-x2, x1), dim=-1) * sin_)
+
+    rope.original = original  # type: ignore[attr-defined]  # for the equality test
+    return rope
+
+
+def _plain_cross_entropy_at_tp1(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Megatron's ``vocab_parallel_cross_entropy``, by ``F.cross_entropy`` when the vocab is not split.
+
+    At TP=1 each rank holds the whole vocabulary, so the per-token loss is the plain cross entropy:
+    the same math in one log-softmax pass (equal to ~1e-7 relative, not bit for bit: the sums run
+    in another order). fp32 logits without label smoothing only; anything else goes to ``original``.
+    """
+    from megatron.core import parallel_state
+
+    def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        if (label_smoothing or logits.dtype != torch.float32
+                or parallel_state.get_tensor_model_parallel_world_size() != 1):
+            return original(logits, target, label_smoothing)
+        flat = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 reduction="none")
+        return flat.view(target.shape)
+
+    cross_entropy.original = original  # type: ignore[attr-defined]  # for the equality test
+    return cross_entropy
 
 
 def _tensor_cuda_is_identity(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 # Pools sized from the environment when their library loads (Snakemake's shell sets the OMP/BLAS
 # ones for shell rules; Polars' is ours to set).
@@ -67,3 +68,22 @@ def job_threads(env: os._Environ[str] | dict[str, str] | None = None) -> int:
     if value.isdigit() and int(value) > 0:
         return int(value)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def train_job_threads(cores: int, run: str, init: Mapping[str, str | None]) -> int:
+    """Threads of train job ``run`` among the runs ``init`` (run -> the run whose weights start it).
+
+    A run can train beside any run that is neither its ancestor nor its descendant through ``init``.
+    One with no such run (a base that every other run starts from, or the only run) trains alone:
+    all ``cores``. Otherwise half, so two jobs side by side fill the cores without oversubscribing
+    (Snakemake also scales a rule's threads down to ``--cores``).
+    """
+    def ancestors(name: str) -> set[str]:
+        seen: set[str] = set()
+        while (name := init.get(name) or "") in init and name not in seen:
+            seen.add(name)
+        return seen
+
+    mine = ancestors(run)
+    beside = [r for r in init if r != run and r not in mine and run not in ancestors(r)]
+    return max(1, cores if not beside else cores // 2)

@@ -9,6 +9,7 @@ from flanpipe.config import check_world, validate_config
 from flanpipe.experiments import plan_experiment
 from flanpipe.ingest import check_local_source
 from flanpipe.io import resolve_config_path
+from flanpipe.threads import train_job_threads
 from flanpipe.vocab import ABLATIONS, SHARD_PATTERN, SPLITS, VARIANT_PATTERN, EvalVariant, parse_shard_name, shard_options_share
 
 
@@ -45,14 +46,21 @@ def train_tasks(wildcards=None):
 
 
 def train_threads(wildcards=None):
-    """Half the cores, so the default's two held-out runs train side by side; the profile's set-threads
+    """All cores for a run that trains alone in the DAG (the base every other run starts from), half
+    for runs that can train side by side (flanpipe.threads.train_job_threads); the profile's set-threads
     overrides it. Under an executor that gives no --cores (a SLURM profile), Snakemake refuses to read
     workflow.cores: then 1, and the profile's set-threads decides."""
     try:
         cores = workflow.cores
     except Exception:  # snakemake's WorkflowError: "requires a total number of cores"
         return 1
-    return max(1, (cores or 1) // 2)
+    run = getattr(wildcards, "run", None)
+    if run is None:
+        return max(1, (cores or 1) // 2)
+    # the runs rule all trains (an ablation target's runs: all of them, the conservative choice)
+    main = {e.run for e in PLAN.evaluations if e.run in PLAN.runs}
+    main |= {PLAN.runs[r].init for r in main if PLAN.runs[r].init in PLAN.runs}
+    return train_job_threads(cores or 1, run, {r: PLAN.runs[r].init for r in (main if run in main else PLAN.runs)})
 
 
 def set_tasks(rule):

@@ -151,6 +151,75 @@ def test_lr_schedule_and_clipping_match_references():
         assert torch.allclose(a.grad, b.grad, atol=1e-7)
 
 
+def test_cpu_rope_and_cross_entropy_match_megatrons():
+    """The CPU fast paths megatron_compat installs: RoPE bit for bit, TP=1 cross entropy to 1e-6."""
+    from megatron.core import tensor_parallel
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from flanpipe.model import init_single_process
+
+    init_single_process()  # applies megatron_compat
+    gen = torch.Generator().manual_seed(0)
+    rope = rope_utils._apply_rotary_pos_emb_bshd
+    t = torch.randn(16, 2, 4, 8, generator=gen, requires_grad=True)
+    freqs = torch.randn(16, 1, 1, 8, generator=gen)
+    ours, ref = rope(t, freqs), rope.original(t, freqs)
+    assert torch.equal(ours, ref)
+    g = torch.randn(ours.shape, generator=gen)
+    assert torch.equal(torch.autograd.grad(ours, t, g)[0], torch.autograd.grad(ref, t, g)[0])
+
+    ce = tensor_parallel.vocab_parallel_cross_entropy
+    logits = torch.randn(16, 2, 64, generator=gen)
+    logits[..., 60:] = float("-inf")  # padded vocabulary rows (flanpipe.model.mask_padded_vocab)
+    logits.requires_grad_(True)
+    target = torch.randint(0, 60, (16, 2), generator=gen)
+    ours, ref = ce(logits, target), ce.original(logits.clone(), target)
+    assert ours.shape == ref.shape == target.shape
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=0)
+    grads = [torch.autograd.grad(x.sum(), logits)[0] for x in (ours, ref)]
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
+
+def test_sdpa_attention_matches_megatrons_on_packed_rows():
+    """flanpipe.model's fused attention equals Megatron's local DotProductAttention (float rounding)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from flanpipe.data import attention_mask
+    from flanpipe.model import init_single_process, sdpa_core_attention, transformer_config
+
+    init_single_process()
+    config = transformer_config(ModelConfig(**{**MODEL, "num_query_groups": 2}))
+    args = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    ours, ref = sdpa_core_attention()(**args), DotProductAttention(**args)
+    gen = torch.Generator().manual_seed(0)
+    s, b = 12, 2
+    q = torch.randn(s, b, 4, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(s, b, 2, 16, generator=gen, requires_grad=True) for _ in range(2))  # GQA: 2 groups
+    segments = torch.tensor([[1] * 5 + [2] * 4 + [0] * 3, [3] * 12])  # two documents + pads; one
+    mask = attention_mask(segments)
+    for m in (mask, None):  # packed rows; None: plain causal (evaluation)
+        out, expected = ours(q, k, v, m), ref(q, k, v, m)
+        assert out.shape == expected.shape == (s, b, 64)
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+        g = torch.randn(out.shape, generator=gen)
+        for a, e in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g),
+                        strict=True):
+            assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_a_train_job_alone_in_the_dag_gets_every_core():
+    from flanpipe.threads import train_job_threads
+
+    init = {"base": None, "nli": "base", "sentiment": "base"}
+    assert train_job_threads(2, "base", init) == 2  # both tuned runs wait for it
+    assert train_job_threads(2, "nli", init) == 1  # nli and sentiment train side by side
+    assert train_job_threads(8, "sentiment", init) == 4
+    assert train_job_threads(8, "only", {"only": None}) == 8
+    assert train_job_threads(2, "b", {"a": None, "b": "a", "c": "b"}) == 2  # a chain: one at a time
+    assert train_job_threads(1, "x", {"x": None, "y": None}) == 1  # never 0
+
+
 def test_adafactor_switches_from_config_to_optimizer():
     """train.adafactor: schema defaults = today's Adafactor, the spec carries it, the optimizer gets it,
     and only a non-default setting changes the checkpoint fingerprint (older checkpoints stay resumable)."""

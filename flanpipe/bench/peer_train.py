@@ -212,7 +212,7 @@ def bench_train_peer(
         "hf_attention": getattr(hf.config, "_attn_implementation", None),
         "differences": [
             "HF shifts labels inside: s-1 scored tokens per row vs s",
-            "flanpipe: Megatron local spec, unfused masked softmax on a dense mask (what packed rows need)",
+            "flanpipe: Megatron local spec, attention by torch SDPA with a dense boolean mask (what packed rows need)",
         ],
         "batch_size": batch_size,
         "micro_batch_size": micro,
