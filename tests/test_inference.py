@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from flanpipe.evaluate import greedy_generate, option_logprobs
+from flanpipe.evaluate import greedy_generate, option_logprobs, option_logprobs_packed, rank_classification
 from flanpipe.inference import ParallelLM, greedy_generate_cached, option_logprobs_shared
 from flanpipe.model_config import ModelConfig
 
@@ -78,6 +78,23 @@ def test_shared_prefix_option_scores_equal_cache_free_scores(lm: ParallelLM) -> 
     assert len(set(best)) > 1
     with pytest.raises(ValueError, match="at least one token"):
         option_logprobs_shared(lm, [[4]], [[[5], []]], batch_size=2)
+
+
+def test_packed_option_scores_equal_one_row_per_option(lm: ParallelLM) -> None:
+    """One row per example (input + all options, block mask) scores every option as its own row does."""
+    rng = random.Random(2)
+    inputs = ragged(rng, 9, 1, 12)
+    options = [ragged(rng, rng.randint(1, 4), 1, 4) for _ in inputs]
+    want = option_logprobs(CacheFree(lm), inputs, options, batch_size=8)
+    assert lm.takes_mask
+    for batch_size in (1, 4, 64):
+        got = option_logprobs_packed(lm, inputs, options, batch_size)
+        for a, b in zip(got, want, strict=True):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
+    best = [max(range(len(s)), key=s.__getitem__) for s in want]
+    assert rank_classification(lm, inputs, options, 4) == best  # the default path for a ParallelLM
+    with pytest.raises(ValueError, match="at least one token"):
+        option_logprobs_packed(lm, [[4]], [[[5], []]], batch_size=2)
 
 
 def test_cache_rejects_sequences_past_the_position_table(lm: ParallelLM) -> None:
