@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,19 @@ def _right_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int = 0) -> to
     for i, row in enumerate(rows):  # one copy per row, not per token
         out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
     return out
+
+
+def _rope_at(rope: torch.nn.Module, positions: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Megatron RotaryEmbedding's angles at explicit positions [b, s] -> [s, b, 1, d] (its get_emb, per row)."""
+    seq = positions.t().to(rope.inv_freq.dtype)
+    if rope.seq_len_interpolation_factor is not None:
+        seq = seq / rope.seq_len_interpolation_factor
+    freqs = seq[..., None] * rope.inv_freq.to(seq.device)  # [s, b, d/2]
+    if rope.rotary_interleaved:
+        emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)
+    return emb[:, :, None, :]
 
 
 class ParallelLM:
@@ -75,7 +89,9 @@ class ParallelLM:
             self.last_rank = ps.get_pipeline_model_parallel_last_rank()
             self.pp_group = ps.get_pipeline_model_parallel_group()
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: Any, out_len: int) -> torch.Tensor:
+    def _forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, ctx: Any, out_len: int, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One forward through the pipeline; logits [b, out_len, V] (float32, CPU) on every PP rank."""
         import torch.distributed as dist
 
@@ -85,8 +101,9 @@ class ParallelLM:
             hidden = torch.empty(s, b, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(hidden, src=self.prev_rank)
             self.model.set_input_tensor(hidden)
-        # attention_mask=None: the spec's causal mask (prefill), none needed for one new token per row
-        out = self.model(ids, pos, None, inference_context=ctx, runtime_gather_output=True)
+        # mask None: the spec's causal mask (prefill), none needed for one new token per row
+        mask = None if mask is None else mask.to(self.device)
+        out = self.model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
         if not self.last:
             dist.send(out.contiguous(), dst=self.next_rank)
             logits = torch.empty(b, out_len, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
@@ -104,6 +121,28 @@ class ParallelLM:
             raise ValueError(f"sequence length {s} > max_position_embeddings")
         positions = torch.arange(s).unsqueeze(0).expand(b, s)
         return self._forward(tokens.long(), positions, None, s)
+
+    @property
+    def takes_mask(self) -> bool:
+        """Whether ``masked_logits`` honours an arbitrary mask: the local spec does; TE's causal attention
+        would ignore it (evaluate.option_logprobs_packed needs it)."""
+        return not getattr(self.model, "flanpipe_uses_te", False)
+
+    @torch.no_grad()
+    def masked_logits(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits [b, s, V] of rows with explicit positions and a bool mask [b, 1, s, s] (True = masked)."""
+        if int(positions.max()) >= self.cfg.max_position_embeddings:
+            raise ValueError("a position is past max_position_embeddings")
+        rope = getattr(self.model, "rotary_pos_emb", None)
+        if rope is None:  # learned absolute positions: the embedding reads ``positions`` itself
+            return self._forward(tokens.long(), positions.long(), None, tokens.shape[1], mask)
+        # GPTModel rotates by column, not by position_ids; for the duration of this call, this
+        # instance's RoPE returns per-row angles [s, b, 1, d] (apply_rotary_pos_emb broadcasts over b)
+        rope.forward = partial(_rope_at, rope, positions.to(self.device))
+        try:
+            return self._forward(tokens.long(), positions.long(), None, tokens.shape[1], mask)
+        finally:
+            del rope.forward
 
     def new_context(self, batch: int, max_len: int) -> Any:
         """An empty KV cache for ``batch`` rows of up to ``max_len`` positions."""

@@ -6,12 +6,13 @@ references are flanpipe.evaluate's, which tests/test_evaluate.py checks against 
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
 
-from flanpipe.evaluate import greedy_generate, option_logprobs
+from flanpipe.evaluate import greedy_generate, option_logprobs, option_logprobs_packed, rank_classification
 from flanpipe.inference import ParallelLM, greedy_generate_cached, option_logprobs_shared
 from flanpipe.model_config import ModelConfig
 
@@ -79,6 +80,41 @@ def test_shared_prefix_option_scores_equal_cache_free_scores(lm: ParallelLM) -> 
         option_logprobs_shared(lm, [[4]], [[[5], []]], batch_size=2)
 
 
+def test_packed_option_scores_equal_one_row_per_option(lm: ParallelLM) -> None:
+    """One row per example (input + all options, block mask) scores every option as its own row does."""
+    rng = random.Random(2)
+    inputs = ragged(rng, 9, 1, 12)
+    options = [ragged(rng, rng.randint(1, 4), 1, 4) for _ in inputs]
+    want = option_logprobs(CacheFree(lm), inputs, options, batch_size=8)
+    assert lm.takes_mask
+    for batch_size in (1, 4, 64):
+        got = option_logprobs_packed(lm, inputs, options, batch_size)
+        for a, b in zip(got, want, strict=True):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
+    best = [max(range(len(s)), key=s.__getitem__) for s in want]
+    assert rank_classification(lm, inputs, options, 4) == best  # the default path for a ParallelLM
+    with pytest.raises(ValueError, match="at least one token"):
+        option_logprobs_packed(lm, [[4]], [[[5], []]], batch_size=2)
+
+
 def test_cache_rejects_sequences_past_the_position_table(lm: ParallelLM) -> None:
     with pytest.raises(ValueError, match="max_position_embeddings"):
         greedy_generate_cached(lm, [[5] * 60], 8, eos_id=1, batch_size=1)
+
+
+def test_gpu_smoke_scripts_run_on_cpu() -> None:
+    """tests/gpu/smoke.sh claims nothing without CUDA; its training check runs for real with --dry-run
+    (tiny fp32 and bf16 model, local spec: packed mask == each segment alone, 2 optimizer steps)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
+    sh = subprocess.run(["bash", "tests/gpu/smoke.sh"], cwd=root, env=env, capture_output=True, text=True)
+    assert sh.returncode == 0 and "no CUDA device: nothing checked" in sh.stdout
+    cmd = [sys.executable, "tests/gpu/train_smoke.py", "--dry-run", "--steps", "2"]
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("mask vs alone") == 2 and "OK" in run.stdout and "DIFFER" not in run.stdout
+    assert "2 fp32 CPU steps" in run.stdout

@@ -4,7 +4,8 @@ Before: one job per (model, variant, dataset), each a fresh process that imports
 model, scoring without a cache (every option scored with its whole input, generation re-running the
 prefix per new token). After: one job per (model, variant, cluster) (flanpipe.eval_plan), the KV cache
 (flanpipe.inference) for generation (one token per step); options as ParallelLM scores them by default
-(a full forward; ``share_prefix=True``, options sharing their input's encoding through the cache, is
+(one packed row per example: input + all options under a block mask, evaluate.option_logprobs_packed;
+``share_prefix=True`` with packing off, options sharing their input's encoding through the KV cache, is
 measured as a third side).
 
 Measured in this process after a warm-up load and forward: model loads (flanpipe.inference.load_parallel_lm)
@@ -111,11 +112,11 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
             t0 = time.perf_counter()
             after = predict_shard(lm, sp, df, inl, tgl, bs, keep_end=False)
             cls["after"][2] += time.perf_counter() - t0
-            lm.share_prefix = True
+            lm.share_prefix, lm.pack_options = True, False  # the KV-cache prefix path, not the packed rows
             t0 = time.perf_counter()
             shared = predict_shard(lm, sp, df, inl, tgl, bs, keep_end=False)
             cls["after_shared_prefix"][2] += time.perf_counter() - t0
-            lm.share_prefix = False
+            lm.share_prefix, lm.pack_options = False, True
             lm_b, load_b = timed_load(run)  # the per-dataset job loads its own model
             t0 = time.perf_counter()
             before = predict_shard(_CacheFree(lm_b), sp, df, inl, tgl, bs, keep_end=False)
