@@ -129,8 +129,20 @@ def _key(record: Record) -> tuple[str, str, str]:
     return str(record.get("run")), str(record["variant"]), str(record["dataset"])
 
 
+def mean_interval(record: Record) -> dict[str, float] | None:
+    """95% bootstrap interval (over test examples, flanpipe.stats) of the mean over templates, from the
+    record's per-example scores; None for a record written before those were kept. Seeded: a rerun of the
+    report prints the same interval."""
+    from flanpipe.stats import mean_over_templates_ci, score_matrix
+
+    if not record.get("per_example"):
+        return None
+    ci = mean_over_templates_ci(score_matrix(record, "test"))
+    return {"lo": ci["lo"], "hi": ci["hi"]}
+
+
 def _dataset_scores(record: Record) -> dict[str, Any]:
-    """The per-dataset numbers of one eval result, passed through unchanged."""
+    """The per-dataset numbers of one eval result, passed through unchanged, plus the mean's interval."""
     v = EvalVariant.parse(str(record["variant"]))
     return {
         "run": record.get("run"),
@@ -145,6 +157,7 @@ def _dataset_scores(record: Record) -> dict[str, Any]:
         "median": record.get("median"),
         "best_dev_template": record.get("best_dev_template"),
         "best_dev_test": record.get("best_dev_test"),
+        "mean_ci": mean_interval(record),
     }
 
 
@@ -217,9 +230,15 @@ def _mean_std(x: Mapping[str, Any]) -> str:
     return f"{_fmt(x['mean'])} ± {_fmt(x['std'])}"
 
 
+def _interval(x: Mapping[str, Any]) -> str:
+    """' [lo, hi]' when the result carries the mean's bootstrap interval, else nothing."""
+    ci = x.get("mean_ci")
+    return "" if not ci else f" [{_fmt(ci['lo'])}, {_fmt(ci['hi'])}]"
+
+
 def _cell(x: Mapping[str, Any] | None) -> str:
-    """'mean ± std / best dev' for one dataset in one slot."""
-    return "–" if x is None else f"{_mean_std(x)} / {_fmt(x['best_dev_test'])}"
+    """'mean ± std [95% interval] / best dev' for one dataset in one slot."""
+    return "–" if x is None else f"{_mean_std(x)}{_interval(x)} / {_fmt(x['best_dev_test'])}"
 
 
 def _average_cell(a: Mapping[str, Any], n_datasets: int) -> str:
@@ -265,7 +284,11 @@ def _cluster_markdown(cluster: str, c: Mapping[str, Any], slots: Sequence[str], 
             best = "–" if x["best_dev_template"] is None else f"t{x['best_dev_template']}: {_fmt(x['best_dev_test'])}"
             rows.append([d["dataset"], d["metric"], *(_fmt(by_id.get(i)) for i in ids), _mean_std(x), best])
         lines += ["Instruction-tuned, zero-shot, test score per template:", "", *_md_table(head, rows), ""]
-    lines += ["Each cell: mean ± std over templates / best-dev-template test score.", ""]
+    lines += [
+        "Each cell: mean ± std over templates [95% bootstrap interval of the mean, over test examples] / "
+        "best-dev-template test score.",
+        "",
+    ]
     head = ["dataset", "metric", *(labels[s] for s in slots)]
     rows = [[d["dataset"], d["metric"], *(_cell(d["slots"].get(s)) for s in slots)] for d in datasets]
     rows.append(["**cluster average**", "", *(_average_cell(c["average"][s], len(datasets)) for s in slots)])

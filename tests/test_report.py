@@ -397,3 +397,18 @@ def test_report_tables_never_import_figures() -> None:
     code = "import sys, flanpipe.report; assert not {'flanpipe.figures', 'matplotlib'} & set(sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_table_cells_carry_the_bootstrap_interval_of_the_mean() -> None:
+    """With per-example scores (0/100 accuracy: 4 test examples x 2 templates) the cell shows the seeded
+    95% interval flanpipe.stats gives for the mean over templates; one without them stays as it was."""
+    from flanpipe.stats import mean_over_templates_ci, score_matrix
+
+    rows = [(s, t, e, 100.0 if (e + t) % 3 else 0.0) for s in ("validation", "test") for t in (0, 1) for e in range(4)]
+    per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}
+    with_ci = record("nli_a", "nli", [50.0, 75.0], best=1, per_example=per_example)  # as the scores give
+    want = mean_over_templates_ci(score_matrix(with_ci, "test"))
+    assert want["lo"] < 62.5 < want["hi"]  # the estimate (75 + 50) / 2 lies inside
+    md = markdown(summarize_main([with_ci, record("nli_b", "nli", [30.0, 50.0], best=1)]))
+    assert f"| nli_a | accuracy | 62.5 ± 12.5 [{want['lo']:.1f}, {want['hi']:.1f}] / 75.0 |" in md, md
+    assert "| nli_b | accuracy | 40.0 ± 10.0 / 50.0 |" in md
