@@ -19,6 +19,7 @@ and recomputing it from test numbers would silently overstate zero-shot performa
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -138,7 +139,15 @@ def mean_interval(record: Record) -> dict[str, float] | None:
     if not record.get("per_example"):
         return None
     ci = mean_over_templates_ci(score_matrix(record, "test"))
-    return {"lo": ci["lo"], "hi": ci["hi"]}
+    return {"lo": ci["lo"], "hi": ci["hi"], "se": ci["se"]}
+
+
+def average_se(ses: Sequence[float | None]) -> float | None:
+    """Standard error of an average of independent estimates (datasets' test sets, clusters' datasets):
+    sqrt(sum se_i^2) / n; None when any part lacks one (an interval over part of the average would lie)."""
+    if not ses or any(x is None for x in ses):
+        return None
+    return math.sqrt(sum(x * x for x in ses)) / len(ses)
 
 
 def _dataset_scores(record: Record) -> dict[str, Any]:
@@ -195,6 +204,9 @@ def summarize_main(records: Sequence[Record], experiment: str = "flanpipe") -> d
             "mean": _mean(c["average"][s]["mean"] for c in clusters.values()),
             "best_dev": _mean(c["average"][s]["best_dev"] for c in clusters.values()),
             "n_clusters": sum(c["average"][s]["n_datasets"] > 0 for c in clusters.values()),
+            "mean_se": average_se(
+                [c["average"][s]["mean_se"] for c in clusters.values() if c["average"][s]["n_datasets"]]
+            ),
         }
         for s in slots
     }
@@ -214,6 +226,7 @@ def _slot_average(datasets: Iterable[Mapping[str, Any]], slot: str) -> dict[str,
         "mean": _mean(x["mean"] for x in have),
         "best_dev": _mean(x["best_dev_test"] for x in have),
         "n_datasets": len(have),
+        "mean_se": average_se([(x.get("mean_ci") or {}).get("se") for x in have]),
     }
 
 

@@ -123,22 +123,38 @@ def test_slot_of_reads_role_options_and_shots() -> None:
 
 def test_summary_cluster_and_held_out_averages() -> None:
     s = summarize_main(main_records(), "exp")
+    # no record here kept per-example scores, so no interval (mean_se None) is claimed
     assert s["slots"] == ["tuned_zeroshot", "tuned_zeroshot_noopts", "base_zeroshot", "base_fewshot"]
     nli, sent = s["clusters"]["nli"]["average"], s["clusters"]["sentiment"]["average"]
     # tuned, mean over templates: nli (60 + 40) / 2 = 50; sentiment 70; held out (50 + 70) / 2 = 60
-    assert nli["tuned_zeroshot"] == {"mean": 50.0, "best_dev": 45.0, "n_datasets": 2}  # best dev (40 + 50) / 2 = 45
-    assert sent["tuned_zeroshot"] == {"mean": 70.0, "best_dev": 70.0, "n_datasets": 1}
-    assert s["held_out_average"]["tuned_zeroshot"] == {"mean": 60.0, "best_dev": 57.5, "n_clusters": 2}  # (45+70)/2
+    assert nli["tuned_zeroshot"] == {
+        "mean": 50.0,
+        "best_dev": 45.0,
+        "n_datasets": 2,
+        "mean_se": None,
+    }  # best dev (40 + 50) / 2 = 45
+    assert sent["tuned_zeroshot"] == {"mean": 70.0, "best_dev": 70.0, "n_datasets": 1, "mean_se": None}
+    assert s["held_out_average"]["tuned_zeroshot"] == {
+        "mean": 60.0,
+        "best_dev": 57.5,
+        "n_clusters": 2,
+        "mean_se": None,
+    }  # (45+70)/2
     # no options: only nli_a -> nli 40 (1 of 2 datasets); sentiment has none; held out 40 over 1 cluster
-    assert nli["tuned_zeroshot_noopts"] == {"mean": 40.0, "best_dev": 50.0, "n_datasets": 1}
+    assert nli["tuned_zeroshot_noopts"] == {"mean": 40.0, "best_dev": 50.0, "n_datasets": 1, "mean_se": None}
     assert sent["tuned_zeroshot_noopts"]["n_datasets"] == 0 and sent["tuned_zeroshot_noopts"]["mean"] is None
-    assert s["held_out_average"]["tuned_zeroshot_noopts"] == {"mean": 40.0, "best_dev": 50.0, "n_clusters": 1}
+    assert s["held_out_average"]["tuned_zeroshot_noopts"] == {
+        "mean": 40.0,
+        "best_dev": 50.0,
+        "n_clusters": 1,
+        "mean_se": None,
+    }
     # base zero-shot: nli (30 + 40) / 2 = 35; sentiment 50; held out (35 + 50) / 2 = 42.5
     assert nli["base_zeroshot"]["mean"] == 35.0 and sent["base_zeroshot"]["mean"] == 50.0
     assert s["held_out_average"]["base_zeroshot"]["mean"] == 42.5
     # base 2-shot: nli (45 + 35) / 2 = 40, no sentiment -> held out 40 over 1 cluster
     assert nli["base_fewshot"]["mean"] == 40.0
-    assert s["held_out_average"]["base_fewshot"] == {"mean": 40.0, "best_dev": 40.0, "n_clusters": 1}
+    assert s["held_out_average"]["base_fewshot"] == {"mean": 40.0, "best_dev": 40.0, "n_clusters": 1, "mean_se": None}
 
 
 def test_summary_per_dataset_numbers_are_passed_through() -> None:
@@ -412,3 +428,24 @@ def test_table_cells_carry_the_bootstrap_interval_of_the_mean() -> None:
     md = markdown(summarize_main([with_ci, record("nli_b", "nli", [30.0, 50.0], best=1)]))
     assert f"| nli_a | accuracy | 62.5 ± 12.5 [{want['lo']:.1f}, {want['hi']:.1f}] / 75.0 |" in md, md
     assert "| nli_b | accuracy | 40.0 ± 10.0 / 50.0 |" in md
+
+
+def test_summary_figure_error_bars_from_per_example_scores() -> None:
+    """Error bars appear (1.96 x the average's standard error) only where per-example scores exist."""
+    from flanpipe.report import average_se
+    from flanpipe.stats import mean_over_templates_ci, score_matrix
+
+    rows = [(s, t, e, 100.0 if (e + t) % 3 else 0.0) for s in ("validation", "test") for t in (0, 1) for e in range(4)]
+    per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}
+    recs = [record("nli_a", "nli", [50.0, 75.0], best=1, per_example=per_example)]
+    s = summarize_main(recs, "exp")
+    se = mean_over_templates_ci(score_matrix(recs[0], "test"))["se"]
+    assert s["clusters"]["nli"]["average"]["tuned_zeroshot"]["mean_se"] == pytest.approx(se)
+    assert average_se([3.0, 4.0]) == pytest.approx(2.5) and average_se([3.0, None]) is None
+    ax = summary_figure(s, "exp").axes[0]
+    (bars,) = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    segment = bars.lines[2][0].get_segments()[0]
+    assert segment[1][1] - segment[0][1] == pytest.approx(2 * 1.96 * se)
+    assert "95% bootstrap interval of the mean" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plain = summary_figure(summarize_main(main_records(), "exp"), "exp").axes[0]
+    assert not [c for c in plain.containers if type(c).__name__ == "ErrorbarContainer"]
