@@ -337,6 +337,13 @@ def per_example_scores(predictions: pl.DataFrame, metric: str) -> dict[str, list
     }
 
 
+def chance_score(predictions: pl.DataFrame) -> float | None:
+    """Expected test score of picking an option uniformly at random (mean of 100 / number of options over
+    the scored test rows): the floor a figure draws so a score near it reads as no skill."""
+    test = predictions.filter((pl.col("split") == "test") & (pl.col("options").list.len() > 0))
+    return test.select((100.0 / pl.col("options").list.len()).mean()).item() if test.height else None
+
+
 def summarize(per_template: pl.DataFrame) -> dict:
     """Mean/std over templates (test split) and the best-dev-template test score.
 
@@ -400,6 +407,7 @@ def evaluate_shard(
         "metric": metric,
         "scoring": scoring,
         "scorings": scorings,  # every rank-classification rule's summary (option tasks only)
+        "chance": chance_score(preds) if has_options else None,
         "n_templates": per_template.height,
         "per_template": per_template.to_dicts(),
         **summarize(per_template),

@@ -106,7 +106,8 @@ def _finish(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
 def summary_figure(summary: Mapping[str, Any], experiment: str) -> Figure:
     """Grouped bars: per held-out cluster (and their average), instruction-tuned zero-shot next to the
     untuned base zero-shot and few-shot. Bar = mean over templates; black tick = best-dev template; error bar =
-    95% interval (1.96 standard errors, flanpipe.report.average_se) where every dataset kept per-example scores."""
+    95% interval (1.96 standard errors, flanpipe.report.average_se) where every dataset kept per-example scores;
+    dashed line = chance (random option) where every dataset of the group is an option task."""
     clusters = list(summary["clusters"])
     groups = [*clusters, "average"] if len(clusters) > 1 else clusters
     slots = [s for s in SUMMARY_SLOTS if s in summary["slots"]]
@@ -144,6 +145,13 @@ def summary_figure(summary: Mapping[str, Any], experiment: str) -> Figure:
             text = "n/a" if y is None else f"{y:.1f}"
             ax.annotate(text, (x, top), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
         heights += [v for v in ys + best if v is not None]
+    for g, group in enumerate(groups):  # chance: the same options whatever the slot, so the first known one
+        level = next((c for s in slots if (c := value(group, s, "chance")) is not None), None)
+        if level is not None:
+            ax.plot([g - 0.45, g + 0.45], [level, level], color="#888888", ls="--", lw=1, zorder=5)
+            heights.append(level)
+    if any(ln.get_linestyle() == "--" for ln in ax.lines):
+        handles.append(Line2D([], [], color="#888888", ls="--", lw=1, label="chance (random option)"))
     handles.append(Line2D([], [], color="black", lw=2, label="best-dev template (test score)"))
     if ax.containers and any(type(c).__name__ == "ErrorbarContainer" for c in ax.containers):
         handles.append(Line2D([], [], color="#333333", lw=1, marker="_", label="95% bootstrap interval of the mean"))

@@ -142,6 +142,11 @@ def mean_interval(record: Record) -> dict[str, float] | None:
     return {"lo": ci["lo"], "hi": ci["hi"], "se": ci["se"]}
 
 
+def _all_or_none(values: Sequence[float | None]) -> float | None:
+    """Mean of values only when every one is known (a chance level over part of an average would mislead)."""
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)
+
+
 def average_se(ses: Sequence[float | None]) -> float | None:
     """Standard error of an average of independent estimates (datasets' test sets, clusters' datasets):
     sqrt(sum se_i^2) / n; None when any part lacks one (an interval over part of the average would lie)."""
@@ -167,6 +172,7 @@ def _dataset_scores(record: Record) -> dict[str, Any]:
         "best_dev_template": record.get("best_dev_template"),
         "best_dev_test": record.get("best_dev_test"),
         "mean_ci": mean_interval(record),
+        "chance": record.get("chance"),
     }
 
 
@@ -207,6 +213,9 @@ def summarize_main(records: Sequence[Record], experiment: str = "flanpipe") -> d
             "mean_se": average_se(
                 [c["average"][s]["mean_se"] for c in clusters.values() if c["average"][s]["n_datasets"]]
             ),
+            "chance": _all_or_none(
+                [c["average"][s]["chance"] for c in clusters.values() if c["average"][s]["n_datasets"]]
+            ),
         }
         for s in slots
     }
@@ -227,6 +236,7 @@ def _slot_average(datasets: Iterable[Mapping[str, Any]], slot: str) -> dict[str,
         "best_dev": _mean(x["best_dev_test"] for x in have),
         "n_datasets": len(have),
         "mean_se": average_se([(x.get("mean_ci") or {}).get("se") for x in have]),
+        "chance": _all_or_none([x.get("chance") for x in have]),
     }
 
 

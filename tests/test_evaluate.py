@@ -496,6 +496,7 @@ def test_length_normalised_scorings_by_brute_force(sp: spm.SentencePieceProcesso
     by_sum = evaluate_shard(lm, sp, shard, "accuracy", inputs_length, targets_length, batch_size=4)
     by_char = evaluate_shard(lm, sp, shard, "accuracy", inputs_length, targets_length, batch_size=4, scoring="per_char")
     assert by_sum["scoring"] == "sum" and by_char["scoring"] == "per_char"
+    assert by_sum["chance"] == pytest.approx(25.0)  # four options everywhere
     assert by_sum["scorings"] == by_char["scorings"] and set(by_sum["scorings"]) == set(want)
     for result in (by_sum, by_char):
         assert result["mean"] == pytest.approx(result["scorings"][result["scoring"]]["mean"])

@@ -132,29 +132,44 @@ def test_summary_cluster_and_held_out_averages() -> None:
         "best_dev": 45.0,
         "n_datasets": 2,
         "mean_se": None,
+        "chance": None,
     }  # best dev (40 + 50) / 2 = 45
-    assert sent["tuned_zeroshot"] == {"mean": 70.0, "best_dev": 70.0, "n_datasets": 1, "mean_se": None}
+    assert sent["tuned_zeroshot"] == {"mean": 70.0, "best_dev": 70.0, "n_datasets": 1, "mean_se": None, "chance": None}
     assert s["held_out_average"]["tuned_zeroshot"] == {
         "mean": 60.0,
         "best_dev": 57.5,
         "n_clusters": 2,
         "mean_se": None,
+        "chance": None,
     }  # (45+70)/2
     # no options: only nli_a -> nli 40 (1 of 2 datasets); sentiment has none; held out 40 over 1 cluster
-    assert nli["tuned_zeroshot_noopts"] == {"mean": 40.0, "best_dev": 50.0, "n_datasets": 1, "mean_se": None}
+    assert nli["tuned_zeroshot_noopts"] == {
+        "mean": 40.0,
+        "best_dev": 50.0,
+        "n_datasets": 1,
+        "mean_se": None,
+        "chance": None,
+    }
     assert sent["tuned_zeroshot_noopts"]["n_datasets"] == 0 and sent["tuned_zeroshot_noopts"]["mean"] is None
     assert s["held_out_average"]["tuned_zeroshot_noopts"] == {
         "mean": 40.0,
         "best_dev": 50.0,
         "n_clusters": 1,
         "mean_se": None,
+        "chance": None,
     }
     # base zero-shot: nli (30 + 40) / 2 = 35; sentiment 50; held out (35 + 50) / 2 = 42.5
     assert nli["base_zeroshot"]["mean"] == 35.0 and sent["base_zeroshot"]["mean"] == 50.0
     assert s["held_out_average"]["base_zeroshot"]["mean"] == 42.5
     # base 2-shot: nli (45 + 35) / 2 = 40, no sentiment -> held out 40 over 1 cluster
     assert nli["base_fewshot"]["mean"] == 40.0
-    assert s["held_out_average"]["base_fewshot"] == {"mean": 40.0, "best_dev": 40.0, "n_clusters": 1, "mean_se": None}
+    assert s["held_out_average"]["base_fewshot"] == {
+        "mean": 40.0,
+        "best_dev": 40.0,
+        "n_clusters": 1,
+        "mean_se": None,
+        "chance": None,
+    }
 
 
 def test_summary_per_dataset_numbers_are_passed_through() -> None:
@@ -449,3 +464,21 @@ def test_summary_figure_error_bars_from_per_example_scores() -> None:
     assert "95% bootstrap interval of the mean" in [t.get_text() for t in ax.get_legend().get_texts()]
     plain = summary_figure(summarize_main(main_records(), "exp"), "exp").axes[0]
     assert not [c for c in plain.containers if type(c).__name__ == "ErrorbarContainer"]
+
+
+def test_chance_level_averages_and_figure_line() -> None:
+    """Chance (the eval JSON's, 100 / options) averages like the scores and is drawn as a dashed line per group."""
+    recs = [
+        record("nli_a", "nli", [60.0, 40.0], best=0, chance=50.0),
+        record("nli_b", "nli", [60.0, 40.0], best=0, chance=100 / 3),
+        record("sentiment_a", "sentiment", [70.0, 70.0], best=0, chance=50.0),
+    ]
+    s = summarize_main(recs, "exp")
+    assert s["clusters"]["nli"]["average"]["tuned_zeroshot"]["chance"] == pytest.approx((50 + 100 / 3) / 2)
+    assert s["held_out_average"]["tuned_zeroshot"]["chance"] == pytest.approx(((50 + 100 / 3) / 2 + 50) / 2)
+    ax = summary_figure(s, "exp").axes[0]
+    dashed = sorted(ln.get_ydata()[0] for ln in ax.lines if ln.get_linestyle() == "--")
+    assert dashed == pytest.approx(sorted([(50 + 100 / 3) / 2, 50.0, ((50 + 100 / 3) / 2 + 50) / 2]))
+    assert "chance (random option)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    mixed = summarize_main([*recs[:1], record("nli_c", "nli", [10.0, 10.0], best=0)], "exp")  # a generative set
+    assert mixed["clusters"]["nli"]["average"]["tuned_zeroshot"]["chance"] is None
