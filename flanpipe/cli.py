@@ -237,6 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         metric=args.metric or dataset_spec(cfg, dataset).metric,
         lengths=cfg["lengths"],
         batch_size=cfg["eval"]["batch_size"],
+        scoring=cfg["eval"]["scoring"],
     )
     print(json.dumps(result, indent=2))
 

@@ -15,7 +15,7 @@ from flanpipe.io import resolve_config_path
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from flanpipe.contamination import AuditConfig, audited_datasets, run_audit
+    from flanpipe.contamination import AuditConfig, audited_datasets, run_audit, template_audited_datasets
     from flanpipe.experiments import plan_experiment
 
     cfg = load_config(resolve_config_path(args.config))
@@ -26,7 +26,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     ingest = Path(args.ingest)
     splits = {d: {s: str(ingest / d / f"{s}.parquet") for s in ("validation", "test")} for d in datasets}
     mixture = args.mixture or f"results/mixtures/{args.run}/mixture.parquet"
-    templates = {d: str(plan.registry[d].templates) for d in datasets}
+    templates = {d: str(plan.registry[d].templates) for d in template_audited_datasets(plan, args.run)}
     report = run_audit(
         mixture, splits, templates, args.out, AuditConfig(**cfg["audit"]), max_examples=cfg["eval"]["examples"]
     )

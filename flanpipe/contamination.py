@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from flanpipe.io import write_json
 from flanpipe.templates import Template, load_templates, parse_pattern
+from flanpipe.vocab import EvalVariant
 
 if TYPE_CHECKING:
     from flanpipe.experiments import Plan
@@ -336,9 +337,24 @@ def audit_contamination(
 
 
 def audited_datasets(plan: Plan, run: str) -> list[str]:
-    """Datasets whose evaluations (main results and ablations) score this run's model: what it is audited on."""
+    """Datasets whose evaluations (main results and ablations) score this run's model: what it is audited on.
+
+    Evaluation-only entries are left out: training waits on this audit, so auditing one added to a finished
+    run would retrain it (they are never in a mixture; an overlap through another dataset goes unchecked).
+    """
     evals = plan.evaluations + [e for es in plan.ablations.values() for e in es]
-    return sorted({e.dataset for e in evals if e.run == run})
+    return sorted({e.dataset for e in evals if e.run == run and not plan.registry[e.dataset].eval_only})
+
+
+def template_audited_datasets(plan: Plan, run: str) -> list[str]:
+    """Audited datasets that some evaluation of this run prompts with natural instructions.
+
+    The no_template and dataset_name eval modes have no instruction text that could leak, so a dataset
+    scored only in those modes gets no template check (its training templates would flag it falsely).
+    """
+    evals = plan.evaluations + [e for es in plan.ablations.values() for e in es]
+    natural = {e.dataset for e in evals if e.run == run and EvalVariant.parse(e.variant).mode == "natural"}
+    return sorted(natural & set(audited_datasets(plan, run)))
 
 
 def run_audit(

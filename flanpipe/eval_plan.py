@@ -18,6 +18,16 @@ from typing import Any
 
 from flanpipe.experiments import Evaluation
 from flanpipe.model_config import ModelConfig
+from flanpipe.registry import DatasetSpec
+
+
+def eval_group_name(spec: DatasetSpec) -> str:
+    """The {cluster} of a dataset's evaluation job: its cluster, or ``<cluster>__<name>`` for an eval-only one.
+
+    An evaluation-only entry (registry ``eval_only``) is often added to a finished run; in its own job it
+    plans one model load for itself instead of rerunning (and re-scoring) its whole cluster's job.
+    """
+    return f"{spec.cluster}__{spec.name}" if spec.eval_only else spec.cluster
 
 
 def group_key(evaluation: Evaluation, cluster_of: Mapping[str, str]) -> tuple[str, str, str]:

@@ -34,7 +34,7 @@ import polars as pl
 import torch
 
 from flanpipe.hf_tokenizer import Tokenizer
-from flanpipe.metrics import get_metric
+from flanpipe.metrics import SCORINGS, get_metric, rank_choices
 from flanpipe.tokenize import as_tokenizer
 
 SPLITS = ("validation", "test")
@@ -202,7 +202,17 @@ def rank_classification(
     options_ids: Sequence[Sequence[Sequence[int]]],
     batch_size: int,
 ) -> list[int]:
-    """Index of the most likely option per example (ties go to the earliest option).
+    """Index of the most likely option per example (ties go to the earliest option)."""
+    return [max(range(len(s)), key=s.__getitem__) for s in option_scores(scorer, input_ids, options_ids, batch_size)]
+
+
+def option_scores(
+    scorer: Scorer,
+    input_ids: Sequence[Sequence[int]],
+    options_ids: Sequence[Sequence[Sequence[int]]],
+    batch_size: int,
+) -> list[list[float]]:
+    """Summed log p(option | input) per example and option, by the scorer's fastest way.
 
     A scorer that takes a block mask (ParallelLM on the local spec) scores all options of an example
     in one row (option_logprobs_packed): never more FLOPs than one row per option, and 3-5x faster on
@@ -218,7 +228,7 @@ def rank_classification(
         scores = option_logprobs_shared(scorer, input_ids, options_ids, batch_size)
     else:
         scores = option_logprobs(scorer, input_ids, options_ids, batch_size)
-    return [max(range(len(s)), key=s.__getitem__) for s in scores]
+    return scores
 
 
 @torch.inference_mode()
@@ -280,7 +290,8 @@ def predict_shard(
 ) -> pl.DataFrame:
     """Add a `prediction` column: the chosen option text, or the greedy decode.
 
-    Rows with a non-empty `options` list are rank-classified; the others are generated
+    Rows with a non-empty `options` list are rank-classified: `prediction` by summed log-prob (FLAN's rule),
+    `prediction_<rule>` by each rule of metrics.SCORINGS (a generated row's are its decode). The others are generated
     (up to targets_length tokens, the trained target budget including EOS). Turned-around
     templates are dropped: they invert the task, so they are not evaluations of it.
     """
@@ -303,8 +314,11 @@ def predict_shard(
             .agg("_ids")["_ids"]
             .to_list()
         )
-        best = rank_classification(scorer, inputs, options_ids, batch_size)
-        parts.append(cls.with_columns(prediction=pl.col("options").list.get(pl.Series(best))))
+        scores = option_scores(scorer, inputs, options_ids, batch_size)
+        chars = cls["options"].list.eval(pl.element().str.len_chars()).to_list()
+        choices = rank_choices(scores, chars, [[len(ids) for ids in opts] for opts in options_ids])
+        picked = {f"prediction_{k}": pl.col("options").list.get(pl.Series(v)) for k, v in choices.items()}
+        parts.append(cls.with_columns(prediction=picked["prediction_sum"], **picked))
     if gen.height:
         inputs = [truncate_input(ids, inputs_length, keep_end) for ids in sp.encode_batch(gen["inputs"].to_list())]
         if _uses_kv_cache(scorer):
@@ -313,9 +327,11 @@ def predict_shard(
             new = greedy_generate_cached(scorer, inputs, targets_length, eos, batch_size)
         else:
             new = greedy_generate(scorer, inputs, targets_length, eos, batch_size)
-        parts.append(gen.with_columns(prediction=pl.Series(sp.decode_batch(new), dtype=pl.Utf8)))
+        decoded = gen.with_columns(prediction=pl.Series(sp.decode_batch(new), dtype=pl.Utf8))
+        parts.append(decoded.with_columns(pl.col("prediction").alias(f"prediction_{k}") for k in SCORINGS))
     if not parts:
-        return df.drop("_row").with_columns(prediction=pl.lit(None, dtype=pl.Utf8))
+        empty = pl.lit(None, dtype=pl.Utf8)
+        return df.drop("_row").with_columns(prediction=empty, **{f"prediction_{k}": empty for k in SCORINGS})
     return pl.concat(parts).sort("_row").drop("_row")
 
 
@@ -394,6 +410,13 @@ def per_example_scores(predictions: pl.DataFrame, metric: str) -> dict[str, list
     }
 
 
+def chance_score(predictions: pl.DataFrame) -> float | None:
+    """Expected test score of picking an option uniformly at random (mean of 100 / number of options over
+    the scored test rows): the floor a figure draws so a score near it reads as no skill."""
+    test = predictions.filter((pl.col("split") == "test") & (pl.col("options").list.len() > 0))
+    return test.select((100.0 / pl.col("options").list.len()).mean()).item() if test.height else None
+
+
 def summarize(per_template: pl.DataFrame) -> dict:
     """Mean/std over templates (test split) and the best-dev-template test score.
 
@@ -425,24 +448,39 @@ def evaluate_shard(
     batch_size: int = 32,
     keep_end: bool = True,
     predictions_out: Path | None = None,
+    scoring: str = "sum",
 ) -> dict:
     """Zero-shot result for one dataset's eval shard (schema: see ARCH.md, Evaluation); with
-    ``predictions_out``, every row's prediction is written there (Parquet) too."""
+    ``predictions_out``, every row's prediction is written there (Parquet) too.
+
+    ``scoring`` (config eval.scoring, a rule of metrics.SCORINGS) picks the rank-classification rule behind
+    the headline; an option task's record also holds every rule's summary under ``scorings``."""
     names = shard.select("dataset", "cluster").unique()
     if names.height != 1:
         raise ValueError(f"eval shard must hold exactly one dataset, got {names.rows()}")
     dataset, cluster = names.row(0)
     get_metric(metric)  # fail before spending model time on an unknown metric
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown rank-classification scoring {scoring!r}; choose one of {SCORINGS}")
     t0 = time.perf_counter()
     preds = predict_shard_data_parallel(scorer, sp, shard, inputs_length, targets_length, batch_size, keep_end)
     seconds = time.perf_counter() - t0
+    preds = preds.with_columns(prediction=pl.col(f"prediction_{scoring}"))
     if predictions_out is not None:
         preds.select("split", "example_id", "template_id", "targets", "prediction").write_parquet(predictions_out)
     per_template = score_templates(preds, metric)
+    has_options = bool(preds.height) and bool((preds["options"].list.len() > 0).any())
+    scorings = {
+        k: summarize(score_templates(preds.with_columns(prediction=pl.col(f"prediction_{k}")), metric))
+        for k in (SCORINGS if has_options else ())
+    }
     return {
         "dataset": dataset,
         "cluster": cluster,
         "metric": metric,
+        "scoring": scoring,
+        "scorings": scorings,  # every rank-classification rule's summary (option tasks only)
+        "chance": chance_score(preds) if has_options else None,
         "n_templates": per_template.height,
         "per_template": per_template.to_dicts(),
         **summarize(per_template),
@@ -463,6 +501,7 @@ def evaluate_many(
     scorer: Scorer | None = None,
     tp: int = 1,
     pp: int = 1,
+    scoring: str = "sum",
 ) -> dict[str, dict]:
     """Rule ``evaluate``: load a trained model once, score several datasets' eval shards with it, write
     ``out_dir/{dataset}.json`` per dataset (the same record run_evaluation writes) and its predictions
@@ -506,6 +545,7 @@ def evaluate_many(
             batch_size=batch_size,
             keep_end=False,
             predictions_out=out_dir / f"{dataset}.predictions.parquet" if writer else None,
+            scoring=scoring,
         )
         if result["dataset"] != dataset:
             raise ValueError(f"shard {shards[dataset]} holds {result['dataset']}, expected {dataset}")
@@ -527,11 +567,12 @@ def eval_argv(
     batch_size: int,
     tp: int = 1,
     pp: int = 1,
+    scoring: str = "sum",
 ) -> list[str]:
     """``main``'s arguments for one evaluate_many call (what the rule hands to flanpipe.launch)."""
     argv = ["--model", str(model_dir), "--tokenizer", str(tokenizer), "--out-dir", str(out_dir)]
     argv += ["--inputs-length", str(lengths["inputs"]), "--targets-length", str(lengths["targets"])]
-    argv += ["--batch-size", str(batch_size), "--tp", str(tp), "--pp", str(pp)]
+    argv += ["--batch-size", str(batch_size), "--tp", str(tp), "--pp", str(pp), "--scoring", scoring]
     for dataset in sorted(shards):
         argv += ["--shard", f"{dataset}={shards[dataset]}", "--metric", f"{dataset}={metrics[dataset]}"]
     return argv
@@ -548,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(name, type=int, required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--scoring", choices=SCORINGS, default="sum")
     p.add_argument("--shard", action="append", default=[], metavar="DATASET=PATH")
     p.add_argument("--metric", action="append", default=[], metavar="DATASET=METRIC")
     a = p.parse_args(argv)
@@ -561,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=a.batch_size,
         tp=a.tp,
         pp=a.pp,
+        scoring=a.scoring,
     )
     return 0
 
@@ -581,6 +624,7 @@ def run_evaluation(
     metric: str,
     lengths: dict[str, int],
     batch_size: int = 32,
+    scoring: str = "sum",
 ) -> dict:
     """``flanpipe evaluate``: one dataset's eval shard, its result written to ``out``."""
     from flanpipe.inference import load_parallel_lm
@@ -592,7 +636,15 @@ def run_evaluation(
     sp = open_tokenizer(tokenizer)
     df = pl.read_parquet(shard)
     result = evaluate_shard(
-        scorer, sp, df, metric, lengths["inputs"], lengths["targets"], batch_size=batch_size, keep_end=False
+        scorer,
+        sp,
+        df,
+        metric,
+        lengths["inputs"],
+        lengths["targets"],
+        batch_size=batch_size,
+        keep_end=False,
+        scoring=scoring,
     )
     result["model"] = str(model_dir)
     write_json(out, result)

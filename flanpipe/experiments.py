@@ -243,7 +243,7 @@ def _training_set(
     names = tuple(
         s.name
         for s in registry.values()
-        if s.cluster not in drop and (train_clusters is None or s.cluster in train_clusters)
+        if s.cluster not in drop and (train_clusters is None or s.cluster in train_clusters) and not s.eval_only
     )
     if not names:
         raise PlanError(f"holding out {held_out!r} removes clusters {sorted(drop)} and leaves no training data")
@@ -276,7 +276,7 @@ def _base_run(config: Mapping[str, Any], model: str, registry: Mapping[str, Data
     return Run(
         name=base_run_name(model_stem(model)),
         model=model,
-        datasets=tuple(registry),
+        datasets=tuple(d for d, s in registry.items() if not s.eval_only),  # eval-only text is never trained on
         kind=RunKind.PRETRAIN,
         steps=base["pretrain_steps"],
     )
@@ -339,8 +339,19 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
             evals += [Evaluation(run.name, v, d) for v in _variants(registry[d], t["eval_mode"])]
             if base is not None:  # the untuned base model, zero-shot and few-shot
                 evals += [Evaluation(base.name, v, d) for v in _variants(registry[d], t["eval_mode"])]
-                if shots:
+                if shots and not registry[d].eval_only:  # exemplars are drawn from train, which it lacks
                     evals += [Evaluation(base.name, v, d) for v in _variants(registry[d], t["eval_mode"], shots)]
+    if config["eval"].get("eval_only_all_runs"):  # every main model (and the base) scores every eval-only set
+        scorers = [main_run_name(c) for c in config["held_out"]] + ([base.name] if base is not None else [])
+        planned = set(evals)
+        evals += [
+            e
+            for s in registry.values()
+            if s.eval_only
+            for r in scorers
+            for e in (Evaluation(r, v, s.name) for v in _variants(s, t["eval_mode"]))
+            if e not in planned
+        ]
     ablations: dict[str, list[Evaluation]] = {}
     deferred: dict[str, str] = {}  # an ablation's plan error fails only its own target (check_ablation)
     for name in ABLATIONS:

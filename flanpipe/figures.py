@@ -105,7 +105,9 @@ def _finish(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
 
 def summary_figure(summary: Mapping[str, Any], experiment: str) -> Figure:
     """Grouped bars: per held-out cluster (and their average), instruction-tuned zero-shot next to the
-    untuned base zero-shot and few-shot. Bar = mean over templates; black tick = best-dev template."""
+    untuned base zero-shot and few-shot. Bar = mean over templates; black tick = best-dev template; error bar =
+    95% interval (1.96 standard errors, flanpipe.report.average_se) where every dataset kept per-example scores;
+    dashed line = chance (random option) where every dataset of the group is an option task."""
     clusters = list(summary["clusters"])
     groups = [*clusters, "average"] if len(clusters) > 1 else clusters
     slots = [s for s in SUMMARY_SLOTS if s in summary["slots"]]
@@ -130,6 +132,11 @@ def summary_figure(summary: Mapping[str, Any], experiment: str) -> Figure:
         handles.append(
             ax.bar(xs, [y or 0.0 for y in ys], width, label=label, color=color, edgecolor="black", linewidth=0.5)
         )
+        ses = [value(g, slot, "mean_se") for g in groups]
+        if bars := [(x, y, 1.96 * se) for x, y, se in zip(xs, ys, ses, strict=True) if y is not None and se]:
+            ex, ey, err = zip(*bars, strict=True)
+            ax.errorbar(ex, ey, yerr=err, fmt="none", ecolor="#333333", elinewidth=1, capsize=3, zorder=4)
+            heights += [y + e for y, e in zip(ey, err, strict=True)]
         for x, y, b in zip(xs, ys, best, strict=True):
             if b is not None:
                 ax.plot([x - width * 0.4, x + width * 0.4], [b, b], color="black", lw=2, zorder=3)
@@ -138,7 +145,16 @@ def summary_figure(summary: Mapping[str, Any], experiment: str) -> Figure:
             text = "n/a" if y is None else f"{y:.1f}"
             ax.annotate(text, (x, top), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
         heights += [v for v in ys + best if v is not None]
+    for g, group in enumerate(groups):  # chance: the same options whatever the slot, so the first known one
+        level = next((c for s in slots if (c := value(group, s, "chance")) is not None), None)
+        if level is not None:
+            ax.plot([g - 0.45, g + 0.45], [level, level], color="#888888", ls="--", lw=1, zorder=5)
+            heights.append(level)
+    if any(ln.get_linestyle() == "--" for ln in ax.lines):
+        handles.append(Line2D([], [], color="#888888", ls="--", lw=1, label="chance (random option)"))
     handles.append(Line2D([], [], color="black", lw=2, label="best-dev template (test score)"))
+    if ax.containers and any(type(c).__name__ == "ErrorbarContainer" for c in ax.containers):
+        handles.append(Line2D([], [], color="#333333", lw=1, marker="_", label="95% bootstrap interval of the mean"))
     ax.set_xticks(range(len(groups)), [_group_label(summary, g) for g in groups])
     _score_ylim(ax, heights, bars=True)
     _finish(

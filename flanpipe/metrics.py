@@ -161,3 +161,41 @@ def get_metric(name: str) -> Metric:
         return METRICS[name]
     except KeyError:
         raise ValueError(f"unknown metric {name!r}; expected one of {sorted(METRICS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# rank classification: which option wins under each scoring rule
+
+SCORINGS = ("sum", "per_char", "per_token")  # config eval.scoring; "sum" is FLAN's rank classification
+
+
+def rank_choices(
+    logprobs: Sequence[Sequence[float]],
+    option_chars: Sequence[Sequence[int]],
+    option_tokens: Sequence[Sequence[int]],
+) -> dict[str, list[int]]:
+    """Winning option index per example under every scoring rule (ties go to the earliest option).
+
+    ``sum``: summed log p(option | input), FLAN's rule; ``per_char``: divided by the option text's length
+    in characters (lm-evaluation-harness's acc_norm), which does not depend on the tokenizer;
+    ``per_token``: divided by the scored tokens (EOS included). Long options lose summed log-prob just by
+    having more tokens, so the normalised rules are the usual check that a ranking is not a length bias.
+    Computed from the per-option sums the scorer already returns: no second model pass.
+    """
+    if not len(logprobs) == len(option_chars) == len(option_tokens):
+        raise ValueError(
+            f"{len(logprobs)} examples of log-probs but {len(option_chars)}/{len(option_tokens)} of lengths"
+        )
+    out: dict[str, list[int]] = {s: [] for s in SCORINGS}
+    for lp, chars, toks in zip(logprobs, option_chars, option_tokens, strict=True):
+        if not len(lp) == len(chars) == len(toks) or not lp:
+            raise ValueError(f"options of one example: {len(lp)} log-probs, {len(chars)} / {len(toks)} lengths")
+        if min(chars) < 1 or min(toks) < 1:
+            raise ValueError("every option needs at least one character and one token to be length-normalised")
+        for name, score in (
+            ("sum", lp),
+            ("per_char", [x / n for x, n in zip(lp, chars, strict=True)]),
+            ("per_token", [x / n for x, n in zip(lp, toks, strict=True)]),
+        ):
+            out[name].append(max(range(len(score)), key=score.__getitem__))
+    return out

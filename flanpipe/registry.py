@@ -68,6 +68,7 @@ class DatasetSpec:
     join: Mapping[str, str] = field(default_factory=dict)  # field -> separator for list-typed sources
     bad_rows: str | None = None  # per-dataset override of data.bad_rows
     paper_dataset: str = ""  # the paper's dataset this loader belongs to (default: its own name)
+    eval_only: bool = False  # never trained on: marked so, or its splits have no train
     defined_in: str = ""  # registry file, for error messages
 
     @property
@@ -125,6 +126,7 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
         join=dict(raw.get("join") or {}),
         bad_rows=raw.get("bad_rows"),
         paper_dataset=raw.get("paper_dataset", name),
+        eval_only=bool(raw.get("eval_only", False)) or "train" not in (raw.get("splits") or {"train": "train"}),
         defined_in=str(path),
     )
     where = f"{path}: dataset {name!r}"
@@ -140,6 +142,8 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
     _check_options(spec, where)
     if "answer" not in spec.fields:
         raise RegistryError(f"{where}: 'fields' must map the target field 'answer'")
+    if spec.eval_only and not spec.has_eval_splits:
+        raise RegistryError(f"{where}: an evaluation-only entry needs both 'validation' and 'test' in 'splits'")
     if spec.source.type == "local" and "{split}" not in spec.source.path:
         raise RegistryError(f"{where}: local source path must contain '{{split}}': {spec.source.path!r}")
     return spec

@@ -19,6 +19,7 @@ and recomputing it from test numbers would silently overstate zero-shot performa
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -129,8 +130,33 @@ def _key(record: Record) -> tuple[str, str, str]:
     return str(record.get("run")), str(record["variant"]), str(record["dataset"])
 
 
+def mean_interval(record: Record) -> dict[str, float] | None:
+    """95% bootstrap interval (over test examples, flanpipe.stats) of the mean over templates, from the
+    record's per-example scores; None for a record written before those were kept. Seeded: a rerun of the
+    report prints the same interval."""
+    from flanpipe.stats import mean_over_templates_ci, score_matrix
+
+    if not record.get("per_example"):
+        return None
+    ci = mean_over_templates_ci(score_matrix(record, "test"))
+    return {"lo": ci["lo"], "hi": ci["hi"], "se": ci["se"]}
+
+
+def _all_or_none(values: Sequence[float | None]) -> float | None:
+    """Mean of values only when every one is known (a chance level over part of an average would mislead)."""
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)
+
+
+def average_se(ses: Sequence[float | None]) -> float | None:
+    """Standard error of an average of independent estimates (datasets' test sets, clusters' datasets):
+    sqrt(sum se_i^2) / n; None when any part lacks one (an interval over part of the average would lie)."""
+    if not ses or any(x is None for x in ses):
+        return None
+    return math.sqrt(sum(x * x for x in ses)) / len(ses)
+
+
 def _dataset_scores(record: Record) -> dict[str, Any]:
-    """The per-dataset numbers of one eval result, passed through unchanged."""
+    """The per-dataset numbers of one eval result, passed through unchanged, plus the mean's interval."""
     v = EvalVariant.parse(str(record["variant"]))
     return {
         "run": record.get("run"),
@@ -145,6 +171,8 @@ def _dataset_scores(record: Record) -> dict[str, Any]:
         "median": record.get("median"),
         "best_dev_template": record.get("best_dev_template"),
         "best_dev_test": record.get("best_dev_test"),
+        "mean_ci": mean_interval(record),
+        "chance": record.get("chance"),
     }
 
 
@@ -182,6 +210,12 @@ def summarize_main(records: Sequence[Record], experiment: str = "flanpipe") -> d
             "mean": _mean(c["average"][s]["mean"] for c in clusters.values()),
             "best_dev": _mean(c["average"][s]["best_dev"] for c in clusters.values()),
             "n_clusters": sum(c["average"][s]["n_datasets"] > 0 for c in clusters.values()),
+            "mean_se": average_se(
+                [c["average"][s]["mean_se"] for c in clusters.values() if c["average"][s]["n_datasets"]]
+            ),
+            "chance": _all_or_none(
+                [c["average"][s]["chance"] for c in clusters.values() if c["average"][s]["n_datasets"]]
+            ),
         }
         for s in slots
     }
@@ -201,6 +235,8 @@ def _slot_average(datasets: Iterable[Mapping[str, Any]], slot: str) -> dict[str,
         "mean": _mean(x["mean"] for x in have),
         "best_dev": _mean(x["best_dev_test"] for x in have),
         "n_datasets": len(have),
+        "mean_se": average_se([(x.get("mean_ci") or {}).get("se") for x in have]),
+        "chance": _all_or_none([x.get("chance") for x in have]),
     }
 
 
@@ -217,9 +253,15 @@ def _mean_std(x: Mapping[str, Any]) -> str:
     return f"{_fmt(x['mean'])} ± {_fmt(x['std'])}"
 
 
+def _interval(x: Mapping[str, Any]) -> str:
+    """' [lo, hi]' when the result carries the mean's bootstrap interval, else nothing."""
+    ci = x.get("mean_ci")
+    return "" if not ci else f" [{_fmt(ci['lo'])}, {_fmt(ci['hi'])}]"
+
+
 def _cell(x: Mapping[str, Any] | None) -> str:
-    """'mean ± std / best dev' for one dataset in one slot."""
-    return "–" if x is None else f"{_mean_std(x)} / {_fmt(x['best_dev_test'])}"
+    """'mean ± std [95% interval] / best dev' for one dataset in one slot."""
+    return "–" if x is None else f"{_mean_std(x)}{_interval(x)} / {_fmt(x['best_dev_test'])}"
 
 
 def _average_cell(a: Mapping[str, Any], n_datasets: int) -> str:
@@ -265,7 +307,11 @@ def _cluster_markdown(cluster: str, c: Mapping[str, Any], slots: Sequence[str], 
             best = "–" if x["best_dev_template"] is None else f"t{x['best_dev_template']}: {_fmt(x['best_dev_test'])}"
             rows.append([d["dataset"], d["metric"], *(_fmt(by_id.get(i)) for i in ids), _mean_std(x), best])
         lines += ["Instruction-tuned, zero-shot, test score per template:", "", *_md_table(head, rows), ""]
-    lines += ["Each cell: mean ± std over templates / best-dev-template test score.", ""]
+    lines += [
+        "Each cell: mean ± std over templates [95% bootstrap interval of the mean, over test examples] / "
+        "best-dev-template test score.",
+        "",
+    ]
     head = ["dataset", "metric", *(labels[s] for s in slots)]
     rows = [[d["dataset"], d["metric"], *(_cell(d["slots"].get(s)) for s in slots)] for d in datasets]
     rows.append(["**cluster average**", "", *(_average_cell(c["average"][s], len(datasets)) for s in slots)])

@@ -224,10 +224,10 @@ def export_inputs(wildcards):
 def eval_group_datasets(wildcards):
     """The datasets one evaluation job scores: its (model, variant, cluster) group over every planned
     evaluation, ablations included (flanpipe.eval_plan: one model load serves them all)."""
-    from flanpipe.eval_plan import eval_groups, group_datasets
+    from flanpipe.eval_plan import eval_group_name, eval_groups, group_datasets
 
     planned = PLAN.evaluations + [e for es in PLAN.ablations.values() for e in es]
-    cluster_of = {name: spec.cluster for name, spec in PLAN.registry.items()}
+    cluster_of = {name: eval_group_name(spec) for name, spec in PLAN.registry.items()}
     evaluable = [d for d, c in cluster_of.items() if c == wildcards.cluster and PLAN.registry[d].has_eval_splits]
     groups = eval_groups(planned, cluster_of)
     return group_datasets(groups, wildcards.evalrun, wildcards.variant, wildcards.cluster, evaluable)
@@ -273,5 +273,7 @@ def eval_group_params(wildcards):
 
 def eval_group_dir(wildcards):
     """The evaluation job whose directory holds this dataset's result."""
-    cluster = PLAN.registry[wildcards.dataset].cluster
+    from flanpipe.eval_plan import eval_group_name
+
+    cluster = eval_group_name(PLAN.registry[wildcards.dataset])
     return f"results/eval_groups/{wildcards.evalrun}/{wildcards.variant}/{cluster}"

@@ -13,6 +13,7 @@ rule evaluate:
         group=eval_group_params,
         lengths=config["lengths"],
         batch_size=config["eval"]["batch_size"],
+        scoring=config["eval"]["scoring"],
     threads: 1
     log:
         "logs/evaluate/{evalrun}/{variant}/{cluster}.log",

@@ -150,3 +150,25 @@ def test_cli_and_bench_find_the_planted_leaks(tmp_path):
     assert build_parser().parse_args(["bench", "audit", "--examples", "10"]).fn is cmd_bench_audit
     result = run_bench(examples=3000, eval_examples=20, leaks=4, workdir=tmp_path)
     assert result["examples"] == 3000 and result["planted"] == 4 and result["found_exactly_planted"]
+
+
+def test_instruction_free_evaluations_get_no_template_check():
+    """A dataset scored only in no_template / dataset_name mode has no instruction text to leak: it is
+    audited for leaked examples but not for seen templates; one also scored with natural prompts gets both."""
+    import dataclasses
+
+    from flanpipe.config import load_config
+    from flanpipe.contamination import audited_datasets, template_audited_datasets
+    from flanpipe.experiments import plan_experiment
+    from flanpipe.io import resolve_config_path
+    from flanpipe.vocab import EvalVariant
+
+    plan = plan_experiment(load_config(resolve_config_path("config/config.yaml")))
+    run = "heldout_nli__train-dataset_name"  # instructions ablation: scored dataset_name -> natural and -> dataset_name
+    ablation = plan.ablations["instructions"]
+    assert {EvalVariant.parse(e.variant).mode for e in ablation if e.run == run} == {"natural", "dataset_name"}
+    assert template_audited_datasets(plan, run) == audited_datasets(plan, run) != []
+    free = [e for e in ablation if not (e.run == run and EvalVariant.parse(e.variant).mode == "natural")]
+    only_free = dataclasses.replace(plan, ablations={**plan.ablations, "instructions": free})
+    assert audited_datasets(only_free, run) == audited_datasets(plan, run)
+    assert template_audited_datasets(only_free, run) == []

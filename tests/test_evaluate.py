@@ -468,3 +468,37 @@ def test_eval_groups_one_job_per_model_variant_cluster() -> None:
         group_datasets(groups, "run", "natural-2shot", "A")
     # a result asked for by hand: the cluster's evaluable datasets, in one job
     assert group_datasets(groups, "base", "natural", "B", unplanned=["b2", "b1"]) == ["b1", "b2"]
+
+
+def test_length_normalised_scorings_by_brute_force(sp: spm.SentencePieceProcessor) -> None:
+    """Each scoring rule picks the option a one-at-a-time brute force picks (summed log-prob divided by the
+    option's characters or scored tokens); the selected rule drives the headline, all are recorded."""
+    lm = make_lm(sp.vocab_size())
+    options = ["bad", "wonderful", "a b c d e", "bad bad bad bad"]  # characters per token differ a lot
+    shard = make_shard(sentiment_rows(n=6, templates=2, options=options))
+    inputs_length, targets_length = 20, 6
+    kept = shard.filter(~pl.col("turned_around"))
+    want: dict[str, list[str]] = {"sum": [], "per_char": [], "per_token": []}
+    for text, options in kept.select("inputs", "options").iter_rows():
+        inp = truncate_input(sp.encode(text), inputs_length)
+        opt_ids = [encode_target(ids, targets_length, sp.eos_id()) for ids in sp.encode(options)]
+        lp = [brute_option_logprob(lm, inp, o) for o in opt_ids]
+        norms = {"sum": [1] * len(lp), "per_char": [len(o) for o in options], "per_token": [len(o) for o in opt_ids]}
+        for rule, norm in norms.items():
+            score = [x / n for x, n in zip(lp, norm, strict=True)]
+            want[rule].append(options[max(range(len(score)), key=score.__getitem__)])
+    assert len({tuple(p) for p in want.values()}) == 3  # the rules disagree here, so a mix-up would show
+    got = predict_shard(lm, sp, shard, inputs_length, targets_length, 4)
+    for rule, preds in want.items():
+        assert got[f"prediction_{rule}"].to_list() == preds
+    assert got["prediction"].to_list() == want["sum"]
+
+    by_sum = evaluate_shard(lm, sp, shard, "accuracy", inputs_length, targets_length, batch_size=4)
+    by_char = evaluate_shard(lm, sp, shard, "accuracy", inputs_length, targets_length, batch_size=4, scoring="per_char")
+    assert by_sum["scoring"] == "sum" and by_char["scoring"] == "per_char"
+    assert by_sum["chance"] == pytest.approx(25.0)  # four options everywhere
+    assert by_sum["scorings"] == by_char["scorings"] and set(by_sum["scorings"]) == set(want)
+    for result in (by_sum, by_char):
+        assert result["mean"] == pytest.approx(result["scorings"][result["scoring"]]["mean"])
+    with pytest.raises(ValueError, match="unknown rank-classification scoring"):
+        evaluate_shard(lm, sp, shard, "accuracy", inputs_length, targets_length, scoring="mean")

@@ -77,3 +77,36 @@ def test_touch_replans_nothing_and_edit_replans_its_dependents(built: Path) -> N
         "audit[run=heldout_sentiment]",  # its mixture changed
         "audit[run=heldout_nli]",  # the template file of the dataset it is scored on changed
     }
+
+
+@pytest.mark.slow
+def test_adding_an_eval_only_dataset_plans_only_its_evaluation(built: Path) -> None:
+    """An evaluation-only entry added to the registry of a built run: its ingest, eval shards and its own
+    evaluate jobs (flanpipe.eval_plan.eval_group_name), nothing upstream of training, no other evaluation."""
+    config_file = built / "config" / "config.yaml"
+    original = config_file.read_text()
+    baseline = planned(built)
+    extra = built / "config" / "registry" / "extra.yaml"
+    entry = {  # the entailment set's synthetic source again, without a train split
+        "cluster": "nli",
+        "source": {"type": "local", "format": "jsonl", "path": "results/synthetic/synth_nli_entail/{split}.jsonl"},
+        "splits": {"validation": "validation", "test": "test"},
+        "fields": {"premise": "premise", "hypothesis": "hypothesis", "answer": "label"},
+        "options": ["yes", "it is not possible to tell", "no"],
+        "metric": "accuracy",
+        "templates": "config/templates/synth_nli_entail.yaml",
+    }
+    extra.write_text(yaml.safe_dump({"datasets": {"rte_test_only": entry}}))
+    cfg = yaml.safe_load(original)
+    cfg["registry"].append("config/registry/extra.yaml")
+    cfg["datasets"].append("rte_test_only")
+    try:
+        config_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        replanned = planned(built)
+    finally:
+        config_file.write_text(original)
+        extra.unlink()
+    assert baseline <= replanned
+    new = replanned - baseline
+    assert {j.split("[")[0] for j in new} == {"ingest", "render_eval_shard", "evaluate", "eval_result"}, new
+    assert all("rte_test_only" in j for j in new), new  # the nli cluster's own evaluate job is not replanned

@@ -161,3 +161,17 @@ def test_every_metric_is_bounded_and_checks_lengths(name: str) -> None:
         fn(["a", "b"], ["a"])
     with pytest.raises(ValueError):
         fn([], [])
+
+
+def test_rank_choices_by_hand() -> None:
+    """Option 0: "yes" (3 chars, 2 tokens) logp -3; option 1: "it is not possible" (18 chars, 6 tokens) logp -6.
+    Summed: -3 > -6 -> 0. Per char: -1 < -1/3 -> 1. Per token: -1.5 < -1 -> 1."""
+    from flanpipe.metrics import SCORINGS, rank_choices
+
+    got = rank_choices([[-3.0, -6.0], [-2.0, -2.0, -9.0]], [[3, 18], [4, 2, 9]], [[2, 6], [1, 3, 3]])
+    assert set(got) == set(SCORINGS)
+    assert got["sum"] == [0, 0]  # second example: a tie goes to the earliest option
+    assert got["per_char"] == [1, 0]  # second: -2/4 = -0.5 beats -2/2 = -1 and -9/9 = -1
+    assert got["per_token"] == [1, 1]  # second: -2/3 beats -2/1 and -9/3
+    with pytest.raises(ValueError, match="at least one character"):
+        rank_choices([[-1.0]], [[0]], [[1]])

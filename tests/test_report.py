@@ -123,22 +123,53 @@ def test_slot_of_reads_role_options_and_shots() -> None:
 
 def test_summary_cluster_and_held_out_averages() -> None:
     s = summarize_main(main_records(), "exp")
+    # no record here kept per-example scores, so no interval (mean_se None) is claimed
     assert s["slots"] == ["tuned_zeroshot", "tuned_zeroshot_noopts", "base_zeroshot", "base_fewshot"]
     nli, sent = s["clusters"]["nli"]["average"], s["clusters"]["sentiment"]["average"]
     # tuned, mean over templates: nli (60 + 40) / 2 = 50; sentiment 70; held out (50 + 70) / 2 = 60
-    assert nli["tuned_zeroshot"] == {"mean": 50.0, "best_dev": 45.0, "n_datasets": 2}  # best dev (40 + 50) / 2 = 45
-    assert sent["tuned_zeroshot"] == {"mean": 70.0, "best_dev": 70.0, "n_datasets": 1}
-    assert s["held_out_average"]["tuned_zeroshot"] == {"mean": 60.0, "best_dev": 57.5, "n_clusters": 2}  # (45+70)/2
+    assert nli["tuned_zeroshot"] == {
+        "mean": 50.0,
+        "best_dev": 45.0,
+        "n_datasets": 2,
+        "mean_se": None,
+        "chance": None,
+    }  # best dev (40 + 50) / 2 = 45
+    assert sent["tuned_zeroshot"] == {"mean": 70.0, "best_dev": 70.0, "n_datasets": 1, "mean_se": None, "chance": None}
+    assert s["held_out_average"]["tuned_zeroshot"] == {
+        "mean": 60.0,
+        "best_dev": 57.5,
+        "n_clusters": 2,
+        "mean_se": None,
+        "chance": None,
+    }  # (45+70)/2
     # no options: only nli_a -> nli 40 (1 of 2 datasets); sentiment has none; held out 40 over 1 cluster
-    assert nli["tuned_zeroshot_noopts"] == {"mean": 40.0, "best_dev": 50.0, "n_datasets": 1}
+    assert nli["tuned_zeroshot_noopts"] == {
+        "mean": 40.0,
+        "best_dev": 50.0,
+        "n_datasets": 1,
+        "mean_se": None,
+        "chance": None,
+    }
     assert sent["tuned_zeroshot_noopts"]["n_datasets"] == 0 and sent["tuned_zeroshot_noopts"]["mean"] is None
-    assert s["held_out_average"]["tuned_zeroshot_noopts"] == {"mean": 40.0, "best_dev": 50.0, "n_clusters": 1}
+    assert s["held_out_average"]["tuned_zeroshot_noopts"] == {
+        "mean": 40.0,
+        "best_dev": 50.0,
+        "n_clusters": 1,
+        "mean_se": None,
+        "chance": None,
+    }
     # base zero-shot: nli (30 + 40) / 2 = 35; sentiment 50; held out (35 + 50) / 2 = 42.5
     assert nli["base_zeroshot"]["mean"] == 35.0 and sent["base_zeroshot"]["mean"] == 50.0
     assert s["held_out_average"]["base_zeroshot"]["mean"] == 42.5
     # base 2-shot: nli (45 + 35) / 2 = 40, no sentiment -> held out 40 over 1 cluster
     assert nli["base_fewshot"]["mean"] == 40.0
-    assert s["held_out_average"]["base_fewshot"] == {"mean": 40.0, "best_dev": 40.0, "n_clusters": 1}
+    assert s["held_out_average"]["base_fewshot"] == {
+        "mean": 40.0,
+        "best_dev": 40.0,
+        "n_clusters": 1,
+        "mean_se": None,
+        "chance": None,
+    }
 
 
 def test_summary_per_dataset_numbers_are_passed_through() -> None:
@@ -397,3 +428,57 @@ def test_report_tables_never_import_figures() -> None:
     code = "import sys, flanpipe.report; assert not {'flanpipe.figures', 'matplotlib'} & set(sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_table_cells_carry_the_bootstrap_interval_of_the_mean() -> None:
+    """With per-example scores (0/100 accuracy: 4 test examples x 2 templates) the cell shows the seeded
+    95% interval flanpipe.stats gives for the mean over templates; one without them stays as it was."""
+    from flanpipe.stats import mean_over_templates_ci, score_matrix
+
+    rows = [(s, t, e, 100.0 if (e + t) % 3 else 0.0) for s in ("validation", "test") for t in (0, 1) for e in range(4)]
+    per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}
+    with_ci = record("nli_a", "nli", [50.0, 75.0], best=1, per_example=per_example)  # as the scores give
+    want = mean_over_templates_ci(score_matrix(with_ci, "test"))
+    assert want["lo"] < 62.5 < want["hi"]  # the estimate (75 + 50) / 2 lies inside
+    md = markdown(summarize_main([with_ci, record("nli_b", "nli", [30.0, 50.0], best=1)]))
+    assert f"| nli_a | accuracy | 62.5 ± 12.5 [{want['lo']:.1f}, {want['hi']:.1f}] / 75.0 |" in md, md
+    assert "| nli_b | accuracy | 40.0 ± 10.0 / 50.0 |" in md
+
+
+def test_summary_figure_error_bars_from_per_example_scores() -> None:
+    """Error bars appear (1.96 x the average's standard error) only where per-example scores exist."""
+    from flanpipe.report import average_se
+    from flanpipe.stats import mean_over_templates_ci, score_matrix
+
+    rows = [(s, t, e, 100.0 if (e + t) % 3 else 0.0) for s in ("validation", "test") for t in (0, 1) for e in range(4)]
+    per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}
+    recs = [record("nli_a", "nli", [50.0, 75.0], best=1, per_example=per_example)]
+    s = summarize_main(recs, "exp")
+    se = mean_over_templates_ci(score_matrix(recs[0], "test"))["se"]
+    assert s["clusters"]["nli"]["average"]["tuned_zeroshot"]["mean_se"] == pytest.approx(se)
+    assert average_se([3.0, 4.0]) == pytest.approx(2.5) and average_se([3.0, None]) is None
+    ax = summary_figure(s, "exp").axes[0]
+    (bars,) = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    segment = bars.lines[2][0].get_segments()[0]
+    assert segment[1][1] - segment[0][1] == pytest.approx(2 * 1.96 * se)
+    assert "95% bootstrap interval of the mean" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plain = summary_figure(summarize_main(main_records(), "exp"), "exp").axes[0]
+    assert not [c for c in plain.containers if type(c).__name__ == "ErrorbarContainer"]
+
+
+def test_chance_level_averages_and_figure_line() -> None:
+    """Chance (the eval JSON's, 100 / options) averages like the scores and is drawn as a dashed line per group."""
+    recs = [
+        record("nli_a", "nli", [60.0, 40.0], best=0, chance=50.0),
+        record("nli_b", "nli", [60.0, 40.0], best=0, chance=100 / 3),
+        record("sentiment_a", "sentiment", [70.0, 70.0], best=0, chance=50.0),
+    ]
+    s = summarize_main(recs, "exp")
+    assert s["clusters"]["nli"]["average"]["tuned_zeroshot"]["chance"] == pytest.approx((50 + 100 / 3) / 2)
+    assert s["held_out_average"]["tuned_zeroshot"]["chance"] == pytest.approx(((50 + 100 / 3) / 2 + 50) / 2)
+    ax = summary_figure(s, "exp").axes[0]
+    dashed = sorted(ln.get_ydata()[0] for ln in ax.lines if ln.get_linestyle() == "--")
+    assert dashed == pytest.approx(sorted([(50 + 100 / 3) / 2, 50.0, ((50 + 100 / 3) / 2 + 50) / 2]))
+    assert "chance (random option)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    mixed = summarize_main([*recs[:1], record("nli_c", "nli", [10.0, 10.0], best=0)], "exp")  # a generative set
+    assert mixed["clusters"]["nli"]["average"]["tuned_zeroshot"]["chance"] is None

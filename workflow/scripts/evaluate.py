@@ -27,6 +27,7 @@ with log_to(snakemake.log[0]):
         Path(snakemake.output[0]),
     )
     kw = {"lengths": snakemake.params.lengths, "batch_size": snakemake.params.batch_size, "tp": tp, "pp": pp}
+    kw["scoring"] = snakemake.params.scoring
     tasks, mpi = int(snakemake.resources.tasks), str(snakemake.resources.mpi)
     if tasks == 1 and not mpi.strip():
         print(json.dumps(evaluate_many(*args, **kw), indent=2))
