@@ -29,6 +29,7 @@ from flanpipe.registry import (
     load_registry,
     with_clusters,
     with_local_mirror,
+    with_template_files,
 )
 from flanpipe.templates import Template, load_validated
 from flanpipe.vocab import (
@@ -254,9 +255,12 @@ def _base_run(config: Mapping[str, Any], model: str, registry: Mapping[str, Data
 
 
 def _variants(spec: DatasetSpec, mode: str, shots: int = 0) -> list[str]:
-    """Classification is scored with and without the options block in the prompt (paper, sec. 2.3)."""
+    """Classification is scored with and without the options block in the prompt (paper, sec. 2.3). Prompts
+    kept as written (every template ``kind: jinja``, e.g. P3's) show their own choices or not, so they have
+    one variant: T0 scores each prompt as written, over its own answer_choices."""
     out = [EvalVariant(mode, True, shots).name]
-    if spec.has_options:
+    as_written = mode == DEFAULT_MODE and all(t.kind == "jinja" for t in load_validated(spec))
+    if spec.has_options and not as_written:
         out.append(EvalVariant(mode, False, shots).name)
     return out
 
@@ -267,6 +271,7 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
     registry = with_local_mirror(load_registry(list(config["registry"])), mirror)
     try:
         registry = with_clusters(registry, config.get("clusters"))
+        registry = with_template_files(registry, config["templates"].get("files"))
     except RegistryError as e:
         raise PlanError(str(e)) from None
     check_cluster_names(config, registry)
