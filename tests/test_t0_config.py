@@ -100,7 +100,7 @@ def test_plan_holds_out_t0_task_types_from_one_training_mixture(plan) -> None:  
     training = {tuple(sorted(r.datasets)) for r in plan.runs.values()}
     assert len(training) == 1  # T0's single training mixture, whichever type is evaluated
     (datasets,) = training
-    assert len(datasets) == 22 and not {plan.registry[d].cluster for d in datasets} & HELD_OUT
+    assert len(datasets) == 38 and not {plan.registry[d].cluster for d in datasets} & HELD_OUT
     evaluated = {e.dataset for e in plan.evaluations}
     assert {plan.registry[d].cluster for d in evaluated} == HELD_OUT
     assert all(plan.registry[d].has_options for d in evaluated)  # rank classification everywhere
@@ -121,12 +121,15 @@ def test_t0_entries_ingest_and_render_with_their_own_answer_choices(name: str, p
     out = tmp_path / "eval.parquet"
     render_eval_shard(spec, {"validation": paths["validation"], "test": paths["test"]}, out)
     frame = pl.read_parquet(out)
-    assert frame.height == 2 * 6
-    for target, options in zip(frame["targets"], frame["options"].to_list(), strict=True):
-        if spec.has_options:
+    templates = plan.templates[name]
+    assert frame.height == len(templates) * 6
+    with_choices = {t.index for t in templates if t.jinja is not None and t.jinja.answer_choices is not None}
+    assert with_choices or not spec.has_options  # a classification dataset's prompts give their choices
+    for tid, target, options in zip(frame["template_id"], frame["targets"], frame["options"].to_list(), strict=True):
+        if tid in with_choices:
             assert target in options  # the template's own choices, rendered per example, hold the target
         else:
-            assert options == []  # generation (F1)
+            assert options == []  # generation (F1, ROUGE)
     assert "|||" not in "".join(frame["inputs"])
 
 
@@ -182,7 +185,7 @@ def test_dry_run_plans_t0(mirror: Path, plan, tmp_path: Path) -> None:  # noqa: 
     out = done.stdout + done.stderr
     table = out.split("Job stats:", 1)[1].split("total", 1)[0]
     stats = {line.split()[0]: int(line.split()[1]) for line in table.strip().splitlines()[2:] if line.strip()}
-    assert stats["render_shard"] == 22  # the training datasets only
+    assert stats["render_shard"] == 38  # the training datasets only
     assert stats["train"] == stats["mix"] == 4
     assert stats["eval_result"] == len(plan.evaluations)  # one result file per (model, variant, dataset)
     groups = {(e.run, e.variant, plan.registry[e.dataset].cluster) for e in plan.evaluations}
