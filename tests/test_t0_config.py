@@ -278,3 +278,13 @@ def test_t0_plans_one_eval_variant_per_p3_prompt(plan) -> None:  # noqa: ANN001
     evaluated = {e.dataset for e in plan.evaluations}
     assert evaluated == set(P3_FILES)  # every held-out dataset is scored with P3's prompts
     assert {e.variant for e in plan.evaluations} == {"natural"}  # as written: no with/without-options pair
+
+
+def test_template_files_name_unknown_datasets(mirror: Path) -> None:
+    from flanpipe.experiments import PlanError
+
+    config = load_config(T0_CONFIG)
+    config["data"]["local_mirror"] = str(mirror)
+    config["templates"]["files"] = {**config["templates"]["files"], "not_a_dataset": "config/templates/t0/p3/rte.yaml"}
+    with pytest.raises(PlanError, match=r"config key templates.files: unknown dataset\(s\) \['not_a_dataset'\]"):
+        plan_experiment(config)
