@@ -274,6 +274,9 @@ def cmd_templates_import(args: argparse.Namespace) -> None:
         turned_around_from=args.turned_around_from,
         force=args.force,
         keep_jinja=args.jinja,
+        verbatim=args.verbatim,
+        label=args.label,
+        label_offset=args.label_offset,
     )
     print(json.dumps({**result.summary(), "out": args.out}, indent=2))
 
@@ -528,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--jinja", action="store_true", help="promptsource: keep templates that are not plain substitutions verbatim"
     )
+    s.add_argument("--verbatim", action="store_true", help="promptsource: keep every template as written (T0's eval)")
+    s.add_argument("--label", help="promptsource: the variable holding the source label (default: detected)")
+    s.add_argument("--label-offset", type=int, default=0, help="promptsource: the source label counts from this")
     s = add("plan", cmd_plan, "TP x PP x DP layout: memory per GPU, bubble, step time, hours")
     s.add_argument("--model", required=True, help="config/models/NAME.yaml name, or a config path")
     s.add_argument("--gpus", type=int, required=True)

@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 
 from flanpipe.io import FLOAT_12, PROJECT_ROOT, read_yaml
-from flanpipe.registry import DatasetSpec, load_registry, with_clusters, with_local_mirror
+from flanpipe.registry import DatasetSpec, load_registry, with_clusters, with_local_mirror, with_template_files
 from flanpipe.train_config import BatchSplitError, spec_keys, split_batch
 
 SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "config.schema.yaml"
@@ -270,6 +270,7 @@ def dataset_spec(config: Mapping[str, Any], name: str) -> DatasetSpec:
     mirror = (config.get("data") or {}).get("local_mirror")  # absent or null: the registry sources
     registry = with_local_mirror(load_registry(list(config["registry"])), mirror)
     registry = with_clusters(registry, config.get("clusters"))
+    registry = with_template_files(registry, (config.get("templates") or {}).get("files"))
     if name not in registry:
         raise ConfigError(f"dataset {name!r} is not in the registry files {config['registry']}")
     return registry[name]

@@ -30,6 +30,7 @@ from flanpipe.registry import (
     load_registry,
     with_clusters,
     with_local_mirror,
+    with_template_files,
 )
 from flanpipe.templates import Template, load_validated
 from flanpipe.vocab import (
@@ -282,10 +283,13 @@ def _base_run(config: Mapping[str, Any], model: str, registry: Mapping[str, Data
     )
 
 
-def _variants(spec: DatasetSpec, mode: str, shots: int = 0) -> list[str]:
-    """Classification is scored with and without the options block in the prompt (paper, sec. 2.3)."""
+def _variants(spec: DatasetSpec, mode: str, templates: Sequence[Template], shots: int = 0) -> list[str]:
+    """Classification is scored with and without the options block in the prompt (paper, sec. 2.3). Prompts
+    kept as written (every template ``kind: jinja``, e.g. P3's) show their own choices or not, so they have
+    one variant: T0 scores each prompt as written, over its own answer_choices."""
     out = [EvalVariant(mode, True, shots).name]
-    if spec.has_options:
+    as_written = mode == DEFAULT_MODE and all(t.kind == "jinja" for t in templates)
+    if spec.has_options and not as_written:
         out.append(EvalVariant(mode, False, shots).name)
     return out
 
@@ -296,6 +300,7 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
     registry = with_local_mirror(load_registry(list(config["registry"])), mirror)
     try:
         registry = with_clusters(registry, config.get("clusters"))
+        registry = with_template_files(registry, config["templates"].get("files"))
     except RegistryError as e:
         raise PlanError(str(e)) from None
     check_cluster_names(config, registry)
@@ -312,6 +317,13 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
 
     def in_cluster(c: str) -> list[str]:
         return [s.name for s in registry.values() if s.cluster == c]
+
+    loaded: dict[str, list[Template]] = {}
+
+    def templates_of(name: str) -> list[Template]:
+        if name not in loaded:
+            loaded[name] = load_validated(registry[name])
+        return loaded[name]
 
     runs: dict[str, Run] = {}
     evals: list[Evaluation] = []
@@ -336,11 +348,13 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
         )
         runs[run.name] = run
         for d in in_cluster(c):
-            evals += [Evaluation(run.name, v, d) for v in _variants(registry[d], t["eval_mode"])]
+            variants = _variants(registry[d], t["eval_mode"], templates_of(d))
+            evals += [Evaluation(run.name, v, d) for v in variants]
             if base is not None:  # the untuned base model, zero-shot and few-shot
-                evals += [Evaluation(base.name, v, d) for v in _variants(registry[d], t["eval_mode"])]
+                evals += [Evaluation(base.name, v, d) for v in variants]
                 if shots and not registry[d].eval_only:  # exemplars are drawn from train, which it lacks
-                    evals += [Evaluation(base.name, v, d) for v in _variants(registry[d], t["eval_mode"], shots)]
+                    fewshot = _variants(registry[d], t["eval_mode"], templates_of(d), shots)
+                    evals += [Evaluation(base.name, v, d) for v in fewshot]
     if config["eval"].get("eval_only_all_runs"):  # every main model (and the base) scores every eval-only set
         scorers = [main_run_name(c) for c in config["held_out"]] + ([base.name] if base is not None else [])
         planned = set(evals)
@@ -349,7 +363,7 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
             for s in registry.values()
             if s.eval_only
             for r in scorers
-            for e in (Evaluation(r, v, s.name) for v in _variants(s, t["eval_mode"]))
+            for e in (Evaluation(r, v, s.name) for v in _variants(s, t["eval_mode"], templates_of(s.name)))
             if e not in planned
         ]
     ablations: dict[str, list[Evaluation]] = {}
@@ -363,7 +377,7 @@ def plan_experiment(config: Mapping[str, Any]) -> Plan:
                 deferred[name] = str(e)
     used = {d for r in runs.values() if r.kind is RunKind.TUNE for d in r.datasets}
     used |= {e.dataset for e in evals} | {e.dataset for es in ablations.values() for e in es}
-    templates = {name: load_validated(registry[name]) for name in registry if name in used}
+    templates = {name: templates_of(name) for name in registry if name in used}
     # the main runs (rule all) are checked now; an ablation's own runs when a target asks for them
     main = {e.run for e in evals}
     main |= {runs[r].init for r in main if runs[r].init}

@@ -65,7 +65,7 @@ from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flanpipe.io import StrictLoader, atomic_path
-from flanpipe.jinja_templates import GLOBALS, JinjaSpec, unsafe_constructs
+from flanpipe.jinja_templates import GLOBALS, INDEXED_FIELD, JinjaSpec, unsafe_constructs
 from flanpipe.templates import (
     MAX_TURNED_AROUND,
     OPTIONS_PLACEHOLDER,
@@ -105,7 +105,7 @@ class ImportedTemplate:
 
     def key(self) -> tuple[Any, ...]:
         j = self.jinja
-        extra = (j.jinja, j.answer_choices, j.label, tuple(sorted(j.variables.items()))) if j else ()
+        extra = (j.jinja, j.answer_choices, j.label, j.label_offset, tuple(sorted(j.variables.items()))) if j else ()
         return (self.inputs, self.targets, *extra)
 
 
@@ -142,7 +142,8 @@ class ImportResult:
 
 
 def parse_field_map(items: Iterable[str]) -> dict[str, str]:
-    """``old=new`` pairs renaming source variables to our canonical field names (registry ``fields`` keys)."""
+    """``old=new`` pairs renaming source variables to our canonical field names (registry ``fields`` keys);
+    ``new`` may be one entry of a list field, ``choice1=options[0]``, for templates kept as Jinja."""
     out: dict[str, str] = {}
     for item in items:
         old, sep, new = (s.strip() for s in item.partition("="))
@@ -152,6 +153,8 @@ def parse_field_map(items: Iterable[str]) -> dict[str, str]:
             ok = parse_pattern("{" + new + "}") == [("field", new)]
         except ValueError:
             ok = False
+        if INDEXED_FIELD.match(new):
+            ok = True
         if not ok or new == OPTIONS_PLACEHOLDER:
             raise TemplateImportError(f"--field-map {item!r}: {new!r} is not a usable field name")
         if old in out:
@@ -596,15 +599,24 @@ def import_promptsource(
     sample: str | os.PathLike[str] | None = None,
     options: Sequence[str] | None = None,
     keep_jinja: bool = False,
+    verbatim: bool = False,
+    label: str | None = None,
+    label_offset: int = 0,
 ) -> ImportResult:
     """Convert every faithfully convertible template of one promptsource dataset (see the module doc).
 
-    ``keep_jinja`` (``--jinja``): a template that is not a plain substitution, changes surface form
-    (``answer_choices | join`` -> ``{options_}``) or words its choices differently is kept verbatim as a
-    ``kind: jinja`` template instead of skipped; unsafe Jinja is refused with the file and template named.
-    Long but flat: one pass over the file's templates, each either converted, kept or skipped with its reason.
+        ``verbatim`` (``--verbatim``): every template that does the original task is kept as written (``kind:
+        jinja``), none converted to a pattern: P3's prompts exactly as T0 evaluates them, each scored over its
+        own ``answer_choices``. ``label``: the variable holding the source label where the templates do not show it
+    (``{% if answer | int == 1 %}``); ``label_offset``: that label counts from 1 (WinoGrande's "1"/"2").
+
+        ``keep_jinja`` (``--jinja``): a template that is not a plain substitution, changes surface form
+        (``answer_choices | join`` -> ``{options_}``) or words its choices differently is kept verbatim as a
+        ``kind: jinja`` template instead of skipped; unsafe Jinja is refused with the file and template named.
+        Long but flat: one pass over the file's templates, each either converted, kept or skipped with its reason.
     """
     fmap = dict(field_map or {})
+    keep_jinja = keep_jinja or verbatim
     path = find_promptsource_file(source, dataset)
     doc = load_promptsource_yaml(path)
     if _promptsource_name(doc) != dataset:
@@ -624,6 +636,12 @@ def import_promptsource(
             raise TemplateImportError(f"{path}: template {src}: 'answer_choices' must be a string or null")
         if keep_jinja:
             _refuse_unsafe(env, path, src, jinja, answer_choices)
+        if verbatim:
+            try:
+                kept.append((verbatim_template(env, t, src, fmap, label_offset, label), None, t))
+            except Unconvertible as e:
+                skipped.append(SkippedTemplate(src, str(e)))
+            continue
         try:
             conv = convert_template(env, jinja, answer_choices, fmap)
             turned = _turned_around(t.get("metadata"), conv)
@@ -690,16 +708,27 @@ def _refuse_unsafe(
 
 
 def _label_variable(tree: nodes.Template, free: set[str]) -> str | None:
-    """The variable that indexes answer_choices (``answer_choices[label]``), if exactly one does; else
-    P3's usual ``label`` when the template uses it (``endings[label]``)."""
-    names = {n.arg.name for n in tree.find_all(nodes.Getitem) if _is_choices(n.node) and isinstance(n.arg, nodes.Name)}
+    """The variable that indexes answer_choices (``answer_choices[label]``, ``answer_choices[answer | int - 1]``),
+    if exactly one does; else P3's usual ``label`` when the template uses it (``endings[label]``)."""
+    names = {
+        name.name
+        for n in tree.find_all(nodes.Getitem)
+        if _is_choices(n.node)
+        for name in ([n.arg] if isinstance(n.arg, nodes.Name) else n.arg.find_all(nodes.Name))
+        if name.name in free
+    }
     if len(names) == 1:
         return names.pop()
     return "label" if "label" in free else None
 
 
 def verbatim_template(
-    env: ImmutableSandboxedEnvironment, t: Mapping[str, Any], src: str, field_map: Mapping[str, str]
+    env: ImmutableSandboxedEnvironment,
+    t: Mapping[str, Any],
+    src: str,
+    field_map: Mapping[str, str],
+    label_offset: int = 0,
+    label_name: str | None = None,
 ) -> ImportedTemplate:
     """A promptsource template kept as written; ``--field-map`` renames become its ``variables``.
 
@@ -717,11 +746,12 @@ def verbatim_template(
             free |= meta.find_undeclared_variables(env.parse(answer_choices))
     except JinjaError as e:
         raise Unconvertible(f"Jinja does not parse: {_first_line(e)}") from None
-    label = _label_variable(tree, free)
+    label = label_name if label_name is not None and label_name in free else _label_variable(tree, free)
     free -= {CHOICES, label or "", *GLOBALS}
     variables = {v: field_map[v] for v in sorted(free) if v in field_map and field_map[v] != v}
     name = t.get("name") if isinstance(t.get("name"), str) else ""
-    return ImportedTemplate(src, "", "", False, JinjaSpec(jinja, answer_choices, label, variables, name))
+    offset = label_offset if label is not None else 0
+    return ImportedTemplate(src, "", "", False, JinjaSpec(jinja, answer_choices, label, variables, name, offset))
 
 
 def _finish(
@@ -909,6 +939,8 @@ def _jinja_entry(j: JinjaSpec) -> list[str]:
         lines.append(f"    answer_choices: {_quoted(j.answer_choices)}")
     if j.label is not None:
         lines.append(f"    label: {_quoted(j.label)}")
+    if j.label_offset:
+        lines.append(f"    label_offset: {j.label_offset}")
     if j.variables:
         pairs = ", ".join(f"{_quoted(k)}: {_quoted(v)}" for k, v in j.variables.items())
         lines.append("    variables: {" + pairs + "}")
@@ -916,7 +948,7 @@ def _jinja_entry(j: JinjaSpec) -> list[str]:
 
 
 def _readback_key(inputs: str, targets: str, turned: bool, j: JinjaSpec | None) -> tuple[Any, ...]:
-    extra = (j.jinja, j.answer_choices, j.label, dict(j.variables)) if j is not None else ()
+    extra = (j.jinja, j.answer_choices, j.label, j.label_offset, dict(j.variables)) if j is not None else ()
     return (inputs, targets, turned, *extra)
 
 
@@ -946,6 +978,9 @@ def import_templates(
     turned_around_from: int | None = None,
     force: bool = False,
     keep_jinja: bool = False,
+    verbatim: bool = False,
+    label: str | None = None,
+    label_offset: int = 0,
 ) -> ImportResult:
     """``flanpipe templates import``: read one dataset's templates from ``source``, write ``out``.
 
@@ -959,12 +994,21 @@ def import_templates(
         if turned_around_from is not None:
             raise TemplateImportError("--turned-around-from is for --from flan (promptsource has original_task)")
         result = import_promptsource(
-            source, dataset, field_map=field_map, sample=sample, options=options, keep_jinja=keep_jinja
+            source,
+            dataset,
+            field_map=field_map,
+            sample=sample,
+            options=options,
+            keep_jinja=keep_jinja,
+            verbatim=verbatim,
+            label=label,
+            label_offset=label_offset,
         )
     elif kind == "flan":
-        if sample is not None or options is not None or keep_jinja:
+        if sample is not None or options is not None or keep_jinja or verbatim or label or label_offset:
             raise TemplateImportError(
-                "--sample/--options/--jinja are for --from promptsource (FLAN patterns need no check)"
+                "--sample/--options/--jinja/--verbatim/--label/--label-offset are for --from promptsource "
+                "(FLAN patterns need no check)"
             )
         result = import_flan(source, dataset, field_map=field_map, turned_around_from=turned_around_from)
     else:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -69,7 +70,8 @@ _ARROW_TYPES = {
     "targets": pa.large_string(),
     "options": pa.large_list(pa.large_string()),
 }
-_ENTRY_KEYS = {"kind", "name", "jinja", "answer_choices", "label", "variables", "turned_around"}
+_ENTRY_KEYS = {"kind", "name", "jinja", "answer_choices", "label", "label_offset", "variables", "turned_around"}
+INDEXED_FIELD = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*)\[(?P<index>\d+)\]$")  # a variable shape "options[0]"
 
 
 class RenderLimitError(SecurityError):
@@ -81,8 +83,10 @@ class JinjaSpec:
     """A promptsource template kept verbatim.
 
     ``variables`` rebuilds the source record's shape from canonical fields (``{answers: {text: [answer]}}``
-    makes ``answers.text[0]`` the canonical ``answer``); ``label`` names the variable that receives the gold
-    answer's index in the dataset's options (P3 indexes ``answer_choices`` with the source label).
+    makes ``answers.text[0]`` the canonical ``answer``; ``options[0]`` is one entry of a list field, as
+    SuperGLUE COPA's ``choice1``); ``label`` names the variable that receives the gold answer's index in the
+    dataset's options (P3 indexes ``answer_choices`` with the source label), plus ``label_offset`` where the
+    source counts from 1 (WinoGrande's ``answer`` "1"/"2").
     """
 
     jinja: str
@@ -90,6 +94,7 @@ class JinjaSpec:
     label: str | None = None
     variables: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
+    label_offset: int = 0
 
 
 def _deterministic_choice(env: GuardedSandbox, items: Sequence[Any]) -> Any:
@@ -184,7 +189,12 @@ def load_entry(path: str | os.PathLike[str], index: int, raw: Mapping[str, Any])
         raise TemplateError(f"{where}: 'variables' must map Jinja variable names to fields")
     if not isinstance(raw.get("turned_around", False), bool):
         raise TemplateError(f"{where}: 'turned_around' must be true or false")
-    spec = JinjaSpec(raw["jinja"], raw.get("answer_choices"), raw.get("label"), variables, raw.get("name") or "")
+    offset = raw.get("label_offset", 0)
+    if not isinstance(offset, int) or isinstance(offset, bool) or (offset and raw.get("label") is None):
+        raise TemplateError(f"{where}: 'label_offset' must be an integer, with 'label' set")
+    spec = JinjaSpec(
+        raw["jinja"], raw.get("answer_choices"), raw.get("label"), variables, raw.get("name") or "", offset
+    )
     t = Template(index, "", "", bool(raw.get("turned_around", False)), kind="jinja", jinja=spec)
     env = GuardedSandbox()
     for what, source in (("jinja", spec.jinja), ("answer_choices", spec.answer_choices)):
@@ -224,7 +234,8 @@ def unsafe_constructs(tree: nodes.Template) -> list[str]:
 
 def _shape_fields(shape: Any) -> Iterator[Any]:
     if isinstance(shape, str):
-        yield shape
+        m = INDEXED_FIELD.match(shape)
+        yield m["field"] if m else shape
     elif isinstance(shape, list):
         for s in shape:
             yield from _shape_fields(s)
@@ -281,7 +292,8 @@ def _escape(value: Any) -> Any:
 
 def _build(shape: Any, row: Mapping[str, Any]) -> Any:
     if isinstance(shape, str):
-        return row[shape]
+        m = INDEXED_FIELD.match(shape)
+        return row[m["field"]][int(m["index"])] if m else row[shape]
     if isinstance(shape, list):
         return [_build(s, row) for s in shape]
     return {k: _build(v, row) for k, v in shape.items()}
@@ -296,7 +308,7 @@ def context(row: Mapping[str, Any], j: JinjaSpec, spec: DatasetSpec) -> dict[str
         answer = row.get("answer")
         if answer not in options:
             raise ValueError(f"answer {answer!r} is not one of the options {options} (label {j.label!r})")
-        ctx[j.label] = options.index(answer)
+        ctx[j.label] = options.index(answer) + j.label_offset
     return _escape(ctx)
 
 

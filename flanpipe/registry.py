@@ -280,6 +280,22 @@ def with_clusters(
     return {name: replace(spec, cluster=override.get(name, spec.cluster)) for name, spec in registry.items()}
 
 
+def with_template_files(
+    registry: Mapping[str, DatasetSpec], files: Mapping[str, str] | None, source: str = "config key templates.files"
+) -> dict[str, DatasetSpec]:
+    """An experiment's own prompts for some datasets (config ``templates.files``): T0 scores its held-out
+    datasets with P3's prompts, FLAN with its own, and the registry entry (the data's facts) stays one."""
+    if not files:
+        return dict(registry)
+    unknown = sorted(set(files) - set(registry))
+    if unknown:
+        raise RegistryError(f"{source}: unknown dataset(s) {unknown}")
+    return {
+        name: replace(spec, templates=resolve_config_path(files[name])) if name in files else spec
+        for name, spec in registry.items()
+    }
+
+
 def clusters(registry: Mapping[str, DatasetSpec]) -> dict[str, list[str]]:
     """Cluster -> its dataset names, in registry order."""
     out: dict[str, list[str]] = {}

@@ -241,7 +241,7 @@ def render_eval(
     frames = []
     for t in scored:
         if t.kind == "jinja":  # rendered as written: its own choices, whatever options_in_prompt says
-            frame = jinja_templates.render_template(base, spec, split, t)
+            frame = check_gold_in_choices(jinja_templates.render_template(base, spec, split, t), spec, t)
         else:
             frame = base.select(rendered_columns(spec, split, pl.lit(t.index), [t], options_in_prompt))
         if exemplars is not None:
@@ -249,6 +249,20 @@ def render_eval(
             frame = frame.with_columns(pl.concat_str([pl.lit(prefix), pl.col("inputs")]).alias("inputs"))
         frames.append(frame)
     return pl.concat(frames)
+
+
+def check_gold_in_choices(frame: pl.LazyFrame, spec: DatasetSpec, t: Template) -> pl.LazyFrame:
+    """Rank classification over a prompt's own answer_choices scores the target's position among them (T0):
+    a rendered target that is none of its choices could never be scored right, so it is an error here."""
+    df = frame.collect()
+    bad = df.filter((pl.col("options").list.len() > 0) & ~pl.col("options").list.contains(pl.col("targets")))
+    if bad.height:
+        row = bad.row(0, named=True)
+        raise TemplateError(
+            f"{spec.templates}: template {t.index}: dataset {spec.name!r}, example_id {row['example_id']}: target "
+            f"{row['targets']!r} is not one of its answer_choices {row['options']} ({bad.height} such row(s))"
+        )
+    return df.lazy()
 
 
 def render_shard(

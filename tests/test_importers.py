@@ -292,3 +292,17 @@ def test_cli_templates_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "flan_patterns.py" in capsys.readouterr().err
     assert out2.read_text(encoding="utf-8") == before  # a failed import leaves the old file alone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flan.yaml", "imported.yaml"]  # no temp files left
+
+
+def test_field_map_takes_list_entries_and_cli_imports_verbatim(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert parse_field_map(["choice1=options[0]", "ctx=context"]) == {"choice1": "options[0]", "ctx": "context"}
+    with pytest.raises(TemplateImportError, match=r"'options\[x\]' is not a usable field name"):
+        parse_field_map(["choice1=options[x]"])
+    out = tmp_path / "v.yaml"
+    argv = ["templates", "import", "--from", "promptsource", str(PS_ROOT), "--dataset", "toy_jinja", "--verbatim"]
+    main([*argv, "--field-map", "ctx=context", "--out", str(out)])
+    assert json.loads(capsys.readouterr().out)["converted"] == 4
+    text = out.read_text(encoding="utf-8")
+    assert text.count("kind: jinja") == 4 and 'variables: {"ctx": "context"}' in text

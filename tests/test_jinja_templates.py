@@ -285,3 +285,54 @@ def test_bench_templates_renders_the_same_text_both_ways() -> None:
     result = bench_templates(300)
     assert result["same_text"] is True
     assert result["pattern_rows_per_s"] > 0 and result["jinja_rows_per_s"] > 0  # type: ignore[operator]
+
+
+def test_verbatim_import_keeps_every_original_task_template_as_written(tmp_path: Path) -> None:
+    out = tmp_path / "verbatim.yaml"
+    result = import_templates("promptsource", PS_ROOT, "toy_jinja", out, verbatim=True)
+    templates = load_validated(spec_for(out))
+    assert [t.kind for t in templates] == ["jinja"] * 4  # the plain substitution too (T0 scores prompts as written)
+    assert [s.source.split()[0][-2:] for s in result.skipped] == ["05"]  # original_task false
+    doc = {v["name"]: v for v in load_promptsource_yaml(SOURCE)["templates"].values()}
+    shard = render_eval(canonical(RECORDS).lazy(), spec_for(out), "test", templates[:1], None).collect()
+    for row, rec in zip(shard.iter_rows(named=True), RECORDS, strict=True):
+        assert (row["inputs"], row["targets"], row["options"]) == reference_apply(
+            doc["plain next"]["jinja"], doc["plain next"]["answer_choices"], rec
+        )
+
+
+def test_label_offset_and_list_entries_rebuild_the_source_record(tmp_path: Path) -> None:
+    """WinoGrande's shape: option1/option2 are entries of a list field, answer "1"/"2" counts from 1."""
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        "templates:\n  - kind: jinja\n"
+        '    jinja: "{{ ctx }} ||| {% if answer | int == 1 %}{{ option1 }}{% else %}{{ option2 }}{% endif %}"\n'
+        '    answer_choices: "{{ option1 }} ||| {{ option2 }}"\n'
+        "    label: answer\n    label_offset: 1\n"
+        '    variables: {option1: "endings[0]", option2: "endings[1]"}\n',
+        encoding="utf-8",
+    )
+    spec = spec_for(path)
+    shard = render_eval(canonical(RECORDS).lazy(), spec, "test", load_validated(spec), None).collect()
+    # answer = gold index + 1: "1" picks option1 (endings[0]), anything else option2
+    assert shard["targets"].to_list() == [r["endings"][0 if r["label"] == 0 else 1].strip() for r in RECORDS]
+    assert shard["options"].to_list() == [[e.strip() for e in r["endings"][:2]] for r in RECORDS]
+    path.write_text(path.read_text(encoding="utf-8").replace("    label: answer\n", ""), encoding="utf-8")
+    with pytest.raises(
+        TemplateError, match=r"t\.yaml: template 0: 'label_offset' must be an integer, with 'label' set"
+    ):
+        load_templates(path)
+
+
+def test_a_target_outside_its_answer_choices_is_an_error_naming_template_and_example(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        'templates:\n  - kind: jinja\n    jinja: "{{ ctx }} ||| {{ activity_label }}"\n'
+        "    answer_choices: \"{{ endings | join(' ||| ') }}\"\n",
+        encoding="utf-8",
+    )
+    spec = spec_for(path)
+    with pytest.raises(
+        TemplateError, match=r"t\.yaml: template 0: dataset 'toy_jinja', example_id 0: target 'making tea'"
+    ):
+        render_eval(canonical(RECORDS).lazy(), spec, "test", load_validated(spec), None).collect()
