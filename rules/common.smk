@@ -57,7 +57,7 @@ def train_threads(wildcards=None):
     run = getattr(wildcards, "run", None)
     if run is None:
         return max(1, (cores or 1) // 2)
-    # the runs rule all trains (an ablation target's runs: all of them, the conservative choice)
+    # the runs the default target trains; for an ablation target every planned run (the conservative choice)
     main = {e.run for e in PLAN.evaluations if e.run in PLAN.runs}
     main |= {PLAN.runs[r].init for r in main if PLAN.runs[r].init in PLAN.runs}
     return train_job_threads(cores or 1, run, {r: PLAN.runs[r].init for r in (main if run in main else PLAN.runs)})
