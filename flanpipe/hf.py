@@ -464,8 +464,8 @@ class SafetensorsReader:
     def has(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str, shape: tuple[int, ...]):  # noqa: ANN201 - a torch tensor
-        """Tensor ``name``, after checking it has ``shape`` (the error names the tensor and its file)."""
+    def check(self, name: str, shape: tuple[int, ...]) -> Path:
+        """The file holding ``name``, after checking it is there with ``shape`` (reads the header only)."""
         from safetensors import safe_open
 
         if name not in self.files:
@@ -475,8 +475,15 @@ class SafetensorsReader:
             if name not in f.keys():
                 raise HFFormatError(f"{path}: tensor '{name}' named in the index is not in this file")
             got = tuple(f.get_slice(name).get_shape())
-            if got != tuple(shape):
-                raise HFFormatError(f"{path}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+        if got != tuple(shape):
+            raise HFFormatError(f"{path}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+        return path
+
+    def get(self, name: str, shape: tuple[int, ...]):  # noqa: ANN201 - a torch tensor
+        """Tensor ``name``, after ``check`` (the error names the tensor and its file)."""
+        from safetensors import safe_open
+
+        with safe_open(self.check(name, shape), "pt") as f:
             t = f.get_tensor(name)
         self.read.add(name)
         return t
@@ -672,7 +679,6 @@ def _megatron_tensor(reader: SafetensorsReader, arch: str, prefix: str, cfg: Mod
 def _check_shapes(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig) -> None:
     """Every HF tensor the conversion reads exists with its expected shape (only headers are read), so a
     bad checkpoint is named before anything is written."""
-    from safetensors import safe_open
 
     h, v = cfg.hidden_size, cfg.tokenizer_vocab_size or cfg.vocab_size
     want: dict[str, tuple[int, ...]] = {}
@@ -684,15 +690,7 @@ def _check_shapes(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelC
         for names in _layer_names(arch, prefix, i, cfg).values():
             want.update(zip(names, _hf_shapes(arch, names, cfg), strict=True))
     for name, shape in want.items():
-        if name not in reader.files:
-            raise HFFormatError(f"{reader.dir}: tensor '{name}' not found in the checkpoint")
-        path = reader.files[name]
-        with safe_open(path, "pt") as f:
-            if name not in f.keys():
-                raise HFFormatError(f"{path}: tensor '{name}' named in the index is not in this file")
-            got = tuple(f.get_slice(name).get_shape())
-        if got != tuple(shape):
-            raise HFFormatError(f"{path}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+        reader.check(name, shape)
 
 
 def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
