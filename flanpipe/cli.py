@@ -19,6 +19,7 @@
     flanpipe bench data [--json] [--scale S] [--workdir DIR] [--peer]   render/mix/tokenize/pack on a FLAN-sized
                                                   workload (--peer: tokenize + pack vs datasets + TRL bfd)
     flanpipe bench eval [--json] [--workdir DIR]  evaluation: per-dataset cache-free vs grouped KV-cache jobs
+    flanpipe bench eval-stage RUN_DIR [--json]    a finished DAG run's evaluate jobs: count, summed s, model loads
     flanpipe bench templates [--rows N] [--json]  render rows/s: {field} pattern vs Jinja template kind
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
     flanpipe audit RUN --out FILE                 rule audit: n-gram contamination of a run's mixture (cli_audit)
@@ -398,6 +399,12 @@ def cmd_bench_eval(args: argparse.Namespace) -> None:
     bench_eval(args.workdir, args.config, args.gen_rows, args.max_groups, args.json)
 
 
+def cmd_bench_eval_stage(args: argparse.Namespace) -> None:
+    from flanpipe.bench.eval_stage import main as bench_eval_stage
+
+    bench_eval_stage(Path(args.run_dir), args.json)
+
+
 def cmd_bench_adafactor(args: argparse.Namespace) -> None:
     from flanpipe.bench.adafactor import main as bench_adafactor
 
@@ -576,6 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default=".", help="where snakemake built the models and eval shards (default .)")
     s.add_argument("--gen-rows", type=int, default=16, help="rows per dataset decoded greedily (generation)")
     s.add_argument("--max-groups", type=int, help="only the first N evaluation jobs (default all)")
+    s.add_argument("--json", action="store_true")
+    s = bench.add_parser("eval-stage", help="a finished DAG run's evaluate jobs: count, summed s, model loads")
+    s.set_defaults(fn=cmd_bench_eval_stage)
+    s.add_argument("run_dir", help="the directory snakemake ran in (benchmarks/, results/ under it)")
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("train", help="Megatron GPTModel vs plain PyTorch: fwd+bwd tokens/s, same weights")
     s.set_defaults(fn=cmd_bench_train)

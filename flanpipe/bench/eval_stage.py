@@ -1,0 +1,60 @@
+"""``flanpipe bench eval-stage RESULTS_DIR``: the evaluation stage's cost in a finished DAG run.
+
+Reads Snakemake's per-job benchmark TSVs (``benchmarks/{rule}/**.tsv``, column ``s``) so that the stage's
+figure (issue: "28 jobs, ~280 s of 735 s") is reproducible from any run directory, old layout (one job per
+dataset) or new (one job per cluster). Every evaluate job loads its model once (evaluate_many /
+run_evaluation), so model loads = evaluate jobs; datasets scored counts the result JSONs the report reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+
+def _bench_seconds(root: Path) -> pl.DataFrame:
+    """One row per benchmark TSV under ``root/benchmarks``: rule (first directory) and wall seconds."""
+    files = sorted((root / "benchmarks").rglob("*.tsv"))
+    if not files:
+        raise FileNotFoundError(f"no benchmark TSVs under {root / 'benchmarks'}: is {root} a finished run?")
+    rules = [f.relative_to(root / "benchmarks").parts[0] for f in files]
+    frames = [pl.scan_csv(f, separator="\t").select(pl.col("s").cast(pl.Float64)) for f in files]
+    secs = pl.concat(frames).collect()["s"]
+    return pl.DataFrame({"rule": rules, "s": secs})
+
+
+def eval_stage(root: Path) -> dict[str, Any]:
+    """Job count, summed and mean seconds of ``evaluate`` (and of every rule, for the share), model loads,
+    and datasets scored for the run in ``root``."""
+    root = Path(root)
+    df = _bench_seconds(root)
+    per_rule = df.lazy().group_by("rule").agg(jobs=pl.len(), s=pl.col("s").sum()).sort("s", descending=True).collect()
+    ev = per_rule.filter(pl.col("rule") == "evaluate")
+    jobs, secs = (ev["jobs"][0], ev["s"][0]) if ev.height else (0, 0.0)
+    return {
+        "run_dir": str(root),
+        "evaluate_jobs": int(jobs),
+        "evaluate_s": round(float(secs), 1),
+        "evaluate_mean_s": round(float(secs) / jobs, 2) if jobs else None,
+        "model_loads": int(jobs),
+        "datasets_scored": len(list((root / "results" / "eval").rglob("*.json"))),
+        "all_jobs": df.height,
+        "all_jobs_s": round(float(df["s"].sum()), 1),
+        "per_rule_s": {r["rule"]: round(r["s"], 1) for r in per_rule.iter_rows(named=True)},
+    }
+
+
+def main(root: Path, as_json: bool = False) -> None:
+    """Print the stage's figures (``--json``: one object)."""
+    r = eval_stage(root)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    print(
+        f"{r['run_dir']}: evaluate {r['evaluate_jobs']} jobs ({r['model_loads']} model loads), "
+        f"{r['evaluate_s']} s summed ({r['evaluate_mean_s']} s/job), {r['datasets_scored']} results; "
+        f"all {r['all_jobs']} jobs {r['all_jobs_s']} s summed"
+    )
