@@ -218,7 +218,10 @@ def option_scores(
     in one row (option_logprobs_packed): never more FLOPs than one row per option, and 3-5x faster on
     the default's rank-classification shards. Else a KV-cache scorer with ``share_prefix`` set encodes
     each input once (inference.option_logprobs_shared; off by default: one forward per option position
-    was not reliably faster on CPU); else one row per (input, option).
+    was not reliably faster on CPU); else one row per (input, option). The shared path stays for the one
+    case packing cannot serve: Transformer Engine's spec (the GPU path), whose causal attention ignores
+    the block mask (ParallelLM.takes_mask is False); whether it beats one row per option there is for a
+    GPU measurement to decide.
     """
     if getattr(scorer, "takes_mask", False) and getattr(scorer, "pack_options", True):
         scores = option_logprobs_packed(scorer, input_ids, options_ids, batch_size)
