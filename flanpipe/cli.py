@@ -414,7 +414,7 @@ def cmd_bench_adafactor(args: argparse.Namespace) -> None:
 def cmd_import_hf(args: argparse.Namespace) -> None:
     from flanpipe.hf import import_hf
 
-    cfg = import_hf(args.hf_dir, args.out, ranks=args.ranks)
+    cfg = import_hf(args.hf_dir, args.out)
     rows = f"vocab {cfg.tokenizer_vocab_size} (rows {cfg.vocab_size})"
     print(f"{args.hf_dir} -> {args.out}: {cfg.num_layers} layers, {rows}")
 
@@ -428,7 +428,8 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 def cmd_bench_import_hf(args: argparse.Namespace) -> None:
     from flanpipe.bench.import_hf import main as bench_import_hf
 
-    bench_import_hf(ranks=args.ranks, layers=args.layers, as_json=args.json)
+    shape = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")}
+    bench_import_hf(as_json=args.json, **shape)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,7 +558,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("import-hf", cmd_import_hf, "HF checkpoint dir (Llama/Qwen2/GPT-2 safetensors) -> model.json + checkpoint/")
     s.add_argument("hf_dir")
     s.add_argument("--out", required=True)
-    s.add_argument("--ranks", type=int, default=1, help="pipeline ranks sharing the conversion (memory / ranks)")
     s = add("export-hf", cmd_export_hf, "model dir (model.json + checkpoint/) -> HF dir from_pretrained loads")
     s.add_argument("run_dir")
     s.add_argument("--out", required=True)
@@ -603,8 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("import-hf", help="peak RSS of import-hf vs the size of a generated >= 2 GB checkpoint")
     s.set_defaults(fn=cmd_bench_import_hf)
-    s.add_argument("--ranks", type=int, default=10)
     s.add_argument("--layers", type=int, default=20)
+    s.add_argument("--hidden", type=int, default=2048)
+    s.add_argument("--heads", type=int, default=16)
+    s.add_argument("--kv-heads", type=int, default=8)
+    s.add_argument("--ffn", type=int, default=5632)
+    s.add_argument(
+        "--vocab", type=int, default=32000, help="e.g. Llama 3 8B: --hidden 4096 --ffn 14336 --vocab 128256 --heads 32"
+    )
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("adafactor", help="tune one base with each Adafactor setting: loss at start and end")
     s.set_defaults(fn=cmd_bench_adafactor)

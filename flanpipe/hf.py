@@ -17,24 +17,25 @@ sharded keys, global shapes and chunk offsets the real saver would write (so the
 Megatron's), hands DCP one write item per chunk, and a planner's ``resolve_data`` reads that chunk's
 HF tensors through safetensors' ``safe_open`` only when DCP writes it (QKV fuse, SwiGLU halves, GPT-2
 transpose, vocab padding, fp32 cast there). On CPU, DCP's FileSystemWriter with thread_count=1 uses
-its serial loader: one item resolved, written, dropped. Arithmetic: resident = interpreter + torch +
-Megatron (~0.35 GB) + the largest item in fp32 plus its bf16 source (for a 32000x2048 vocab table
-0.26 + 0.13 GB; SwiGLU fc1 is built gate|up = 2 x 5632x2048 fp32 = 92 MB before slicing) -- a constant,
-not a fraction of the model, vs 1/ranks of the model per process (and ranks processes) before. The
-previous design (one pipeline stage per process, each saving collectively) is gone: the checkpoint
-is identical (same keys, chunks and values; verified against it on Llama GQA), loads at any TP/PP.
-Measured (``flanpipe bench import-hf``, load 6.4 -> 4.4): a 2.00 GiB bf16 Llama checkpoint -> 4.00 GiB
-fp32 in 26 s, peak RSS 1.22 GiB in ONE process (61%; before: 1.28 GB per rank on 10 ranks). That is
-above the arithmetic's ~0.8 GB. It does not grow with depth: the same source cut to 2 layers peaks at
-1.14 GiB, and with vocab 3200 instead of 32000 at 0.72 GiB -- so the peak is a constant set by the
-largest tensor (about twice the fp32 vocab table plus its bf16 source; the extra copy is suspected in the
-writer's serialisation) over ~0.4 GB of interpreter + torch + Megatron. Next step: write the vocab tables
-in row chunks (DCP loads any chunking), which would bring the constant near 0.5 GB.
+its serial loader: one item resolved, written, dropped. The vocabulary tables are cut into ~32 MiB row
+chunks (DCP stores and loads any chunking), each read as just those rows (``get_slice``); a layer item
+is built in the source dtype and only its own slice is cast to fp32 (a SwiGLU half of fc1, not the
+fused pair). Resident = interpreter + torch + Megatron (0.35 GiB, measured alone) + about one layer's
+largest tensors: a constant set by the layer shape, not by depth or vocabulary.
+Measured (``flanpipe bench import-hf``; the child's own VmHWM, since ru_maxrss would also count the
+pages it shared with the generating parent before exec; load ~1.1-1.9), before -> after this design:
+- 2.00 GiB bf16 Llama (20 layers, 2048 wide, vocab 32,000): peak 1.15 -> 0.80 GiB (58% -> 40%); beyond
+  the 0.35 GiB baseline the conversion holds 0.80 -> 0.44 GiB (22% of the checkpoint).
+- 3.58 GiB bf16, Llama 3 8B's layer and vocab shapes (4 layers, 4096 wide, ffn 14,336, vocab 128,256):
+  peak 5.94 -> 1.41 GiB (166% -> 39%; the conversion's own 1.06 GiB is about one such layer's fc1 in
+  bf16 plus the fp32 half written). Items are resolved one at a time, so a 32-layer 8B (16 GB) should add
+  layers, not resident memory (not measured at that depth here: 48 GB of disk per run).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -479,12 +480,13 @@ class SafetensorsReader:
             raise HFFormatError(f"{path}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
         return path
 
-    def get(self, name: str, shape: tuple[int, ...]):  # noqa: ANN201 - a torch tensor
-        """Tensor ``name``, after ``check`` (the error names the tensor and its file)."""
+    def get(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None):  # noqa: ANN201
+        """Tensor ``name`` (a torch tensor), or only its ``rows`` [start, stop) through safetensors'
+        lazy ``get_slice``, after ``check`` (the error names the tensor and its file)."""
         from safetensors import safe_open
 
         with safe_open(self.check(name, shape), "pt") as f:
-            t = f.get_tensor(name)
+            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
         self.read.add(name)
         return t
 
@@ -527,11 +529,11 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, ranks: int = 1) -> ModelConfig:
+def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> ModelConfig:
     """HF checkpoint directory -> flanpipe base model dir (model.json, checkpoint/, hf/ side files).
 
-    One process streams the checkpoint tensor by tensor (``stream_checkpoint``); ``ranks`` is accepted
-    and ignored (it used to split the import over processes). The checkpoint loads at any TP/PP.
+    One process streams the checkpoint tensor by tensor (``stream_checkpoint``); the checkpoint loads at
+    any TP/PP.
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
     arch, cfg, _, prefix = read_hf_config(hf_dir)
@@ -546,7 +548,7 @@ def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         shutil.rmtree(out)
     _check_shapes(reader, arch, prefix, cfg)
     out.mkdir(parents=True)
-    stream_checkpoint(hf_dir, out / "checkpoint")  # ``ranks`` is kept for callers and ignored
+    stream_checkpoint(hf_dir, out / "checkpoint")
     (out / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     _copy_side_files(hf_dir, out / "hf")
     (out / "hf" / "architecture").write_text(arch + "\n")
@@ -655,25 +657,44 @@ def _side_dir(path: Path) -> Path | None:
 # --------------------------------------------------------------------------- streaming writer
 
 
-def _megatron_tensor(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str):  # noqa: ANN202
-    """One Megatron state-dict tensor (unsplit model's name), built from its HF tensors in fp32; the
-    vocabulary's padding rows are zero (their logits are masked)."""
+# The vocabulary tables are the largest tensors of most checkpoints (Llama 3 8B: 128,256 x 4,096 = 2 GiB
+# in fp32 each), so they are written in row chunks of about this many bytes: one chunk, never the whole
+# table, is resident. Layer tensors are built whole (one layer's largest, e.g. an 8B's fused fc1, is
+# 2 x 14,336 x 4,096 x 4 B = 470 MB, a few % of its checkpoint).
+TABLE_CHUNK_BYTES = 32 << 20
+VOCAB_TABLES = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _table_rows(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str, rows: tuple[int, int]):  # noqa: ANN202
+    """Rows [start, stop) of a vocabulary table in fp32, read as just those rows of the HF tensor; the
+    padding rows past the tokenizer's vocabulary are zero (their logits are masked)."""
     import torch
 
     h, v = cfg.hidden_size, cfg.tokenizer_vocab_size or cfg.vocab_size
     glob = _global_names(arch, prefix, cfg)
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        src = glob.get(name, glob["embedding.word_embeddings.weight"])  # tied: the embedding's table
-        t = torch.zeros(cfg.vocab_size, h, dtype=torch.float32)
-        t[:v].copy_(reader.get(src, (v, h)))
-        return t
+    src = glob.get(name, glob["embedding.word_embeddings.weight"])  # tied: the embedding's table
+    start, stop = rows
+    t = torch.zeros(stop - start, h, dtype=torch.float32)
+    if start < v:
+        t[: min(stop, v) - start].copy_(reader.get(src, (v, h), rows=(start, min(stop, v))))
+    return t
+
+
+def _megatron_tensor(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str):  # noqa: ANN202
+    """One Megatron state-dict tensor (unsplit model's name), built from its HF tensors in their own dtype:
+    the caller casts only the part it writes to fp32 (a SwiGLU half of fc1 is written per item, so the
+    whole fused fc1 is never held in fp32)."""
+    h = cfg.hidden_size
+    glob = _global_names(arch, prefix, cfg)
+    if name in VOCAB_TABLES:
+        return _table_rows(reader, arch, prefix, cfg, name, (0, cfg.vocab_size))
     if name in glob:
         shape = (cfg.max_position_embeddings, h) if "position" in name else (h,)
-        return reader.get(glob[name], shape).float()
+        return reader.get(glob[name], shape)
     _, _, layer, local = name.split(".", 3)
     hf_names = _layer_names(arch, prefix, int(layer), cfg)[local]
-    parts = [reader.get(n, s).float() for n, s in zip(hf_names, _hf_shapes(arch, hf_names, cfg), strict=True)]
-    return _to_megatron(arch, local, parts, cfg).float()
+    parts = [reader.get(n, s) for n, s in zip(hf_names, _hf_shapes(arch, hf_names, cfg), strict=True)]
+    return _to_megatron(arch, local, parts, cfg)
 
 
 def _check_shapes(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig) -> None:
@@ -744,15 +765,28 @@ def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
                 continue
             assert isinstance(leaf, ShardedTensor), (name, type(leaf))
             pre = leaf.prepend_axis_num
-            offsets = torch.Size(leaf.global_offset)
-            sizes = torch.Size((1,) * pre + tuple(leaf.local_shape))
-            idx = MetadataIndex(leaf.key, offsets)
-            within = tuple(slice(o, o + s) for o, s in zip(leaf.global_offset[pre:], leaf.local_shape, strict=True))
-            sources[idx] = (name, within, sizes)
-            props = TensorProperties(dtype=torch.float32)
-            chunk = ChunkStorageMetadata(offsets=offsets, sizes=sizes)
-            data = TensorWriteData(chunk=chunk, properties=props, size=torch.Size(leaf.global_shape))
-            items.append(WriteItem(index=idx, type=WriteItemType.SHARD, tensor_data=data))
+            rows, rest = leaf.local_shape[0], tuple(leaf.local_shape[1:])
+            # DCP stores any chunking of a tensor and loads across chunks: a vocabulary table is written
+            # as row chunks, each resolved (read from the HF files) on its own.
+            step = rows
+            if name in VOCAB_TABLES:
+                step = max(1, TABLE_CHUNK_BYTES // (4 * math.prod(rest)))
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                offsets = list(leaf.global_offset)
+                offsets[pre] += r0
+                sizes = torch.Size((1,) * pre + (r1 - r0, *rest))
+                idx = MetadataIndex(leaf.key, torch.Size(offsets))
+                row0 = leaf.global_offset[pre]
+                within = (
+                    slice(row0 + r0, row0 + r1),
+                    *(slice(o, o + n) for o, n in zip(leaf.global_offset[pre + 1 :], rest, strict=True)),
+                )
+                sources[idx] = (name, within, sizes)
+                props = TensorProperties(dtype=torch.float32)
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=sizes)
+                data = TensorWriteData(chunk=chunk, properties=props, size=torch.Size(leaf.global_shape))
+                items.append(WriteItem(index=idx, type=WriteItemType.SHARD, tensor_data=data))
 
     class LazyPlanner(DefaultSavePlanner):
         """Hands DCP our write items; ``resolve_data`` reads an item's HF tensors only when it is written."""
@@ -766,7 +800,10 @@ def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
             if isinstance(src, io.BytesIO):
                 return src
             name, within, sizes = src
-            return _megatron_tensor(reader, arch, prefix, cfg, name)[within].reshape(sizes).contiguous()
+            if name in VOCAB_TABLES:  # only this chunk's rows, straight from the HF file
+                rows = _table_rows(reader, arch, prefix, cfg, name, (within[0].start, within[0].stop))
+                return rows[(slice(None), *within[1:])].reshape(sizes).contiguous()
+            return _megatron_tensor(reader, arch, prefix, cfg, name)[within].reshape(sizes).float().contiguous()
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     writer = dcp.FileSystemWriter(str(ckpt_dir), thread_count=1, single_file_per_rank=True)

@@ -1,36 +1,22 @@
-"""One rank of a TP x PP=1 forward over an imported model (run by tests/test_hf.py with env:// variables).
+"""One rank of a TP x PP forward over an imported model (run by tests/test_hf.py with env:// variables).
 
-argv: model_dir, tp, tokens.pt, out.pt. Rank 0 writes the full logits [b, s, V] gathered over TP.
+argv: model_dir, tp, pp, tokens.pt, out.pt. Rank 0 writes the full logits [b, s, V] (gathered over TP,
+broadcast from the last pipeline stage) of flanpipe's own parallel scorer, ``load_parallel_lm``.
 """
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
 
 from flanpipe import megatron_compat
-from flanpipe.checkpointing import load_weights
-from flanpipe.model import model_provider
-from flanpipe.model_config import load_model_config
+from flanpipe.inference import load_parallel_lm
 
 if __name__ == "__main__":  # dist_checkpointing re-imports __main__
-    model_dir, tp, tokens_path, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    megatron_compat.quiet_warnings()
+    model_dir, tp, pp, tokens_path, out_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6]
     megatron_compat.apply()
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tp, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    cfg = load_model_config(os.path.join(model_dir, "model.json"))
-    model = model_provider(cfg, tp=tp).eval()
-    load_weights(model, os.path.join(model_dir, "checkpoint"))
-    tokens = torch.load(tokens_path)
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    with torch.no_grad():
-        local = model(input_ids=tokens, position_ids=positions, attention_mask=None)
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    lm = load_parallel_lm(model_dir, tp=tp, pp=pp)
+    logits = lm.logits(torch.load(tokens_path))
     if dist.get_rank() == 0:
-        torch.save(torch.cat(parts, dim=-1), out_path)
+        torch.save(logits, out_path)
     dist.barrier()

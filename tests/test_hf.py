@@ -51,7 +51,12 @@ def _make_hf(arch: str, out: Path):
 def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model = _make_hf(request.param, root / "hf")
-    cfg = hf.import_hf(root / "hf", root / "base")
+    # Vocabulary tables are written in row chunks: 24 rows of 64 fp32 here, so the 128-row tables are 6
+    # chunks, one of them straddling the tokenizer's 100 rows and the zero padding. Every test below
+    # (logits, round trip, TP, PP) reads a checkpoint written that way.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf, "TABLE_CHUNK_BYTES", 24 * 64 * 4)
+        cfg = hf.import_hf(root / "hf", root / "base")
     return request.param, model, cfg, root
 
 
@@ -107,19 +112,6 @@ def test_export_shards_past_the_size_limit(converted, tmp_path):
     # ... and a sharded checkpoint imports too, to the same weights.
     hf.import_hf(out, tmp_path / "reimport")
     assert (tmp_path / "reimport" / "model.json").read_text() == (root / "base" / "model.json").read_text()
-
-
-def test_pipeline_parallel_import_loads_at_tp1(converted, tmp_path):
-    """Two ranks, each reading only its own layers, write one checkpoint that loads unsplit."""
-    arch, model, cfg, root = converted
-    if arch != "qwen2":  # tied embeddings: the last stage holds its own copy of the table
-        pytest.skip("one architecture is enough")
-    hf.import_hf(root / "hf", tmp_path / "pp2", ranks=2)
-    ids = torch.randint(0, VOCAB, (1, 16))
-    with torch.no_grad():
-        ref = model(ids).logits
-    got = load_scorer(tmp_path / "pp2").logits(ids)
-    assert (got[..., :VOCAB] - ref).abs().max().item() <= 1e-4
 
 
 # --------------------------------------------------------------------------- layouts and config
@@ -291,42 +283,45 @@ def test_cli_import_and_export(llama_dir, tmp_path):
     assert exported_tok("the model 7 reads")["input_ids"] == original_tok("the model 7 reads")["input_ids"]
 
 
-def test_tensor_parallel_forward_matches_hf(converted, tmp_path):
-    """The imported checkpoint loaded at TP=2 (QKV groups, GLU halves and vocab rows split over two
-    ranks; each rank masks the padding rows of its own vocab slice) gives HF's logits."""
+def _parallel_logits(model_dir: Path, tp: int, pp: int, tokens: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """Logits of the imported model loaded at TP x PP by flanpipe's parallel scorer (tp*pp gloo ranks)."""
     import os
     import socket
     import subprocess
     import sys
 
-    arch, model, cfg, root = converted
-    if arch == "gpt2":
-        pytest.skip("Llama (GQA) and Qwen2 (QKV bias, tied) cover the TP split")
-    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     torch.save(tokens, tmp_path / "tokens.pt")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     worker = Path(__file__).with_name("hf_tp_worker.py")
+    world = tp * pp
+    args = [str(model_dir), str(tp), str(pp), str(tmp_path / "tokens.pt"), str(tmp_path / "out.pt")]
+    env = {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(worker),
-                str(root / "base"),
-                "2",
-                str(tmp_path / "tokens.pt"),
-                str(tmp_path / "out.pt"),
-            ],
-            env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+            [sys.executable, str(worker), *args],
+            env=os.environ | env | {"RANK": str(r), "LOCAL_RANK": str(r)},
             stderr=subprocess.PIPE,
             text=True,
         )
-        for r in range(2)
+        for r in range(world)
     ]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_parallel_forward_matches_hf(converted, tmp_path, tp, pp):
+    """The imported checkpoint loaded at TP=2 (QKV groups, GLU halves and vocab rows split over two ranks;
+    each masks the padding rows of its own vocab slice) or PP=2 (one layer per stage; a tied table is
+    held by both end stages) gives HF's logits."""
+    arch, model, cfg, root = converted
+    if arch == "gpt2" and tp > 1:
+        pytest.skip("Llama (GQA) and Qwen2 (QKV bias, tied) cover the TP split")
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    got = _parallel_logits(root / "base", tp, pp, tokens, tmp_path)
     with torch.no_grad():
         ref = model(tokens).logits
     assert got.shape == (2, 16, cfg.vocab_size)
@@ -351,9 +346,10 @@ def test_bf16_checkpoint_converts_to_fp32(tmp_path):
 def test_import_bench_reports_peak_rss_beside_checkpoint_size(tmp_path):
     from flanpipe.bench.import_hf import run
 
-    result = run(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=100, ranks=2, workdir=str(tmp_path))
+    result = run(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=100, workdir=str(tmp_path))
     assert result["checkpoint_bytes"] > 0 and result["converted_fp32_bytes"] > result["tensor_bytes"]
     assert 0 < result["peak_rss_bytes"] and result["peak_rss_fraction_of_checkpoint"] > 0
+    assert 0 < result["baseline_rss_bytes"] <= result["peak_rss_bytes"]
 
 
 def test_padding_rows_carry_no_loss_and_get_no_gradient():

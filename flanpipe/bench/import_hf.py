@@ -2,14 +2,14 @@
 
 Writes a Llama-shaped checkpoint of random bf16 weights straight with safetensors (one shard per
 layer plus an index: no transformers model is ever materialised), imports it in one child process, and
-reports that process's peak RSS beside the checkpoint's bytes on disk. ``ranks`` is accepted and ignored
-(the import no longer splits over processes).
+reports that process's peak RSS beside the checkpoint's bytes on disk, and beside the peak RSS of a child
+that only loads what the import loads (interpreter, torch, Megatron, flanpipe.hf): the difference is
+what the conversion itself holds.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -70,9 +70,26 @@ def write_random_llama(out: Path, *, layers: int, hidden: int, heads: int, kv_he
     return total
 
 
+LOAD_ONLY = (
+    "import torch, torch.distributed.checkpoint; import megatron.core.dist_checkpointing.mapping; "
+    "import flanpipe.hf, flanpipe.model; flanpipe.model.init_single_process()"
+)
+# The child reports its own high-water mark. VmHWM belongs to the process's address space, which exec
+# replaces; ru_maxrss (getrusage of self or of children) would also count the pages the child shared
+# with this parent between fork and exec -- the generator's gigabytes.
+REPORT_HWM = "; print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+
+
+def _child_peak(code: str, *args: str) -> tuple[int, float]:
+    """Peak RSS (bytes) and wall seconds of ``python -c code args`` in a fresh interpreter."""
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code + REPORT_HWM, *args], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024, time.perf_counter() - start  # kB
+
+
 def run(
     *, layers: int = 20, hidden: int = 2048, heads: int = 16, kv_heads: int = 8, ffn: int = 5632,
-    vocab: int = 32000, ranks: int = 10, workdir: str | None = None,
+    vocab: int = 32000, workdir: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Generate, import, measure; the work dir is removed unless given."""
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bench_import_hf_"))
@@ -81,20 +98,22 @@ def run(
             root / "hf", layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn, vocab=vocab
         )
         files = sum(p.stat().st_size for p in (root / "hf").glob("*.safetensors"))
-        start = time.perf_counter()
-        # A fresh interpreter, so that its peak RSS (RUSAGE_CHILDREN) is the import's alone, not the
-        # generator's; it counts the interpreter, torch and Megatron themselves.
+        # A fresh interpreter, so that its peak RSS is the import's alone, not the generator's; it counts
+        # the interpreter, torch and Megatron themselves (the baseline below measures those).
         code = "import sys; from flanpipe.hf import import_hf; import_hf(sys.argv[1], sys.argv[2])"
-        subprocess.run([sys.executable, "-c", code, str(root / "hf"), str(root / "base")], check=True)
-        seconds = time.perf_counter() - start
+        peak, seconds = _child_peak(code, str(root / "hf"), str(root / "base"))
         out_bytes = sum(p.stat().st_size for p in (root / "base" / "checkpoint").rglob("*") if p.is_file())
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+        # The same imports, nothing converted: what any process that runs Megatron pays.
+        baseline, _ = _child_peak(LOAD_ONLY)
         return {
             "checkpoint_bytes": files,
             "tensor_bytes": size,
             "converted_fp32_bytes": out_bytes,
             "peak_rss_bytes": peak,
             "peak_rss_fraction_of_checkpoint": peak / files,
+            "baseline_rss_bytes": baseline,
+            "conversion_rss_bytes": peak - baseline,
+            "conversion_rss_fraction_of_checkpoint": (peak - baseline) / files,
             "seconds": seconds,
         }
     finally:
@@ -102,8 +121,8 @@ def run(
             shutil.rmtree(root, ignore_errors=True)
 
 
-def main(ranks: int = 10, layers: int = 20, as_json: bool = False) -> None:
-    result = run(ranks=ranks, layers=layers)
+def main(as_json: bool = False, **shape: int) -> None:
+    result = run(**shape)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -111,6 +130,8 @@ def main(ranks: int = 10, layers: int = 20, as_json: bool = False) -> None:
     print(
         f"checkpoint {result['checkpoint_bytes'] / gib:.2f} GiB bf16 -> {result['converted_fp32_bytes'] / gib:.2f} GiB "
         f"fp32 dist checkpoint in {result['seconds']:.0f} s in one process; peak RSS "
-        f"{result['peak_rss_bytes'] / gib:.2f} GiB "
-        f"({100 * result['peak_rss_fraction_of_checkpoint']:.0f}% of the checkpoint)"
+        f"{result['peak_rss_bytes'] / gib:.2f} GiB ({100 * result['peak_rss_fraction_of_checkpoint']:.0f}% of the "
+        f"checkpoint), of which {result['baseline_rss_bytes'] / gib:.2f} GiB is the interpreter with torch and "
+        f"Megatron loaded: the conversion holds {result['conversion_rss_bytes'] / gib:.2f} GiB "
+        f"({100 * result['conversion_rss_fraction_of_checkpoint']:.0f}%)"
     )
