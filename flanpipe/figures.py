@@ -364,16 +364,14 @@ def write_summary(
     *,
     experiment: str = "flanpipe",
     extra_markdown: Sequence[str] = (),
-    audits: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Rule ``report``: summary.json, summary.md (linking the figure) and the held-out bar chart.
 
     ``experiment`` (the config's name or path) titles the Markdown and the figure, so a figure copied
     out of its directory still says which experiment it shows. ``extra_markdown`` blocks (e.g. the
-    ablation tables returned by write_ablation) are appended to summary.md. ``audits`` (run ->
-    contamination audit) add the clean-subset scores.
+    ablation tables returned by write_ablation) are appended to summary.md.
     """
-    summary = summarize_main(records, experiment, audits)
+    summary = summarize_main(records, experiment)
     save_figure(summary_figure(summary, experiment), figure_path)
     rel = os.path.relpath(Path(figure_path).resolve(), Path(out_md).resolve().parent)
     write_json(out_json, summary)

@@ -155,43 +155,8 @@ def average_se(ses: Sequence[float | None]) -> float | None:
     return math.sqrt(sum(x * x for x in ses)) / len(ses)
 
 
-def clean_interval(record: Record, exclude: Mapping[str, Sequence[int]] | None) -> dict[str, float] | None:
-    """Mean over templates on the clean subset: the test examples a contamination audit did not flag
-    (``exclude``: split -> contaminated ids), with its seeded 95% bootstrap interval and how many were left
-    out. None when nothing is excluded (the clean score is the score) or no per-example scores were kept."""
-    from flanpipe.stats import mean_over_templates_ci, score_matrix
-
-    dropped = list((exclude or {}).get("test", ()))
-    if not dropped or not record.get("per_example"):
-        return None
-    ci = mean_over_templates_ci(score_matrix(record, "test", dropped))
-    return {"mean": ci["estimate"], "lo": ci["lo"], "hi": ci["hi"], "excluded": len(set(dropped)), "n": ci["n"]}
-
-
-def contaminated_ids(audit: Mapping[str, Any] | None, dataset: str) -> dict[str, list[int]]:
-    """split -> contaminated eval example ids of ``dataset`` in a run's audit (flanpipe.contamination)."""
-    if not audit or dataset not in audit.get("datasets", {}):
-        return {}
-    return {s: list(v["contaminated_ids"]) for s, v in audit["datasets"][dataset]["splits"].items()}
-
-
-def exclusions(records: Sequence[Record], audits: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, str], dict]:
-    """(held-out cluster, dataset) -> contaminated ids, from the audit of the run that held the cluster out.
-
-    The base model's records of that cluster get the same exclusions, so tuned and base are compared on
-    the same clean subset (the base never saw the mixture, but a fair comparison needs the same examples).
-    """
-    out: dict[tuple[str, str], dict] = {}
-    for r in records:
-        audit = audits.get(str(r.get("run")))
-        if audit is not None:
-            out.setdefault((held_out_of(r), str(r["dataset"])), contaminated_ids(audit, str(r["dataset"])))
-    return out
-
-
-def _dataset_scores(record: Record, exclude: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
-    """The per-dataset numbers of one eval result, passed through unchanged, plus the mean's interval
-    (and the clean-subset mean when the run's audit flagged test examples of this dataset)."""
+def _dataset_scores(record: Record) -> dict[str, Any]:
+    """The per-dataset numbers of one eval result, passed through unchanged, plus the mean's interval."""
     v = EvalVariant.parse(str(record["variant"]))
     return {
         "run": record.get("run"),
@@ -207,7 +172,6 @@ def _dataset_scores(record: Record, exclude: Mapping[str, Sequence[int]] | None 
         "best_dev_template": record.get("best_dev_template"),
         "best_dev_test": record.get("best_dev_test"),
         "mean_ci": mean_interval(record),
-        "clean": clean_interval(record, exclude),
         "chance": record.get("chance"),
     }
 
@@ -230,22 +194,15 @@ def _unique(records: Sequence[Record], key: Any, what: str) -> dict[Any, Record]
 # main results: summary.json / summary.md
 
 
-def summarize_main(
-    records: Sequence[Record], experiment: str = "flanpipe", audits: Mapping[str, Mapping[str, Any]] | None = None
-) -> dict[str, Any]:
-    """Group eval records by held-out cluster, dataset and slot, and average them like the paper.
-
-    ``audits`` (run -> contamination audit of that run's mixture) add clean-subset scores beside every
-    held-out score the audit flagged examples of, and ``contamination`` counts per cluster and dataset.
-    """
+def summarize_main(records: Sequence[Record], experiment: str = "flanpipe") -> dict[str, Any]:
+    """Group eval records by held-out cluster, dataset and slot, and average them like the paper."""
     cells = _unique(records, lambda r: (held_out_of(r), str(r["dataset"]), slot_of(r)), "summary")
     slots = [s for s in SLOT_ORDER if any(k[2] == s for k in cells)]
-    excl = exclusions(records, audits or {})
     clusters: dict[str, Any] = {}
     for (cluster, dataset, slot), r in sorted(cells.items()):
         c = clusters.setdefault(cluster, {"datasets": {}})
         d = c["datasets"].setdefault(dataset, {"dataset": dataset, "cluster": r["cluster"], "metric": r["metric"]})
-        d.setdefault("slots", {})[slot] = _dataset_scores(r, excl.get((cluster, dataset)))
+        d.setdefault("slots", {})[slot] = _dataset_scores(r)
     for c in clusters.values():
         c["average"] = {s: _slot_average(c["datasets"].values(), s) for s in slots}
     held_out_average = {
@@ -268,24 +225,7 @@ def summarize_main(
         "slots": slots,
         "clusters": clusters,
         "held_out_average": held_out_average,
-        "contamination": None if audits is None else _contamination_counts(excl),
     }
-
-
-def _contamination_counts(excl: Mapping[tuple[str, str], Mapping[str, Sequence[int]]]) -> dict[str, dict[str, int]]:
-    """cluster -> dataset -> contaminated test examples (0 for an audited dataset with none)."""
-    out: dict[str, dict[str, int]] = {}
-    for (cluster, dataset), ids in sorted(excl.items()):
-        out.setdefault(cluster, {})[dataset] = len(set(ids.get("test", ())))
-    return out
-
-
-def normal_interval(mean: float | None, se: float | None, z: float = 1.96) -> tuple[float, float] | None:
-    """mean ± z·se: the 95% interval of an average of independent datasets' (or clusters') means, whose
-    standard error average_se combines from their bootstrap SEs. None when either is unknown."""
-    if mean is None or se is None:
-        return None
-    return mean - z * se, mean + z * se
 
 
 def _slot_average(datasets: Iterable[Mapping[str, Any]], slot: str) -> dict[str, Any]:
@@ -319,42 +259,15 @@ def _interval(x: Mapping[str, Any]) -> str:
     return "" if not ci else f" [{_fmt(ci['lo'])}, {_fmt(ci['hi'])}]"
 
 
-def _clean(x: Mapping[str, Any]) -> str:
-    """'; clean 41.0 [30.2, 52.1] (-3)' when the audit flagged test examples of this dataset, else nothing."""
-    c = x.get("clean")
-    return "" if not c else f"; clean {_fmt(c['mean'])} [{_fmt(c['lo'])}, {_fmt(c['hi'])}] (−{c['excluded']})"
-
-
 def _cell(x: Mapping[str, Any] | None) -> str:
-    """'mean ± std [95% interval] / best dev' for one dataset in one slot, then its clean-subset mean."""
-    return "–" if x is None else f"{_mean_std(x)}{_interval(x)} / {_fmt(x['best_dev_test'])}{_clean(x)}"
-
-
-def _average_interval(a: Mapping[str, Any]) -> str:
-    ci = normal_interval(a["mean"], a.get("mean_se"))
-    return "" if ci is None else f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+    """'mean ± std [95% interval] / best dev' for one dataset in one slot."""
+    return "–" if x is None else f"{_mean_std(x)}{_interval(x)} / {_fmt(x['best_dev_test'])}"
 
 
 def _average_cell(a: Mapping[str, Any], n_datasets: int) -> str:
-    """Bold 'mean [95% interval] / best dev'; '(k of n datasets)' when a slot is missing for some datasets."""
+    """Bold 'mean / best dev'; '(k of n datasets)' when a slot is missing for some datasets."""
     partial = "" if a["n_datasets"] == n_datasets else f" ({a['n_datasets']} of {n_datasets} datasets)"
-    return f"**{_fmt(a['mean'])}{_average_interval(a)} / {_fmt(a['best_dev'])}**{partial}"
-
-
-def _contamination_markdown(counts: Mapping[str, Mapping[str, int]] | None) -> list[str]:
-    """One line saying what the audit found, so a reader knows whether the clean columns are missing
-    because nothing leaked or because no audit was read."""
-    if counts is None:
-        return []
-    flagged = {f"{d} ({n})": n for c in counts.values() for d, n in c.items() if n}
-    if not flagged:
-        return ["Contamination audit: no held-out test example overlaps its run's training mixture.", ""]
-    return [
-        "Contamination audit: test examples overlapping the training mixture, per dataset: "
-        + ", ".join(flagged)
-        + ". Their cells add *clean* = the mean over templates without them (same examples for tuned and base).",
-        "",
-    ]
+    return f"**{_fmt(a['mean'])} / {_fmt(a['best_dev'])}**{partial}"
 
 
 def markdown(summary: Mapping[str, Any], figure: str | None = None, extra: Sequence[str] = ()) -> str:
@@ -366,19 +279,10 @@ def markdown(summary: Mapping[str, Any], figure: str | None = None, extra: Seque
         lines += [f"![held-out clusters: instruction-tuned vs untuned base]({figure})", ""]
     lines += ["## Held-out average", ""]
     rows = [
-        [labels[s], _fmt(a["mean"]), _average_interval(a).strip() or "–", _fmt(a["best_dev"]), str(a["n_clusters"])]
+        [labels[s], _fmt(a["mean"]), _fmt(a["best_dev"]), str(a["n_clusters"])]
         for s, a in summary["held_out_average"].items()
     ]
-    head = ["model / prompt", "mean over templates", "95% interval", "best dev template", "clusters"]
-    lines += [*_md_table(head, rows), ""]
-    from flanpipe.stats import DEFAULT_BOOTSTRAP
-
-    lines += [
-        f"Intervals: 95% bootstrap over test examples per dataset ({DEFAULT_BOOTSTRAP:,} replicates, seed 0); "
-        "an average's interval is mean ± 1.96·SE with SE = sqrt(Σ SE_i²)/n over its independent datasets (clusters).",
-        "",
-        *_contamination_markdown(summary.get("contamination")),
-    ]
+    lines += [*_md_table(["model / prompt", "mean over templates", "best dev template", "clusters"], rows), ""]
     for cluster, c in summary["clusters"].items():
         lines += _cluster_markdown(cluster, c, slots, labels)
     lines += [block.rstrip("\n") + "\n" for block in extra]

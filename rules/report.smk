@@ -4,7 +4,7 @@
 
 rule report:
     input:
-        unpack(uncertainty_inputs),  # the evaluations, and each trained run's audit (clean-subset columns)
+        report_inputs(),
     output:
         json="results/summary.json",
         md=report("results/summary.md", caption="../workflow/report/summary_table.rst", category="Summary"),

@@ -26,11 +26,9 @@ from flanpipe.figures import (
 from flanpipe.report import (
     PAPER_REFERENCE,
     ablation_markdown,
-    average_se,
     format_params,
     instruction_label,
     markdown,
-    normal_interval,
     records_from_paths,
     slot_of,
     summarize_ablation,
@@ -198,68 +196,15 @@ def test_best_dev_is_never_recomputed_from_test() -> None:
     assert "| d | accuracy | 90.0 | 40.0 | 65.0 ± 25.0 | t1: 12.5 |" in markdown(s)
 
 
-def _scored(role: str, test: list[list[float]]) -> dict[str, Any]:
-    """A record with per-example scores (2 templates x 4 test examples), as an evaluation writes it."""
-    from tests.test_stats import _result
-
-    per = _result(test, test)
-    means = [statistics.fmean(r) for r in test]
-    return {**record("d", "c", means, best=0, role=role), "per_example": per["per_example"]}
-
-
-def _audit(test_ids: list[int]) -> dict[str, Any]:
-    splits = {"validation": {"contaminated_ids": []}, "test": {"contaminated_ids": test_ids}}
-    return {"datasets": {"d": {"splits": splits}}}
-
-
-def test_clean_subset_beside_every_held_out_score() -> None:
-    """The audit of heldout_c flags test example 1: tuned and base both get a clean mean without it."""
-    tuned = _scored("tuned", [[100, 100, 100, 0]] * 2)  # all: 75; clean (ids 0, 2, 3): 100, 100, 0 -> 66.7
-    base = _scored("base", [[100, 0, 0, 0]] * 2)  # all: 25; clean: 100, 0, 0 -> 33.3
-    s = summarize_main([tuned, base], audits={"heldout_c": _audit([1])})
-    slots = s["clusters"]["c"]["datasets"]["d"]["slots"]
-    assert slots["tuned_zeroshot"]["clean"]["mean"] == pytest.approx(200 / 3)
-    assert slots["base_zeroshot"]["clean"]["mean"] == pytest.approx(100 / 3)
-    assert slots["tuned_zeroshot"]["clean"]["excluded"] == 1 and slots["tuned_zeroshot"]["clean"]["n"] == 3
-    assert s["contamination"] == {"c": {"d": 1}}
-    md = markdown(s)
-    assert "; clean 66.7 [" in md and "(−1)" in md and "test examples overlapping the training mixture" in md
-    assert "d (1)" in md
-    # an audit that found nothing: no clean column, and the report says the audit found nothing
-    s = summarize_main([tuned, base], audits={"heldout_c": _audit([])})
-    assert s["clusters"]["c"]["datasets"]["d"]["slots"]["tuned_zeroshot"]["clean"] is None
-    assert "no held-out test example overlaps" in markdown(s)
-    # no audits read at all: nothing claimed either way
-    s = summarize_main([tuned, base])
-    assert s["contamination"] is None and "Contamination audit" not in markdown(s)
-
-
-def test_average_rows_carry_an_interval() -> None:
-    # hand-computed: SEs 3 and 4 -> SE of the mean of the two = sqrt(9 + 16) / 2 = 2.5; 50 ± 1.96 x 2.5
-    lo, hi = normal_interval(50.0, average_se([3.0, 4.0]))
-    assert (lo, hi) == pytest.approx((45.1, 54.9))
-    assert normal_interval(50.0, None) is None and normal_interval(None, 1.0) is None
-    # per-example records: the cluster average and the held-out average print their interval
-    tuned = _scored("tuned", [[100, 100, 100, 0]] * 2)
-    s = summarize_main([tuned])
-    a = s["held_out_average"]["tuned_zeroshot"]
-    d = s["clusters"]["c"]["datasets"]["d"]["slots"]["tuned_zeroshot"]
-    assert a["mean_se"] == pytest.approx(d["mean_ci"]["se"])
-    lo, hi = normal_interval(a["mean"], a["mean_se"])
-    md = markdown(s)
-    assert f"| instruction-tuned, zero-shot | 75.0 | [{lo:.1f}, {hi:.1f}] | 75.0 | 1 |" in md
-    assert f"**75.0 [{lo:.1f}, {hi:.1f}] / 75.0**" in md
-
-
 def test_summary_markdown_rows() -> None:
     md = markdown(summarize_main(main_records(), "config/x.yaml"), figure="summary.png")
     assert md.startswith("# config/x.yaml: zero-shot results on held-out clusters\n")
     assert "![held-out clusters: instruction-tuned vs untuned base](summary.png)" in md
     # held-out average table
-    assert "| instruction-tuned, zero-shot | 60.0 | – | 57.5 | 2 |" in md
-    assert "| instruction-tuned, zero-shot, no options | 40.0 | – | 50.0 | 1 |" in md
-    assert "| untuned base, zero-shot | 42.5 | – | 42.5 | 2 |" in md  # templates all equal: best dev = mean
-    assert "| untuned base, 2-shot | 40.0 | – | 40.0 | 1 |" in md
+    assert "| instruction-tuned, zero-shot | 60.0 | 57.5 | 2 |" in md
+    assert "| instruction-tuned, zero-shot, no options | 40.0 | 50.0 | 1 |" in md
+    assert "| untuned base, zero-shot | 42.5 | 42.5 | 2 |" in md  # templates all equal: best dev = mean
+    assert "| untuned base, 2-shot | 40.0 | 40.0 | 1 |" in md
     # per-template table (tuned): dataset, metric, t0, t1, mean ± std, best dev
     assert "## Held out: nli (model `heldout_nli`)" in md
     assert "| nli_a | accuracy | 80.0 | 40.0 | 60.0 ± 20.0 | t1: 40.0 |" in md
