@@ -71,5 +71,6 @@ def main(spec_path: str, data: str, steps: int, lr: float, threads: int, as_json
     print(f"{base['train']['init_checkpoint']} tuned {steps} steps at lr {lr:g} ({threads} threads)")
     for name, r in results["settings"].items():
         print(f"  {name:<37} loss {r['first_fifth']:.3f} (first fifth) -> {r['last_fifth']:.3f} (last fifth)")
-    print(f"  relative-step clamp changes nothing at this lr (losses bitwise equal): {results['clamp_changes_nothing']}")
+    same = results["clamp_changes_nothing"]
+    print(f"  relative-step clamp changes nothing at this lr (losses bitwise equal): {same}")
     return results
