@@ -9,6 +9,15 @@ What a template edit reruns: the edited dataset's eval shards change, so every j
 that dataset reruns, i.e. the whole (model, variant, cluster) group, not only that dataset (Snakemake
 reruns jobs, not parts of jobs). The per-dataset result files are then all rewritten; datasets of other
 clusters, variants and models are untouched.
+
+Why not one job per (model, variant) across clusters (measured 2026-12-05, shared 2-core machine, default
+DAG, `flanpipe bench eval-stage`): the 12 cluster jobs take 7.7-15.8 s each, 131.6 s summed (load 0.6 -> 2.4);
+interpreter + imports + model load alone are ~6-8 s of each (import 3.1-5.0 s, load 3.1-3.4 s, load 3.9).
+So the load still dominates a zero-shot job, but only the base model holds out more than one cluster here
+(each tuned run holds out one), so that grouping would drop 4 of 12 jobs, ~25-30 s summed, while running
+the clusters serially instead of in parallel and widening what a template edit reruns to every cluster of
+the base model. Revisit at scale, where a load is minutes: there a run holding out several clusters pays
+one load per cluster.
 """
 
 from __future__ import annotations
