@@ -26,7 +26,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flanpipe.io import read_json
+from flanpipe.stats import average_ci
 from flanpipe.vocab import ABLATIONS, EvalVariant, RunRole, role_of_run_name
 
 Record = Mapping[str, Any]
@@ -35,6 +38,12 @@ SCORE_NOTE = (
     "Scores are on the test split, 0-100 (accuracy, exact match, F1, BLEU or ROUGE as the dataset's metric). "
     "*mean* = mean over the dataset's templates; *best dev* = test score of the template with the best "
     "validation score. Cluster = mean over its datasets; held-out average = mean over clusters."
+)
+
+AVERAGE_BOOTSTRAP = 2_000
+AVERAGE_NOTE = (
+    "examples resampled with replacement within each dataset (stratified); a replicate of an average is "
+    "the average of its datasets' (clusters') replicates"
 )
 
 # Slots are the comparisons the paper makes for each held-out dataset, in display order.
@@ -155,8 +164,37 @@ def average_se(ses: Sequence[float | None]) -> float | None:
     return math.sqrt(sum(x * x for x in ses)) / len(ses)
 
 
-def _dataset_scores(record: Record) -> dict[str, Any]:
-    """The per-dataset numbers of one eval result, passed through unchanged, plus the mean's interval."""
+def clean_subset(record: Record, audit: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Mean over templates on the clean test subset: the contaminated eval examples of the run's audit
+    (flanpipe.contamination) left out, with how many were dropped. None without an audit of the run or
+    without per-example scores; an audit that flags nothing gives the full score with 0 dropped."""
+    from flanpipe.stats import score_matrix
+    from flanpipe.uncertainty import excluded_ids
+
+    if audit is None or not record.get("per_example"):
+        return None
+    dropped = excluded_ids(audit, str(record["dataset"])).get("test", [])
+    full = score_matrix(record, "test")
+    clean = score_matrix(record, "test", dropped)
+    n_dropped = int(full.scores.shape[1] - clean.scores.shape[1])  # ids outside the test split drop nothing
+    mean = float(clean.scores.mean()) if clean.scores.size else None
+    return {"mean": mean, "n": int(clean.scores.shape[1]), "n_dropped": n_dropped}
+
+
+def mean_replicates(record: Record, n_boot: int, seed: int) -> Any:
+    """Bootstrap replicates of the mean over templates (stratified per dataset: flanpipe.stats.dataset_rng),
+    averaged into the cluster and held-out intervals; None without per-example scores."""
+    from flanpipe.stats import dataset_rng, mean_over_templates_replicates, score_matrix
+
+    if not record.get("per_example"):
+        return None
+    rng = dataset_rng(seed, str(record["dataset"]))
+    return mean_over_templates_replicates(score_matrix(record, "test"), n_boot, rng)
+
+
+def _dataset_scores(record: Record, audit: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The per-dataset numbers of one eval result, passed through unchanged, plus the mean's interval
+    and (with the run's contamination audit) the clean-subset score."""
     v = EvalVariant.parse(str(record["variant"]))
     return {
         "run": record.get("run"),
@@ -172,6 +210,7 @@ def _dataset_scores(record: Record) -> dict[str, Any]:
         "best_dev_template": record.get("best_dev_template"),
         "best_dev_test": record.get("best_dev_test"),
         "mean_ci": mean_interval(record),
+        "clean": clean_subset(record, audit),
         "chance": record.get("chance"),
     }
 
@@ -194,34 +233,63 @@ def _unique(records: Sequence[Record], key: Any, what: str) -> dict[Any, Record]
 # main results: summary.json / summary.md
 
 
-def summarize_main(records: Sequence[Record], experiment: str = "flanpipe") -> dict[str, Any]:
-    """Group eval records by held-out cluster, dataset and slot, and average them like the paper."""
+def summarize_main(
+    records: Sequence[Record],
+    experiment: str = "flanpipe",
+    audits: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    n_boot: int = AVERAGE_BOOTSTRAP,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Group eval records by held-out cluster, dataset and slot, and average them like the paper.
+
+    ``audits``: run -> contamination audit (flanpipe.contamination), for the clean-subset scores.
+    Cluster and held-out averages get a 95% interval from a bootstrap over examples stratified by
+    dataset (``n_boot`` replicates, ``seed``; stated in the report).
+    """
+    audits = audits or {}
     cells = _unique(records, lambda r: (held_out_of(r), str(r["dataset"]), slot_of(r)), "summary")
     slots = [s for s in SLOT_ORDER if any(k[2] == s for k in cells)]
     clusters: dict[str, Any] = {}
+    reps: dict[tuple[str, str], list[Any]] = {}
     for (cluster, dataset, slot), r in sorted(cells.items()):
         c = clusters.setdefault(cluster, {"datasets": {}})
         d = c["datasets"].setdefault(dataset, {"dataset": dataset, "cluster": r["cluster"], "metric": r["metric"]})
-        d.setdefault("slots", {})[slot] = _dataset_scores(r)
-    for c in clusters.values():
-        c["average"] = {s: _slot_average(c["datasets"].values(), s) for s in slots}
-    held_out_average = {
-        s: {
+        d.setdefault("slots", {})[slot] = _dataset_scores(r, audits.get(str(r.get("run"))))
+        reps.setdefault((cluster, slot), []).append(mean_replicates(r, n_boot, seed))
+    cluster_reps: dict[tuple[str, str], Any] = {}
+    for cluster, c in clusters.items():
+        c["average"] = {}
+        for s in slots:
+            parts = reps.get((cluster, s), [])
+            whole = bool(parts) and all(p is not None for p in parts)  # an interval over part would lie
+            cluster_reps[(cluster, s)] = np.mean(np.stack(parts), axis=0) if whole else None
+            c["average"][s] = {
+                **_slot_average(c["datasets"].values(), s),
+                "mean_ci": average_ci(parts) if whole else None,
+            }
+    held_out_average = {}
+    for s in slots:
+        parts = [cluster_reps[(k, s)] for k, c in clusters.items() if c["average"][s]["n_datasets"]]
+        held_out_average[s] = {
             "mean": _mean(c["average"][s]["mean"] for c in clusters.values()),
             "best_dev": _mean(c["average"][s]["best_dev"] for c in clusters.values()),
             "n_clusters": sum(c["average"][s]["n_datasets"] > 0 for c in clusters.values()),
             "mean_se": average_se(
                 [c["average"][s]["mean_se"] for c in clusters.values() if c["average"][s]["n_datasets"]]
             ),
+            "mean_ci": average_ci(parts) if parts and all(p is not None for p in parts) else None,
+            "clean_mean": _all_or_none(
+                [c["average"][s]["clean_mean"] for c in clusters.values() if c["average"][s]["n_datasets"]]
+            ),
             "chance": _all_or_none(
                 [c["average"][s]["chance"] for c in clusters.values() if c["average"][s]["n_datasets"]]
             ),
         }
-        for s in slots
-    }
     return {
         "experiment": experiment,
         "score": SCORE_NOTE,
+        "average_interval": {"n_boot": n_boot, "seed": seed, "level": 0.95, "resampling": AVERAGE_NOTE},
         "slots": slots,
         "clusters": clusters,
         "held_out_average": held_out_average,
@@ -236,6 +304,8 @@ def _slot_average(datasets: Iterable[Mapping[str, Any]], slot: str) -> dict[str,
         "best_dev": _mean(x["best_dev_test"] for x in have),
         "n_datasets": len(have),
         "mean_se": average_se([(x.get("mean_ci") or {}).get("se") for x in have]),
+        "clean_mean": _all_or_none([(x.get("clean") or {}).get("mean") for x in have]),
+        "clean_dropped": sum((x.get("clean") or {}).get("n_dropped", 0) for x in have),
         "chance": _all_or_none([x.get("chance") for x in have]),
     }
 
@@ -259,15 +329,22 @@ def _interval(x: Mapping[str, Any]) -> str:
     return "" if not ci else f" [{_fmt(ci['lo'])}, {_fmt(ci['hi'])}]"
 
 
+def _clean(x: Mapping[str, Any]) -> str:
+    """'; clean 41.0 (−3)': the clean-subset mean and how many contaminated test examples it left out."""
+    c = x.get("clean")
+    return "" if not c else f"; clean {_fmt(c['mean'])} (−{c['n_dropped']})"
+
+
 def _cell(x: Mapping[str, Any] | None) -> str:
-    """'mean ± std [95% interval] / best dev' for one dataset in one slot."""
-    return "–" if x is None else f"{_mean_std(x)}{_interval(x)} / {_fmt(x['best_dev_test'])}"
+    """'mean ± std [95% interval] / best dev; clean mean (−dropped)' for one dataset in one slot."""
+    return "–" if x is None else f"{_mean_std(x)}{_interval(x)} / {_fmt(x['best_dev_test'])}{_clean(x)}"
 
 
 def _average_cell(a: Mapping[str, Any], n_datasets: int) -> str:
     """Bold 'mean / best dev'; '(k of n datasets)' when a slot is missing for some datasets."""
     partial = "" if a["n_datasets"] == n_datasets else f" ({a['n_datasets']} of {n_datasets} datasets)"
-    return f"**{_fmt(a['mean'])} / {_fmt(a['best_dev'])}**{partial}"
+    clean = "" if a.get("clean_mean") is None else f"; clean {_fmt(a['clean_mean'])} (−{a['clean_dropped']})"
+    return f"**{_fmt(a['mean'])}{_interval(a)} / {_fmt(a['best_dev'])}**{clean}{partial}"
 
 
 def markdown(summary: Mapping[str, Any], figure: str | None = None, extra: Sequence[str] = ()) -> str:
@@ -279,10 +356,19 @@ def markdown(summary: Mapping[str, Any], figure: str | None = None, extra: Seque
         lines += [f"![held-out clusters: instruction-tuned vs untuned base]({figure})", ""]
     lines += ["## Held-out average", ""]
     rows = [
-        [labels[s], _fmt(a["mean"]), _fmt(a["best_dev"]), str(a["n_clusters"])]
+        [labels[s], _fmt(a["mean"]) + _interval(a), _fmt(a.get("clean_mean")), _fmt(a["best_dev"]), str(a["n_clusters"])]
         for s, a in summary["held_out_average"].items()
     ]
-    lines += [*_md_table(["model / prompt", "mean over templates", "best dev template", "clusters"], rows), ""]
+    head = ["model / prompt", "mean over templates [95% interval]", "clean subset", "best dev template", "clusters"]
+    lines += [*_md_table(head, rows), ""]
+    ai = summary.get("average_interval")
+    if ai:
+        lines += [
+            f"Intervals on averages: 95% bootstrap, {ai['n_boot']} replicates, seed {ai['seed']}; "
+            f"{ai['resampling']}. *clean subset*: contaminated eval examples of the run's audit left out "
+            "(– without an audit).",
+            "",
+        ]
     for cluster, c in summary["clusters"].items():
         lines += _cluster_markdown(cluster, c, slots, labels)
     lines += [block.rstrip("\n") + "\n" for block in extra]

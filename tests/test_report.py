@@ -132,14 +132,28 @@ def test_summary_cluster_and_held_out_averages() -> None:
         "best_dev": 45.0,
         "n_datasets": 2,
         "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
+        "clean_dropped": 0,
         "chance": None,
     }  # best dev (40 + 50) / 2 = 45
-    assert sent["tuned_zeroshot"] == {"mean": 70.0, "best_dev": 70.0, "n_datasets": 1, "mean_se": None, "chance": None}
+    assert sent["tuned_zeroshot"] == {
+        "mean": 70.0,
+        "best_dev": 70.0,
+        "n_datasets": 1,
+        "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
+        "clean_dropped": 0,
+        "chance": None,
+    }
     assert s["held_out_average"]["tuned_zeroshot"] == {
         "mean": 60.0,
         "best_dev": 57.5,
         "n_clusters": 2,
         "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
         "chance": None,
     }  # (45+70)/2
     # no options: only nli_a -> nli 40 (1 of 2 datasets); sentiment has none; held out 40 over 1 cluster
@@ -148,6 +162,9 @@ def test_summary_cluster_and_held_out_averages() -> None:
         "best_dev": 50.0,
         "n_datasets": 1,
         "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
+        "clean_dropped": 0,
         "chance": None,
     }
     assert sent["tuned_zeroshot_noopts"]["n_datasets"] == 0 and sent["tuned_zeroshot_noopts"]["mean"] is None
@@ -156,6 +173,8 @@ def test_summary_cluster_and_held_out_averages() -> None:
         "best_dev": 50.0,
         "n_clusters": 1,
         "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
         "chance": None,
     }
     # base zero-shot: nli (30 + 40) / 2 = 35; sentiment 50; held out (35 + 50) / 2 = 42.5
@@ -168,6 +187,8 @@ def test_summary_cluster_and_held_out_averages() -> None:
         "best_dev": 40.0,
         "n_clusters": 1,
         "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
         "chance": None,
     }
 
@@ -200,11 +221,11 @@ def test_summary_markdown_rows() -> None:
     md = markdown(summarize_main(main_records(), "config/x.yaml"), figure="summary.png")
     assert md.startswith("# config/x.yaml: zero-shot results on held-out clusters\n")
     assert "![held-out clusters: instruction-tuned vs untuned base](summary.png)" in md
-    # held-out average table
-    assert "| instruction-tuned, zero-shot | 60.0 | 57.5 | 2 |" in md
-    assert "| instruction-tuned, zero-shot, no options | 40.0 | 50.0 | 1 |" in md
-    assert "| untuned base, zero-shot | 42.5 | 42.5 | 2 |" in md  # templates all equal: best dev = mean
-    assert "| untuned base, 2-shot | 40.0 | 40.0 | 1 |" in md
+    # held-out average table: mean (no interval without per-example scores), clean subset (no audit: –)
+    assert "| instruction-tuned, zero-shot | 60.0 | – | 57.5 | 2 |" in md
+    assert "| instruction-tuned, zero-shot, no options | 40.0 | – | 50.0 | 1 |" in md
+    assert "| untuned base, zero-shot | 42.5 | – | 42.5 | 2 |" in md  # templates all equal: best dev = mean
+    assert "| untuned base, 2-shot | 40.0 | – | 40.0 | 1 |" in md
     # per-template table (tuned): dataset, metric, t0, t1, mean ± std, best dev
     assert "## Held out: nli (model `heldout_nli`)" in md
     assert "| nli_a | accuracy | 80.0 | 40.0 | 60.0 ± 20.0 | t1: 40.0 |" in md
