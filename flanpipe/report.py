@@ -356,7 +356,13 @@ def markdown(summary: Mapping[str, Any], figure: str | None = None, extra: Seque
         lines += [f"![held-out clusters: instruction-tuned vs untuned base]({figure})", ""]
     lines += ["## Held-out average", ""]
     rows = [
-        [labels[s], _fmt(a["mean"]) + _interval(a), _fmt(a.get("clean_mean")), _fmt(a["best_dev"]), str(a["n_clusters"])]
+        [
+            labels[s],
+            _fmt(a["mean"]) + _interval(a),
+            _fmt(a.get("clean_mean")),
+            _fmt(a["best_dev"]),
+            str(a["n_clusters"]),
+        ]
         for s, a in summary["held_out_average"].items()
     ]
     head = ["model / prompt", "mean over templates [95% interval]", "clean subset", "best dev template", "clusters"]

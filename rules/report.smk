@@ -4,7 +4,8 @@
 
 rule report:
     input:
-        report_inputs(),
+        # results: the main evaluations; audit__<run>: each trained run's contamination audit (clean subsets)
+        unpack(uncertainty_inputs),
     output:
         json="results/summary.json",
         md=report("results/summary.md", caption="../workflow/report/summary_table.rst", category="Summary"),
@@ -12,6 +13,7 @@ rule report:
     params:
         meta=report_meta(),
         experiment=EXPERIMENT,
+        seed=config["mixture"]["seed"],
     threads: 1
     log:
         "logs/report/report.log",

@@ -11,9 +11,7 @@ from flanpipe.report import markdown, summarize_main
 
 def scored(dataset: str, cluster: str, test: list[list[float]], run: str | None = None) -> dict[str, Any]:
     """An eval record whose per-example test scores are ``test[template][example]`` (validation = test)."""
-    rows = [
-        (split, t, e, x) for split in ("validation", "test") for t, xs in enumerate(test) for e, x in enumerate(xs)
-    ]
+    rows = [(split, t, e, x) for split in ("validation", "test") for t, xs in enumerate(test) for e, x in enumerate(xs)]
     per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}
     means = [sum(xs) / len(xs) for xs in test]
     return {
