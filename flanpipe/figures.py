@@ -365,18 +365,20 @@ def write_summary(
     experiment: str = "flanpipe",
     extra_markdown: Sequence[str] = (),
     audits: Mapping[str, Mapping[str, Any]] | None = None,
+    published: Mapping[str, Mapping[str, Any]] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Rule ``report``: summary.json, summary.md (linking the figure) and the held-out bar chart.
 
     ``audits``: run -> contamination audit, for the clean-subset columns (flanpipe.report.clean_subset);
+    ``published``: dataset -> the paper's scores (registry ``published:``), shown beside ours;
     ``seed``: of the bootstrap intervals on the averages (stated in summary.md).
 
     ``experiment`` (the config's name or path) titles the Markdown and the figure, so a figure copied
     out of its directory still says which experiment it shows. ``extra_markdown`` blocks (e.g. the
     ablation tables returned by write_ablation) are appended to summary.md.
     """
-    summary = summarize_main(records, experiment, audits, seed=seed)
+    summary = summarize_main(records, experiment, audits, published=published, seed=seed)
     save_figure(summary_figure(summary, experiment), figure_path)
     rel = os.path.relpath(Path(figure_path).resolve(), Path(out_md).resolve().parent)
     write_json(out_json, summary)

@@ -238,12 +238,14 @@ def summarize_main(
     experiment: str = "flanpipe",
     audits: Mapping[str, Mapping[str, Any]] | None = None,
     *,
+    published: Mapping[str, Mapping[str, Any]] | None = None,
     n_boot: int = AVERAGE_BOOTSTRAP,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Group eval records by held-out cluster, dataset and slot, and average them like the paper.
 
     ``audits``: run -> contamination audit (flanpipe.contamination), for the clean-subset scores.
+    ``published``: dataset -> the paper's scores (registry ``published:``), carried beside ours.
     Cluster and held-out averages get a 95% interval from a bootstrap over examples stratified by
     dataset (``n_boot`` replicates, ``seed``; stated in the report).
     """
@@ -255,6 +257,8 @@ def summarize_main(
     for (cluster, dataset, slot), r in sorted(cells.items()):
         c = clusters.setdefault(cluster, {"datasets": {}})
         d = c["datasets"].setdefault(dataset, {"dataset": dataset, "cluster": r["cluster"], "metric": r["metric"]})
+        if published and dataset in published:
+            d["published"] = dict(published[dataset])
         d.setdefault("slots", {})[slot] = _dataset_scores(r, audits.get(str(r.get("run"))))
         reps.setdefault((cluster, slot), []).append(mean_replicates(r, n_boot, seed))
     cluster_reps: dict[tuple[str, str], Any] = {}
@@ -407,7 +411,43 @@ def _cluster_markdown(cluster: str, c: Mapping[str, Any], slots: Sequence[str], 
     head = ["dataset", "metric", *(labels[s] for s in slots)]
     rows = [[d["dataset"], d["metric"], *(_cell(d["slots"].get(s)) for s in slots)] for d in datasets]
     rows.append(["**cluster average**", "", *(_average_cell(c["average"][s], len(datasets)) for s in slots)])
-    return [*lines, *_md_table(head, rows), ""]
+    return [*lines, *_md_table(head, rows), "", *_published_markdown(datasets)]
+
+
+# The paper's models, in the order of its comparison table, and the model flanpipe reproduces FLAN with.
+PUBLISHED_MODELS = (
+    ("flan_137b_zero_shot", "FLAN 137B zero-shot"),
+    ("lamda_pt_137b_zero_shot", "LaMDA-PT 137B zero-shot"),
+    ("lamda_pt_137b_few_shot", "LaMDA-PT 137B few-shot"),
+    ("gpt3_175b_zero_shot", "GPT-3 175B zero-shot"),
+    ("gpt3_175b_few_shot", "GPT-3 175B few-shot"),
+)
+FLAN_BASE_MODEL = "lamda_pt_137b"
+
+
+def _published_markdown(datasets: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Ours (tuned, zero-shot, mean over templates) beside the paper's published scores. A run on the
+    paper's base model (lamda_pt_137b) reproduces FLAN 137B, so it gets 'ours − FLAN'; any other model
+    shows the paper's figures as a reference only. Nothing when no dataset carries published scores."""
+    have = [d for d in datasets if d.get("published")]
+    if not have:
+        return []
+    ours = {d["dataset"]: d["slots"].get("tuned_zeroshot") for d in have}
+    same = all(x is not None and x.get("model") == FLAN_BASE_MODEL for x in ours.values())
+    head = ["dataset", "ours (tuned, zero-shot)", *(label for _, label in PUBLISHED_MODELS)]
+    head += ["ours − FLAN 137B"] if same else []
+    rows = []
+    for d in have:
+        p, x = d["published"], ours[d["dataset"]]
+        mine = None if x is None else x.get("mean")
+        row = [d["dataset"], _fmt(mine), *(_fmt(p.get(k)) for k, _ in PUBLISHED_MODELS)]
+        flan = p.get("flan_137b_zero_shot")
+        if same:
+            row.append("–" if mine is None or flan is None else f"{mine - flan:+.1f}")
+        rows.append(row)
+    title = "Beside the paper (same base model: difference to FLAN 137B)" if same else "The paper's numbers (reference)"
+    sources = sorted({str(d["published"]["source"]) for d in have})
+    return [f"{title}:", "", *_md_table(head, rows), "", *(f"Source: {src}" for src in sources), ""]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,5 +21,6 @@ with log_to(snakemake.log[0]):
         snakemake.output.figure,
         experiment=snakemake.params.experiment,
         audits=audits,
+        published=snakemake.params.published,
         seed=snakemake.params.seed,
     )
