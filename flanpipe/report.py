@@ -139,16 +139,17 @@ def _key(record: Record) -> tuple[str, str, str]:
     return str(record.get("run")), str(record["variant"]), str(record["dataset"])
 
 
-def mean_interval(record: Record) -> dict[str, float] | None:
-    """95% bootstrap interval (over test examples, flanpipe.stats) of the mean over templates, from the
-    record's per-example scores; None for a record written before those were kept. Seeded: a rerun of the
-    report prints the same interval."""
-    from flanpipe.stats import mean_over_templates_ci, score_matrix
+def mean_interval(replicates: Any) -> dict[str, float] | None:
+    """95% interval (percentile) and standard error of the mean over templates from its bootstrap
+    replicates (mean_replicates); None for a record written before per-example scores were kept. The
+    same replicates feed the cluster and held-out averages, so a one-dataset cluster shows its dataset's
+    interval."""
+    from flanpipe.stats import percentile_interval
 
-    if not record.get("per_example"):
+    if replicates is None:
         return None
-    ci = mean_over_templates_ci(score_matrix(record, "test"))
-    return {"lo": ci["lo"], "hi": ci["hi"], "se": ci["se"]}
+    lo, hi = percentile_interval(replicates)
+    return {"lo": lo, "hi": hi, "se": float(replicates.std(ddof=1))}
 
 
 def _all_or_none(values: Sequence[float | None]) -> float | None:
@@ -192,7 +193,7 @@ def mean_replicates(record: Record, n_boot: int, seed: int) -> Any:
     return mean_over_templates_replicates(score_matrix(record, "test"), n_boot, rng)
 
 
-def _dataset_scores(record: Record, audit: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _dataset_scores(record: Record, audit: Mapping[str, Any] | None = None, replicates: Any = None) -> dict[str, Any]:
     """The per-dataset numbers of one eval result, passed through unchanged, plus the mean's interval
     and (with the run's contamination audit) the clean-subset score."""
     v = EvalVariant.parse(str(record["variant"]))
@@ -209,7 +210,7 @@ def _dataset_scores(record: Record, audit: Mapping[str, Any] | None = None) -> d
         "median": record.get("median"),
         "best_dev_template": record.get("best_dev_template"),
         "best_dev_test": record.get("best_dev_test"),
-        "mean_ci": mean_interval(record),
+        "mean_ci": mean_interval(replicates),
         "clean": clean_subset(record, audit),
         "chance": record.get("chance"),
     }
@@ -259,8 +260,9 @@ def summarize_main(
         d = c["datasets"].setdefault(dataset, {"dataset": dataset, "cluster": r["cluster"], "metric": r["metric"]})
         if published and dataset in published:
             d["published"] = dict(published[dataset])
-        d.setdefault("slots", {})[slot] = _dataset_scores(r, audits.get(str(r.get("run"))))
-        reps.setdefault((cluster, slot), []).append(mean_replicates(r, n_boot, seed))
+        rep = mean_replicates(r, n_boot, seed)
+        d.setdefault("slots", {})[slot] = _dataset_scores(r, audits.get(str(r.get("run"))), rep)
+        reps.setdefault((cluster, slot), []).append(rep)
     cluster_reps: dict[tuple[str, str], Any] = {}
     for cluster, c in clusters.items():
         c["average"] = {}

@@ -454,12 +454,13 @@ def test_report_tables_never_import_figures() -> None:
 def test_table_cells_carry_the_bootstrap_interval_of_the_mean() -> None:
     """With per-example scores (0/100 accuracy: 4 test examples x 2 templates) the cell shows the seeded
     95% interval flanpipe.stats gives for the mean over templates; one without them stays as it was."""
-    from flanpipe.stats import mean_over_templates_ci, score_matrix
+    from flanpipe.stats import dataset_rng, mean_over_templates_replicates, percentile_interval, score_matrix
 
     rows = [(s, t, e, 100.0 if (e + t) % 3 else 0.0) for s in ("validation", "test") for t in (0, 1) for e in range(4)]
     per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}
     with_ci = record("nli_a", "nli", [50.0, 75.0], best=1, per_example=per_example)  # as the scores give
-    want = mean_over_templates_ci(score_matrix(with_ci, "test"))
+    reps = mean_over_templates_replicates(score_matrix(with_ci, "test"), 2000, dataset_rng(0, "nli_a"))
+    want = dict(zip(("lo", "hi"), percentile_interval(reps), strict=True))
     assert want["lo"] < 62.5 < want["hi"]  # the estimate (75 + 50) / 2 lies inside
     md = markdown(summarize_main([with_ci, record("nli_b", "nli", [30.0, 50.0], best=1)]))
     assert f"| nli_a | accuracy | 62.5 ± 12.5 [{want['lo']:.1f}, {want['hi']:.1f}] / 75.0 |" in md, md
@@ -469,13 +470,13 @@ def test_table_cells_carry_the_bootstrap_interval_of_the_mean() -> None:
 def test_summary_figure_error_bars_from_per_example_scores() -> None:
     """Error bars appear (1.96 x the average's standard error) only where per-example scores exist."""
     from flanpipe.report import average_se
-    from flanpipe.stats import mean_over_templates_ci, score_matrix
+    from flanpipe.stats import dataset_rng, mean_over_templates_replicates, score_matrix
 
     rows = [(s, t, e, 100.0 if (e + t) % 3 else 0.0) for s in ("validation", "test") for t in (0, 1) for e in range(4)]
     per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}
     recs = [record("nli_a", "nli", [50.0, 75.0], best=1, per_example=per_example)]
     s = summarize_main(recs, "exp")
-    se = mean_over_templates_ci(score_matrix(recs[0], "test"))["se"]
+    se = mean_over_templates_replicates(score_matrix(recs[0], "test"), 2000, dataset_rng(0, "nli_a")).std(ddof=1)
     assert s["clusters"]["nli"]["average"]["tuned_zeroshot"]["mean_se"] == pytest.approx(se)
     assert average_se([3.0, 4.0]) == pytest.approx(2.5) and average_se([3.0, None]) is None
     ax = summary_figure(s, "exp").axes[0]

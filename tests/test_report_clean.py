@@ -49,6 +49,9 @@ def test_average_intervals_by_hand() -> None:
     assert (sent["mean_ci"]["lo"], sent["mean_ci"]["hi"], sent["mean_ci"]["se"]) == (60.0, 60.0, 0.0)
     ho = s["held_out_average"]["tuned_zeroshot"]
     assert ho["mean"] == 67.5 and (ho["mean_ci"]["lo"], ho["mean_ci"]["hi"]) == (55.0, 80.0)
+    # one dataset's cell and a one-dataset cluster's average come from the same replicates: same interval
+    one = summarize_main(recs[:1], seed=3)["clusters"]["nli"]
+    assert one["average"]["tuned_zeroshot"]["mean_ci"] == one["datasets"]["nli_a"]["slots"]["tuned_zeroshot"]["mean_ci"]
     assert s["average_interval"]["n_boot"] == 2000 and s["average_interval"]["seed"] == 3
     md = markdown(s)
     assert "| instruction-tuned, zero-shot | 67.5 [55.0, 80.0] | – | 67.5 | 2 |" in md, md
