@@ -106,7 +106,8 @@ def _finish(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
 def summary_figure(summary: Mapping[str, Any], experiment: str) -> Figure:
     """Grouped bars: per held-out cluster (and their average), instruction-tuned zero-shot next to the
     untuned base zero-shot and few-shot. Bar = mean over templates; black tick = best-dev template; error bar =
-    95% interval (1.96 standard errors, flanpipe.report.average_se) where every dataset kept per-example scores;
+    95% interval of the average (stratified bootstrap over examples, the table's) where every dataset kept
+    per-example scores;
     dashed line = chance (random option) where every dataset of the group is an option task."""
     clusters = list(summary["clusters"])
     groups = [*clusters, "average"] if len(clusters) > 1 else clusters
@@ -132,11 +133,15 @@ def summary_figure(summary: Mapping[str, Any], experiment: str) -> Figure:
         handles.append(
             ax.bar(xs, [y or 0.0 for y in ys], width, label=label, color=color, edgecolor="black", linewidth=0.5)
         )
-        ses = [value(g, slot, "mean_se") for g in groups]
-        if bars := [(x, y, 1.96 * se) for x, y, se in zip(xs, ys, ses, strict=True) if y is not None and se]:
-            ex, ey, err = zip(*bars, strict=True)
+        cis = [value(g, slot, "mean_ci") for g in groups]
+        if bars := [(x, y, ci) for x, y, ci in zip(xs, ys, cis, strict=True) if y is not None and ci]:
+            ex, ey, eci = zip(*bars, strict=True)
+            err = [
+                [y - ci["lo"] for y, ci in zip(ey, eci, strict=True)],
+                [ci["hi"] - y for y, ci in zip(ey, eci, strict=True)],
+            ]
             ax.errorbar(ex, ey, yerr=err, fmt="none", ecolor="#333333", elinewidth=1, capsize=3, zorder=4)
-            heights += [y + e for y, e in zip(ey, err, strict=True)]
+            heights += [ci["hi"] for ci in eci]
         for x, y, b in zip(xs, ys, best, strict=True):
             if b is not None:
                 ax.plot([x - width * 0.4, x + width * 0.4], [b, b], color="black", lw=2, zorder=3)

@@ -482,7 +482,8 @@ def test_summary_figure_error_bars_from_per_example_scores() -> None:
     ax = summary_figure(s, "exp").axes[0]
     (bars,) = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
     segment = bars.lines[2][0].get_segments()[0]
-    assert segment[1][1] - segment[0][1] == pytest.approx(2 * 1.96 * se)
+    ci = s["clusters"]["nli"]["average"]["tuned_zeroshot"]["mean_ci"]  # the table's bootstrap interval
+    assert (segment[0][1], segment[1][1]) == pytest.approx((ci["lo"], ci["hi"]))
     assert "95% bootstrap interval of the mean" in [t.get_text() for t in ax.get_legend().get_texts()]
     plain = summary_figure(summarize_main(main_records(), "exp"), "exp").axes[0]
     assert not [c for c in plain.containers if type(c).__name__ == "ErrorbarContainer"]
