@@ -106,7 +106,8 @@ def _finish(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
 def summary_figure(summary: Mapping[str, Any], experiment: str) -> Figure:
     """Grouped bars: per held-out cluster (and their average), instruction-tuned zero-shot next to the
     untuned base zero-shot and few-shot. Bar = mean over templates; black tick = best-dev template; error bar =
-    95% interval (1.96 standard errors, flanpipe.report.average_se) where every dataset kept per-example scores;
+    95% interval of the average (stratified bootstrap over examples, the table's) where every dataset kept
+    per-example scores;
     dashed line = chance (random option) where every dataset of the group is an option task."""
     clusters = list(summary["clusters"])
     groups = [*clusters, "average"] if len(clusters) > 1 else clusters
@@ -132,11 +133,15 @@ def summary_figure(summary: Mapping[str, Any], experiment: str) -> Figure:
         handles.append(
             ax.bar(xs, [y or 0.0 for y in ys], width, label=label, color=color, edgecolor="black", linewidth=0.5)
         )
-        ses = [value(g, slot, "mean_se") for g in groups]
-        if bars := [(x, y, 1.96 * se) for x, y, se in zip(xs, ys, ses, strict=True) if y is not None and se]:
-            ex, ey, err = zip(*bars, strict=True)
+        cis = [value(g, slot, "mean_ci") for g in groups]
+        if bars := [(x, y, ci) for x, y, ci in zip(xs, ys, cis, strict=True) if y is not None and ci]:
+            ex, ey, eci = zip(*bars, strict=True)
+            err = [
+                [y - ci["lo"] for y, ci in zip(ey, eci, strict=True)],
+                [ci["hi"] - y for y, ci in zip(ey, eci, strict=True)],
+            ]
             ax.errorbar(ex, ey, yerr=err, fmt="none", ecolor="#333333", elinewidth=1, capsize=3, zorder=4)
-            heights += [y + e for y, e in zip(ey, err, strict=True)]
+            heights += [ci["hi"] for ci in eci]
         for x, y, b in zip(xs, ys, best, strict=True):
             if b is not None:
                 ax.plot([x - width * 0.4, x + width * 0.4], [b, b], color="black", lw=2, zorder=3)
@@ -364,14 +369,21 @@ def write_summary(
     *,
     experiment: str = "flanpipe",
     extra_markdown: Sequence[str] = (),
+    audits: Mapping[str, Mapping[str, Any]] | None = None,
+    published: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Rule ``report``: summary.json, summary.md (linking the figure) and the held-out bar chart.
+
+    ``audits``: run -> contamination audit, for the clean-subset columns (flanpipe.report.clean_subset);
+    ``published``: dataset -> the paper's scores (registry ``published:``), shown beside ours;
+    ``seed``: of the bootstrap intervals on the averages (stated in summary.md).
 
     ``experiment`` (the config's name or path) titles the Markdown and the figure, so a figure copied
     out of its directory still says which experiment it shows. ``extra_markdown`` blocks (e.g. the
     ablation tables returned by write_ablation) are appended to summary.md.
     """
-    summary = summarize_main(records, experiment)
+    summary = summarize_main(records, experiment, audits, published=published, seed=seed)
     save_figure(summary_figure(summary, experiment), figure_path)
     rel = os.path.relpath(Path(figure_path).resolve(), Path(out_md).resolve().parent)
     write_json(out_json, summary)

@@ -69,6 +69,7 @@ class DatasetSpec:
     bad_rows: str | None = None  # per-dataset override of data.bad_rows
     paper_dataset: str = ""  # the paper's dataset this loader belongs to (default: its own name)
     eval_only: bool = False  # never trained on: marked so, or its splits have no train
+    published: Mapping[str, float | str | None] | None = None  # the paper's scores + source (report only)
     defined_in: str = ""  # registry file, for error messages
 
     @property
@@ -127,6 +128,7 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
         bad_rows=raw.get("bad_rows"),
         paper_dataset=raw.get("paper_dataset", name),
         eval_only=bool(raw.get("eval_only", False)) or "train" not in (raw.get("splits") or {"train": "train"}),
+        published=dict(raw["published"]) if raw.get("published") else None,
         defined_in=str(path),
     )
     where = f"{path}: dataset {name!r}"

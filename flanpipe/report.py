@@ -26,7 +26,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flanpipe.io import read_json
+from flanpipe.stats import average_ci
 from flanpipe.vocab import ABLATIONS, EvalVariant, RunRole, role_of_run_name
 
 Record = Mapping[str, Any]
@@ -35,6 +38,12 @@ SCORE_NOTE = (
     "Scores are on the test split, 0-100 (accuracy, exact match, F1, BLEU or ROUGE as the dataset's metric). "
     "*mean* = mean over the dataset's templates; *best dev* = test score of the template with the best "
     "validation score. Cluster = mean over its datasets; held-out average = mean over clusters."
+)
+
+AVERAGE_BOOTSTRAP = 2_000
+AVERAGE_NOTE = (
+    "examples resampled with replacement within each dataset (stratified); a replicate of an average is "
+    "the average of its datasets' (clusters') replicates"
 )
 
 # Slots are the comparisons the paper makes for each held-out dataset, in display order.
@@ -130,16 +139,17 @@ def _key(record: Record) -> tuple[str, str, str]:
     return str(record.get("run")), str(record["variant"]), str(record["dataset"])
 
 
-def mean_interval(record: Record) -> dict[str, float] | None:
-    """95% bootstrap interval (over test examples, flanpipe.stats) of the mean over templates, from the
-    record's per-example scores; None for a record written before those were kept. Seeded: a rerun of the
-    report prints the same interval."""
-    from flanpipe.stats import mean_over_templates_ci, score_matrix
+def mean_interval(replicates: Any) -> dict[str, float] | None:
+    """95% interval (percentile) and standard error of the mean over templates from its bootstrap
+    replicates (mean_replicates); None for a record written before per-example scores were kept. The
+    same replicates feed the cluster and held-out averages, so a one-dataset cluster shows its dataset's
+    interval."""
+    from flanpipe.stats import percentile_interval
 
-    if not record.get("per_example"):
+    if replicates is None:
         return None
-    ci = mean_over_templates_ci(score_matrix(record, "test"))
-    return {"lo": ci["lo"], "hi": ci["hi"], "se": ci["se"]}
+    lo, hi = percentile_interval(replicates)
+    return {"lo": lo, "hi": hi, "se": float(replicates.std(ddof=1))}
 
 
 def _all_or_none(values: Sequence[float | None]) -> float | None:
@@ -155,8 +165,37 @@ def average_se(ses: Sequence[float | None]) -> float | None:
     return math.sqrt(sum(x * x for x in ses)) / len(ses)
 
 
-def _dataset_scores(record: Record) -> dict[str, Any]:
-    """The per-dataset numbers of one eval result, passed through unchanged, plus the mean's interval."""
+def clean_subset(record: Record, audit: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Mean over templates on the clean test subset: the contaminated eval examples of the run's audit
+    (flanpipe.contamination) left out, with how many were dropped. None without an audit of the run or
+    without per-example scores; an audit that flags nothing gives the full score with 0 dropped."""
+    from flanpipe.stats import score_matrix
+    from flanpipe.uncertainty import excluded_ids
+
+    if audit is None or not record.get("per_example"):
+        return None
+    dropped = excluded_ids(audit, str(record["dataset"])).get("test", [])
+    full = score_matrix(record, "test")
+    clean = score_matrix(record, "test", dropped)
+    n_dropped = int(full.scores.shape[1] - clean.scores.shape[1])  # ids outside the test split drop nothing
+    mean = float(clean.scores.mean()) if clean.scores.size else None
+    return {"mean": mean, "n": int(clean.scores.shape[1]), "n_dropped": n_dropped}
+
+
+def mean_replicates(record: Record, n_boot: int, seed: int) -> Any:
+    """Bootstrap replicates of the mean over templates (stratified per dataset: flanpipe.stats.dataset_rng),
+    averaged into the cluster and held-out intervals; None without per-example scores."""
+    from flanpipe.stats import dataset_rng, mean_over_templates_replicates, score_matrix
+
+    if not record.get("per_example"):
+        return None
+    rng = dataset_rng(seed, str(record["dataset"]))
+    return mean_over_templates_replicates(score_matrix(record, "test"), n_boot, rng)
+
+
+def _dataset_scores(record: Record, audit: Mapping[str, Any] | None = None, replicates: Any = None) -> dict[str, Any]:
+    """The per-dataset numbers of one eval result, passed through unchanged, plus the mean's interval
+    and (with the run's contamination audit) the clean-subset score."""
     v = EvalVariant.parse(str(record["variant"]))
     return {
         "run": record.get("run"),
@@ -171,7 +210,8 @@ def _dataset_scores(record: Record) -> dict[str, Any]:
         "median": record.get("median"),
         "best_dev_template": record.get("best_dev_template"),
         "best_dev_test": record.get("best_dev_test"),
-        "mean_ci": mean_interval(record),
+        "mean_ci": mean_interval(replicates),
+        "clean": clean_subset(record, audit),
         "chance": record.get("chance"),
     }
 
@@ -194,34 +234,68 @@ def _unique(records: Sequence[Record], key: Any, what: str) -> dict[Any, Record]
 # main results: summary.json / summary.md
 
 
-def summarize_main(records: Sequence[Record], experiment: str = "flanpipe") -> dict[str, Any]:
-    """Group eval records by held-out cluster, dataset and slot, and average them like the paper."""
+def summarize_main(
+    records: Sequence[Record],
+    experiment: str = "flanpipe",
+    audits: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    published: Mapping[str, Mapping[str, Any]] | None = None,
+    n_boot: int = AVERAGE_BOOTSTRAP,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Group eval records by held-out cluster, dataset and slot, and average them like the paper.
+
+    ``audits``: run -> contamination audit (flanpipe.contamination), for the clean-subset scores.
+    ``published``: dataset -> the paper's scores (registry ``published:``), carried beside ours.
+    Cluster and held-out averages get a 95% interval from a bootstrap over examples stratified by
+    dataset (``n_boot`` replicates, ``seed``; stated in the report).
+    """
+    audits = audits or {}
     cells = _unique(records, lambda r: (held_out_of(r), str(r["dataset"]), slot_of(r)), "summary")
     slots = [s for s in SLOT_ORDER if any(k[2] == s for k in cells)]
     clusters: dict[str, Any] = {}
+    reps: dict[tuple[str, str], list[Any]] = {}
     for (cluster, dataset, slot), r in sorted(cells.items()):
         c = clusters.setdefault(cluster, {"datasets": {}})
         d = c["datasets"].setdefault(dataset, {"dataset": dataset, "cluster": r["cluster"], "metric": r["metric"]})
-        d.setdefault("slots", {})[slot] = _dataset_scores(r)
-    for c in clusters.values():
-        c["average"] = {s: _slot_average(c["datasets"].values(), s) for s in slots}
-    held_out_average = {
-        s: {
+        if published and dataset in published:
+            d["published"] = dict(published[dataset])
+        rep = mean_replicates(r, n_boot, seed)
+        d.setdefault("slots", {})[slot] = _dataset_scores(r, audits.get(str(r.get("run"))), rep)
+        reps.setdefault((cluster, slot), []).append(rep)
+    cluster_reps: dict[tuple[str, str], Any] = {}
+    for cluster, c in clusters.items():
+        c["average"] = {}
+        for s in slots:
+            parts = reps.get((cluster, s), [])
+            whole = bool(parts) and all(p is not None for p in parts)  # an interval over part would lie
+            cluster_reps[(cluster, s)] = np.mean(np.stack(parts), axis=0) if whole else None
+            c["average"][s] = {
+                **_slot_average(c["datasets"].values(), s),
+                "mean_ci": average_ci(parts) if whole else None,
+            }
+    held_out_average = {}
+    for s in slots:
+        parts = [cluster_reps[(k, s)] for k, c in clusters.items() if c["average"][s]["n_datasets"]]
+        held_out_average[s] = {
             "mean": _mean(c["average"][s]["mean"] for c in clusters.values()),
             "best_dev": _mean(c["average"][s]["best_dev"] for c in clusters.values()),
             "n_clusters": sum(c["average"][s]["n_datasets"] > 0 for c in clusters.values()),
             "mean_se": average_se(
                 [c["average"][s]["mean_se"] for c in clusters.values() if c["average"][s]["n_datasets"]]
             ),
+            "mean_ci": average_ci(parts) if parts and all(p is not None for p in parts) else None,
+            "clean_mean": _all_or_none(
+                [c["average"][s]["clean_mean"] for c in clusters.values() if c["average"][s]["n_datasets"]]
+            ),
             "chance": _all_or_none(
                 [c["average"][s]["chance"] for c in clusters.values() if c["average"][s]["n_datasets"]]
             ),
         }
-        for s in slots
-    }
     return {
         "experiment": experiment,
         "score": SCORE_NOTE,
+        "average_interval": {"n_boot": n_boot, "seed": seed, "level": 0.95, "resampling": AVERAGE_NOTE},
         "slots": slots,
         "clusters": clusters,
         "held_out_average": held_out_average,
@@ -236,6 +310,8 @@ def _slot_average(datasets: Iterable[Mapping[str, Any]], slot: str) -> dict[str,
         "best_dev": _mean(x["best_dev_test"] for x in have),
         "n_datasets": len(have),
         "mean_se": average_se([(x.get("mean_ci") or {}).get("se") for x in have]),
+        "clean_mean": _all_or_none([(x.get("clean") or {}).get("mean") for x in have]),
+        "clean_dropped": sum((x.get("clean") or {}).get("n_dropped", 0) for x in have),
         "chance": _all_or_none([x.get("chance") for x in have]),
     }
 
@@ -259,15 +335,22 @@ def _interval(x: Mapping[str, Any]) -> str:
     return "" if not ci else f" [{_fmt(ci['lo'])}, {_fmt(ci['hi'])}]"
 
 
+def _clean(x: Mapping[str, Any]) -> str:
+    """'; clean 41.0 (−3)': the clean-subset mean and how many contaminated test examples it left out."""
+    c = x.get("clean")
+    return "" if not c else f"; clean {_fmt(c['mean'])} (−{c['n_dropped']})"
+
+
 def _cell(x: Mapping[str, Any] | None) -> str:
-    """'mean ± std [95% interval] / best dev' for one dataset in one slot."""
-    return "–" if x is None else f"{_mean_std(x)}{_interval(x)} / {_fmt(x['best_dev_test'])}"
+    """'mean ± std [95% interval] / best dev; clean mean (−dropped)' for one dataset in one slot."""
+    return "–" if x is None else f"{_mean_std(x)}{_interval(x)} / {_fmt(x['best_dev_test'])}{_clean(x)}"
 
 
 def _average_cell(a: Mapping[str, Any], n_datasets: int) -> str:
     """Bold 'mean / best dev'; '(k of n datasets)' when a slot is missing for some datasets."""
     partial = "" if a["n_datasets"] == n_datasets else f" ({a['n_datasets']} of {n_datasets} datasets)"
-    return f"**{_fmt(a['mean'])} / {_fmt(a['best_dev'])}**{partial}"
+    clean = "" if a.get("clean_mean") is None else f"; clean {_fmt(a['clean_mean'])} (−{a['clean_dropped']})"
+    return f"**{_fmt(a['mean'])}{_interval(a)} / {_fmt(a['best_dev'])}**{clean}{partial}"
 
 
 def markdown(summary: Mapping[str, Any], figure: str | None = None, extra: Sequence[str] = ()) -> str:
@@ -279,10 +362,25 @@ def markdown(summary: Mapping[str, Any], figure: str | None = None, extra: Seque
         lines += [f"![held-out clusters: instruction-tuned vs untuned base]({figure})", ""]
     lines += ["## Held-out average", ""]
     rows = [
-        [labels[s], _fmt(a["mean"]), _fmt(a["best_dev"]), str(a["n_clusters"])]
+        [
+            labels[s],
+            _fmt(a["mean"]) + _interval(a),
+            _fmt(a.get("clean_mean")),
+            _fmt(a["best_dev"]),
+            str(a["n_clusters"]),
+        ]
         for s, a in summary["held_out_average"].items()
     ]
-    lines += [*_md_table(["model / prompt", "mean over templates", "best dev template", "clusters"], rows), ""]
+    head = ["model / prompt", "mean over templates [95% interval]", "clean subset", "best dev template", "clusters"]
+    lines += [*_md_table(head, rows), ""]
+    ai = summary.get("average_interval")
+    if ai:
+        lines += [
+            f"Intervals on averages: 95% bootstrap, {ai['n_boot']} replicates, seed {ai['seed']}; "
+            f"{ai['resampling']}. *clean subset*: contaminated eval examples of the run's audit left out "
+            "(– without an audit).",
+            "",
+        ]
     for cluster, c in summary["clusters"].items():
         lines += _cluster_markdown(cluster, c, slots, labels)
     lines += [block.rstrip("\n") + "\n" for block in extra]
@@ -315,7 +413,43 @@ def _cluster_markdown(cluster: str, c: Mapping[str, Any], slots: Sequence[str], 
     head = ["dataset", "metric", *(labels[s] for s in slots)]
     rows = [[d["dataset"], d["metric"], *(_cell(d["slots"].get(s)) for s in slots)] for d in datasets]
     rows.append(["**cluster average**", "", *(_average_cell(c["average"][s], len(datasets)) for s in slots)])
-    return [*lines, *_md_table(head, rows), ""]
+    return [*lines, *_md_table(head, rows), "", *_published_markdown(datasets)]
+
+
+# The paper's models, in the order of its comparison table, and the model flanpipe reproduces FLAN with.
+PUBLISHED_MODELS = (
+    ("flan_137b_zero_shot", "FLAN 137B zero-shot"),
+    ("lamda_pt_137b_zero_shot", "LaMDA-PT 137B zero-shot"),
+    ("lamda_pt_137b_few_shot", "LaMDA-PT 137B few-shot"),
+    ("gpt3_175b_zero_shot", "GPT-3 175B zero-shot"),
+    ("gpt3_175b_few_shot", "GPT-3 175B few-shot"),
+)
+FLAN_BASE_MODEL = "lamda_pt_137b"
+
+
+def _published_markdown(datasets: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Ours (tuned, zero-shot, mean over templates) beside the paper's published scores. A run on the
+    paper's base model (lamda_pt_137b) reproduces FLAN 137B, so it gets 'ours − FLAN'; any other model
+    shows the paper's figures as a reference only. Nothing when no dataset carries published scores."""
+    have = [d for d in datasets if d.get("published")]
+    if not have:
+        return []
+    ours = {d["dataset"]: d["slots"].get("tuned_zeroshot") for d in have}
+    same = all(x is not None and x.get("model") == FLAN_BASE_MODEL for x in ours.values())
+    head = ["dataset", "ours (tuned, zero-shot)", *(label for _, label in PUBLISHED_MODELS)]
+    head += ["ours − FLAN 137B"] if same else []
+    rows = []
+    for d in have:
+        p, x = d["published"], ours[d["dataset"]]
+        mine = None if x is None else x.get("mean")
+        row = [d["dataset"], _fmt(mine), *(_fmt(p.get(k)) for k, _ in PUBLISHED_MODELS)]
+        flan = p.get("flan_137b_zero_shot")
+        if same:
+            row.append("–" if mine is None or flan is None else f"{mine - flan:+.1f}")
+        rows.append(row)
+    title = "Beside the paper (same base model: difference to FLAN 137B)" if same else "The paper's numbers (reference)"
+    sources = sorted({str(d["published"]["source"]) for d in have})
+    return [f"{title}:", "", *_md_table(head, rows), "", *(f"Source: {src}" for src in sources), ""]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ counts @ scores.T / N. Seeded (numpy Generator), so a report is reproducible.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,30 @@ def mean_over_templates_ci(
     reps = (counts @ test.scores.T / n).mean(axis=1)  # [B]
     lo, hi = percentile_interval(reps, level)
     return {"estimate": float(test.scores.mean()), "lo": lo, "hi": hi, "se": float(reps.std(ddof=1)), "n": n}
+
+
+def dataset_rng(seed: int, dataset: str) -> np.random.Generator:
+    """A generator per (seed, dataset): averages resample each dataset independently (stratified) and the
+    draw of a dataset does not change when another dataset joins the report."""
+    return np.random.default_rng([seed, zlib.crc32(dataset.encode("utf-8"))])
+
+
+def mean_over_templates_replicates(test: ScoreMatrix, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_boot] bootstrap replicates (over examples) of the mean over templates, for averaging."""
+    n = test.scores.shape[1]
+    return (bootstrap_counts(n, n_boot, rng) @ test.scores.T / n).mean(axis=1)
+
+
+def average_ci(replicates: Sequence[np.ndarray], level: float = 0.95) -> dict[str, float] | None:
+    """Interval of an unweighted average of independently resampled estimates (datasets of a cluster, or
+    clusters of the held-out average): replicate b of the average is the average of the parts' replicate b,
+    so the interval is the stratified bootstrap's (examples resampled within each dataset). None when no
+    part has replicates."""
+    if not replicates:
+        return None
+    reps = np.mean(np.stack(list(replicates)), axis=0)
+    lo, hi = percentile_interval(reps, level)
+    return {"lo": lo, "hi": hi, "se": float(reps.std(ddof=1))}
 
 
 def best_dev_ci(

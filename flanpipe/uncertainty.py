@@ -15,7 +15,7 @@ from flanpipe.io import read_json, write_json
 from flanpipe.stats import DEFAULT_BOOTSTRAP, dataset_uncertainty, paired_comparison, score_matrix
 
 
-def _excluded(audit: Mapping | None, dataset: str) -> dict[str, list[int]]:
+def excluded_ids(audit: Mapping | None, dataset: str) -> dict[str, list[int]]:
     """split -> contaminated eval example ids of ``dataset`` in a run's audit (none without an audit)."""
     if not audit or dataset not in audit.get("datasets", {}):
         return {}
@@ -36,7 +36,7 @@ def uncertainty_report(
     for r, m in zip(results, meta, strict=True):
         if "per_example" not in r:
             continue  # an evaluation from before per-example scores: nothing to resample
-        excl = _excluded(audits.get(m["run"]), r["dataset"])
+        excl = excluded_ids(audits.get(m["run"]), r["dataset"])
         row = {**{k: m[k] for k in ("run", "variant", "held_out", "role")}, "dataset": r["dataset"]}
         row["all"] = dataset_uncertainty(r, n_boot, seed)
         n_excl = sum(len(v) for v in excl.values())

@@ -2,9 +2,15 @@
 #   snakemake ablation_clusters | ablation_scale | ablation_instructions | ablation_templates | ablation_options
 
 
+def report_published():
+    """dataset -> the paper's published scores (registry `published:`), for the report's paper table."""
+    return {d: dict(s.published) for d, s in PLAN.registry.items() if s.published}
+
+
 rule report:
     input:
-        report_inputs(),
+        # results: the main evaluations; audit__<run>: each trained run's contamination audit (clean subsets)
+        unpack(uncertainty_inputs),
     output:
         json="results/summary.json",
         md=report("results/summary.md", caption="../workflow/report/summary_table.rst", category="Summary"),
@@ -12,6 +18,8 @@ rule report:
     params:
         meta=report_meta(),
         experiment=EXPERIMENT,
+        seed=config["mixture"]["seed"],
+        published=report_published(),
     threads: 1
     log:
         "logs/report/report.log",

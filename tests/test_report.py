@@ -132,14 +132,28 @@ def test_summary_cluster_and_held_out_averages() -> None:
         "best_dev": 45.0,
         "n_datasets": 2,
         "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
+        "clean_dropped": 0,
         "chance": None,
     }  # best dev (40 + 50) / 2 = 45
-    assert sent["tuned_zeroshot"] == {"mean": 70.0, "best_dev": 70.0, "n_datasets": 1, "mean_se": None, "chance": None}
+    assert sent["tuned_zeroshot"] == {
+        "mean": 70.0,
+        "best_dev": 70.0,
+        "n_datasets": 1,
+        "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
+        "clean_dropped": 0,
+        "chance": None,
+    }
     assert s["held_out_average"]["tuned_zeroshot"] == {
         "mean": 60.0,
         "best_dev": 57.5,
         "n_clusters": 2,
         "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
         "chance": None,
     }  # (45+70)/2
     # no options: only nli_a -> nli 40 (1 of 2 datasets); sentiment has none; held out 40 over 1 cluster
@@ -148,6 +162,9 @@ def test_summary_cluster_and_held_out_averages() -> None:
         "best_dev": 50.0,
         "n_datasets": 1,
         "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
+        "clean_dropped": 0,
         "chance": None,
     }
     assert sent["tuned_zeroshot_noopts"]["n_datasets"] == 0 and sent["tuned_zeroshot_noopts"]["mean"] is None
@@ -156,6 +173,8 @@ def test_summary_cluster_and_held_out_averages() -> None:
         "best_dev": 50.0,
         "n_clusters": 1,
         "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
         "chance": None,
     }
     # base zero-shot: nli (30 + 40) / 2 = 35; sentiment 50; held out (35 + 50) / 2 = 42.5
@@ -168,6 +187,8 @@ def test_summary_cluster_and_held_out_averages() -> None:
         "best_dev": 40.0,
         "n_clusters": 1,
         "mean_se": None,
+        "mean_ci": None,
+        "clean_mean": None,
         "chance": None,
     }
 
@@ -200,11 +221,11 @@ def test_summary_markdown_rows() -> None:
     md = markdown(summarize_main(main_records(), "config/x.yaml"), figure="summary.png")
     assert md.startswith("# config/x.yaml: zero-shot results on held-out clusters\n")
     assert "![held-out clusters: instruction-tuned vs untuned base](summary.png)" in md
-    # held-out average table
-    assert "| instruction-tuned, zero-shot | 60.0 | 57.5 | 2 |" in md
-    assert "| instruction-tuned, zero-shot, no options | 40.0 | 50.0 | 1 |" in md
-    assert "| untuned base, zero-shot | 42.5 | 42.5 | 2 |" in md  # templates all equal: best dev = mean
-    assert "| untuned base, 2-shot | 40.0 | 40.0 | 1 |" in md
+    # held-out average table: mean (no interval without per-example scores), clean subset (no audit: –)
+    assert "| instruction-tuned, zero-shot | 60.0 | – | 57.5 | 2 |" in md
+    assert "| instruction-tuned, zero-shot, no options | 40.0 | – | 50.0 | 1 |" in md
+    assert "| untuned base, zero-shot | 42.5 | – | 42.5 | 2 |" in md  # templates all equal: best dev = mean
+    assert "| untuned base, 2-shot | 40.0 | – | 40.0 | 1 |" in md
     # per-template table (tuned): dataset, metric, t0, t1, mean ± std, best dev
     assert "## Held out: nli (model `heldout_nli`)" in md
     assert "| nli_a | accuracy | 80.0 | 40.0 | 60.0 ± 20.0 | t1: 40.0 |" in md
@@ -433,12 +454,13 @@ def test_report_tables_never_import_figures() -> None:
 def test_table_cells_carry_the_bootstrap_interval_of_the_mean() -> None:
     """With per-example scores (0/100 accuracy: 4 test examples x 2 templates) the cell shows the seeded
     95% interval flanpipe.stats gives for the mean over templates; one without them stays as it was."""
-    from flanpipe.stats import mean_over_templates_ci, score_matrix
+    from flanpipe.stats import dataset_rng, mean_over_templates_replicates, percentile_interval, score_matrix
 
     rows = [(s, t, e, 100.0 if (e + t) % 3 else 0.0) for s in ("validation", "test") for t in (0, 1) for e in range(4)]
     per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}
     with_ci = record("nli_a", "nli", [50.0, 75.0], best=1, per_example=per_example)  # as the scores give
-    want = mean_over_templates_ci(score_matrix(with_ci, "test"))
+    reps = mean_over_templates_replicates(score_matrix(with_ci, "test"), 2000, dataset_rng(0, "nli_a"))
+    want = dict(zip(("lo", "hi"), percentile_interval(reps), strict=True))
     assert want["lo"] < 62.5 < want["hi"]  # the estimate (75 + 50) / 2 lies inside
     md = markdown(summarize_main([with_ci, record("nli_b", "nli", [30.0, 50.0], best=1)]))
     assert f"| nli_a | accuracy | 62.5 ± 12.5 [{want['lo']:.1f}, {want['hi']:.1f}] / 75.0 |" in md, md
@@ -448,19 +470,20 @@ def test_table_cells_carry_the_bootstrap_interval_of_the_mean() -> None:
 def test_summary_figure_error_bars_from_per_example_scores() -> None:
     """Error bars appear (1.96 x the average's standard error) only where per-example scores exist."""
     from flanpipe.report import average_se
-    from flanpipe.stats import mean_over_templates_ci, score_matrix
+    from flanpipe.stats import dataset_rng, mean_over_templates_replicates, score_matrix
 
     rows = [(s, t, e, 100.0 if (e + t) % 3 else 0.0) for s in ("validation", "test") for t in (0, 1) for e in range(4)]
     per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}
     recs = [record("nli_a", "nli", [50.0, 75.0], best=1, per_example=per_example)]
     s = summarize_main(recs, "exp")
-    se = mean_over_templates_ci(score_matrix(recs[0], "test"))["se"]
+    se = mean_over_templates_replicates(score_matrix(recs[0], "test"), 2000, dataset_rng(0, "nli_a")).std(ddof=1)
     assert s["clusters"]["nli"]["average"]["tuned_zeroshot"]["mean_se"] == pytest.approx(se)
     assert average_se([3.0, 4.0]) == pytest.approx(2.5) and average_se([3.0, None]) is None
     ax = summary_figure(s, "exp").axes[0]
     (bars,) = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
     segment = bars.lines[2][0].get_segments()[0]
-    assert segment[1][1] - segment[0][1] == pytest.approx(2 * 1.96 * se)
+    ci = s["clusters"]["nli"]["average"]["tuned_zeroshot"]["mean_ci"]  # the table's bootstrap interval
+    assert (segment[0][1], segment[1][1]) == pytest.approx((ci["lo"], ci["hi"]))
     assert "95% bootstrap interval of the mean" in [t.get_text() for t in ax.get_legend().get_texts()]
     plain = summary_figure(summarize_main(main_records(), "exp"), "exp").axes[0]
     assert not [c for c in plain.containers if type(c).__name__ == "ErrorbarContainer"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -68,3 +70,9 @@ def test_rerun_is_a_no_op_and_report_renders(run_dir: Path) -> None:
     assert report.returncode == 0, report.stderr[-3000:]
     html = (run_dir / "report.html").read_text(errors="replace")
     assert "summary.png" in html and len(html) > 50_000
+    # summary.md rides in the HTML as a base64 data URI: its new columns must be there
+    start = html.index('"results/summary.md"')
+    md = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)", html[start:]).group(1)).decode()
+    assert "| model / prompt | mean over templates [95% interval] | clean subset |" in md, md[:2000]
+    assert "Intervals on averages: 95% bootstrap, 2000 replicates" in md and "; clean " in md
+    assert "](figures/summary.png)" in md

@@ -1,4 +1,4 @@
-"""Rule report -> flanpipe.figures.write_summary over the plan's main evaluations."""
+"""Rule report -> flanpipe.figures.write_summary over the plan's main evaluations and the runs' audits."""
 
 from flanpipe.threads import limit_threads
 
@@ -6,17 +6,21 @@ from flanpipe.threads import limit_threads
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 
 from flanpipe.figures import write_summary
-from flanpipe.io import log_to
+from flanpipe.io import log_to, read_json
 from flanpipe.report import load_records
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
 with log_to(snakemake.log[0]):
-    records = load_records(list(snakemake.input), snakemake.params.meta)
+    records = load_records(list(snakemake.input.results), snakemake.params.meta)
+    audits = {k.partition("__")[2]: read_json(v) for k, v in snakemake.input.items() if k.startswith("audit__")}
     write_summary(
         records,
         snakemake.output.json,
         snakemake.output.md,
         snakemake.output.figure,
         experiment=snakemake.params.experiment,
+        audits=audits,
+        published=snakemake.params.published,
+        seed=snakemake.params.seed,
     )
