@@ -18,18 +18,20 @@ Megatron's), hands DCP one write item per chunk, and a planner's ``resolve_data`
 HF tensors through safetensors' ``safe_open`` only when DCP writes it (QKV fuse, SwiGLU halves, GPT-2
 transpose, vocab padding, fp32 cast there). On CPU, DCP's FileSystemWriter with thread_count=1 uses
 its serial loader: one item resolved, written, dropped. The vocabulary tables are cut into ~32 MiB row
-chunks (DCP stores and loads any chunking), each read as just those rows (``get_slice``); a layer item
-is built in the source dtype and only its own slice is cast to fp32 (a SwiGLU half of fc1, not the
-fused pair). Resident = interpreter + torch + Megatron (0.35 GiB, measured alone) + about one layer's
+chunks (DCP stores and loads any chunking), each read as just those rows (``get_slice``), and so are the
+Llama/Qwen2 layer weights whose rows are HF's rows (SwiGLU halves read only gate's or up's rows, o_proj,
+down_proj); other items are built in the source dtype and only their own slice is cast to fp32.
+Resident = interpreter + torch + Megatron (0.35 GiB, measured alone) + about one layer's
 largest tensors: a constant set by the layer shape, not by depth or vocabulary.
 Measured (``flanpipe bench import-hf``; the child's own VmHWM, since ru_maxrss would also count the
-pages it shared with the generating parent before exec; load ~1.1-1.9), before -> after this design:
-- 2.00 GiB bf16 Llama (20 layers, 2048 wide, vocab 32,000): peak 1.15 -> 0.80 GiB (58% -> 40%); beyond
-  the 0.35 GiB baseline the conversion holds 0.80 -> 0.44 GiB (22% of the checkpoint).
+pages it shared with the generating parent before exec; 2-core machine, load ~1-4), before -> now
+(row chunks for the tables and row-mapped layer weights, glibc's mmap threshold fixed):
+- 2.00 GiB bf16 Llama (20 layers, 2048 wide, vocab 32,000): peak 1.15 -> 0.54 GiB (58% -> 27%); beyond
+  the 0.35 GiB baseline the conversion holds 0.80 -> 0.19 GiB (9% of the checkpoint).
 - 3.58 GiB bf16, Llama 3 8B's layer and vocab shapes (4 layers, 4096 wide, ffn 14,336, vocab 128,256):
-  peak 5.94 -> 1.41 GiB (166% -> 39%; the conversion's own 1.06 GiB is about one such layer's fc1 in
-  bf16 plus the fp32 half written). Items are resolved one at a time, so a 32-layer 8B (16 GB) should add
-  layers, not resident memory (not measured at that depth here: 48 GB of disk per run).
+  peak 5.94 -> 0.68 GiB (166% -> 19%; the conversion's own 0.33 GiB is 9%). Items are resolved one at a
+  time, so a 32-layer 8B (16 GB) should add layers, not resident memory (not measured at that depth here:
+  48 GB of disk per run).
 """
 
 from __future__ import annotations
@@ -658,9 +660,9 @@ def _side_dir(path: Path) -> Path | None:
 
 
 # The vocabulary tables are the largest tensors of most checkpoints (Llama 3 8B: 128,256 x 4,096 = 2 GiB
-# in fp32 each), so they are written in row chunks of about this many bytes: one chunk, never the whole
-# table, is resident. Layer tensors are built whole (one layer's largest, e.g. an 8B's fused fc1, is
-# 2 x 14,336 x 4,096 x 4 B = 470 MB, a few % of its checkpoint).
+# in fp32 each), so they, and the layer weights whose rows map to HF rows one to one (SwiGLU halves,
+# o_proj, down_proj), are written in row chunks of about this many bytes: one chunk is resident, never a
+# whole tensor. QKV (grouped interleave) and GPT-2's transposed weights are built whole per item.
 TABLE_CHUNK_BYTES = 32 << 20
 VOCAB_TABLES = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -678,6 +680,50 @@ def _table_rows(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelCon
     if start < v:
         t[: min(stop, v) - start].copy_(reader.get(src, (v, h), rows=(start, min(stop, v))))
     return t
+
+
+def _glu_rows(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str, rows: tuple[int, int]):  # noqa: ANN202
+    """Rows [start, stop) of a gated fc1 (``cat(gate, up)``), read as just those rows of gate and/or up:
+    Megatron saves the two halves as separate items, so each reads one HF tensor, never the fused pair."""
+    import torch
+
+    _, _, layer, local = name.split(".", 3)
+    gate, up = _layer_names(arch, prefix, int(layer), cfg)[local]
+    shape_gate, shape_up = _hf_shapes(arch, [gate, up], cfg)
+    ffn, (start, stop) = shape_gate[0], rows
+    pieces = []
+    if start < ffn:
+        pieces.append(reader.get(gate, shape_gate, rows=(start, min(stop, ffn))))
+    if stop > ffn:
+        pieces.append(reader.get(up, shape_up, rows=(max(start, ffn) - ffn, stop - ffn)))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _is_glu_fc1(arch: str, name: str) -> bool:
+    return arch != "GPT2LMHeadModel" and name.endswith(".mlp.linear_fc1.weight")
+
+
+def _is_plain_rows(arch: str, name: str) -> bool:
+    """Layer weights stored row for row as in HF (Llama/Qwen2 o_proj, down_proj): any rows read directly."""
+    return arch != "GPT2LMHeadModel" and name.endswith((".self_attention.linear_proj.weight", ".mlp.linear_fc2.weight"))
+
+
+def _plain_rows(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str, rows: tuple[int, int]):  # noqa: ANN202
+    _, _, layer, local = name.split(".", 3)
+    (hf_name,) = _layer_names(arch, prefix, int(layer), cfg)[local]
+    (shape,) = _hf_shapes(arch, [hf_name], cfg)
+    return reader.get(hf_name, shape, rows=rows)
+
+
+def _row_reader(arch: str, name: str):  # noqa: ANN202
+    """How an item of ``name`` reads only its own rows, or None (built whole: QKV, GPT-2, norms)."""
+    if name in VOCAB_TABLES:
+        return _table_rows
+    if _is_glu_fc1(arch, name):
+        return _glu_rows
+    if _is_plain_rows(arch, name):
+        return _plain_rows
+    return None
 
 
 def _megatron_tensor(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str):  # noqa: ANN202
@@ -714,6 +760,22 @@ def _check_shapes(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelC
         reader.check(name, shape)
 
 
+def _return_large_frees_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB: every tensor the import allocates then lives in its own mapping
+    and goes back to the OS when freed. Left dynamic, glibc raises the threshold after each freed mapping
+    (up to 32 MiB), so chunks of a few MB to 32 MB land in the heap, which only shrinks from its top: the
+    2 GiB bench import held 0.44 GiB beyond the interpreter that way, 0.25 GiB with the threshold fixed.
+    A no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):
+        pass
+
+
 def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
     """Write the torch_dist checkpoint ``save_weights`` would write for the whole model, in this one
     process, one tensor resident at a time (see the module docstring).
@@ -734,6 +796,7 @@ def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
     from flanpipe.model import init_single_process, model_provider
 
     megatron_compat.quiet_warnings()
+    _return_large_frees_to_the_os()
     arch, cfg, _, prefix = read_hf_config(hf_dir)
     reader = SafetensorsReader(hf_dir)
     init_single_process()
@@ -769,7 +832,7 @@ def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
             # DCP stores any chunking of a tensor and loads across chunks: a vocabulary table is written
             # as row chunks, each resolved (read from the HF files) on its own.
             step = rows
-            if name in VOCAB_TABLES:
+            if _row_reader(arch, name) is not None:
                 step = max(1, TABLE_CHUNK_BYTES // (4 * math.prod(rest)))
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
@@ -800,9 +863,10 @@ def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
             if isinstance(src, io.BytesIO):
                 return src
             name, within, sizes = src
-            if name in VOCAB_TABLES:  # only this chunk's rows, straight from the HF file
-                rows = _table_rows(reader, arch, prefix, cfg, name, (within[0].start, within[0].stop))
-                return rows[(slice(None), *within[1:])].reshape(sizes).contiguous()
+            read_rows = _row_reader(arch, name)
+            if read_rows is not None:  # only this chunk's rows, straight from the HF file
+                rows = read_rows(reader, arch, prefix, cfg, name, (within[0].start, within[0].stop))
+                return rows[(slice(None), *within[1:])].reshape(sizes).float().contiguous()
             return _megatron_tensor(reader, arch, prefix, cfg, name)[within].reshape(sizes).float().contiguous()
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
