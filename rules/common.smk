@@ -191,6 +191,11 @@ def report_meta(wildcards=None):
     return [PLAN.record_meta(e) for e in PLAN.evaluations]
 
 
+def report_published():
+    """dataset -> the paper's published scores (registry `published:`), for the report's paper table."""
+    return {d: dict(s.published) for d, s in PLAN.registry.items() if s.published}
+
+
 def ablation_inputs(wildcards):
     PLAN.check_ablation(wildcards.ablation)  # an ablation that cannot be planned fails only its own target
     return [e.path for e in PLAN.ablations.get(wildcards.ablation, [])]

@@ -2,11 +2,6 @@
 #   snakemake ablation_clusters | ablation_scale | ablation_instructions | ablation_templates | ablation_options
 
 
-def report_published():
-    """dataset -> the paper's published scores (registry `published:`), for the report's paper table."""
-    return {d: dict(s.published) for d, s in PLAN.registry.items() if s.published}
-
-
 rule report:
     input:
         # results: the main evaluations; audit__<run>: each trained run's contamination audit (clean subsets)
