@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from flanpipe.io import read_json
-from flanpipe.stats import average_ci
+from flanpipe.stats import dataset_rng, mean_over_templates_replicates, percentile_interval, score_matrix
+from flanpipe.uncertainty import excluded_ids
 from flanpipe.vocab import ABLATIONS, EvalVariant, RunRole, role_of_run_name
 
 Record = Mapping[str, Any]
@@ -139,13 +140,20 @@ def _key(record: Record) -> tuple[str, str, str]:
     return str(record.get("run")), str(record["variant"]), str(record["dataset"])
 
 
+def average_replicates(parts: Sequence[Any]) -> Any:
+    """Replicates of an unweighted average of independently resampled parts (a cluster's datasets, the
+    held-out clusters): replicate b is the mean of the parts' replicate b, so the interval is the stratified
+    bootstrap's. None when a part has none (an interval over part of an average would lie) or there are none."""
+    if not parts or any(p is None for p in parts):
+        return None
+    return np.mean(np.stack(list(parts)), axis=0)
+
+
 def mean_interval(replicates: Any) -> dict[str, float] | None:
     """95% interval (percentile) and standard error of the mean over templates from its bootstrap
     replicates (mean_replicates); None for a record written before per-example scores were kept. The
     same replicates feed the cluster and held-out averages, so a one-dataset cluster shows its dataset's
     interval."""
-    from flanpipe.stats import percentile_interval
-
     if replicates is None:
         return None
     lo, hi = percentile_interval(replicates)
@@ -169,9 +177,6 @@ def clean_subset(record: Record, audit: Mapping[str, Any] | None) -> dict[str, A
     """Mean over templates on the clean test subset: the contaminated eval examples of the run's audit
     (flanpipe.contamination) left out, with how many were dropped. None without an audit of the run or
     without per-example scores; an audit that flags nothing gives the full score with 0 dropped."""
-    from flanpipe.stats import score_matrix
-    from flanpipe.uncertainty import excluded_ids
-
     if audit is None or not record.get("per_example"):
         return None
     dropped = excluded_ids(audit, str(record["dataset"])).get("test", [])
@@ -185,8 +190,6 @@ def clean_subset(record: Record, audit: Mapping[str, Any] | None) -> dict[str, A
 def mean_replicates(record: Record, n_boot: int, seed: int) -> Any:
     """Bootstrap replicates of the mean over templates (stratified per dataset: flanpipe.stats.dataset_rng),
     averaged into the cluster and held-out intervals; None without per-example scores."""
-    from flanpipe.stats import dataset_rng, mean_over_templates_replicates, score_matrix
-
     if not record.get("per_example"):
         return None
     rng = dataset_rng(seed, str(record["dataset"]))
@@ -267,12 +270,10 @@ def summarize_main(
     for cluster, c in clusters.items():
         c["average"] = {}
         for s in slots:
-            parts = reps.get((cluster, s), [])
-            whole = bool(parts) and all(p is not None for p in parts)  # an interval over part would lie
-            cluster_reps[(cluster, s)] = np.mean(np.stack(parts), axis=0) if whole else None
+            cluster_reps[(cluster, s)] = average_replicates(reps.get((cluster, s), []))
             c["average"][s] = {
                 **_slot_average(c["datasets"].values(), s),
-                "mean_ci": average_ci(parts) if whole else None,
+                "mean_ci": mean_interval(cluster_reps[(cluster, s)]),
             }
     held_out_average = {}
     for s in slots:
@@ -284,7 +285,7 @@ def summarize_main(
             "mean_se": average_se(
                 [c["average"][s]["mean_se"] for c in clusters.values() if c["average"][s]["n_datasets"]]
             ),
-            "mean_ci": average_ci(parts) if parts and all(p is not None for p in parts) else None,
+            "mean_ci": mean_interval(average_replicates(parts)),
             "clean_mean": _all_or_none(
                 [c["average"][s]["clean_mean"] for c in clusters.values() if c["average"][s]["n_datasets"]]
             ),

@@ -103,18 +103,6 @@ def mean_over_templates_replicates(test: ScoreMatrix, n_boot: int, rng: np.rando
     return (bootstrap_counts(n, n_boot, rng) @ test.scores.T / n).mean(axis=1)
 
 
-def average_ci(replicates: Sequence[np.ndarray], level: float = 0.95) -> dict[str, float] | None:
-    """Interval of an unweighted average of independently resampled estimates (datasets of a cluster, or
-    clusters of the held-out average): replicate b of the average is the average of the parts' replicate b,
-    so the interval is the stratified bootstrap's (examples resampled within each dataset). None when no
-    part has replicates."""
-    if not replicates:
-        return None
-    reps = np.mean(np.stack(list(replicates)), axis=0)
-    lo, hi = percentile_interval(reps, level)
-    return {"lo": lo, "hi": hi, "se": float(reps.std(ddof=1))}
-
-
 def best_dev_ci(
     validation: ScoreMatrix,
     test: ScoreMatrix,
