@@ -682,14 +682,19 @@ def _table_rows(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelCon
     return t
 
 
+def _layer_sources(arch: str, prefix: str, cfg: ModelConfig, name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, HF shape) of the tensors a Megatron layer tensor (unsplit model's name) is built from."""
+    _, _, layer, local = name.split(".", 3)
+    hf_names = _layer_names(arch, prefix, int(layer), cfg)[local]
+    return list(zip(hf_names, _hf_shapes(arch, hf_names, cfg), strict=True))
+
+
 def _glu_rows(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str, rows: tuple[int, int]):  # noqa: ANN202
     """Rows [start, stop) of a gated fc1 (``cat(gate, up)``), read as just those rows of gate and/or up:
     Megatron saves the two halves as separate items, so each reads one HF tensor, never the fused pair."""
     import torch
 
-    _, _, layer, local = name.split(".", 3)
-    gate, up = _layer_names(arch, prefix, int(layer), cfg)[local]
-    shape_gate, shape_up = _hf_shapes(arch, [gate, up], cfg)
+    (gate, shape_gate), (up, shape_up) = _layer_sources(arch, prefix, cfg, name)
     ffn, (start, stop) = shape_gate[0], rows
     pieces = []
     if start < ffn:
@@ -709,9 +714,7 @@ def _is_plain_rows(arch: str, name: str) -> bool:
 
 
 def _plain_rows(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str, rows: tuple[int, int]):  # noqa: ANN202
-    _, _, layer, local = name.split(".", 3)
-    (hf_name,) = _layer_names(arch, prefix, int(layer), cfg)[local]
-    (shape,) = _hf_shapes(arch, [hf_name], cfg)
+    ((hf_name, shape),) = _layer_sources(arch, prefix, cfg, name)
     return reader.get(hf_name, shape, rows=rows)
 
 
@@ -727,19 +730,16 @@ def _row_reader(arch: str, name: str):  # noqa: ANN202
 
 
 def _megatron_tensor(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig, name: str):  # noqa: ANN202
-    """One Megatron state-dict tensor (unsplit model's name), built from its HF tensors in their own dtype:
-    the caller casts only the part it writes to fp32 (a SwiGLU half of fc1 is written per item, so the
-    whole fused fc1 is never held in fp32)."""
+    """One Megatron state-dict tensor (unsplit model's name) that has no row reader (QKV, norms, biases,
+    GPT-2's weights, position embeddings), built from its HF tensors in their own dtype: the caller casts
+    only the slice it writes to fp32."""
     h = cfg.hidden_size
     glob = _global_names(arch, prefix, cfg)
-    if name in VOCAB_TABLES:
-        return _table_rows(reader, arch, prefix, cfg, name, (0, cfg.vocab_size))
     if name in glob:
         shape = (cfg.max_position_embeddings, h) if "position" in name else (h,)
         return reader.get(glob[name], shape)
-    _, _, layer, local = name.split(".", 3)
-    hf_names = _layer_names(arch, prefix, int(layer), cfg)[local]
-    parts = [reader.get(n, s) for n, s in zip(hf_names, _hf_shapes(arch, hf_names, cfg), strict=True)]
+    local = name.split(".", 3)[3]
+    parts = [reader.get(n, shape) for n, shape in _layer_sources(arch, prefix, cfg, name)]
     return _to_megatron(arch, local, parts, cfg)
 
 
@@ -829,8 +829,8 @@ def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
             assert isinstance(leaf, ShardedTensor), (name, type(leaf))
             pre = leaf.prepend_axis_num
             rows, rest = leaf.local_shape[0], tuple(leaf.local_shape[1:])
-            # DCP stores any chunking of a tensor and loads across chunks: a vocabulary table is written
-            # as row chunks, each resolved (read from the HF files) on its own.
+            # DCP stores any chunking of a tensor and loads across chunks: a tensor with a row reader
+            # (vocabulary tables, row-mapped layer weights) is written as row chunks, each read on its own.
             step = rows
             if _row_reader(arch, name) is not None:
                 step = max(1, TABLE_CHUNK_BYTES // (4 * math.prod(rest)))
