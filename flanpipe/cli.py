@@ -8,7 +8,7 @@
     flanpipe mix MIXTURE --out-dir DIR            rule mix (shards from results/shards by default)
     flanpipe train-tokenizer --out FILE SHARD...  rule train_tokenizer
     flanpipe pack --mixture FILE --tokenizer FILE --out DIR [--run RUN]   rule pack
-    flanpipe train --spec FILE --data DIR --out DIR [--nproc N] [--mpi srun]   (flanpipe.launch)
+    flanpipe train --spec FILE --data DIR --out DIR [--nproc N] [--mpi srun]   (flanpipe.train.launch)
     flanpipe launch [--mpi srun] --nproc N -- TRAIN_ARGS...   rule train: torchrun, or srun under SLURM
     flanpipe evaluate --model DIR --tokenizer FILE --shard FILE --out FILE
     flanpipe report --json FILE --md FILE RESULT...
@@ -38,12 +38,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flanpipe.config import dataset_spec, load_config
-from flanpipe.io import resolve_config_path, write_json
-from flanpipe.vocab import DEFAULT_MODE, SPLITS, EvalVariant, parse_shard_name, shard_name
+from flanpipe.core.io import resolve_config_path, write_json
+from flanpipe.core.vocab import DEFAULT_MODE, SPLITS, EvalVariant, parse_shard_name, shard_name
+from flanpipe.plan.config import dataset_spec, load_config
 
-if TYPE_CHECKING:  # flanpipe.experiments imports polars: only after --threads has sized its pool
-    from flanpipe.experiments import Plan
+if TYPE_CHECKING:  # flanpipe.plan.experiments imports polars: only after --threads has sized its pool
+    from flanpipe.plan.experiments import Plan
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,8 +51,8 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
-    from flanpipe.registry import load_registry, registry_table
-    from flanpipe.templates import load_validated
+    from flanpipe.core.registry import load_registry, registry_table
+    from flanpipe.data.templates import load_validated
 
     cfg = _config(args)
     registry = load_registry(args.registry or cfg["registry"])
@@ -71,7 +71,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 
 
 def cmd_generate_synthetic(args: argparse.Namespace) -> None:
-    from flanpipe.synthetic import generate_dataset
+    from flanpipe.data.synthetic import generate_dataset
 
     cfg = _config(args)["synthetic"]
     sizes = {r: cfg[r] for r in SPLITS}
@@ -80,7 +80,7 @@ def cmd_generate_synthetic(args: argparse.Namespace) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
-    from flanpipe.ingest import ingest_split
+    from flanpipe.data.ingest import ingest_split
 
     cfg = _config(args)
     spec = dataset_spec(cfg, args.dataset)
@@ -92,7 +92,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def cmd_render_shard(args: argparse.Namespace) -> None:
-    from flanpipe.templates import render_shard
+    from flanpipe.data.templates import render_shard
 
     cfg = _config(args)
     mode, k = parse_shard_name(args.variant)
@@ -101,7 +101,7 @@ def cmd_render_shard(args: argparse.Namespace) -> None:
 
 
 def cmd_render_eval_shard(args: argparse.Namespace) -> None:
-    from flanpipe.templates import render_eval_shard
+    from flanpipe.data.templates import render_eval_shard
 
     cfg = _config(args)
     spec = dataset_spec(cfg, args.dataset)
@@ -122,7 +122,7 @@ def cmd_render_eval_shard(args: argparse.Namespace) -> None:
 
 def _plan(cfg: dict[str, Any], run: str) -> Plan:
     """The plan, after checking it trains ``run`` (the error names the runs it does train)."""
-    from flanpipe.experiments import plan_experiment
+    from flanpipe.plan.experiments import plan_experiment
 
     plan = plan_experiment(cfg)
     plan.trained_run(run)
@@ -130,7 +130,7 @@ def _plan(cfg: dict[str, Any], run: str) -> Plan:
 
 
 def cmd_mix(args: argparse.Namespace) -> None:
-    from flanpipe.mixing import MixtureConfig, bucket_bytes_for, build_mixture
+    from flanpipe.data.mixing import MixtureConfig, bucket_bytes_for, build_mixture
 
     cfg = _config(args)
     plan = _plan(cfg, args.run)
@@ -150,7 +150,7 @@ def cmd_mix(args: argparse.Namespace) -> None:
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
-    from flanpipe.tokenize import train_tokenizer
+    from flanpipe.data.tokenize import train_tokenizer
 
     t = _config(args)["tokenizer"]
     print(
@@ -171,7 +171,7 @@ def pack_model_config(cfg: dict[str, Any], mixture: str | os.PathLike[str], run:
     The run is ``--run``, else the directory of ``results/mixtures/<run>/mixture.parquet``; a mixture
     outside such a directory is packed for the config's ``model`` (the main runs' model).
     """
-    from flanpipe.experiments import plan_experiment
+    from flanpipe.plan.experiments import plan_experiment
 
     plan = plan_experiment(cfg)
     if run is None:
@@ -183,7 +183,7 @@ def pack_model_config(cfg: dict[str, Any], mixture: str | os.PathLike[str], run:
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
-    from flanpipe.packing import pack_mixture
+    from flanpipe.data.packing import pack_mixture
 
     cfg = _config(args)
     stats = pack_mixture(
@@ -199,7 +199,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 
 def cmd_train_spec(args: argparse.Namespace) -> None:
-    from flanpipe.config import check_world
+    from flanpipe.plan.config import check_world
 
     cfg = _config(args)
     check_world(cfg, args.world, "--world")  # the micro-batch follows DP (rule train_spec: the profile's tasks)
@@ -208,25 +208,25 @@ def cmd_train_spec(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Launch the Megatron-Core entry point exactly as rule train does (flanpipe.launch.launch)."""
-    from flanpipe.launch import launch
+    """Launch the Megatron-Core entry point exactly as rule train does (flanpipe.train.launch.launch)."""
+    from flanpipe.train.launch import launch
 
     train_args = ["--spec", args.spec, "--data", args.data, "--out", args.out]
     raise SystemExit(launch(train_args, args.nproc, args.mpi, threads=args.threads))
 
 
 def cmd_launch(args: argparse.Namespace) -> None:
-    from flanpipe.launch import launch
+    from flanpipe.train.launch import launch
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    which = {"module": args.module} if args.module else {}  # default: flanpipe.train
+    which = {"module": args.module} if args.module else {}  # default: flanpipe.train.loop
     raise SystemExit(launch(train_args, args.nproc, args.mpi, threads=args.threads, **which))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import polars as pl
 
-    from flanpipe.evaluate import run_evaluation
+    from flanpipe.eval.evaluate import run_evaluation
 
     cfg = _config(args)
     dataset = pl.scan_parquet(args.shard).select(pl.col("dataset").first()).collect().item()
@@ -244,14 +244,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from flanpipe.figures import write_report
+    from flanpipe.report.figures import write_report
 
     write_report(args.results, args.json, args.md)
     print(Path(args.md).read_text(encoding="utf-8"))
 
 
 def cmd_templates_preview(args: argparse.Namespace) -> None:
-    from flanpipe.templates import preview
+    from flanpipe.data.templates import preview
 
     cfg = _config(args)
     spec = dataset_spec(cfg, args.dataset)
@@ -262,7 +262,8 @@ def cmd_templates_preview(args: argparse.Namespace) -> None:
 
 
 def cmd_templates_import(args: argparse.Namespace) -> None:
-    from flanpipe.importers import import_templates, parse_field_map
+    from flanpipe.data.importers import import_templates
+    from flanpipe.data.template_import import parse_field_map
 
     result = import_templates(
         args.source_format,
@@ -291,8 +292,8 @@ def _model_config_path(name: str) -> Path:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from flanpipe.model_config import load_model_config
-    from flanpipe.planner import Hardware, Workload, format_plan, plan
+    from flanpipe.model.hf_format import load_model_file
+    from flanpipe.train.planner import Hardware, Workload, format_plan, plan
 
     path = _model_config_path(args.model)
     hw = Hardware(
@@ -309,7 +310,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         steps=args.steps,
         distributed_optimizer=args.distributed_optimizer,
     )
-    result = plan(load_model_config(path), hw, wl, model_name=Path(path).stem)
+    result = plan(load_model_file(path), hw, wl, model_name=Path(path).stem)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
@@ -412,7 +413,7 @@ def cmd_bench_adafactor(args: argparse.Namespace) -> None:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
-    from flanpipe.hf import import_hf
+    from flanpipe.model.hf_import import import_hf
 
     cfg = import_hf(args.hf_dir, args.out)
     rows = f"vocab {cfg.tokenizer_vocab_size} (rows {cfg.vocab_size})"
@@ -420,7 +421,7 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
-    from flanpipe.hf import export_hf
+    from flanpipe.model.hf_export import export_hf
 
     print(export_hf(args.run_dir, args.out, base=args.base, max_shard_bytes=int(args.max_shard_gb * 2**30)))
 
@@ -507,8 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("launch", cmd_launch, "start training ranks: torchrun, or `MPI -n N` under SLURM")
     s.add_argument("--nproc", type=int, default=1, help="ranks (torchrun --nproc_per_node, or srun -n)")
     s.add_argument("--mpi", default="", help="e.g. srun; empty: torchrun --standalone")
-    s.add_argument("--module", help="ranks run this module's main (flanpipe.evaluate); default flanpipe.train")
-    s.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then flanpipe.train's --spec/--data/--out")
+    s.add_argument(
+        "--module", help="ranks run this module's main (flanpipe.eval.evaluate); default flanpipe.train.loop"
+    )
+    s.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then flanpipe.train.loop's --spec/--data/--out")
     s = add("evaluate", cmd_evaluate, "zero-shot evaluation of one dataset")
     s.add_argument("--model", required=True)
     s.add_argument("--tokenizer", required=True, help="SentencePiece .model or checkpoint tokenizer dir")
@@ -628,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.threads:  # before any subcommand imports polars or torch: their pools are sized at import
-        from flanpipe.threads import limit_threads
+        from flanpipe.core.threads import limit_threads
 
         limit_threads(args.threads)
     try:

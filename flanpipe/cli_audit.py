@@ -1,7 +1,7 @@
 """``flanpipe audit`` and ``flanpipe bench audit``: kept apart from cli.py so the audit is one unit.
 
-    flanpipe audit RUN --out FILE [--mixture FILE] [--ingest DIR]   rule audit (flanpipe.contamination)
-    flanpipe bench audit [--examples N] [--json]                    audit speed and peak RSS, planted leaks
+flanpipe audit RUN --out FILE [--mixture FILE] [--ingest DIR]   rule audit (flanpipe.data.contamination)
+flanpipe bench audit [--examples N] [--json]                    audit speed and peak RSS, planted leaks
 """
 
 from __future__ import annotations
@@ -10,23 +10,23 @@ import argparse
 import json
 from pathlib import Path
 
-from flanpipe.config import ConfigError, load_config
-from flanpipe.io import resolve_config_path
+from flanpipe.core.io import resolve_config_path
+from flanpipe.plan.config import ConfigError, load_config
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from flanpipe.contamination import AuditConfig, audited_datasets, run_audit, template_audited_datasets
-    from flanpipe.experiments import plan_experiment
+    from flanpipe.data.contamination import AuditConfig, run_audit
+    from flanpipe.plan.experiments import plan_experiment
 
     cfg = load_config(resolve_config_path(args.config))
     plan = plan_experiment(cfg)
     if args.run not in plan.mixtures:
         raise ConfigError(f"unknown run {args.run!r}; this config trains {sorted(plan.mixtures)}")
-    datasets = audited_datasets(plan, args.run)
+    datasets = plan.audited_datasets(args.run)
     ingest = Path(args.ingest)
     splits = {d: {s: str(ingest / d / f"{s}.parquet") for s in ("validation", "test")} for d in datasets}
     mixture = args.mixture or f"results/mixtures/{args.run}/mixture.parquet"
-    templates = {d: str(plan.registry[d].templates) for d in template_audited_datasets(plan, args.run)}
+    templates = {d: str(plan.registry[d].templates) for d in plan.template_audited_datasets(args.run)}
     report = run_audit(
         mixture, splits, templates, args.out, AuditConfig(**cfg["audit"]), max_examples=cfg["eval"]["examples"]
     )

@@ -1,6 +1,6 @@
 # Contamination audit, one per trained run, before its training is trusted: n-gram overlap of the run's
 # mixture with the eval examples and templates of every dataset that run's model is scored on
-# (flanpipe.contamination). Training depends on the audit's output, so a failed audit stops the run.
+# (flanpipe.data.contamination). Training depends on the audit's output, so a failed audit stops the run.
 
 
 include: "audit_common.smk"

@@ -1,17 +1,16 @@
 # Input functions of rules/audit.smk (kept beside it, not in common.smk, so the audit stays one unit).
 
 
-from flanpipe.contamination import audited_datasets, template_audited_datasets
 
 
 def audit_inputs(wildcards):
     """The run's mixture, the canonical eval splits of every audited dataset and the template file of
-    those prompted with instructions (template_audited_datasets)."""
+    those prompted with instructions (Plan.template_audited_datasets)."""
     inputs = {"mixture": f"results/mixtures/{wildcards.run}/mixture.parquet"}
-    for d in audited_datasets(PLAN, wildcards.run):
+    for d in PLAN.audited_datasets(wildcards.run):
         inputs[f"validation__{d}"] = f"results/ingest/{d}/validation.parquet"
         inputs[f"test__{d}"] = f"results/ingest/{d}/test.parquet"
-    for d in template_audited_datasets(PLAN, wildcards.run):
+    for d in PLAN.template_audited_datasets(wildcards.run):
         inputs[f"templates__{d}"] = str(PLAN.registry[d].templates)
     return inputs
 

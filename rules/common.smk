@@ -1,16 +1,16 @@
 # Config validation, the experiment plan, wildcard constraints and every input function.
-# All logic lives in flanpipe (the Plan's methods, flanpipe.vocab's names); this file only maps
+# All logic lives in flanpipe (the Plan's methods, flanpipe.core.vocab's names); this file only maps
 # wildcards to paths and params, plus set_resource: the one place Snakemake internals are read.
 
 from pathlib import Path
 
-from flanpipe.checks import check_config_files
-from flanpipe.config import check_world, validate_config
-from flanpipe.experiments import plan_experiment
-from flanpipe.ingest import check_local_source
-from flanpipe.io import resolve_config_path
-from flanpipe.threads import train_job_threads
-from flanpipe.vocab import ABLATIONS, SHARD_PATTERN, SPLITS, VARIANT_PATTERN, EvalVariant, parse_shard_name, shard_options_share
+from flanpipe.plan.checks import check_config_files
+from flanpipe.plan.config import check_world, validate_config
+from flanpipe.plan.experiments import plan_experiment
+from flanpipe.data.ingest import check_local_source
+from flanpipe.core.io import resolve_config_path
+from flanpipe.core.threads import train_job_threads
+from flanpipe.core.vocab import ABLATIONS, SHARD_PATTERN, SPLITS, VARIANT_PATTERN, EvalVariant, parse_shard_name, shard_options_share
 
 
 check_config_files(workflow.configfiles)  # Snakemake's YAML reader keeps a duplicate key's last value
@@ -47,7 +47,7 @@ def train_tasks(wildcards=None):
 
 def train_threads(wildcards=None):
     """All cores for a run that trains alone in the DAG (the base every other run starts from), half
-    for runs that can train side by side (flanpipe.threads.train_job_threads); the profile's set-threads
+    for runs that can train side by side (flanpipe.core.threads.train_job_threads); the profile's set-threads
     overrides it. Under an executor that gives no --cores (a SLURM profile), Snakemake refuses to read
     workflow.cores: then 1, and the profile's set-threads decides."""
     try:
@@ -228,8 +228,8 @@ def export_inputs(wildcards):
 
 def eval_group_datasets(wildcards):
     """The datasets one evaluation job scores: its (model, variant, cluster) group over every planned
-    evaluation, ablations included (flanpipe.eval_plan: one model load serves them all)."""
-    from flanpipe.eval_plan import eval_group_name, eval_groups, group_datasets
+    evaluation, ablations included (flanpipe.plan.eval_plan: one model load serves them all)."""
+    from flanpipe.plan.eval_plan import eval_group_name, eval_groups, group_datasets
 
     planned = PLAN.evaluations + [e for es in PLAN.ablations.values() for e in es]
     cluster_of = {name: eval_group_name(spec) for name, spec in PLAN.registry.items()}
@@ -246,7 +246,7 @@ def eval_world():
 
 def eval_tasks(wildcards=None):
     """Ranks of one evaluation job at data-parallel size 1: eval TP x PP (more DP ranks come from the profile)."""
-    from flanpipe.eval_plan import eval_layout
+    from flanpipe.eval.layout import eval_layout
 
     tp, pp = eval_layout(config)
     return tp * pp
@@ -254,12 +254,12 @@ def eval_tasks(wildcards=None):
 
 def eval_group_inputs(wildcards):
     """The model, tokenizer and shards of one evaluation job; its layout is checked against the model first."""
-    from flanpipe.eval_plan import check_eval_layout, eval_layout
+    from flanpipe.eval.layout import check_eval_layout, eval_layout
 
     PLAN.check_run(wildcards.evalrun)
-    from flanpipe.model_config import load_model_config
+    from flanpipe.model.hf_format import load_model_file
 
-    model = load_model_config(PLAN.run_model_config(wildcards.evalrun))
+    model = load_model_file(PLAN.run_model_config(wildcards.evalrun))
     check_eval_layout(model, *eval_layout(config), eval_world(), examples=config["eval"]["examples"])
     return {
         "model": PLAN.model_dir(wildcards.evalrun),
@@ -270,7 +270,7 @@ def eval_group_inputs(wildcards):
 
 def eval_group_params(wildcards):
     """Dataset names and metrics, in the order of eval_group_inputs' shards."""
-    from flanpipe.eval_plan import eval_layout
+    from flanpipe.eval.layout import eval_layout
 
     names = eval_group_datasets(wildcards)
     return {"datasets": names, "metrics": [PLAN.registry[d].metric for d in names], "layout": eval_layout(config)}
@@ -278,7 +278,7 @@ def eval_group_params(wildcards):
 
 def eval_group_dir(wildcards):
     """The evaluation job whose directory holds this dataset's result."""
-    from flanpipe.eval_plan import eval_group_name
+    from flanpipe.plan.eval_plan import eval_group_name
 
     cluster = eval_group_name(PLAN.registry[wildcards.dataset])
     return f"results/eval_groups/{wildcards.evalrun}/{wildcards.variant}/{cluster}"

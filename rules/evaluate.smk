@@ -1,6 +1,6 @@
 # Zero-shot (and few-shot) evaluation. One `evaluate` job scores one model ({evalrun}: a tuned run or the
 # base model) under one prompt variant on every planned dataset of one cluster, loading the model once
-# (flanpipe.eval_plan says why, and what a template edit reruns). It writes one result per dataset into
+# (flanpipe.plan.eval_plan says why, and what a template edit reruns). It writes one result per dataset into
 # its directory; `eval_result` puts each where the report reads it, results/eval/{evalrun}/{variant}/{dataset}.json.
 
 

@@ -1,5 +1,5 @@
 # Intervals, clean-subset scores (contaminated eval examples left out) and tuned-vs-base tests for the
-# main results (flanpipe.uncertainty): `snakemake results/uncertainty.md`.
+# main results (flanpipe.report.uncertainty): `snakemake results/uncertainty.md`.
 
 
 rule uncertainty:

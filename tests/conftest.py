@@ -1,7 +1,7 @@
 """Shared fixtures for the Megatron-backed tests (data, model, training).
 
 They build packed data directly with Megatron's IndexedDatasetBuilder, independent of
-flanpipe.packing, so the training side is tested against the ARCH.md format itself.
+flanpipe.data.packing, so the training side is tested against the ARCH.md format itself.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from flanpipe import megatron_compat
-from flanpipe.inference import load_parallel_lm
+from flanpipe.eval.inference import load_parallel_lm
+from flanpipe.model import megatron_compat
 
 if __name__ == "__main__":  # dist_checkpointing re-imports __main__
     model_dir, tp, pp, tokens_path, out_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6]

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from dag import ROOT, run_snakemake
 
-from flanpipe.config import load_config
-from flanpipe.experiments import PlanError, plan_experiment
+from flanpipe.plan.checks import PlanError
+from flanpipe.plan.config import load_config
+from flanpipe.plan.experiments import plan_experiment
 
 
 def planned_runs(target: str, workdir: Path) -> set[str]:

@@ -10,7 +10,7 @@ Where each check runs (new cases go to the file of their stage, under tests/bad_
 
 - schema (a file is loaded: YAML, config schema, registry entries, template files, model configs):
   sections 1-2 and the first half of 3 here; ``bad_inputs/test_bad_schema.py``
-- plan (``plan_experiment`` / ``flanpipe.checks`` when the DAG is built; an ablation's own checks when
+- plan (``plan_experiment`` / ``flanpipe.plan.checks`` when the DAG is built; an ablation's own checks when
   its target is asked for): the rest of 3, 5 and 6 here; ``bad_inputs/test_bad_plan.py``
 - data (the first job that reads a split: ingest): section 4 here; ``bad_inputs/test_bad_data.py``
 - run (what jobs and commands write: atomic outputs, file modes, refusing to overwrite): section 7
@@ -36,12 +36,13 @@ import yaml
 from dag import ROOT, snakemake, write
 from dag import write_jsonl as jsonl
 
-from flanpipe.config import ConfigError, check_world, load_config, validate_config
-from flanpipe.experiments import PlanError, plan_experiment
-from flanpipe.ingest import DataError, check_local_source, ingest_split
-from flanpipe.io import atomic_path
-from flanpipe.registry import RegistryError, load_registry
-from flanpipe.templates import TemplateError
+from flanpipe.core.io import atomic_path
+from flanpipe.core.registry import RegistryError, load_registry
+from flanpipe.data.ingest import DataError, check_local_source, ingest_split
+from flanpipe.data.patterns import TemplateError
+from flanpipe.plan.checks import PlanError
+from flanpipe.plan.config import ConfigError, check_world, load_config, validate_config
+from flanpipe.plan.experiments import plan_experiment
 
 TINY = ROOT / "config" / "models" / "tiny.yaml"
 
@@ -389,7 +390,7 @@ def test_data_empty_split(toy, kind: str) -> None:
     else:
         from dataclasses import replace
 
-        from flanpipe.registry import SourceSpec
+        from flanpipe.core.registry import SourceSpec
 
         raw = raw.with_suffix(".parquet")
         raw.parent.mkdir(parents=True, exist_ok=True)
@@ -492,7 +493,7 @@ def test_data_malformed_json_line(toy) -> None:
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real SentencePiece .model (byte fallback: >= 259 pieces)."""
-    from flanpipe.tokenize import train_tokenizer
+    from flanpipe.data.tokenize import train_tokenizer
 
     d = tmp_path_factory.mktemp("spm")
     words = [f"w{i} x{i % 7} y{i % 13}" for i in range(300)]
@@ -507,7 +508,7 @@ def model_file(tmp_path: Path, name: str = "small.yaml", **changes: Any) -> Path
 
 
 def test_given_tokenizer_larger_than_model_vocab_fails_at_plan(tmp_path: Path, spm_model: Path) -> None:
-    from flanpipe.tokenize import piece_count
+    from flanpipe.data.tokenize import piece_count
 
     n = piece_count(spm_model)
     assert n >= 259
@@ -560,8 +561,8 @@ def test_pack_length_longer_than_model_positions(tmp_path: Path) -> None:
 
 
 def test_long_examples_truncated_and_counted_in_packing_json(tmp_path: Path, spm_model: Path) -> None:
-    from flanpipe.packing import pack_to_indexed_dataset
-    from flanpipe.tokenize import encode_examples, open_tokenizer
+    from flanpipe.data.packing import pack_to_indexed_dataset
+    from flanpipe.data.tokenize import encode_examples, open_tokenizer
 
     sp = open_tokenizer(spm_model)
     long = " ".join(f"w{i}" for i in range(200))
@@ -679,7 +680,7 @@ def test_dag_build_checks_world_from_the_profile(tmp_path: Path) -> None:
 
 
 def base_checkpoint(tmp_path: Path, model: Path) -> Path:
-    from flanpipe.model_config import load_model_config
+    from flanpipe.core.model_config import load_model_config
 
     d = tmp_path / "base"
     (d / "checkpoint").mkdir(parents=True)
@@ -737,7 +738,7 @@ def test_killed_writer_leaves_no_output(tmp_path: Path) -> None:
     """SIGKILL (no cleanup possible) mid-write: the output path never exists; a rerun then writes it."""
     out = tmp_path / "results" / "x.json"
     code = (
-        "import sys, time\nfrom flanpipe.io import atomic_path\n"
+        "import sys, time\nfrom flanpipe.core.io import atomic_path\n"
         f"with atomic_path({str(out)!r}) as tmp:\n"
         "    tmp.write_text('{\"partial\": ')\n    print('writing', flush=True)\n    time.sleep(60)\n"
     )
@@ -747,7 +748,7 @@ def test_killed_writer_leaves_no_output(tmp_path: Path) -> None:
     proc.wait(timeout=30)
     assert not out.exists()
     assert all(name.startswith(".") for name in leftovers(tmp_path))  # a hidden temp, never the output's name
-    from flanpipe.io import write_json
+    from flanpipe.core.io import write_json
 
     write_json(out, {"done": True})
     assert json.loads(out.read_text()) == {"done": True}
@@ -773,7 +774,7 @@ def test_interrupted_ingest_leaves_nothing(toy, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_interrupted_render_shard_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flanpipe.templates import render_shard
+    from flanpipe.data.templates import render_shard
 
     spec = load_registry([registry_dir(tmp_path)])["nli_a"]
     canonical = tmp_path / "canon.parquet"
@@ -788,7 +789,7 @@ def test_interrupted_render_shard_leaves_nothing(tmp_path: Path, monkeypatch: py
 
 
 def test_interrupted_mixture_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flanpipe.mixing import MixtureConfig, build_mixture
+    from flanpipe.data.mixing import MixtureConfig, build_mixture
 
     shard = tmp_path / "shard.parquet"
     pl.DataFrame(
@@ -828,8 +829,8 @@ def test_interrupted_mixture_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_interrupted_packing_leaves_nothing(tmp_path: Path, spm_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flanpipe import packing
-    from flanpipe.tokenize import encode_examples, open_tokenizer
+    from flanpipe.data import packing
+    from flanpipe.data.tokenize import encode_examples, open_tokenizer
 
     enc = encode_examples(open_tokenizer(spm_model), ["w1 w2"] * 50, ["X"] * 50, inputs_length=16, targets_length=8)
     real = packing._fill_rows

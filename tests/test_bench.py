@@ -16,7 +16,7 @@ import yaml
 
 from flanpipe.bench import data as bench
 from flanpipe.cli import main
-from flanpipe.templates import load_templates, validate_templates
+from flanpipe.data.templates import load_templates, validate_templates
 
 REQUIRED = {
     "examples",

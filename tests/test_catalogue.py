@@ -14,9 +14,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from flanpipe.ingest import ingest_split
-from flanpipe.registry import DatasetSpec, SourceSpec, clusters, load_registry
-from flanpipe.templates import load_validated, render_train
+from flanpipe.core.registry import DatasetSpec, SourceSpec, clusters, load_registry
+from flanpipe.data.ingest import ingest_split
+from flanpipe.data.templates import load_validated, render_train
 
 REGISTRY = load_registry(["config/registry/flan/*.yaml"])
 

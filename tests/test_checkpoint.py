@@ -25,8 +25,9 @@ import pytest
 import torch
 from test_train import REPO, clean_env, make_spec, read_log, torchrun, torchrun_cmd
 
-from flanpipe import checkpointing
-from flanpipe.model import load_scorer
+from flanpipe.core import train_config
+from flanpipe.model import checkpointing
+from flanpipe.model.gpt import load_scorer
 
 STEPS = 40  # long enough (~1 s of steps at TP=2) that a signal sent after the first steps lands mid-run
 TP = 2
@@ -114,8 +115,8 @@ def test_sigkill_then_rerun_resumes_bit_identical(tmp_path, megatron_packed_dir,
 
 
 def launch_ranks(argv: list[str], nproc: int) -> list[subprocess.Popen]:
-    """One ``python -m flanpipe.train`` process per rank with the env:// variables set, as
-    ``srun`` + flanpipe.launch do: each rank's exit status is its own."""
+    """One ``python -m flanpipe.train.loop`` process per rank with the env:// variables set, as
+    ``srun`` + flanpipe.train.launch do: each rank's exit status is its own."""
     port = str(_free_port())
     procs = []
     for rank in range(nproc):
@@ -129,7 +130,7 @@ def launch_ranks(argv: list[str], nproc: int) -> list[subprocess.Popen]:
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "flanpipe.train", *argv],
+                [sys.executable, "-m", "flanpipe.train.loop", *argv],
                 cwd=REPO,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -187,8 +188,8 @@ def test_stale_checkpoints_are_discarded(tmp_path, reference):
     """A checkpoint dir left by a run with another spec (or past this run's steps) is not
     resumed: it is removed and the run starts over, as Snakemake reruns a job whose params
     changed. Spec keys that do not change the trajectory (steps, save cadence) keep it."""
-    from flanpipe.model import init_single_process
-    from flanpipe.train import _resume_point
+    from flanpipe.model.gpt import init_single_process
+    from flanpipe.train.loop import _resume_point
 
     init_single_process()
     src = checkpointing.latest_checkpoint(checkpointing.default_ckpt_dir(reference))
@@ -208,17 +209,17 @@ def test_stale_checkpoints_are_discarded(tmp_path, reference):
     assert _resume_point(ckpt, fp, steps=STEPS - 1) is None  # fewer steps than it already did
     assert list(ckpt.iterdir()) == []
     # The fingerprint ignores keys that do not change the trajectory, and spelled-out defaults.
-    from flanpipe.train import parse_spec
+    from flanpipe.core.train_config import parse_spec
 
     cfg, tc = parse_spec(
         make_spec(steps=5, save_interval=7, tensorboard=False, micro_batch_size=2, tensor_model_parallel_size=2)
     )
     cfg2, tc2 = parse_spec(make_spec())
-    assert checkpointing.fingerprint(cfg.to_dict(), vars(tc), 59) == checkpointing.fingerprint(
+    assert train_config.fingerprint(cfg.to_dict(), vars(tc), 59) == train_config.fingerprint(
         cfg2.to_dict(), vars(tc2), 59
     )
     _, tc3 = parse_spec(make_spec(lr=1e-2))
-    assert checkpointing.fingerprint(cfg.to_dict(), vars(tc3), 59) != checkpointing.fingerprint(
+    assert train_config.fingerprint(cfg.to_dict(), vars(tc3), 59) != train_config.fingerprint(
         cfg.to_dict(), vars(tc2), 59
     )
 
@@ -227,7 +228,7 @@ def test_layout_change_refuses_optimizer_state(tmp_path, reference):
     """The TP=2 checkpoint's optimizer state cannot resume this TP=1 process (its weights can:
     see tests/test_train.py); the fingerprint ignores the layout so that this is an error and
     not a silent restart."""
-    from flanpipe.model import init_single_process
+    from flanpipe.model.gpt import init_single_process
 
     init_single_process()
     meta = checkpointing.read_meta(checkpointing.latest_checkpoint(checkpointing.default_ckpt_dir(reference)))

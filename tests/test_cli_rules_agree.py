@@ -7,9 +7,9 @@ from pathlib import Path
 from dag import ROOT, run_snakemake
 
 from flanpipe.cli import pack_model_config
-from flanpipe.config import load_config
-from flanpipe.experiments import plan_experiment
-from flanpipe.io import resolve_config_path
+from flanpipe.core.io import resolve_config_path
+from flanpipe.plan.config import load_config
+from flanpipe.plan.experiments import plan_experiment
 
 CONFIG = ROOT / "config" / "config.yaml"
 

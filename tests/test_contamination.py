@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from flanpipe.contamination import (
+from flanpipe.data.contamination import (
     AuditConfig,
     ContaminationError,
     audit_contamination,
@@ -16,7 +16,7 @@ from flanpipe.contamination import (
     run_audit,
     word_hashes,
 )
-from flanpipe.templates import Template
+from flanpipe.data.patterns import Template
 
 LEAK_A = "the quick brown fox jumps over the lazy dog near the old river bank today"  # 15 words
 LEAK_B = "seven silver spoons were found beneath a wooden floor in the abandoned mill"  # 13 words
@@ -157,18 +157,17 @@ def test_instruction_free_evaluations_get_no_template_check():
     audited for leaked examples but not for seen templates; one also scored with natural prompts gets both."""
     import dataclasses
 
-    from flanpipe.config import load_config
-    from flanpipe.contamination import audited_datasets, template_audited_datasets
-    from flanpipe.experiments import plan_experiment
-    from flanpipe.io import resolve_config_path
-    from flanpipe.vocab import EvalVariant
+    from flanpipe.core.io import resolve_config_path
+    from flanpipe.core.vocab import EvalVariant
+    from flanpipe.plan.config import load_config
+    from flanpipe.plan.experiments import plan_experiment
 
     plan = plan_experiment(load_config(resolve_config_path("config/config.yaml")))
     run = "heldout_nli__train-dataset_name"  # instructions ablation: scored dataset_name -> natural and -> dataset_name
     ablation = plan.ablations["instructions"]
     assert {EvalVariant.parse(e.variant).mode for e in ablation if e.run == run} == {"natural", "dataset_name"}
-    assert template_audited_datasets(plan, run) == audited_datasets(plan, run) != []
+    assert plan.template_audited_datasets(run) == plan.audited_datasets(run) != []
     free = [e for e in ablation if not (e.run == run and EvalVariant.parse(e.variant).mode == "natural")]
     only_free = dataclasses.replace(plan, ablations={**plan.ablations, "instructions": free})
-    assert audited_datasets(only_free, run) == audited_datasets(plan, run)
-    assert template_audited_datasets(only_free, run) == []
+    assert only_free.audited_datasets(run) == plan.audited_datasets(run)
+    assert only_free.template_audited_datasets(run) == []

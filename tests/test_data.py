@@ -7,13 +7,13 @@ import pytest
 import torch
 from conftest import pack_examples, write_packed
 
-from flanpipe.data import (
+from flanpipe.data.row_order import sample_rows
+from flanpipe.train.rows import (
     PackedDataset,
     attention_mask,
     batch_iterator,
     microbatch_rows,
     position_ids,
-    sample_rows,
     training_batch,
 )
 
@@ -136,8 +136,8 @@ def test_packed_forward_matches_separate_examples(position_embedding_type):
     """A packed row's logits equal running each of its examples alone (the point of the mask)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from flanpipe.model import init_single_process, model_provider
-    from flanpipe.model_config import ModelConfig
+    from flanpipe.core.model_config import ModelConfig
+    from flanpipe.model.gpt import init_single_process, model_provider
 
     init_single_process()
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def test_thd_packing_metadata_lets_each_token_see_what_the_dense_mask_does():
     """The GPU (Transformer Engine) path replaces the dense block-diagonal mask with THD cu_seqlens
     over the flattened micro-batch. Causal attention within each [cu[k], cu[k+1]) interval must give
     every real token exactly the keys the CPU mask gives it (pads, which carry no loss, may differ)."""
-    from flanpipe.data import packed_seq_params
+    from flanpipe.train.rows import packed_seq_params
 
     b, s = SEGMENTS.shape
     params = packed_seq_params(SEGMENTS)

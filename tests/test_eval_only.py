@@ -7,13 +7,12 @@ import copy
 import pytest
 import yaml
 
-from flanpipe.config import load_config, validate_config
-from flanpipe.contamination import audited_datasets
-from flanpipe.eval_plan import eval_group_name
-from flanpipe.experiments import plan_experiment
-from flanpipe.io import resolve_config_path
-from flanpipe.registry import RegistryError, load_registry
-from flanpipe.vocab import EvalVariant
+from flanpipe.core.io import resolve_config_path
+from flanpipe.core.registry import RegistryError, load_registry
+from flanpipe.core.vocab import EvalVariant
+from flanpipe.plan.config import load_config, validate_config
+from flanpipe.plan.eval_plan import eval_group_name
+from flanpipe.plan.experiments import plan_experiment
 
 # RTE's synthetic stand-in again, without a train split: what a test-only benchmark looks like in the registry
 EXTRA = {
@@ -60,7 +59,7 @@ def test_scored_by_its_held_out_run_never_trained_on(config) -> None:
     for run in plan.runs.values():  # no mixture, base-LM text or (so) tokenizer sample holds it
         assert "rte_test_only" not in run.datasets
     assert not any("rte_test_only" in p for p in plan.tokenizer_shards())
-    assert "rte_test_only" not in audited_datasets(plan, "heldout_nli")  # training must not wait on it
+    assert "rte_test_only" not in plan.audited_datasets("heldout_nli")  # training must not wait on it
 
     everywhere = plan_experiment(validate_config({**config, "eval": {**config["eval"], "eval_only_all_runs": True}}))
     runs = {e.run for e in everywhere.evaluations if e.dataset == "rte_test_only"}

@@ -1,4 +1,4 @@
-"""Model-parallel evaluation: TP=2 x PP=2 and DP=2 under flanpipe.launch (torchrun, gloo) give the same
+"""Model-parallel evaluation: TP=2 x PP=2 and DP=2 under flanpipe.train.launch (torchrun, gloo) give the same
 predictions and scores as TP=1 in one process, on the same checkpoint, for option and generation tasks."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 from test_evaluate import make_shard, sentiment_rows, sp  # noqa: F401 (sp: the tokenizer fixture)
 from test_train import TORCHRUN_VARS
 
-from flanpipe.eval_plan import check_eval_layout
-from flanpipe.evaluate import eval_argv, evaluate_many
-from flanpipe.model_config import ModelConfig
+from flanpipe.core.model_config import ModelConfig
+from flanpipe.eval.evaluate import eval_argv, evaluate_many
+from flanpipe.eval.layout import check_eval_layout
 
 MODEL = {
     "num_layers": 2,
@@ -37,9 +37,9 @@ METRICS = {"toy_sentiment": "accuracy", "toy_gen": "rouge"}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, sp: spm.SentencePieceProcessor):  # noqa: F811
     """A saved random model (model.json + dist_checkpointing checkpoint), a tokenizer and two eval shards."""
-    from flanpipe.checkpointing import save_weights
-    from flanpipe.io import write_json
-    from flanpipe.model import init_single_process, model_provider
+    from flanpipe.core.io import write_json
+    from flanpipe.model.checkpointing import save_weights
+    from flanpipe.model.gpt import init_single_process, model_provider
 
     root = tmp_path_factory.mktemp("evalpar")
     init_single_process()
@@ -56,7 +56,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, sp: spm.SentencePieceProcess
 
 
 def run_launched(root: Path, shards: dict, out: Path, nproc: int, tp: int, pp: int, monkeypatch) -> None:  # noqa: ANN001
-    from flanpipe.launch import launch
+    from flanpipe.train.launch import launch
 
     for var in TORCHRUN_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -64,7 +64,7 @@ def run_launched(root: Path, shards: dict, out: Path, nproc: int, tp: int, pp: i
     argv = eval_argv(
         root / "model", root / "spm.model", shards, METRICS, out, lengths=LENGTHS, batch_size=4, tp=tp, pp=pp
     )
-    assert launch(argv, nproc, "", module="flanpipe.evaluate") == 0
+    assert launch(argv, nproc, "", module="flanpipe.eval.evaluate") == 0
 
 
 def test_tp_pp_dp_evaluation_equals_tp1(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

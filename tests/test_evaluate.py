@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from flanpipe.evaluate import (
+from flanpipe.data.patterns import SHARD_SCHEMA
+from flanpipe.eval.evaluate import (
     encode_target,
     evaluate_shard,
     greedy_generate,
@@ -29,8 +30,7 @@ from flanpipe.evaluate import (
     summarize,
     truncate_input,
 )
-from flanpipe.metrics import METRICS
-from flanpipe.templates import SHARD_SCHEMA
+from flanpipe.eval.metrics import METRICS
 
 VOCAB = 64
 
@@ -406,7 +406,7 @@ def test_evaluate_many_writes_one_result_per_dataset_equal_to_single_runs(
     tmp_path: Path, sp: spm.SentencePieceProcessor
 ) -> None:
     """One scorer serves two datasets; each file equals evaluate_shard on that dataset alone."""
-    from flanpipe.evaluate import evaluate_many
+    from flanpipe.eval.evaluate import evaluate_many
 
     sp_path = tmp_path / "spm.model"
     sp_path.write_bytes(sp.serialized_model_proto())
@@ -447,8 +447,8 @@ def test_evaluate_many_writes_one_result_per_dataset_equal_to_single_runs(
 
 
 def test_eval_groups_one_job_per_model_variant_cluster() -> None:
-    from flanpipe.eval_plan import eval_groups, group_datasets
-    from flanpipe.experiments import Evaluation
+    from flanpipe.plan.eval_plan import eval_groups, group_datasets
+    from flanpipe.plan.runs import Evaluation
 
     cluster_of = {"a1": "A", "a2": "A", "b1": "B"}
     evals = [Evaluation("run", "natural", d) for d in ("a2", "a1", "b1")] + [

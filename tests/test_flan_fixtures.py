@@ -20,13 +20,13 @@ import yaml
 from dag import ROOT, run_snakemake
 from dag import read_jsonl as jsonl
 
-from flanpipe.config import dataset_spec, load_config
-from flanpipe.eval_plan import eval_groups
-from flanpipe.experiments import Plan, plan_experiment
-from flanpipe.ingest import ingest_split
-from flanpipe.io import read_yaml
-from flanpipe.registry import ROLES, load_registry
-from flanpipe.templates import load_validated, render_eval_shard, render_shard
+from flanpipe.core.io import read_yaml
+from flanpipe.core.registry import ROLES, load_registry
+from flanpipe.data.ingest import ingest_split
+from flanpipe.data.templates import load_validated, render_eval_shard, render_shard
+from flanpipe.plan.config import dataset_spec, load_config
+from flanpipe.plan.eval_plan import eval_groups
+from flanpipe.plan.experiments import Plan, plan_experiment
 
 FIXTURES = ROOT / "tests" / "fixtures" / "flan"
 FLAN_CONFIG = ROOT / "config" / "flan137b.yaml"

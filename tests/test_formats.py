@@ -7,9 +7,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flanpipe.formats import FormatMix, render_train_formats
-from flanpipe.registry import DatasetSpec, SourceSpec
-from flanpipe.templates import load_validated, render_shard, render_train
+from flanpipe.core.registry import DatasetSpec, SourceSpec
+from flanpipe.data.formats import FormatMix, render_train_formats
+from flanpipe.data.templates import load_validated, render_shard, render_train
 
 N = 2000
 
@@ -116,7 +116,7 @@ def options_config(tmp_path: Path) -> Path:
     """The embedded default plus Flan 2022's options ablation (always / never / mixed)."""
     import yaml
 
-    from flanpipe.io import read_yaml
+    from flanpipe.core.io import read_yaml
 
     raw = read_yaml(Path(__file__).resolve().parent.parent / "config" / "config.yaml")
     raw["ablations"] = {**(raw.get("ablations") or {}), "options": {"settings": ["always", "never", "mixed"]}}
@@ -126,9 +126,9 @@ def options_config(tmp_path: Path) -> Path:
 
 
 def test_options_ablation_plans_three_trainings_each_evaluated_both_ways(tmp_path: Path) -> None:
-    from flanpipe.config import load_config
-    from flanpipe.experiments import plan_experiment
-    from flanpipe.vocab import parse_shard_name, shard_options_share
+    from flanpipe.core.vocab import parse_shard_name, shard_options_share
+    from flanpipe.plan.config import load_config
+    from flanpipe.plan.experiments import plan_experiment
 
     config = load_config(options_config(tmp_path))
     plan = plan_experiment(config)
@@ -140,8 +140,7 @@ def test_options_ablation_plans_three_trainings_each_evaluated_both_ways(tmp_pat
     )
     assert {plan.runs[r].shard_variant for r in runs} == {"natural-all", "natural-all-opts0", "natural-all-opts50"}
     assert (
-        parse_shard_name("natural-all-opts50") == ("natural", None)
-        and shard_options_share("natural-all-opts50") == 0.5
+        parse_shard_name("natural-all-opts50") == ("natural", None) and shard_options_share("natural-all-opts50") == 0.5
     )
     assert shard_options_share("natural-all") is None
     for e in evals:  # classification datasets with and without options; the others once
@@ -166,8 +165,8 @@ def test_options_ablation_dry_run_renders_a_shard_per_share(tmp_path: Path) -> N
 
 
 def test_options_ablation_summary_and_figure(tmp_path: Path) -> None:
-    from flanpipe.figures import ablation_figure, save_figure
-    from flanpipe.report import summarize_ablation
+    from flanpipe.report.figures import ablation_figure, save_figure
+    from flanpipe.report.tables import summarize_ablation
 
     records = []
     for i, setting in enumerate(("always", "never", "mixed 50%")):

@@ -1,4 +1,4 @@
-"""HF checkpoints in and out (flanpipe.hf): logits parity, exact round trip, refusals with named fields.
+"""HF checkpoints in and out (flanpipe.model.hf_import): logits parity, exact round trip, refusals with named fields.
 
 Every HF model here is built locally from a tiny config with random weights (no hub download).
 """
@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flanpipe import hf
-from flanpipe.model import load_scorer
-from flanpipe.model_config import ModelConfig, param_count
+from flanpipe.core.model_config import ModelConfig, param_count
+from flanpipe.model import hf_export, hf_format, hf_import
+from flanpipe.model.gpt import load_scorer
 
 transformers = pytest.importorskip("transformers")  # in the dev extra: CI runs these
 
@@ -55,8 +55,8 @@ def converted(request, tmp_path_factory):
     # chunks, one of them straddling the tokenizer's 100 rows and the zero padding. Every test below
     # (logits, round trip, TP, PP) reads a checkpoint written that way.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hf, "TABLE_CHUNK_BYTES", 24 * 64 * 4)
-        cfg = hf.import_hf(root / "hf", root / "base")
+        mp.setattr(hf_import, "TABLE_CHUNK_BYTES", 24 * 64 * 4)
+        cfg = hf_import.import_hf(root / "hf", root / "base")
     return request.param, model, cfg, root
 
 
@@ -86,7 +86,7 @@ def test_greedy_decodes_agree(converted):
 
 def test_export_round_trip_is_exact_and_loads(converted, tmp_path):
     arch, model, cfg, root = converted
-    out = hf.export_hf(root / "base", tmp_path / "export")
+    out = hf_export.export_hf(root / "base", tmp_path / "export")
     original = load_file(root / "hf" / "model.safetensors")
     exported = load_file(out / "model.safetensors")
     assert set(exported) == set(original)
@@ -102,7 +102,7 @@ def test_export_shards_past_the_size_limit(converted, tmp_path):
     arch, model, cfg, root = converted
     if arch != "llama":
         pytest.skip("one architecture is enough")
-    out = hf.export_hf(root / "base", tmp_path / "export", max_shard_bytes=40_000)
+    out = hf_export.export_hf(root / "base", tmp_path / "export", max_shard_bytes=40_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -110,7 +110,7 @@ def test_export_shards_past_the_size_limit(converted, tmp_path):
     with torch.no_grad():
         assert (again(ids).logits - model(ids).logits).abs().max() == 0
     # ... and a sharded checkpoint imports too, to the same weights.
-    hf.import_hf(out, tmp_path / "reimport")
+    hf_import.import_hf(out, tmp_path / "reimport")
     assert (tmp_path / "reimport" / "model.json").read_text() == (root / "base" / "model.json").read_text()
 
 
@@ -121,16 +121,16 @@ def test_qkv_fusion_groups_heads_and_inverts():
     heads, groups, hd, h = 4, 2, 3, 5
     q = torch.arange(heads * hd * h).reshape(heads * hd, h).float()
     k, v = -torch.ones(groups * hd, h), torch.zeros(groups * hd, h)
-    fused = hf.fuse_qkv(q, k, v, heads, groups, hd)
+    fused = hf_format.fuse_qkv(q, k, v, heads, groups, hd)
     # group 0: queries of heads 0 and 1, then its key, then its value
     assert torch.equal(fused[: 2 * hd], q[: 2 * hd])
     assert torch.equal(fused[2 * hd : 3 * hd], k[:hd]) and torch.equal(fused[3 * hd : 4 * hd], v[:hd])
-    assert all(torch.equal(a, b) for a, b in zip(hf.split_qkv(fused, heads, groups, hd), (q, k, v), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(hf_format.split_qkv(fused, heads, groups, hd), (q, k, v), strict=True))
 
 
 def test_param_count_follows_the_shape_switches():
     """param_count equals the Megatron model's parameter count for GQA, tied, bias-free shapes."""
-    from flanpipe.model import init_single_process, model_provider
+    from flanpipe.model.gpt import init_single_process, model_provider
 
     init_single_process()
     for kw in (
@@ -189,8 +189,8 @@ def test_missing_shard_is_named(llama_dir, tmp_path):
     weight_map = {n: ("model-00001-of-00002.safetensors" if i < 5 else "model-00002-of-00002.safetensors")
                   for i, n in enumerate(names)}  # fmt: skip
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(hf.HFFormatError, match="model-00002-of-00002.safetensors"):
-        hf.import_hf(d, tmp_path / "out")
+    with pytest.raises(hf_format.HFFormatError, match="model-00002-of-00002.safetensors"):
+        hf_import.import_hf(d, tmp_path / "out")
 
 
 def test_wrong_shape_names_the_tensor(llama_dir, tmp_path):
@@ -198,8 +198,9 @@ def test_wrong_shape_names_the_tensor(llama_dir, tmp_path):
     tensors = load_file(d / "model.safetensors")
     tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(64, 64)  # MHA-shaped in a GQA model
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(hf.HFFormatError, match=r"model.layers.1.self_attn.k_proj.weight.*\[64, 64\].*\[32, 64\]"):
-        hf.import_hf(d, tmp_path / "out")
+    want = r"model.layers.1.self_attn.k_proj.weight.*\[64, 64\].*\[32, 64\]"
+    with pytest.raises(hf_format.HFFormatError, match=want):
+        hf_import.import_hf(d, tmp_path / "out")
 
 
 def test_unknown_architecture_is_refused(llama_dir, tmp_path):
@@ -207,8 +208,8 @@ def test_unknown_architecture_is_refused(llama_dir, tmp_path):
     config = json.loads((d / "config.json").read_text())
     config["architectures"] = ["GPTNeoXForCausalLM"]
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf.HFFormatError, match=r"config.json.*architectures.*GPTNeoXForCausalLM"):
-        hf.import_hf(d, tmp_path / "out")
+    with pytest.raises(hf_format.HFFormatError, match=r"config.json.*architectures.*GPTNeoXForCausalLM"):
+        hf_import.import_hf(d, tmp_path / "out")
 
 
 def test_unsupported_rope_scaling_is_refused(llama_dir, tmp_path):
@@ -216,8 +217,8 @@ def test_unsupported_rope_scaling_is_refused(llama_dir, tmp_path):
     config = json.loads((d / "config.json").read_text())
     config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf.HFFormatError, match=r"config.json.*rope_parameters.*yarn"):
-        hf.import_hf(d, tmp_path / "out")
+    with pytest.raises(hf_format.HFFormatError, match=r"config.json.*rope_parameters.*yarn"):
+        hf_import.import_hf(d, tmp_path / "out")
 
 
 def test_sliding_window_layers_are_refused(llama_dir, tmp_path):
@@ -225,8 +226,8 @@ def test_sliding_window_layers_are_refused(llama_dir, tmp_path):
     config = json.loads((d / "config.json").read_text())
     config["layer_types"] = ["sliding_attention", "full_attention"]
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf.HFFormatError, match=r"config.json.*layer_types.*sliding_attention"):
-        hf.import_hf(d, tmp_path / "out")
+    with pytest.raises(hf_format.HFFormatError, match=r"config.json.*layer_types.*sliding_attention"):
+        hf_import.import_hf(d, tmp_path / "out")
 
 
 def test_vocab_larger_than_the_embedding_is_refused(llama_dir, tmp_path):
@@ -234,8 +235,8 @@ def test_vocab_larger_than_the_embedding_is_refused(llama_dir, tmp_path):
     config = json.loads((d / "config.json").read_text())
     config["vocab_size"] = 120  # the embedding has 100 rows
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf.HFFormatError, match=r"model.embed_tokens.weight.*\[100, 64\].*\[120, 64\]"):
-        hf.import_hf(d, tmp_path / "out")
+    with pytest.raises(hf_format.HFFormatError, match=r"model.embed_tokens.weight.*\[100, 64\].*\[120, 64\]"):
+        hf_import.import_hf(d, tmp_path / "out")
 
 
 def test_unused_tensor_is_refused(llama_dir, tmp_path):
@@ -243,8 +244,8 @@ def test_unused_tensor_is_refused(llama_dir, tmp_path):
     tensors = load_file(d / "model.safetensors")
     tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(hf.HFFormatError, match="o_proj.bias"):
-        hf.import_hf(d, tmp_path / "out")
+    with pytest.raises(hf_format.HFFormatError, match="o_proj.bias"):
+        hf_import.import_hf(d, tmp_path / "out")
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused(llama_dir, tmp_path):
@@ -256,8 +257,8 @@ def test_tokenizer_larger_than_the_embedding_is_refused(llama_dir, tmp_path):
     tok.train_from_iterator(words, trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "</s>"]))
     assert tok.get_vocab_size() > VOCAB
     tok.save(str(d / "tokenizer.json"))
-    with pytest.raises(hf.HFFormatError, match=r"tokenizer.json.*ids.*vocab_size"):
-        hf.import_hf(d, tmp_path / "out")
+    with pytest.raises(hf_format.HFFormatError, match=r"tokenizer.json.*ids.*vocab_size"):
+        hf_import.import_hf(d, tmp_path / "out")
 
 
 def test_cli_import_and_export(llama_dir, tmp_path):
@@ -334,7 +335,7 @@ def test_bf16_checkpoint_converts_to_fp32(tmp_path):
     model = _make_hf("llama", tmp_path / "fp32")
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     assert next(iter(load_file(tmp_path / "bf16" / "model.safetensors").values())).dtype == torch.bfloat16
-    hf.import_hf(tmp_path / "bf16", tmp_path / "base")
+    hf_import.import_hf(tmp_path / "bf16", tmp_path / "base")
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").float().eval()
     ids = torch.randint(0, VOCAB, (1, 16))
     with torch.no_grad():
@@ -354,7 +355,7 @@ def test_import_bench_reports_peak_rss_beside_checkpoint_size(tmp_path):
 
 def test_padding_rows_carry_no_loss_and_get_no_gradient():
     """Training's per-token loss over a padded vocabulary equals cross entropy over the real ids only."""
-    from flanpipe.model import init_single_process, model_provider
+    from flanpipe.model.gpt import init_single_process, model_provider
 
     init_single_process()
     cfg = ModelConfig(
@@ -392,7 +393,7 @@ def test_llama31_rope_scaling_gives_the_same_logits(tmp_path):
         for name, p in model.named_parameters():
             p.mul_(8.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0)
     model.save_pretrained(tmp_path / "hf")
-    cfg = hf.import_hf(tmp_path / "hf", tmp_path / "base")
+    cfg = hf_import.import_hf(tmp_path / "hf", tmp_path / "base")
     assert cfg.rope_scaling_factor == 8.0 and cfg.rotary_base == 500000
     ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -404,7 +405,7 @@ def test_llama31_rope_scaling_gives_the_same_logits(tmp_path):
     (tmp_path / "unscaled" / "model.json").write_text(json.dumps(unscaled))
     wrong = load_scorer(tmp_path / "unscaled").logits(ids)
     assert (wrong[..., :VOCAB] - ref).abs().max().item() > 1e-3  # the test can tell scaling from none
-    exported = hf.export_hf(tmp_path / "base", tmp_path / "export")
+    exported = hf_export.export_hf(tmp_path / "base", tmp_path / "export")
     again = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
     with torch.no_grad():
         assert torch.equal(again(ids).logits, ref)
@@ -423,12 +424,12 @@ def test_export_refuses_a_model_no_hf_class_computes(tmp_path):
     )
     (tmp_path / "run" / "model.json").write_text(json.dumps(cfg.to_dict()))
     with pytest.raises(ValueError, match=r"model.json.*normalization.*LlamaForCausalLM"):
-        hf.export_hf(tmp_path / "run", tmp_path / "out")
+        hf_export.export_hf(tmp_path / "run", tmp_path / "out")
 
 
 def test_import_never_overwrites_a_foreign_directory(llama_dir, tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not an import-hf output"):
-        hf.import_hf(llama_dir, tmp_path / "precious")
+        hf_import.import_hf(llama_dir, tmp_path / "precious")
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"

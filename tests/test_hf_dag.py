@@ -10,9 +10,9 @@ import yaml
 from dag import ROOT, run_snakemake
 from test_hf_tokenizer import _bpe_dir
 
-from flanpipe.config import ConfigError, validate_config
-from flanpipe.experiments import plan_experiment
-from flanpipe.io import read_yaml
+from flanpipe.core.io import read_yaml
+from flanpipe.plan.config import ConfigError, validate_config
+from flanpipe.plan.experiments import plan_experiment
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -93,7 +93,7 @@ def test_tune_evaluate_export_equals_transformers(hf_dir: Path, tmp_path: Path) 
     """The whole default DAG on base.hf; the exported tuned run's transformers logits equal flanpipe's scorer."""
     import json
 
-    from flanpipe.model import load_scorer
+    from flanpipe.model.gpt import load_scorer
 
     done = run_snakemake(tmp_path, _write(tmp_path, hf_dir), "--cores", "2", timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]

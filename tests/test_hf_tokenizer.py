@@ -1,4 +1,4 @@
-"""flanpipe.hf_tokenizer: a checkpoint's own tokenizer, ids equal to transformers' for the same text."""
+"""flanpipe.data.hf_tokenizer: a checkpoint's own tokenizer, ids equal to transformers' for the same text."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from flanpipe.hf_tokenizer import load_hf_tokenizer
+from flanpipe.data.hf_tokenizer import load_hf_tokenizer
 
 transformers = pytest.importorskip("transformers")  # in the dev extra: CI runs these
 

@@ -10,23 +10,20 @@ import pytest
 from dag import write
 
 from flanpipe.cli import main
-from flanpipe.importers import (
+from flanpipe.core.registry import DatasetSpec, SourceSpec
+from flanpipe.data.flan_import import import_flan, read_flan_patterns
+from flanpipe.data.importers import import_templates
+from flanpipe.data.promptsource_import import (
     Conversion,
-    TemplateImportError,
-    Unconvertible,
     check_equivalent,
     convert_template,
-    import_flan,
     import_promptsource,
-    import_templates,
     load_promptsource_yaml,
-    parse_field_map,
-    read_flan_patterns,
     sandbox,
     synthesize_records,
 )
-from flanpipe.registry import DatasetSpec, SourceSpec
-from flanpipe.templates import load_templates, render_train, validate_templates
+from flanpipe.data.template_import import TemplateImportError, Unconvertible, parse_field_map
+from flanpipe.data.templates import load_templates, render_train, validate_templates
 
 FIXTURES = Path(__file__).parent / "fixtures" / "importers"
 PS_ROOT = FIXTURES / "promptsource"

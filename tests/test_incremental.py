@@ -82,7 +82,7 @@ def test_touch_replans_nothing_and_edit_replans_its_dependents(built: Path) -> N
 @pytest.mark.slow
 def test_adding_an_eval_only_dataset_plans_only_its_evaluation(built: Path) -> None:
     """An evaluation-only entry added to the registry of a built run: its ingest, eval shards and its own
-    evaluate jobs (flanpipe.eval_plan.eval_group_name), nothing upstream of training, no other evaluation."""
+    evaluate jobs (flanpipe.plan.eval_plan.eval_group_name), nothing upstream of training, no other evaluation."""
     config_file = built / "config" / "config.yaml"
     original = config_file.read_text()
     baseline = planned(built)

@@ -1,7 +1,7 @@
-"""KV-cache decoding and shared-prefix option scoring (flanpipe.inference) against the cache-free paths.
+"""KV-cache decoding and shared-prefix option scoring (flanpipe.eval.inference) against the cache-free paths.
 
 A tiny Megatron GPTModel with a large init (logits far from ties) in one process. The cache-free
-references are flanpipe.evaluate's, which tests/test_evaluate.py checks against brute force.
+references are flanpipe.eval.evaluate's, which tests/test_evaluate.py checks against brute force.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import random
 import pytest
 import torch
 
-from flanpipe.evaluate import greedy_generate, option_logprobs, option_logprobs_packed, rank_classification
-from flanpipe.inference import ParallelLM, greedy_generate_cached, option_logprobs_shared
-from flanpipe.model_config import ModelConfig
+from flanpipe.core.model_config import ModelConfig
+from flanpipe.eval.evaluate import greedy_generate, option_logprobs, option_logprobs_packed, rank_classification
+from flanpipe.eval.inference import ParallelLM, greedy_generate_cached, option_logprobs_shared
 
 VOCAB = 64
 MODEL = {
@@ -40,7 +40,7 @@ class CacheFree:
 
 @pytest.fixture(scope="module", params=["rope", "learned_absolute"])
 def lm(request: pytest.FixtureRequest) -> ParallelLM:
-    from flanpipe.model import init_single_process, model_provider
+    from flanpipe.model.gpt import init_single_process, model_provider
 
     init_single_process()
     cfg = ModelConfig(**MODEL, position_embedding_type=request.param)

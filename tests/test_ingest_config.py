@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 from dag import write_jsonl as jsonl
 
-from flanpipe.config import ConfigError, load_config, validate_config
-from flanpipe.ingest import DataError, ingest_split
-from flanpipe.registry import DatasetSpec, SourceSpec
+from flanpipe.core.registry import DatasetSpec, SourceSpec
+from flanpipe.data.ingest import DataError, ingest_split
+from flanpipe.plan.config import ConfigError, load_config, validate_config
 
 
 def spec(path: str, **kw) -> DatasetSpec:

@@ -10,8 +10,9 @@ import polars as pl
 import pytest
 
 from flanpipe.cli import main
-from flanpipe.importers import TemplateImportError, import_promptsource, import_templates, load_promptsource_yaml
-from flanpipe.jinja_templates import (
+from flanpipe.core.registry import DatasetSpec, SourceSpec
+from flanpipe.data.importers import import_templates
+from flanpipe.data.jinja_templates import (
     MAX_RANGE,
     GuardedSandbox,
     RenderLimitError,
@@ -19,9 +20,10 @@ from flanpipe.jinja_templates import (
     load_entry,
     render_rows,
 )
-from flanpipe.registry import DatasetSpec, SourceSpec
-from flanpipe.templates import (
-    TemplateError,
+from flanpipe.data.patterns import TemplateError
+from flanpipe.data.promptsource_import import import_promptsource, load_promptsource_yaml
+from flanpipe.data.template_import import TemplateImportError
+from flanpipe.data.templates import (
     load_templates,
     load_validated,
     preview,
@@ -205,8 +207,8 @@ def test_sandbox_escapes_are_refused_at_import_and_load(jinja: str, tmp_path: Pa
 
 def _bypass(jinja: str, answer_choices: str | None = None) -> Any:
     """A template object built without load_entry's static check, to prove the render-time guard."""
-    from flanpipe.jinja_templates import JinjaSpec
-    from flanpipe.templates import Template
+    from flanpipe.data.jinja_templates import JinjaSpec
+    from flanpipe.data.patterns import Template
 
     return Template(0, "", "", kind="jinja", jinja=JinjaSpec(jinja, answer_choices, None, {}, "sneaky"))
 

@@ -1,4 +1,4 @@
-"""flanpipe.launch without SLURM: the argv it builds and the SLURM -> torch.distributed env mapping."""
+"""flanpipe.train.launch without SLURM: the argv it builds and the SLURM -> torch.distributed env mapping."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from flanpipe import cli
-from flanpipe.launch import first_host, launch_command, master_port, tasks_on_node, torch_env_from_slurm
+from flanpipe.train.launch import first_host, launch_command, master_port, tasks_on_node, torch_env_from_slurm
 
 TRAIN_ARGS = ["--spec", "s.json", "--data", "packed", "--out", "model"]
 
@@ -23,7 +23,7 @@ def test_workstation_command_is_torchrun() -> None:
         "--nproc_per_node",
         "4",
         "-m",
-        "flanpipe.train",
+        "flanpipe.train.loop",
         *TRAIN_ARGS,
     ]
     assert launch_command(TRAIN_ARGS, 1, mpi="  ")[2] == "torch.distributed.run"  # blank = no mpi
@@ -31,7 +31,7 @@ def test_workstation_command_is_torchrun() -> None:
 
 def test_mpi_command_runs_one_worker_per_task() -> None:
     cmd = launch_command(TRAIN_ARGS, 8, mpi="srun --cpu-bind=cores")
-    worker = [sys.executable, "-m", "flanpipe.launch", "worker", *TRAIN_ARGS]
+    worker = [sys.executable, "-m", "flanpipe.train.launch", "worker", *TRAIN_ARGS]
     assert cmd == ["srun", "--cpu-bind=cores", "-n", "8", *worker]
     with pytest.raises(ValueError, match="nproc"):
         launch_command(TRAIN_ARGS, 0)
@@ -111,10 +111,10 @@ def test_torch_env_from_slurm_outside_srun_fails_loudly() -> None:
 def test_cli_launch_and_train_call_the_same_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(
-        "flanpipe.launch.launch",
+        "flanpipe.train.launch.launch",
         lambda args, nproc, mpi="", threads=None: calls.append((args, nproc, mpi, threads)) or 0,
     )
-    monkeypatch.setattr("flanpipe.threads.limit_threads", lambda n: n)  # keep this test process's pools
+    monkeypatch.setattr("flanpipe.core.threads.limit_threads", lambda n: n)  # keep this test process's pools
     for argv in (
         ["launch", "--mpi", "srun", "--nproc", "2", "--", *TRAIN_ARGS],
         ["train", "--spec", "s.json", "--data", "packed", "--out", "model", "--nproc", "2", "--mpi", "srun"],
@@ -131,13 +131,13 @@ def test_cli_launch_and_train_call_the_same_launcher(monkeypatch: pytest.MonkeyP
     [(2, 1, 2), (2, 2, 1), (8, 2, 4), (8, 3, 2), (2, 4, 1), (1, 1, 1)],
 )
 def test_threads_per_rank_splits_the_job(job: int, ranks: int, per_rank: int) -> None:
-    from flanpipe.threads import threads_per_rank
+    from flanpipe.core.threads import threads_per_rank
 
     assert threads_per_rank(job, ranks) == per_rank
 
 
 def test_rank_threads_env_follows_the_job_not_a_fixed_one() -> None:
-    from flanpipe.launch import rank_threads_env
+    from flanpipe.train.launch import rank_threads_env
 
     # Snakemake sets OMP_NUM_THREADS to the rule's threads in every shell job: 2 threads, 1 rank -> 2
     assert rank_threads_env(1, env={"OMP_NUM_THREADS": "2"}) == {"OMP_NUM_THREADS": "2"}
@@ -156,7 +156,7 @@ def test_launch_passes_the_rank_threads_to_the_ranks(monkeypatch: pytest.MonkeyP
     """The env the ranks start with carries threads = job threads / ranks (torchrun keeps a set value)."""
     import subprocess
 
-    from flanpipe import launch as launch_mod
+    from flanpipe.train import launch as launch_mod
 
     seen = {}
 
@@ -183,11 +183,11 @@ def test_srun_task_threads_are_slurms_cpus_per_task() -> None:
 
 
 def test_ckpt_dir_of_train_args() -> None:
-    """Where the launcher looks for the preempted marker: --ckpt-dir, else flanpipe.train's default."""
+    """Where the launcher looks for the preempted marker: --ckpt-dir, else flanpipe.train.loop's default."""
     from pathlib import Path
 
-    from flanpipe.checkpointing import default_ckpt_dir
-    from flanpipe.launch import ckpt_dir_of
+    from flanpipe.model.checkpointing import default_ckpt_dir
+    from flanpipe.train.launch import ckpt_dir_of
 
     args = ["--spec", "s.json", "--data", "d", "--out", "results/models/run"]
     assert ckpt_dir_of(args) == default_ckpt_dir("results/models/run") == Path("results/models/run.ckpt").absolute()

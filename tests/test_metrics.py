@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from flanpipe.metrics import (
+from flanpipe.eval.metrics import (
     METRICS,
     accuracy,
     bleu,
@@ -166,7 +166,7 @@ def test_every_metric_is_bounded_and_checks_lengths(name: str) -> None:
 def test_rank_choices_by_hand() -> None:
     """Option 0: "yes" (3 chars, 2 tokens) logp -3; option 1: "it is not possible" (18 chars, 6 tokens) logp -6.
     Summed: -3 > -6 -> 0. Per char: -1 < -1/3 -> 1. Per token: -1.5 < -1 -> 1."""
-    from flanpipe.metrics import SCORINGS, rank_choices
+    from flanpipe.eval.metrics import SCORINGS, rank_choices
 
     got = rank_choices([[-3.0, -6.0], [-2.0, -2.0, -9.0]], [[3, 18], [4, 2, 9]], [[2, 6], [1, 3, 3]])
     assert set(got) == set(SCORINGS)

@@ -1,4 +1,4 @@
-"""The micro-batch follows the world size unless the config fixes it (flanpipe.config.micro_batch_for)."""
+"""The micro-batch follows the world size unless the config fixes it (flanpipe.plan.config.micro_batch_for)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flanpipe.config import ConfigError, check_world, load_config, micro_batch_for, train_spec, validate_config
+from flanpipe.plan.config import ConfigError, check_world, load_config, micro_batch_for, train_spec, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

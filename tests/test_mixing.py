@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flanpipe.mixing import MixtureConfig, allocate, build_mixture, mixing_rate
+from flanpipe.data.mixing import MixtureConfig, allocate, build_mixture, mixing_rate
 
 
 def shard(path: Path, dataset: str, n: int) -> Path:
@@ -128,7 +128,7 @@ def test_out_of_core_shuffle_writes_the_same_bytes_for_any_bucket_count(
 
 
 def test_shuffle_buckets_is_a_power_of_two_covering_the_bytes() -> None:
-    from flanpipe.mixing import shuffle_buckets
+    from flanpipe.data.mixing import shuffle_buckets
 
     assert shuffle_buckets(10, 100) == 1
     assert shuffle_buckets(100, 100) == 1
@@ -139,7 +139,7 @@ def test_shuffle_buckets_is_a_power_of_two_covering_the_bytes() -> None:
 _MIX_IN_SUBPROCESS = """
 import sys
 from pathlib import Path
-from flanpipe.mixing import MixtureConfig, build_mixture
+from flanpipe.data.mixing import MixtureConfig, build_mixture
 d = Path(sys.argv[1])
 shards = {p.stem: p for p in sorted(d.glob("*.parquet"))}
 build_mixture(shards, MixtureConfig(cap=1000, max_rate=500, seed=7, cap_mode=sys.argv[3]), sys.argv[2],
@@ -185,7 +185,7 @@ def test_seeded_sample_cap_takes_cap_examples_spread_over_the_shard(shards: dict
 
 
 def test_bucket_size_follows_the_jobs_memory() -> None:
-    from flanpipe.mixing import bucket_bytes_for
+    from flanpipe.data.mixing import bucket_bytes_for
 
     assert bucket_bytes_for(None) == 128 << 20
     assert bucket_bytes_for(4_000) == 500 << 20  # the SLURM profile's default job: 500 MiB buckets

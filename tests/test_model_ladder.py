@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flanpipe.model_config import load_model_config, param_count
+from flanpipe.core.model_config import load_model_config, param_count
 
 MODELS = Path(__file__).resolve().parents[1] / "config" / "models"
 
@@ -59,8 +59,8 @@ def test_all_model_configs_load() -> None:
 def test_fusions_follow_the_kernels_that_exist() -> None:
     """The GPU path turns on a Megatron fusion only where its kernel is installed; the decisions are
     checked here (this machine has no GPU to run them). CPU: none at all."""
-    from flanpipe.model import fusion_flags
-    from flanpipe.model_config import ModelConfig
+    from flanpipe.core.model_config import ModelConfig
+    from flanpipe.model.gpt import fusion_flags
 
     base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=64,
                 max_position_embeddings=32, position_embedding_type="rope", gated_linear_unit=True,
@@ -100,7 +100,7 @@ def test_fusions_follow_the_kernels_that_exist() -> None:
 
 
 def test_apex_probe_looks_for_nvidia_extensions_not_the_pypi_package() -> None:
-    from flanpipe.model import APEX_EXTENSIONS, apex_extensions
+    from flanpipe.model.gpt import APEX_EXTENSIONS, apex_extensions
 
     assert apex_extensions() <= frozenset(APEX_EXTENSIONS)
     assert "apex" not in APEX_EXTENSIONS
@@ -109,8 +109,8 @@ def test_apex_probe_looks_for_nvidia_extensions_not_the_pypi_package() -> None:
 
 def test_gpu_shaped_transformer_config_builds() -> None:
     """transformer_config for a GPU run (bf16, fusions from the kernels present) is a valid Megatron config."""
-    from flanpipe.model import transformer_config
-    from flanpipe.model_config import ModelConfig
+    from flanpipe.core.model_config import ModelConfig
+    from flanpipe.model.gpt import transformer_config
 
     cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=64,
                       max_position_embeddings=32, position_embedding_type="rope", gated_linear_unit=True,

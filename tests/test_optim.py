@@ -1,4 +1,4 @@
-"""flanpipe.optim.Adafactor: torch.optim.Adafactor's step, made invariant to tensor-parallel sharding.
+"""flanpipe.train.optim.Adafactor: torch.optim.Adafactor's step, made invariant to tensor-parallel sharding.
 
 Two checks, both without Megatron's model: one process against torch.optim.Adafactor, and two
 gloo processes each holding half of every sharded tensor (the way Megatron's TP layers mark
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flanpipe.optim import Adafactor
+from flanpipe.train.optim import Adafactor
 
 # (name, full shape, TP partition dim or None for a replicated parameter)
 PARAMS = [

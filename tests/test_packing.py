@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flanpipe import packing
-from flanpipe.packing import best_fit_decreasing, next_fit, pack_to_indexed_dataset, packing_efficiency, padded
-from flanpipe.tokenize import EncodedExamples
+from flanpipe.data import packing
+from flanpipe.data.packing import best_fit_decreasing, next_fit, pack_to_indexed_dataset, packing_efficiency, padded
+from flanpipe.data.tokenize import EncodedExamples
 
 
 def _loads(lengths: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flanpipe.model_config import ModelConfig, load_model_config, param_count
-from flanpipe.planner import (
+from flanpipe.core.model_config import ModelConfig, load_model_config, param_count
+from flanpipe.train.planner import (
     GIB,
     Hardware,
     Layout,
@@ -210,7 +210,7 @@ def test_cli_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_interleaved_bubble_and_activation_arithmetic() -> None:
-    from flanpipe.planner import in_flight_chunks
+    from flanpipe.train.planner import in_flight_chunks
 
     assert bubble_fraction(4, 8, 2) == pytest.approx(3 / 19)  # (4-1) / (2*8 + 4-1)
     assert bubble_fraction(2, 4, 2) == pytest.approx(1 / 9)
@@ -229,7 +229,7 @@ def test_interleaved_bubble_and_activation_arithmetic() -> None:
 
 
 def test_interleaved_layouts_are_offered_only_where_megatron_runs_them() -> None:
-    from flanpipe.planner import enumerate_layouts
+    from flanpipe.train.planner import enumerate_layouts
 
     hw = Hardware(gpus=4, gpu_mem_gib=1.0, gpus_per_node=4)
     layouts = enumerate_layouts(SMALL, hw, rows=4)
@@ -241,7 +241,7 @@ def test_interleaved_layouts_are_offered_only_where_megatron_runs_them() -> None
 
 
 def test_eval_memory_and_layout_for_lamda_137b() -> None:
-    from flanpipe.planner import GIB, eval_memory_bytes, last_stage_extra_params, per_layer_params, plan_eval
+    from flanpipe.train.planner import GIB, eval_memory_bytes, last_stage_extra_params, per_layer_params, plan_eval
 
     cfg = load_model_config(MODELS / "lamda_pt_137b.yaml")
     mem = eval_memory_bytes(cfg, 8, 4, batch=32, seq_length=1280)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from flanpipe.mixing import MixtureConfig, _draws, _order_key, _pool, build_mixture
-from flanpipe.packing import pack_to_indexed_dataset
-from flanpipe.provenance import mixture_epochs, mixture_meta, seen_by_step, seen_summary
-from flanpipe.tokenize import EncodedExamples
+from flanpipe.data.mixing import MixtureConfig, _draws, _order_key, _pool, build_mixture
+from flanpipe.data.packing import pack_to_indexed_dataset
+from flanpipe.data.provenance import mixture_epochs, mixture_meta, seen_by_step, seen_summary
+from flanpipe.data.tokenize import EncodedExamples
 from tests.test_mixing import shard
 
 

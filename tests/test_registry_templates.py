@@ -8,16 +8,9 @@ import polars as pl
 import pytest
 from dag import write
 
-from flanpipe.registry import FLAN_OVERLAPS, RegistryError, load_registry, training_datasets
-from flanpipe.templates import (
-    TemplateError,
-    load_templates,
-    parse_pattern,
-    render_eval,
-    render_train,
-    templates_for_mode,
-    validate_templates,
-)
+from flanpipe.core.registry import FLAN_OVERLAPS, RegistryError, load_registry, training_datasets
+from flanpipe.data.patterns import TemplateError, parse_pattern
+from flanpipe.data.templates import load_templates, render_eval, render_train, templates_for_mode, validate_templates
 
 
 @pytest.fixture
@@ -84,8 +77,14 @@ def test_registry_schema_error_names_key(tmp_path: Path) -> None:
 
 
 def test_parse_pattern_literal_braces_and_errors() -> None:
-    assert parse_pattern("a {{x}} {y}") == [("text", "a "), ("text", "{"), ("text", "x"), ("text", "}"),
-                                            ("text", " "), ("field", "y")]
+    assert parse_pattern("a {{x}} {y}") == [
+        ("text", "a "),
+        ("text", "{"),
+        ("text", "x"),
+        ("text", "}"),
+        ("text", " "),
+        ("field", "y"),
+    ]
     with pytest.raises(ValueError, match="unbalanced"):
         parse_pattern("oops {y")
     with pytest.raises(ValueError, match="invalid placeholder"):
@@ -160,7 +159,7 @@ def test_instruction_ablation_modes(registry_file: Path) -> None:
 
 
 def test_eval_variants_no_options_and_fewshot(registry_file: Path) -> None:
-    from flanpipe.templates import fewshot_exemplars
+    from flanpipe.data.patterns import fewshot_exemplars
 
     spec = load_registry([registry_file])["nli_a"]
     templates = load_templates(spec.templates)

@@ -1,6 +1,6 @@
 """Report: summary / ablation numbers against hand-computed averages, Markdown rows, and figures.
 
-Records are fake but consistent eval results (flanpipe.evaluate's JSON + run/variant/held_out/role).
+Records are fake but consistent eval results (flanpipe.eval.evaluate's JSON + run/variant/held_out/role).
 Every expected number is worked out in a comment next to it, so a failure says which average broke.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from matplotlib.figure import Figure
 
-from flanpipe.figures import (
+from flanpipe.report.figures import (
     HELD_OUT_AXIS,
     SCORE_AXIS,
     ablation_figure,
@@ -23,7 +23,7 @@ from flanpipe.figures import (
     write_report,
     write_summary,
 )
-from flanpipe.report import (
+from flanpipe.report.tables import (
     PAPER_REFERENCE,
     ablation_markdown,
     format_params,
@@ -442,19 +442,19 @@ def test_labels() -> None:
 
 
 def test_report_tables_never_import_figures() -> None:
-    """Tables and labels stand alone; only flanpipe.figures imports both (and matplotlib)."""
+    """Tables and labels stand alone; only flanpipe.report.figures imports both (and matplotlib)."""
     import subprocess
     import sys
 
-    code = "import sys, flanpipe.report; assert not {'flanpipe.figures', 'matplotlib'} & set(sys.modules)"
+    code = "import sys, flanpipe.report.tables; assert not {'flanpipe.report.figures', 'matplotlib'} & set(sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 
 
 def test_table_cells_carry_the_bootstrap_interval_of_the_mean() -> None:
     """With per-example scores (0/100 accuracy: 4 test examples x 2 templates) the cell shows the seeded
-    95% interval flanpipe.stats gives for the mean over templates; one without them stays as it was."""
-    from flanpipe.stats import dataset_rng, mean_over_templates_replicates, percentile_interval, score_matrix
+    95% interval flanpipe.report.stats gives for the mean over templates; one without them stays as it was."""
+    from flanpipe.report.stats import dataset_rng, mean_over_templates_replicates, percentile_interval, score_matrix
 
     rows = [(s, t, e, 100.0 if (e + t) % 3 else 0.0) for s in ("validation", "test") for t in (0, 1) for e in range(4)]
     per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}
@@ -469,8 +469,8 @@ def test_table_cells_carry_the_bootstrap_interval_of_the_mean() -> None:
 
 def test_summary_figure_error_bars_from_per_example_scores() -> None:
     """Error bars appear (1.96 x the average's standard error) only where per-example scores exist."""
-    from flanpipe.report import average_se
-    from flanpipe.stats import dataset_rng, mean_over_templates_replicates, score_matrix
+    from flanpipe.report.stats import dataset_rng, mean_over_templates_replicates, score_matrix
+    from flanpipe.report.tables import average_se
 
     rows = [(s, t, e, 100.0 if (e + t) % 3 else 0.0) for s in ("validation", "test") for t in (0, 1) for e in range(4)]
     per_example = {k: [r[i] for r in rows] for i, k in enumerate(("split", "template_id", "example_id", "score"))}

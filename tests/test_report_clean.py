@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from flanpipe.report import markdown, summarize_main
+from flanpipe.report.tables import markdown, summarize_main
 
 
 def scored(dataset: str, cluster: str, test: list[list[float]], run: str | None = None) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def test_average_interval_is_seeded_and_stratified() -> None:
 
 
 def audit(dataset: str, test_ids: list[int], validation_ids: list[int]) -> dict[str, Any]:
-    """A contamination audit (flanpipe.contamination's layout) flagging the given eval example ids."""
+    """A contamination audit (flanpipe.data.contamination's layout) flagging the given eval example ids."""
     splits = {"test": {"contaminated_ids": test_ids}, "validation": {"contaminated_ids": validation_ids}}
     return {"datasets": {dataset: {"splits": splits}}}
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from flanpipe.registry import RegistryError, load_registry
-from flanpipe.report import markdown, summarize_main
+from flanpipe.core.registry import RegistryError, load_registry
+from flanpipe.report.tables import markdown, summarize_main
 
 ENTRY = """
   {name}:

@@ -3,7 +3,7 @@
 What this proves that a dry run cannot: the sbatch flags profiles/slurm/config.yaml produces are accepted
 (partitions, --gpus with --ntasks-per-gpu, --ntasks, --mem, -t), job status is polled with squeue on a
 cluster without slurmdbd (sacct fails here, as it does on many clusters), and training runs as a 2-task
-``srun`` job whose ranks find each other from SLURM's variables alone (flanpipe.launch).
+``srun`` job whose ranks find each other from SLURM's variables alone (flanpipe.train.launch).
 
 How the committed profile meets a 2-core test machine, unedited: the harness names its partitions after
 the ones the profile names (so a site that renames them still tests its own file), declares GPUs backed by

@@ -1,11 +1,11 @@
-"""flanpipe.stats against cases small enough to enumerate by hand."""
+"""flanpipe.report.stats against cases small enough to enumerate by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from flanpipe.stats import (
+from flanpipe.report.stats import (
     ScoreMatrix,
     best_dev_ci,
     dataset_uncertainty,
@@ -69,7 +69,7 @@ def test_best_dev_redoes_the_choice_per_replicate() -> None:
     ci = best_dev_ci(val, test, n_boot=2_000)
     assert ci["template"] == 1 and ci["estimate"] == 50.0 and ci["same_choice_fraction"] == 1.0
     assert ci["lo"] < 50.0 < ci["hi"]
-    # a validation tie: the lowest template id, as flanpipe.evaluate.summarize chooses
+    # a validation tie: the lowest template id, as flanpipe.eval.evaluate.summarize chooses
     assert best_dev_ci(_m([[50, 50], [50, 50]]), _m([[10, 10], [90, 90]]), n_boot=100)["template"] == 0
     # validation (100, 0) vs (0, 100): each template wins half the replicates, ties (1/2) -> template 0
     tie = best_dev_ci(_m([[100, 0], [0, 100]]), _m([[0, 0], [100, 100]]), n_boot=20_000, seed=2)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from dag import ROOT, read_jsonl
 
-from flanpipe import synthetic as syn
+from flanpipe.data import synthetic as syn
 
 REGISTRY = ROOT / "config" / "registry" / "embedded.yaml"
 SIZES = {"train": 400, "validation": 60, "test": 60}
@@ -391,9 +391,9 @@ def test_template_placeholders_name_mapped_fields(data: dict, registry: dict) ->
 
 def test_registry_and_templates_pass_the_real_validators(data: dict, tmp_path: Path) -> None:
     """The project's own loader, template validator and ingest accept the entries and the files."""
-    registry_mod = pytest.importorskip("flanpipe.registry")
-    templates_mod = pytest.importorskip("flanpipe.templates")
-    ingest_mod = pytest.importorskip("flanpipe.ingest")
+    registry_mod = pytest.importorskip("flanpipe.core.registry")
+    templates_mod = pytest.importorskip("flanpipe.data.templates")
+    ingest_mod = pytest.importorskip("flanpipe.data.ingest")
     specs = registry_mod.load_registry([REGISTRY])
     syn.generate_all(tmp_path / "results" / "synthetic", {"train": 30, "validation": 6, "test": 6}, seed=0)
     for name, spec in specs.items():

@@ -19,14 +19,15 @@ import yaml
 from jinja2 import StrictUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from flanpipe.config import load_config
-from flanpipe.experiments import plan_experiment
-from flanpipe.importers import find_promptsource_file, import_templates, load_promptsource_yaml
-from flanpipe.ingest import ingest_split
-from flanpipe.io import read_yaml
-from flanpipe.mixing import MixtureConfig, build_mixture, dataset_cap
-from flanpipe.registry import ROLES, load_registry
-from flanpipe.templates import load_validated, render_eval_shard, render_shard
+from flanpipe.core.io import read_yaml
+from flanpipe.core.registry import ROLES, load_registry
+from flanpipe.data.importers import import_templates
+from flanpipe.data.ingest import ingest_split
+from flanpipe.data.mixing import MixtureConfig, build_mixture, dataset_cap
+from flanpipe.data.promptsource_import import find_promptsource_file, load_promptsource_yaml
+from flanpipe.data.templates import load_validated, render_eval_shard, render_shard
+from flanpipe.plan.config import load_config
+from flanpipe.plan.experiments import plan_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 T0_FIXTURES = ROOT / "tests" / "fixtures" / "t0"
@@ -201,7 +202,7 @@ def test_dry_run_plans_t0(mirror: Path, plan, tmp_path: Path) -> None:  # noqa: 
 
 
 def test_cluster_override_names_unknown_datasets(mirror: Path) -> None:
-    from flanpipe.experiments import PlanError
+    from flanpipe.plan.checks import PlanError
 
     config = load_config(T0_CONFIG)
     config["data"]["local_mirror"] = str(mirror)
@@ -281,7 +282,7 @@ def test_t0_plans_one_eval_variant_per_p3_prompt(plan) -> None:  # noqa: ANN001
 
 
 def test_template_files_name_unknown_datasets(mirror: Path) -> None:
-    from flanpipe.experiments import PlanError
+    from flanpipe.plan.checks import PlanError
 
     config = load_config(T0_CONFIG)
     config["data"]["local_mirror"] = str(mirror)

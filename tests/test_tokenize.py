@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from flanpipe import tokenize as tok
+from flanpipe.data import tokenize as tok
 
 WORDS = ["Premise:", "Hypothesis:", "the", "movie", "was", "great", "bad", "Question?", "answer", "yes", "no"]
 

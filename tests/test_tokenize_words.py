@@ -1,4 +1,4 @@
-"""The word-level encoding path of flanpipe.tokenize gives exactly sp.encode's ids, and the bounded-memory
+"""The word-level encoding path of flanpipe.data.tokenize gives exactly sp.encode's ids, and the bounded-memory
 sampling and concatenation give exactly what the straightforward versions give."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import sentencepiece as spm
 
-from flanpipe import tokenize as tok
+from flanpipe.data import tokenize as tok
 
 # whitespace of every kind, SentencePiece's own '▁', multi-byte and control characters
 PIECES = [

@@ -15,9 +15,9 @@ from test_evaluate import brute_greedy, brute_option_logprob, make_lm, make_shar
 from test_hf_tokenizer import _bpe_dir, _sp_dir
 from test_packing import _read
 
-from flanpipe.evaluate import evaluate_shard, predict_shard, truncate_input
-from flanpipe.packing import pack_to_indexed_dataset
-from flanpipe.tokenize import check_vocab, encode_examples, open_tokenizer, piece_count
+from flanpipe.data.packing import pack_to_indexed_dataset
+from flanpipe.data.tokenize import check_vocab, encode_examples, open_tokenizer, piece_count
+from flanpipe.eval.evaluate import evaluate_shard, predict_shard, truncate_input
 
 transformers = pytest.importorskip("transformers")
 
@@ -155,7 +155,7 @@ def test_plan_checks_a_checkpoint_tokenizer_dir_against_the_model(checkpoint: Pa
 
 def test_flanpipe_model_keeps_its_ids(tmp_path: Path):
     """flanpipe's own .model: EOS 1, pad 0, no BOS, and the per-word fast path, so its packed data is unchanged."""
-    from flanpipe.tokenize import SPTokenizer, train_tokenizer
+    from flanpipe.data.tokenize import SPTokenizer, train_tokenizer
 
     texts = [f"w{i} x{i % 7}\ny{i % 13}" for i in range(200)]
     pl.DataFrame({"inputs": texts, "targets": texts[::-1]}).write_parquet(tmp_path / "s.parquet")

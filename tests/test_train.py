@@ -2,7 +2,7 @@
 
 The 2-rank runs start from the same checkpoint as the 1-rank reference, so their losses and
 weights must agree to float rounding step after step: TP only splits the matmuls (and
-flanpipe.optim.Adafactor reduces its statistics over the TP group), PP only moves activations
+flanpipe.train.optim.Adafactor reduces its statistics over the TP group), PP only moves activations
 between stages, DP only splits the batch (the loss is a token mean over the global batch).
 Resuming, SIGKILL/SIGTERM and the checkpoint directory are tested in tests/test_checkpoint.py.
 """
@@ -21,9 +21,10 @@ import torch
 from conftest import counting_examples
 from dag import ROOT as REPO
 
-from flanpipe.model import load_scorer, model_provider
-from flanpipe.model_config import ModelConfig, flops_per_token, load_model_config
-from flanpipe.train import TrainConfig, parse_spec, plan_layout, train
+from flanpipe.core.model_config import ModelConfig, flops_per_token, load_model_config
+from flanpipe.core.train_config import TrainConfig, parse_spec, plan_layout
+from flanpipe.model.gpt import load_scorer, model_provider
+from flanpipe.train.loop import train
 
 # Set by a parent torchrun; a child launched with them would join the wrong rendezvous.
 TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"}
@@ -69,16 +70,16 @@ def clean_env(nproc: int) -> dict[str, str]:
 
 
 def torchrun_cmd(nproc: int, spec: dict, data: Path, out: Path) -> list[str]:
-    """argv of ``python -m flanpipe.train`` under torchrun; writes the spec next to ``out``."""
+    """argv of ``python -m flanpipe.train.loop`` under torchrun; writes the spec next to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     spec_path = out.parent / f"{out.name}.spec.json"
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return cmd + ["-m", "flanpipe.train", "--spec", str(spec_path), "--data", str(data), "--out", str(out)]
+    return cmd + ["-m", "flanpipe.train.loop", "--spec", str(spec_path), "--data", str(data), "--out", str(out)]
 
 
 def torchrun(nproc: int, spec: dict, data: Path, out: Path) -> dict:
-    """Launch ``python -m flanpipe.train`` under torchrun in a clean environment; return done.json."""
+    """Launch ``python -m flanpipe.train.loop`` under torchrun in a clean environment; return done.json."""
     cmd = torchrun_cmd(nproc, spec, data, out)
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(nproc), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -129,8 +130,8 @@ def test_flops_per_token_written_out():
 
 
 def test_lr_schedule_and_clipping_match_references():
-    from flanpipe.model import init_single_process
-    from flanpipe.optim import build_optimizer, lr_at
+    from flanpipe.model.gpt import init_single_process
+    from flanpipe.train.optim import build_optimizer, lr_at
 
     assert [lr_at(t, lr=1.0, warmup_steps=4) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert lr_at(0, lr=0.1) == 0.1
@@ -156,7 +157,7 @@ def test_cpu_rope_and_cross_entropy_match_megatrons():
     from megatron.core import tensor_parallel
     from megatron.core.models.common.embeddings import rope_utils
 
-    from flanpipe.model import init_single_process
+    from flanpipe.model.gpt import init_single_process
 
     init_single_process()  # applies megatron_compat
     gen = torch.Generator().manual_seed(0)
@@ -170,7 +171,7 @@ def test_cpu_rope_and_cross_entropy_match_megatrons():
 
     ce = tensor_parallel.vocab_parallel_cross_entropy
     logits = torch.randn(16, 2, 64, generator=gen)
-    logits[..., 60:] = float("-inf")  # padded vocabulary rows (flanpipe.model.mask_padded_vocab)
+    logits[..., 60:] = float("-inf")  # padded vocabulary rows (flanpipe.model.gpt.mask_padded_vocab)
     logits.requires_grad_(True)
     target = torch.randint(0, 60, (16, 2), generator=gen)
     ours, ref = ce(logits, target), ce.original(logits.clone(), target)
@@ -181,12 +182,12 @@ def test_cpu_rope_and_cross_entropy_match_megatrons():
 
 
 def test_sdpa_attention_matches_megatrons_on_packed_rows():
-    """flanpipe.model's fused attention equals Megatron's local DotProductAttention (float rounding)."""
+    """flanpipe.model.gpt's fused attention equals Megatron's local DotProductAttention (float rounding)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from flanpipe.data import attention_mask
-    from flanpipe.model import init_single_process, sdpa_core_attention, transformer_config
+    from flanpipe.model.gpt import init_single_process, sdpa_core_attention, transformer_config
+    from flanpipe.train.rows import attention_mask
 
     init_single_process()
     config = transformer_config(ModelConfig(**{**MODEL, "num_query_groups": 2}))
@@ -203,13 +204,14 @@ def test_sdpa_attention_matches_megatrons_on_packed_rows():
         assert out.shape == expected.shape == (s, b, 64)
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
         g = torch.randn(out.shape, generator=gen)
-        for a, e in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g),
-                        strict=True):
+        for a, e in zip(
+            torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g), strict=True
+        ):
             assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_a_train_job_alone_in_the_dag_gets_every_core():
-    from flanpipe.threads import train_job_threads
+    from flanpipe.core.threads import train_job_threads
 
     init = {"base": None, "nli": "base", "sentiment": "base"}
     assert train_job_threads(2, "base", init) == 2  # both tuned runs wait for it
@@ -223,11 +225,11 @@ def test_a_train_job_alone_in_the_dag_gets_every_core():
 def test_adafactor_switches_from_config_to_optimizer():
     """train.adafactor: schema defaults = today's Adafactor, the spec carries it, the optimizer gets it,
     and only a non-default setting changes the checkpoint fingerprint (older checkpoints stay resumable)."""
-    from flanpipe import checkpointing
-    from flanpipe.config import load_config, train_spec
-    from flanpipe.model import init_single_process
-    from flanpipe.optim import build_optimizer
-    from flanpipe.train_config import ADAFACTOR_DEFAULTS
+    from flanpipe.core import train_config
+    from flanpipe.core.train_config import ADAFACTOR_DEFAULTS
+    from flanpipe.model.gpt import init_single_process
+    from flanpipe.plan.config import load_config, train_spec
+    from flanpipe.train.optim import build_optimizer
 
     config = load_config(REPO / "config" / "config.yaml")
     assert config["train"]["adafactor"] == ADAFACTOR_DEFAULTS == {"scale_parameter": True, "relative_step": True}
@@ -245,8 +247,8 @@ def test_adafactor_switches_from_config_to_optimizer():
 
     default = TrainConfig.from_dict(TRAIN)
     before = {k: v for k, v in vars(default).items() if k != "adafactor"}  # a spec from before the switches
-    assert checkpointing.fingerprint(MODEL, vars(default), 59) == checkpointing.fingerprint(MODEL, before, 59)
-    assert checkpointing.fingerprint(MODEL, vars(tc), 59) != checkpointing.fingerprint(MODEL, before, 59)
+    assert train_config.fingerprint(MODEL, vars(default), 59) == train_config.fingerprint(MODEL, before, 59)
+    assert train_config.fingerprint(MODEL, vars(tc), 59) != train_config.fingerprint(MODEL, before, 59)
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +316,7 @@ def test_torchrun_training_learns_the_task(megatron_tp1_run, megatron_init_run):
     # Evaluation loads it in a fresh process (no training state, no RNG tracker): same logits.
     ids = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 0, 0]])
     code = (
-        "import sys, torch; from flanpipe.model import load_scorer; "
+        "import sys, torch; from flanpipe.model.gpt import load_scorer; "
         "torch.save(load_scorer(sys.argv[1]).logits(torch.load(sys.argv[2])), sys.argv[3])"
     )
     torch.save(ids, out.parent / "ids.pt")
@@ -333,7 +335,7 @@ def full_weights(state: dict) -> dict[str, torch.Tensor]:
 
 def global_batch_loss(model, data_dir: Path, step: int) -> float:
     """Token-mean loss of ``model`` (TP=1, in-process) on the global batch of 0-based ``step``."""
-    from flanpipe.data import PackedDataset, batch_iterator
+    from flanpipe.train.rows import PackedDataset, batch_iterator
 
     g, mb = TRAIN["global_batch_size"], TRAIN["micro_batch_size"]
     batches = batch_iterator(
@@ -359,10 +361,10 @@ def test_multi_rank_layouts_match_single_rank(
     wrong) reproduce the 1-rank losses and weights.
 
     Three steps, so the optimizer state matters: Adafactor's factored statistics are reduced
-    over the TP group (flanpipe.optim), so TP=2 matches too (torch.optim.Adafactor drifted
+    over the TP group (flanpipe.train.optim), so TP=2 matches too (torch.optim.Adafactor drifted
     by ~3e-4 after one step). The 2-rank weights are gathered by loading their checkpoint at TP=1.
     """
-    from flanpipe.checkpointing import load_model_weights
+    from flanpipe.model.checkpointing import load_model_weights
 
     spec = make_spec(
         steps=3,
@@ -406,7 +408,7 @@ def test_interleaved_pipeline_matches_single_rank(tmp_path_factory, megatron_pac
     """PP=2 with 2 model chunks per rank (Megatron's interleaved 1F1B: rank 0 holds layers 0 and 2,
     rank 1 layers 1 and 3) reproduces the 1-rank run from the same weights: losses, grad norms,
     and the final weights, gathered by loading the interleaved checkpoint into one unsplit model."""
-    from flanpipe.checkpointing import load_model_weights
+    from flanpipe.model.checkpointing import load_model_weights
 
     base = tmp_path_factory.mktemp("vpp")
     init_spec = {"model": dict(MODEL4), "train": {**TRAIN, "steps": 1}}
@@ -435,7 +437,7 @@ def test_interleaved_pipeline_matches_single_rank(tmp_path_factory, megatron_pac
 
 
 def test_interleaved_layout_arithmetic_is_checked() -> None:
-    from flanpipe.train import RankGrid
+    from flanpipe.core.train_config import RankGrid
 
     cfg4 = ModelConfig(**MODEL4)
     tc = TrainConfig.from_dict({**TRAIN, "pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2})
@@ -459,8 +461,8 @@ def test_bf16_trains_with_fp32_master_weights_and_resumes_exactly(tmp_path, mega
     optimizer, fp32 grad reduction), run on the CPU: it follows the fp32 run to bf16 accuracy, its
     optimizer steps on fp32 masters, and a run stopped at step 2 and continued to 4 ends bitwise
     equal to an uninterrupted one (the masters are in the checkpoint)."""
-    from flanpipe.checkpointing import load_model_weights
-    from flanpipe.optim import master_weights
+    from flanpipe.model.checkpointing import load_model_weights
+    from flanpipe.train.optim import master_weights
 
     init = str(megatron_init_run[2])
     spec = make_spec(steps=4, precision="bf16", init_checkpoint=init)
@@ -483,7 +485,7 @@ def test_bf16_trains_with_fp32_master_weights_and_resumes_exactly(tmp_path, mega
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
 
     # the masters are fp32 and not the bf16 weights rounded back: they carry the low bits
-    from flanpipe.optim import build_optimizer
+    from flanpipe.train.optim import build_optimizer
 
     opt = build_optimizer(resumed, lr=1e-2, bf16=True)
     masters = [p for g in master_weights(opt) for p in g]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flanpipe.uncertainty import format_markdown, uncertainty_report, write_uncertainty
+from flanpipe.report.uncertainty import format_markdown, uncertainty_report, write_uncertainty
 from tests.test_stats import _result
 
 

@@ -8,11 +8,8 @@ import sys
 import pytest
 from dag import ROOT
 
-from flanpipe.config import SCHEMA_PATH, load_config
-from flanpipe.experiments import Run, plan_experiment
-from flanpipe.io import read_yaml
-from flanpipe.report import records_from_paths
-from flanpipe.vocab import (
+from flanpipe.core.io import read_yaml
+from flanpipe.core.vocab import (
     ABLATIONS,
     INSTRUCTION_MODES,
     EvalVariant,
@@ -23,6 +20,10 @@ from flanpipe.vocab import (
     role_of_run_name,
     shard_name,
 )
+from flanpipe.plan.config import SCHEMA_PATH, load_config
+from flanpipe.plan.experiments import plan_experiment
+from flanpipe.plan.runs import Run
+from flanpipe.report.tables import records_from_paths
 
 CONFIG = ROOT / "config" / "config.yaml"
 
@@ -92,11 +93,11 @@ def test_planning_never_imports_torch() -> None:
     """What rules/common.smk imports, and planning itself, stay torch- and Megatron-free (snakemake -n)."""
     code = (
         "import sys\n"
-        "from flanpipe.config import check_world, validate_config, load_config\n"
-        "from flanpipe.experiments import plan_experiment\n"
-        "from flanpipe.ingest import check_local_source\n"
-        "from flanpipe.io import resolve_config_path\n"
-        "from flanpipe import vocab\n"
+        "from flanpipe.plan.config import check_world, validate_config, load_config\n"
+        "from flanpipe.plan.experiments import plan_experiment\n"
+        "from flanpipe.data.ingest import check_local_source\n"
+        "from flanpipe.core.io import resolve_config_path\n"
+        "from flanpipe.core import vocab\n"
         f"plan = plan_experiment(load_config({str(CONFIG)!r}))\n"
         "[plan.record_meta(e, a) for a, es in plan.ablations.items() for e in es]\n"
         "[plan.train_spec(r) for r in plan.mixtures]\n"

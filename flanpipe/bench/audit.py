@@ -52,9 +52,7 @@ def make_workload(work: Path, examples: int, eval_examples: int, leaks: int, see
     # leaks: an eval example's premise (>= 13 words) pasted into a mixture row's prompt
     tables = {(d, s): pq.read_table(p) for d, sp in splits.items() for s, p in sp.items()}
     candidates = [
-        (d, s, int(i))
-        for (d, s), t in tables.items()
-        for i in np.flatnonzero(pc_word_counts(t["premise"]) >= 13)
+        (d, s, int(i)) for (d, s), t in tables.items() for i in np.flatnonzero(pc_word_counts(t["premise"]) >= 13)
     ]
     pick = rng.choice(len(candidates), leaks, replace=False)
     planted = sorted(candidates[k] for k in pick)
@@ -92,7 +90,7 @@ def pc_word_counts(texts: pa.ChunkedArray) -> np.ndarray:
 _CHILD = """
 import json, sys, time
 from pathlib import Path
-from flanpipe.contamination import AuditConfig, audit_contamination
+from flanpipe.data.contamination import AuditConfig, audit_contamination
 w = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 r = audit_contamination(w["mixture"], w["splits"], {}, AuditConfig(max_contaminated_fraction=1.0))

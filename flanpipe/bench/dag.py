@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flanpipe.io import PROJECT_ROOT
+from flanpipe.core.io import PROJECT_ROOT
 
 
 def count_jobs(dry_run_output: str) -> dict[str, int]:
@@ -78,7 +78,7 @@ def mirrored_flan_config(directory: Path) -> Path:
     own (a nested --config would replace the whole ``data`` mapping)."""
     import yaml
 
-    from flanpipe.io import read_yaml
+    from flanpipe.core.io import read_yaml
 
     raw = read_yaml(FLAN_CONFIG)
     raw["data"] = {**(raw.get("data") or {}), "local_mirror": str(FIXTURE_MIRROR)}

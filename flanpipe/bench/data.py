@@ -5,7 +5,7 @@ examples-proportionally (rate = min(n, 3000)); the interesting costs are string 
 a shuffled mixture of >= 1M examples, SentencePiece over ~190M tokens and packing them into rows of
 1024 + 256 tokens. Real FLAN data cannot be downloaded here, so every dataset is generated with the
 shape of its namesake: train size, fields, input/target lengths, options. The stages that run on it are
-the real ones (flanpipe.templates, .mixing, .tokenize, .packing), called exactly as the rules call them.
+the real ones (flanpipe.data.templates, .mixing, .tokenize, .packing), called exactly as the rules call them.
 
 Text is Zipf-distributed words from a generated lexicon, built with numpy + Arrow kernels: one vectorized
 sample per field and chunk, never a Python loop per token (or per example).
@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from flanpipe.registry import DatasetSpec, SourceSpec
+from flanpipe.core.registry import DatasetSpec, SourceSpec
 
 # ----------------------------------------------------------------------------------------------------
 # The workload: 62 datasets shaped like FLAN's (paper Figure 3; ANLI R1-R3 and ARC easy/challenge are
@@ -409,14 +409,22 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-@contextmanager
-def _stage(name: str, seconds: dict[str, float], cpu: dict[str, float], rss: dict[str, float]) -> Iterator[None]:
-    """Time a stage (wall and CPU) and record the peak RSS once it is done (ru_maxrss is a running max)."""
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    yield
-    seconds[name] = round(time.perf_counter() - t0, 3)
-    cpu[name] = round(cpu_seconds() - c0, 3)
-    rss[name] = round(peak_rss_mb(), 1)
+@dataclass
+class StageTimes:
+    """Wall and CPU seconds of each measured stage and the peak RSS once it is done (ru_maxrss is a
+    running max), filled by ``stage``; one object carries them through the split-up data path."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+    rss: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        self.cpu[name] = round(cpu_seconds() - c0, 3)
+        self.rss[name] = round(peak_rss_mb(), 1)
 
 
 def peak_rss_mb() -> float:
@@ -440,7 +448,7 @@ def _high_water_mb() -> float:
 
 def mix_child(argv: Sequence[str]) -> None:
     """Child-process side of the mix-scaling check: build one mixture, print its figures as JSON."""
-    from flanpipe.mixing import MixtureConfig, build_mixture
+    from flanpipe.data.mixing import MixtureConfig, build_mixture
 
     a = json.loads(argv[0])
     t0 = time.perf_counter()
@@ -491,106 +499,105 @@ def run_bench(scale: float = 1.0, workdir: Path | None = None, seed: int = 0, pe
     return _run(cfg, Path(workdir), peer)
 
 
+def _generate(cfg: BenchConfig, work: Path) -> dict[str, DatasetSpec]:
+    """Canonical Parquet + template files for the 62 profiled datasets; their registry entries."""
+    rng = np.random.default_rng(cfg.seed)
+    english = make_lexicon(rng, 50_000, ENGLISH, ENGLISH_FREQ)
+    foreign = make_lexicon(rng, 40_000, FOREIGN, FOREIGN_FREQ)
+    specs: dict[str, DatasetSpec] = {}
+    for p in PROFILES:
+        canon_dir = work / "ingest" / p.name
+        write_canonical(p, cfg.raw_size(p), canon_dir / "train.parquet", english, foreign, cfg.seed)
+        tpl = work / "templates" / f"{p.name}.yaml"
+        tpl.parent.mkdir(parents=True, exist_ok=True)
+        tpl.write_text(yaml.safe_dump({"templates": templates_for(p)}, sort_keys=False), encoding="utf-8")
+        specs[p.name] = profile_dataset_spec(p, canon_dir, tpl)
+    return specs
+
+
+def _mix(cfg: BenchConfig, shards: dict[str, Path], rendered: dict[str, int], mixture: Path) -> tuple[Any, float]:
+    """Cap, examples-proportional rates, budget sized for >= mixture_examples draws; (MixtureConfig, the
+    tokens-per-example estimate). build_mixture draws ceil(budget / est) examples, so budget = (N + 0.5) x est
+    gives N (+1 at worst)."""
+    from flanpipe.data.mixing import MixtureConfig, build_mixture, estimate_tokens_per_example, mixing_rate
+
+    mcfg = MixtureConfig(cap=cfg.n(cfg.cap), max_rate=cfg.n(cfg.max_rate), seed=cfg.seed)
+    rates = {d: mixing_rate(n, mcfg) for d, n in rendered.items()}
+    rsum = sum(rates.values())
+    est = estimate_tokens_per_example(
+        shards, {d: r / rsum for d, r in rates.items()}, mcfg, cfg.inputs_length, cfg.targets_length
+    )
+    build_mixture(
+        shards,
+        mcfg,
+        mixture,
+        mixture.with_suffix(".json"),
+        budget_tokens=math.ceil((cfg.n(cfg.mixture_examples) + 0.5) * est),
+        inputs_length=cfg.inputs_length,
+        targets_length=cfg.targets_length,
+    )
+    return mcfg, est
+
+
+def _mix_scaling(cfg: BenchConfig, shards: dict[str, Path], mcfg: Any, est: float, work: Path) -> list[dict]:
+    """The mix alone at growing sizes, each in a fresh process (draws past the caps repeat as epochs)."""
+    out = []
+    for factor in cfg.mix_scaling:
+        child = {
+            "shards": {d: str(p) for d, p in shards.items()},
+            "mixture": asdict(mcfg),
+            "out": str(work / "mixtures" / f"scaling_x{factor}.parquet"),
+            "budget_tokens": math.ceil((cfg.n(cfg.mixture_examples) * factor + 0.5) * est),
+            "inputs_length": cfg.inputs_length,
+            "targets_length": cfg.targets_length,
+        }
+        out.append({"factor": factor, **_mix_in_child(child)})
+    return out
+
+
 def _run(cfg: BenchConfig, work: Path, peer: bool = False) -> dict[str, Any]:
-    """The whole data path, stage by stage, timing each (long: one straight sequence of measured stages,
-    each a few lines of setup, timing and bookkeeping; split, the timings would need threading through)."""
+    """The whole data path, stage by stage as the rules run it, each stage timed (``StageTimes``)."""
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
-    seconds: dict[str, float] = {}
-    cpu: dict[str, float] = {}
-    rss: dict[str, float] = {}
-
-    with _stage("import", seconds, cpu, rss):
+    times = StageTimes()
+    with times.stage("import"):
         # imported up front so the ~4 s Megatron import is not billed to packing
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401
 
-        from flanpipe.mixing import MixtureConfig, build_mixture, estimate_tokens_per_example, mixing_rate
-        from flanpipe.packing import pack_to_indexed_dataset
-        from flanpipe.templates import render_shard
-        from flanpipe.tokenize import encode_parquet, open_tokenizer, train_tokenizer
+        from flanpipe.data.packing import pack_to_indexed_dataset
+        from flanpipe.data.templates import render_shard
+        from flanpipe.data.tokenize import encode_parquet, open_tokenizer, train_tokenizer
 
-    # 1. generate: canonical Parquet + template files for 62 datasets
-    sizes = {p.name: cfg.raw_size(p) for p in PROFILES}
-    specs: dict[str, DatasetSpec] = {}
-    with _stage("generate", seconds, cpu, rss):
-        rng = np.random.default_rng(cfg.seed)
-        english = make_lexicon(rng, 50_000, ENGLISH, ENGLISH_FREQ)
-        foreign = make_lexicon(rng, 40_000, FOREIGN, FOREIGN_FREQ)
-        for p in PROFILES:
-            canon_dir = work / "ingest" / p.name
-            write_canonical(p, sizes[p.name], canon_dir / "train.parquet", english, foreign, cfg.seed)
-            tpl = work / "templates" / f"{p.name}.yaml"
-            tpl.parent.mkdir(parents=True, exist_ok=True)
-            tpl.write_text(yaml.safe_dump({"templates": templates_for(p)}, sort_keys=False), encoding="utf-8")
-            specs[p.name] = profile_dataset_spec(p, canon_dir, tpl)
-
-    # 2. render: one templated shard per dataset, exactly as rule render_shard
+    with times.stage("generate"):
+        specs = _generate(cfg, work)
     shards = {name: work / "shards" / name / "train.parquet" for name in specs}
-    with _stage("render", seconds, cpu, rss):
+    with times.stage("render"):  # one templated shard per dataset, exactly as rule render_shard
         rendered = {
             name: int(render_shard(spec, Path(spec.source.path.format(split="train")), shards[name])["rows"])
             for name, spec in specs.items()
         }
-
-    # 3. mix: cap, examples-proportional rates, budget sized for >= mixture_examples draws.
-    # build_mixture draws ceil(budget / est) examples, so budget = (N + 0.5) x est gives N (+1 at worst).
-    mcfg = MixtureConfig(cap=cfg.n(cfg.cap), max_rate=cfg.n(cfg.max_rate), seed=cfg.seed)
-    want = cfg.n(cfg.mixture_examples)
     mixture = work / "mixtures" / "bench" / "mixture.parquet"
-    with _stage("mix", seconds, cpu, rss):
-        rates = {d: mixing_rate(n, mcfg) for d, n in rendered.items()}
-        rsum = sum(rates.values())
-        est = estimate_tokens_per_example(
-            shards, {d: r / rsum for d, r in rates.items()}, mcfg, cfg.inputs_length, cfg.targets_length
-        )
-        build_mixture(
-            shards,
-            mcfg,
-            mixture,
-            mixture.with_suffix(".json"),
-            budget_tokens=math.ceil((want + 0.5) * est),
-            inputs_length=cfg.inputs_length,
-            targets_length=cfg.targets_length,
-        )
-
-    # 4. tokenizer: SentencePiece BPE on a seeded sample of the shards (rule train_tokenizer)
-    vocab = max(1_000, min(cfg.vocab_size, cfg.n(cfg.vocab_size)))
+    with times.stage("mix"):
+        mcfg, est = _mix(cfg, shards, rendered, mixture)
     model = work / "tokenizer" / "spm.model"
-    with _stage("tokenizer_train", seconds, cpu, rss):
-        train_tokenizer(
-            list(shards.values()), model, vocab_size=vocab, sample_size=cfg.n(cfg.tokenizer_sample, 500), seed=cfg.seed
-        )
+    with times.stage("tokenizer_train"):  # SentencePiece BPE on a seeded sample of the shards (rule train_tokenizer)
+        vocab = max(1_000, min(cfg.vocab_size, cfg.n(cfg.vocab_size)))
+        sample = cfg.n(cfg.tokenizer_sample, 500)
+        train_tokenizer(list(shards.values()), model, vocab_size=vocab, sample_size=sample, seed=cfg.seed)
         sp = open_tokenizer(model)
-
-    # 5. encode the mixture on all cores (rule pack, first half)
-    with _stage("tokenize", seconds, cpu, rss):
+    with times.stage("tokenize"):  # the mixture on all cores (rule pack, first half)
         encoded = encode_parquet(sp, mixture, cfg.inputs_length, cfg.targets_length, os.cpu_count())
-
-    # 6. pack into 1280-token rows and write the three IndexedDatasets (rule pack, second half)
-    with _stage("pack", seconds, cpu, rss):
+    with times.stage("pack"):  # 1280-token rows, the three IndexedDatasets (rule pack, second half)
         packed = pack_to_indexed_dataset(encoded, cfg.pack_length, work / "packed" / "bench", order_seed=cfg.seed)
-
     wall = time.perf_counter() - t_start  # the whole path; the scaling check below is extra
 
-    # 7. the mix alone at growing sizes, each in a fresh process (draws past the caps repeat as epochs)
-    scaling = []
-    with _stage("mix_scaling", seconds, cpu, rss):
-        for factor in cfg.mix_scaling:
-            child = {
-                "shards": {d: str(p) for d, p in shards.items()},
-                "mixture": asdict(mcfg),
-                "out": str(work / "mixtures" / f"scaling_x{factor}.parquet"),
-                "budget_tokens": math.ceil((want * factor + 0.5) * est),
-                "inputs_length": cfg.inputs_length,
-                "targets_length": cfg.targets_length,
-            }
-            scaling.append({"factor": factor, **_mix_in_child(child)})
-
+    with times.stage("mix_scaling"):
+        scaling = _mix_scaling(cfg, shards, mcfg, est, work)
     peer_figures = None
     if peer:  # tokenize + pack only: the stages an HF user has a library for
         from flanpipe.bench.peer_data import compare
 
-        with _stage("peer", seconds, cpu, rss):
+        with times.stage("peer"):
             peer_figures = compare(
                 mixture,
                 model,
@@ -601,6 +608,7 @@ def _run(cfg: BenchConfig, work: Path, peer: bool = False) -> dict[str, Any]:
             )
 
     tokens = int(encoded.offsets[-1])
+    seconds = times.seconds
     return {
         "peer": peer_figures,
         "scale": cfg.scale,
@@ -626,9 +634,9 @@ def _run(cfg: BenchConfig, work: Path, peer: bool = False) -> dict[str, Any]:
         "baseline_next_fit_efficiency": round(packed["next_fit_efficiency"], 5),
         "baseline_padded_efficiency": round(packed["padded_efficiency"], 5),
         "stage_s": seconds,
-        "stage_cpu_s": cpu,
+        "stage_cpu_s": times.cpu,
         "cpu_s": round(cpu_seconds(), 1),
-        "peak_rss_mb_after_stage": rss,
+        "peak_rss_mb_after_stage": times.rss,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "mix_scaling": scaling,
         "wall_s": round(wall, 2),

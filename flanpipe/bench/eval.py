@@ -2,13 +2,13 @@
 
 Before: one job per (model, variant, dataset), each a fresh process that imports Megatron and loads the
 model, scoring without a cache (every option scored with its whole input, generation re-running the
-prefix per new token). After: one job per (model, variant, cluster) (flanpipe.eval_plan), the KV cache
-(flanpipe.inference) for generation (one token per step); options as ParallelLM scores them by default
+prefix per new token). After: one job per (model, variant, cluster) (flanpipe.plan.eval_plan), the KV cache
+(flanpipe.eval.inference) for generation (one token per step); options as ParallelLM scores them by default
 (one packed row per example: input + all options under a block mask, evaluate.option_logprobs_packed;
 ``share_prefix=True`` with packing off, options sharing their input's encoding through the KV cache, is
 measured as a third side).
 
-Measured in this process after a warm-up load and forward: model loads (flanpipe.inference.load_parallel_lm)
+Measured in this process after a warm-up load and forward: model loads (flanpipe.eval.inference.load_parallel_lm)
 and scoring; a job's process start and imports are measured once (a fresh ``python -c 'import ...'``)
 and counted once per job.
 Rank classification scores the default's eval shards as planned; generation greedily decodes
@@ -27,12 +27,14 @@ from typing import Any
 
 import polars as pl
 
-from flanpipe.config import load_config
-from flanpipe.eval_plan import eval_groups
-from flanpipe.experiments import plan_experiment
-from flanpipe.io import resolve_config_path
+from flanpipe.core.io import resolve_config_path
+from flanpipe.plan.config import load_config
+from flanpipe.plan.eval_plan import eval_groups
+from flanpipe.plan.experiments import plan_experiment
 
-IMPORTS = "import flanpipe.evaluate, flanpipe.inference, megatron.core.models.gpt, megatron.core.dist_checkpointing"
+IMPORTS = (
+    "import flanpipe.eval.evaluate, flanpipe.eval.inference, megatron.core.models.gpt, megatron.core.dist_checkpointing"
+)
 
 
 class _CacheFree:
@@ -67,9 +69,9 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
     """Before/after figures for ``workdir`` (a directory where ``snakemake`` built the default's models
     and eval shards). Long on purpose: the before and after paths are measured side by side in one
     sequence, so that both see the same machine state."""
-    from flanpipe.evaluate import predict_shard
-    from flanpipe.inference import load_parallel_lm
-    from flanpipe.tokenize import open_tokenizer
+    from flanpipe.data.tokenize import open_tokenizer
+    from flanpipe.eval.evaluate import predict_shard
+    from flanpipe.eval.inference import load_parallel_lm
 
     cfg = load_config(config)
     plan = plan_experiment(cfg)

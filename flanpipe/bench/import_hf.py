@@ -3,7 +3,7 @@
 Writes a Llama-shaped checkpoint of random bf16 weights straight with safetensors (one shard per
 layer plus an index: no transformers model is ever materialised), imports it in one child process, and
 reports that process's peak RSS beside the checkpoint's bytes on disk, and beside the peak RSS of a child
-that only loads what the import loads (interpreter, torch, Megatron, flanpipe.hf): the difference is
+that only loads what the import loads (interpreter, torch, Megatron, flanpipe.model.hf_import): the difference is
 what the conversion itself holds.
 """
 
@@ -72,7 +72,7 @@ def write_random_llama(out: Path, *, layers: int, hidden: int, heads: int, kv_he
 
 LOAD_ONLY = (
     "import torch, torch.distributed.checkpoint; import megatron.core.dist_checkpointing.mapping; "
-    "import flanpipe.hf, flanpipe.model; flanpipe.model.init_single_process()"
+    "import flanpipe.model.hf_import, flanpipe.model.gpt; flanpipe.model.gpt.init_single_process()"
 )
 # The child reports its own high-water mark. VmHWM belongs to the process's address space, which exec
 # replaces; ru_maxrss (getrusage of self or of children) would also count the pages the child shared
@@ -100,7 +100,7 @@ def run(
         files = sum(p.stat().st_size for p in (root / "hf").glob("*.safetensors"))
         # A fresh interpreter, so that its peak RSS is the import's alone, not the generator's; it counts
         # the interpreter, torch and Megatron themselves (the baseline below measures those).
-        code = "import sys; from flanpipe.hf import import_hf; import_hf(sys.argv[1], sys.argv[2])"
+        code = "import sys; from flanpipe.model.hf_import import import_hf; import_hf(sys.argv[1], sys.argv[2])"
         peak, seconds = _child_peak(code, str(root / "hf"), str(root / "base"))
         out_bytes = sum(p.stat().st_size for p in (root / "base" / "checkpoint").rglob("*") if p.is_file())
         # The same imports, nothing converted: what any process that runs Megatron pays.

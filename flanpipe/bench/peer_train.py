@@ -8,8 +8,8 @@ rank), clip the global grad norm to 1.0, AdamW (betas 0.9/0.95, eps 1e-8, no wei
 
 - peer: ``transformers.LlamaForCausalLM`` (what an HF user picks, default attention implementation)
   in a plain loop with ``torch.optim.AdamW``.
-- flanpipe: Megatron-Core GPTModel in Megatron's DDP, flanpipe.optim's optimizer and
-  flanpipe.train's forward step through Megatron's ``forward_backward`` schedule, as rule train runs it.
+- flanpipe: Megatron-Core GPTModel in Megatron's DDP, flanpipe.train.optim's optimizer and
+  flanpipe.train.loop's forward step through Megatron's ``forward_backward`` schedule, as rule train runs it.
 
 Shape: Llama's block exactly: RMSNorm, SwiGLU (gated SiLU), rope, no biases, untied embeddings, equal
 widths, multi-head attention (no GQA: kv heads = heads), so both sides have the same parameters. The
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from flanpipe.bench.train import timing_stats
-from flanpipe.model_config import ModelConfig, param_count
+from flanpipe.core.model_config import ModelConfig, param_count
 
 # 4 layers, hidden 256, SwiGLU ffn 704 (~8/3 x 256, rounded to 64), vocab 4096:
 # per layer 4 x 256^2 (attention) + 3 x 256 x 704 (gate, up, down) = 262k + 541k = 803k -> 3.21M,
@@ -108,16 +108,17 @@ def hf_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: l
 
 
 def flanpipe_trainer(cfg: ModelConfig, seq_length: int, micro: int, accumulation: int, seed: int):
-    """flanpipe.train's model, optimizer and schedule in this process (a 1-rank gloo group).
+    """flanpipe.train.loop's model, optimizer and schedule in this process (a 1-rank gloo group).
 
     Returns ``step(micro_batches) -> loss``.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from flanpipe import megatron_compat
-    from flanpipe.data import training_batch
-    from flanpipe.optim import build_optimizer
-    from flanpipe.train import TrainConfig, build_model, forward_step, init_distributed
+    from flanpipe.core.train_config import TrainConfig
+    from flanpipe.model import megatron_compat
+    from flanpipe.train.loop import build_model, forward_step, init_distributed
+    from flanpipe.train.optim import build_optimizer
+    from flanpipe.train.rows import training_batch
 
     megatron_compat.quiet_warnings()
     tc = TrainConfig(
@@ -181,8 +182,8 @@ def bench_train_peer(
     seed: int = 1234,
 ) -> dict[str, Any]:
     """Whole training steps/s of flanpipe's Megatron path and of HF's LlamaForCausalLM, same shape."""
-    from flanpipe.config import micro_batch_for
-    from flanpipe.planner import model_flops_per_step
+    from flanpipe.plan.config import micro_batch_for
+    from flanpipe.train.planner import model_flops_per_step
 
     cfg = llama_shaped(cfg)
     if seq_length > cfg.max_position_embeddings:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from flanpipe.registry import DatasetSpec, SourceSpec
-from flanpipe.templates import load_validated, render_train
+from flanpipe.core.registry import DatasetSpec, SourceSpec
+from flanpipe.data.templates import load_validated, render_train
 
 PATTERN = 'templates:\n  - inputs: "{ctx}\\nHow does it end?\\n\\n{options_}"\n    targets: "{answer}"\n'
 JINJA = (

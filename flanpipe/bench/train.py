@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flanpipe.model_config import ModelConfig, param_count
+from flanpipe.core.model_config import ModelConfig, param_count
 
 # 4 layers, hidden 256: 4 x (12 x 256^2 + biases/norms) = 3.15M + untied embeddings 2 x 4096 x 256 = 2.10M
 # -> 5.25M parameters; batch 8 x 256 tokens = 2,048 tokens per iteration.
@@ -215,11 +215,11 @@ def timing_stats(times: list[float], tokens_per_iter: int, flops_per_iter: float
 
 
 def build_megatron(cfg: ModelConfig, seed: int) -> nn.Module:
-    """TP=1/PP=1 GPTModel (local spec) in a 1-process gloo group, seeded like flanpipe.train."""
+    """TP=1/PP=1 GPTModel (local spec) in a 1-process gloo group, seeded like flanpipe.train.loop."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from flanpipe import megatron_compat
-    from flanpipe.model import init_single_process, model_provider
+    from flanpipe.model import megatron_compat
+    from flanpipe.model.gpt import init_single_process, model_provider
 
     megatron_compat.quiet_warnings()
     init_single_process()
@@ -238,7 +238,7 @@ def bench_train(
     seed: int = 1234,
 ) -> dict[str, Any]:
     """Time fwd+bwd of Megatron's GPTModel and of PlainGPT (eager and SDPA) on identical weights."""
-    from flanpipe.planner import model_flops_per_step
+    from flanpipe.train.planner import model_flops_per_step
 
     if seq_length > cfg.max_position_embeddings:
         raise ValueError(f"seq_length={seq_length} > max_position_embeddings={cfg.max_position_embeddings}")
@@ -308,9 +308,9 @@ def bench_model_from(path: str | None, overrides: dict[str, int], base: ModelCon
     when the overrides change that shape, those derived values are derived again (a grouped-query
     config keeps its group count).
     """
-    from flanpipe.model_config import load_model_config
+    from flanpipe.model.hf_format import load_model_file
 
-    cfg = load_model_config(path) if path else base
+    cfg = load_model_file(path) if path else base
     changes: dict[str, object] = {k: v for k, v in overrides.items() if v is not None}
     if "hidden_size" in changes or "num_attention_heads" in changes:
         if cfg.kv_channels * cfg.num_attention_heads == cfg.hidden_size:

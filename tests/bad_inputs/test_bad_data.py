@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from test_bad_inputs import assert_nothing_written, registry_dir, write
 
-from flanpipe.ingest import DataError, ingest_split
-from flanpipe.registry import load_registry
+from flanpipe.core.registry import load_registry
+from flanpipe.data.ingest import DataError, ingest_split
 
 
 @pytest.mark.parametrize(("line", "kind"), [('["c", "d", 1]', "list"), ('"just text"', "str"), ("7", "int")])

@@ -1,4 +1,4 @@
-"""Bad inputs caught when the DAG is planned (flanpipe.experiments.plan_experiment calling flanpipe.checks):
+"""Bad inputs caught when the DAG is planned (flanpipe.plan.experiments.plan_experiment calling flanpipe.plan.checks):
 values checked against the runs and evaluations that will use them, before any job. An ablation's
 problems fail only its own target (``Plan.check_ablation`` / ``Plan.check_run``).
 """
@@ -21,11 +21,11 @@ from test_bad_inputs import (
     write,
 )
 
-from flanpipe.checks import PlanWarning
-from flanpipe.experiments import PlanError
-from flanpipe.registry import load_registry
-from flanpipe.templates import TemplateError, load_templates, templates_for_mode
-from flanpipe.vocab import VocabError, parse_shard_name
+from flanpipe.core.registry import load_registry
+from flanpipe.core.vocab import VocabError, parse_shard_name
+from flanpipe.data.patterns import TemplateError
+from flanpipe.data.templates import load_templates, templates_for_mode
+from flanpipe.plan.checks import PlanError, PlanWarning
 
 
 def test_overlaps_unknown_cluster(tmp_path: Path) -> None:

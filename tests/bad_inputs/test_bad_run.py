@@ -11,7 +11,7 @@ import pytest
 from test_bad_inputs import write
 
 from flanpipe.cli import main
-from flanpipe.io import atomic_path, write_json
+from flanpipe.core.io import atomic_path, write_json
 
 FLAN = Path(__file__).resolve().parent.parent / "fixtures" / "importers" / "flan_patterns.py"
 

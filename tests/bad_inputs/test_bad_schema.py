@@ -1,5 +1,5 @@
 """Bad inputs caught when a file is loaded: the config (schema + cross-field checks), registry entries,
-template files, model configs, and the YAML loader they all share (flanpipe.io.read_yaml).
+template files, model configs, and the YAML loader they all share (flanpipe.core.io.read_yaml).
 
 Each of these was once accepted silently and gave wrong data or a late crash.
 """
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from test_bad_inputs import TINY, plan, raw_config, registry_dir, write
 
-from flanpipe.config import ConfigError, load_config, validate_config
-from flanpipe.experiments import PlanError
-from flanpipe.importers import load_promptsource_yaml
-from flanpipe.io import read_yaml
-from flanpipe.model_config import load_model_config
-from flanpipe.registry import RegistryError, load_registry
-from flanpipe.templates import TemplateError
+from flanpipe.core.io import read_yaml
+from flanpipe.core.model_config import load_model_config
+from flanpipe.core.registry import RegistryError, load_registry
+from flanpipe.data.patterns import TemplateError
+from flanpipe.data.promptsource_import import load_promptsource_yaml
+from flanpipe.plan.checks import PlanError
+from flanpipe.plan.config import ConfigError, load_config, validate_config
 
 # ------------------------------------------------------------------------ the YAML loader everywhere
 
@@ -52,7 +52,8 @@ def test_duplicate_key_in_model_config(tmp_path: Path) -> None:
 
 
 def test_duplicate_key_in_promptsource_file(tmp_path: Path) -> None:
-    from flanpipe.importers import TemplateImportError, load_promptsource_yaml
+    from flanpipe.data.promptsource_import import load_promptsource_yaml
+    from flanpipe.data.template_import import TemplateImportError
 
     f = write(tmp_path / "templates.yaml", "dataset: x\ntemplates:\n  a: !Template\n    name: n\n    name: m\n")
     with pytest.raises(TemplateImportError, match=rf"{f}:5: .*duplicate key 'name'"):

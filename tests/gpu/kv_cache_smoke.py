@@ -1,4 +1,4 @@
-"""GPU smoke check of flanpipe.inference: KV-cache greedy == cache-free greedy on CUDA (bf16 and fp32).
+"""GPU smoke check of flanpipe.eval.inference: KV-cache greedy == cache-free greedy on CUDA (bf16 and fp32).
 
 Run by tests/gpu/smoke.sh. Without CUDA it says so and exits 0, claiming nothing.
 """
@@ -16,10 +16,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("kv_cache_smoke: no CUDA device: nothing checked")
         return 0
-    from flanpipe.evaluate import greedy_generate
-    from flanpipe.inference import ParallelLM, greedy_generate_cached
-    from flanpipe.model import init_single_process, model_provider
-    from flanpipe.model_config import ModelConfig
+    from flanpipe.core.model_config import ModelConfig
+    from flanpipe.eval.evaluate import greedy_generate
+    from flanpipe.eval.inference import ParallelLM, greedy_generate_cached
+    from flanpipe.model.gpt import init_single_process, model_provider
 
     init_single_process()
     cfg = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=8, ffn_hidden_size=1024, vocab_size=4096,

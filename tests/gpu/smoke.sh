@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU smoke checks anyone with CUDA can run from the checkout (well under 8 minutes):  bash tests/gpu/smoke.sh
-#  1. KV-cache greedy == cache-free greedy (flanpipe.inference), bf16 and fp32      tests/gpu/kv_cache_smoke.py
+#  1. KV-cache greedy == cache-free greedy (flanpipe.eval.inference), bf16 and fp32      tests/gpu/kv_cache_smoke.py
 #  2. TE THD packed attention == block-diagonal mask path == each segment alone,     tests/gpu/train_smoke.py
 #     fp32 and bf16, on the same weights and rows; then 20 bf16 steps of a ~110M-parameter model: tokens/s, MFU
 #  3. with 2+ GPUs: the same 20 steps at TP=2 (torchrun)                              train_smoke.py --tp 2

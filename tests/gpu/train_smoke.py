@@ -5,7 +5,7 @@
    weights, give equal per-token losses (within bf16 tolerance); both are also compared with each
    segment run alone (the definition both must meet), so a failure says which path is wrong.
 2. ``--steps``: that many bf16 optimizer steps of a ~110M-parameter model, printing tokens/s and MFU
-   (model FLOPs of flanpipe.model_config.flops_per_token over the planner's dense bf16 peak).
+   (model FLOPs of flanpipe.core.model_config.flops_per_token over the planner's dense bf16 peak).
    Under torchrun with 2 GPUs, ``--tp 2`` runs the steps at TP=2.
 
 Without CUDA it says so and exits 0, claiming nothing. ``--dry-run`` runs the same code on CPU with a
@@ -64,7 +64,7 @@ def te_to_local_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def _token_losses_mask(model: torch.nn.Module, tokens: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """Per-token loss [b, s] of packed rows through the dense block-diagonal mask (local spec)."""
-    from flanpipe.data import training_batch
+    from flanpipe.train.rows import training_batch
 
     batch = {k: v.to(tokens.device) for k, v in training_batch(tokens, segments, segments != 0).items()}
     out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
@@ -73,7 +73,7 @@ def _token_losses_mask(model: torch.nn.Module, tokens: torch.Tensor, segments: t
 
 def _token_losses_thd(model: torch.nn.Module, tokens: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """Per-token loss [b, s] of the same rows as one THD sequence (train.forward_step's TE path)."""
-    from flanpipe.data import packed_seq_params, training_batch
+    from flanpipe.train.rows import packed_seq_params, training_batch
 
     batch = {k: v.to(tokens.device) for k, v in training_batch(tokens, segments, segments != 0).items()}
     params = packed_seq_params(segments.to(tokens.device))
@@ -84,7 +84,7 @@ def _token_losses_thd(model: torch.nn.Module, tokens: torch.Tensor, segments: to
 
 def _token_losses_alone(model: torch.nn.Module, tokens: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """Per-token loss [b, s] with every segment run as its own unpacked sequence: the reference."""
-    from flanpipe.data import training_batch
+    from flanpipe.train.rows import training_batch
 
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     for r in range(tokens.shape[0]):  # one forward per segment: the reference is allowed to be slow
@@ -106,7 +106,7 @@ def check_packed_attention(cfg, *, device: str, use_te: bool, bf16: bool, tol: f
     Float16Module, as training runs them)."""
     from megatron.core.transformer.module import Float16Module
 
-    from flanpipe.model import model_provider
+    from flanpipe.model.gpt import model_provider
 
     def build(te: bool) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -153,9 +153,9 @@ def train_steps(cfg, *, steps: int, batch: int, seq: int, tp: int, device: str, 
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
 
-    from flanpipe.model import model_provider
-    from flanpipe.model_config import flops_per_token, param_count
-    from flanpipe.planner import Hardware
+    from flanpipe.core.model_config import flops_per_token, param_count
+    from flanpipe.model.gpt import model_provider
+    from flanpipe.train.planner import Hardware
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     if not a.dry_run and not torch.cuda.is_available():
         print("train_smoke: no CUDA device: nothing checked")
         return 0
-    from flanpipe.model import te_available
-    from flanpipe.model_config import ModelConfig
-    from flanpipe.train import init_distributed
+    from flanpipe.core.model_config import ModelConfig
+    from flanpipe.model.gpt import te_available
+    from flanpipe.train.loop import init_distributed
 
     init_distributed(a.tp, 1)
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

@@ -1,13 +1,13 @@
-"""Rule ablation -> flanpipe.figures.write_ablation."""
+"""Rule ablation -> flanpipe.report.figures.write_ablation."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 
-from flanpipe.figures import write_ablation
-from flanpipe.io import log_to
-from flanpipe.report import load_records
+from flanpipe.core.io import log_to
+from flanpipe.report.figures import write_ablation
+from flanpipe.report.tables import load_records
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

@@ -1,14 +1,14 @@
-"""Rule audit -> flanpipe.contamination.run_audit."""
+"""Rule audit -> flanpipe.data.contamination.run_audit."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 
 import json
 
-from flanpipe.contamination import AuditConfig, run_audit
-from flanpipe.io import log_to
+from flanpipe.core.io import log_to
+from flanpipe.data.contamination import AuditConfig, run_audit
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

@@ -1,7 +1,7 @@
-"""Rule evaluate -> flanpipe.evaluate.evaluate_many (one model load, one result per dataset): in this
-process for one rank, else on `tasks` ranks started by flanpipe.launch (torchrun, or srun under SLURM)."""
+"""Rule evaluate -> flanpipe.eval.evaluate.evaluate_many (one model load, one result per dataset): in this
+process for one rank, else on `tasks` ranks started by flanpipe.train.launch (torchrun, or srun under SLURM)."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from flanpipe.evaluate import eval_argv, evaluate_many
-from flanpipe.io import log_to
-from flanpipe.launch import launch
+from flanpipe.core.io import log_to
+from flanpipe.eval.evaluate import eval_argv, evaluate_many
+from flanpipe.train.launch import launch
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
@@ -31,5 +31,5 @@ with log_to(snakemake.log[0]):
     tasks, mpi = int(snakemake.resources.tasks), str(snakemake.resources.mpi)
     if tasks == 1 and not mpi.strip():
         print(json.dumps(evaluate_many(*args, **kw), indent=2))
-    elif status := launch(eval_argv(*args, **kw), tasks, mpi, module="flanpipe.evaluate"):
+    elif status := launch(eval_argv(*args, **kw), tasks, mpi, module="flanpipe.eval.evaluate"):
         sys.exit(status)

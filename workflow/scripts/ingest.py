@@ -1,6 +1,6 @@
-"""Rules ingest (local files) and download (HuggingFace hub) -> flanpipe.ingest.ingest_split."""
+"""Rules ingest (local files) and download (HuggingFace hub) -> flanpipe.data.ingest.ingest_split."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
@@ -8,9 +8,9 @@ limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 import json
 from pathlib import Path
 
-from flanpipe.config import dataset_spec
-from flanpipe.ingest import ingest_split
-from flanpipe.io import log_to
+from flanpipe.core.io import log_to
+from flanpipe.data.ingest import ingest_split
+from flanpipe.plan.config import dataset_spec
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

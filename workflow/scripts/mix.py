@@ -1,14 +1,14 @@
-"""Rule mix -> flanpipe.mixing.build_mixture."""
+"""Rule mix -> flanpipe.data.mixing.build_mixture."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 
 import json
 
-from flanpipe.io import log_to
-from flanpipe.mixing import MixtureConfig, bucket_bytes_for, build_mixture
+from flanpipe.core.io import log_to
+from flanpipe.data.mixing import MixtureConfig, bucket_bytes_for, build_mixture
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

@@ -1,6 +1,6 @@
-"""Rule pack -> flanpipe.packing.pack_mixture."""
+"""Rule pack -> flanpipe.data.packing.pack_mixture."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
@@ -8,8 +8,8 @@ limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 import json
 from pathlib import Path
 
-from flanpipe.io import log_to
-from flanpipe.packing import pack_mixture
+from flanpipe.core.io import log_to
+from flanpipe.data.packing import pack_mixture
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

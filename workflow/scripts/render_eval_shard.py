@@ -1,15 +1,15 @@
-"""Rule render_eval_shard -> flanpipe.templates.render_eval_shard."""
+"""Rule render_eval_shard -> flanpipe.data.templates.render_eval_shard."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 
 import json
 
-from flanpipe.config import dataset_spec
-from flanpipe.io import log_to
-from flanpipe.templates import render_eval_shard
+from flanpipe.core.io import log_to
+from flanpipe.data.templates import render_eval_shard
+from flanpipe.plan.config import dataset_spec
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

@@ -1,13 +1,13 @@
-"""Rule report -> flanpipe.figures.write_summary over the plan's main evaluations and the runs' audits."""
+"""Rule report -> flanpipe.report.figures.write_summary over the plan's main evaluations and the runs' audits."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 
-from flanpipe.figures import write_summary
-from flanpipe.io import log_to, read_json
-from flanpipe.report import load_records
+from flanpipe.core.io import log_to, read_json
+from flanpipe.report.figures import write_summary
+from flanpipe.report.tables import load_records
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

@@ -1,11 +1,11 @@
-"""Rule train_spec -> the JSON run spec flanpipe.train reads (built by flanpipe.config.train_spec)."""
+"""Rule train_spec -> the JSON run spec flanpipe.train.loop reads (built by flanpipe.plan.config.train_spec)."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 
-from flanpipe.io import log_to, write_json
+from flanpipe.core.io import log_to, write_json
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

@@ -1,14 +1,14 @@
-"""Rule train_tokenizer -> flanpipe.tokenize.train_tokenizer."""
+"""Rule train_tokenizer -> flanpipe.data.tokenize.train_tokenizer."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 
 from pathlib import Path
 
-from flanpipe.io import log_to
-from flanpipe.tokenize import train_tokenizer
+from flanpipe.core.io import log_to
+from flanpipe.data.tokenize import train_tokenizer
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

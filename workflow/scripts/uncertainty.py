@@ -1,12 +1,12 @@
-"""Rule uncertainty -> flanpipe.uncertainty.write_uncertainty."""
+"""Rule uncertainty -> flanpipe.report.uncertainty.write_uncertainty."""
 
-from flanpipe.threads import limit_threads
+from flanpipe.core.threads import limit_threads
 
 # First, before Polars/torch load: their pools are sized once, at import, to the job's threads.
 limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 
-from flanpipe.io import log_to
-from flanpipe.uncertainty import write_uncertainty
+from flanpipe.core.io import log_to
+from flanpipe.report.uncertainty import write_uncertainty
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 

@@ -1,0 +1,366 @@
+"""The task registry: which datasets exist, where they come from, and how they are scored.
+
+Like seqio's TaskRegistry, the registry is the single source of truth for dataset facts and fails loudly
+on duplicates. Unlike seqio it is pure data (YAML under ``config/registry/``), so adding a dataset needs
+a registry entry and a template file, no code.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+
+from flanpipe.core.io import PROJECT_ROOT, read_yaml, resolve_config_path
+
+SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "registry.schema.yaml"
+ROLES = ("train", "validation", "test")
+
+# FLAN's overlap rules (paper section 3): holding out one of these clusters also removes its partners
+# from training, because their tasks are near-duplicates (NLI <-> paraphrase) or share passages.
+FLAN_OVERLAPS: dict[str, tuple[str, ...]] = {
+    "nli": ("paraphrase",),
+    "paraphrase": ("nli",),
+    "reading_comprehension": ("reading_comprehension_with_commonsense",),
+    "commonsense": ("reading_comprehension_with_commonsense",),
+    "reading_comprehension_with_commonsense": ("reading_comprehension", "commonsense"),
+}
+
+
+class RegistryError(ValueError):
+    """A registry file or entry is wrong; the message names the file and dataset."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a dataset's raw splits come from."""
+
+    type: Literal["local", "hf"]
+    path: str  # local: file pattern with {split}; hf: dataset id
+    format: str | None = None  # local only: jsonl | parquet | csv (default: from the suffix)
+    name: str | None = None  # hf config name
+    data_dir: str | None = None  # hf data_dir (manual downloads)
+    revision: str | None = None  # hf revision (refs/convert/parquet serves script repos as Parquet)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: its cluster, source, field mapping, options and metric."""
+
+    name: str
+    cluster: str
+    source: SourceSpec
+    fields: Mapping[str, str | tuple[str, ...]]  # canonical field -> source column(s) (dot path for nesting)
+    metric: str
+    templates: Path
+    splits: Mapping[str, str] = field(default_factory=lambda: {r: r for r in ROLES})
+    options: tuple[str, ...] | None = None  # static label options (classification)
+    options_field: str | None = None  # canonical list field with per-example options
+    answer_is_index: bool = False  # the source answer is an index into the options
+    answer_key_field: str | None = None  # source list column of option keys the answer names (ARC's "A".."E")
+    answer_offset: int = 0  # subtracted from index answers (1 for 1-based labels)
+    answer_round: bool = False  # round numeric answers first (STS-B similarity -> "0".."5")
+    label_map: Mapping[str, str | int | None] | None = None  # raw answer (as text) -> option text / index
+    join: Mapping[str, str] = field(default_factory=dict)  # field -> separator for list-typed sources
+    bad_rows: str | None = None  # per-dataset override of data.bad_rows
+    paper_dataset: str = ""  # the paper's dataset this loader belongs to (default: its own name)
+    eval_only: bool = False  # never trained on: marked so, or its splits have no train
+    published: Mapping[str, float | str | None] | None = None  # the paper's scores + source (report only)
+    defined_in: str = ""  # registry file, for error messages
+
+    @property
+    def has_options(self) -> bool:
+        return self.options is not None or self.options_field is not None
+
+    @property
+    def has_eval_splits(self) -> bool:
+        """Whether the entry maps both splits an evaluation reads (validation picks the template, test scores)."""
+        return "validation" in self.splits and "test" in self.splits
+
+    @property
+    def canonical_fields(self) -> tuple[str, ...]:
+        return tuple(self.fields)
+
+
+def _expand(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand globs; a pattern that matches nothing is an error (a typo would silently drop datasets)."""
+    out: list[Path] = []
+    for p in paths:
+        matches = sorted(glob.glob(str(resolve_config_path(p))))
+        if not matches and not Path(p).is_absolute():
+            matches = sorted(glob.glob(str(PROJECT_ROOT / p)))
+        if not matches:
+            raise RegistryError(f"registry: no file matches {str(p)!r}")
+        out.extend(Path(m) for m in matches)
+    return out
+
+
+def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
+    src = raw["source"]
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw["fields"].items()}
+    spec = DatasetSpec(
+        name=name,
+        cluster=raw["cluster"],
+        source=SourceSpec(
+            type=src["type"],
+            path=src["path"],
+            format=src.get("format"),
+            name=src.get("name"),
+            data_dir=src.get("data_dir"),
+            revision=src.get("revision"),
+        ),
+        fields=fields,
+        metric=raw["metric"],
+        templates=resolve_config_path(raw.get("templates", f"config/templates/{name}.yaml")),
+        splits=raw.get("splits") or {r: r for r in ROLES},
+        options=tuple(str(o) for o in raw["options"]) if raw.get("options") is not None else None,
+        options_field=raw.get("options_field"),
+        answer_is_index=bool(raw.get("answer_is_index", False)),
+        answer_key_field=raw.get("answer_key_field"),
+        answer_offset=int(raw.get("answer_offset", 0)),
+        answer_round=bool(raw.get("answer_round", False)),
+        label_map={str(k): v for k, v in raw["label_map"].items()} if raw.get("label_map") else None,
+        join=dict(raw.get("join") or {}),
+        bad_rows=raw.get("bad_rows"),
+        paper_dataset=raw.get("paper_dataset", name),
+        eval_only=bool(raw.get("eval_only", False)) or "train" not in (raw.get("splits") or {"train": "train"}),
+        published=dict(raw["published"]) if raw.get("published") else None,
+        defined_in=str(path),
+    )
+    where = f"{path}: dataset {name!r}"
+    if spec.options is not None and spec.options_field is not None:
+        raise RegistryError(f"{where}: give either 'options' or 'options_field', not both")
+    if spec.options_field is not None and spec.options_field not in spec.fields:
+        raise RegistryError(
+            f"{where}: options_field {spec.options_field!r} is not one of its fields {sorted(spec.fields)}"
+        )
+    unknown_join = sorted(set(spec.join) - set(spec.fields))
+    if unknown_join:
+        raise RegistryError(f"{where}: 'join' names field(s) {unknown_join} that are not in 'fields'")
+    _check_options(spec, where)
+    if "answer" not in spec.fields:
+        raise RegistryError(f"{where}: 'fields' must map the target field 'answer'")
+    if spec.eval_only and not spec.has_eval_splits:
+        raise RegistryError(f"{where}: an evaluation-only entry needs both 'validation' and 'test' in 'splits'")
+    if spec.source.type == "local" and "{split}" not in spec.source.path:
+        raise RegistryError(f"{where}: local source path must contain '{{split}}': {spec.source.path!r}")
+    return spec
+
+
+def _check_options(spec: DatasetSpec, where: str) -> None:
+    """Static options are the label set rank classification scores: a repeated or empty one collapses two
+    labels into one (or scores an empty string), and a label map must point into them."""
+    if spec.options is not None:
+        empty = [i for i, o in enumerate(spec.options) if not o.strip()]
+        if empty:
+            raise RegistryError(f"{where}: options {list(spec.options)}: option(s) at position {empty} are empty")
+        seen: dict[str, int] = {}
+        for i, o in enumerate(spec.options):
+            if o in seen:
+                raise RegistryError(
+                    f"{where}: options {list(spec.options)}: {o!r} is listed twice (positions {seen[o]} and {i}), "
+                    "which collapses two labels into one; every option must be distinct (as text: 1 and '1' are "
+                    "the same)"
+                )
+            seen[o] = i
+    for key, on in (("answer_is_index", spec.answer_is_index), ("answer_key_field", spec.answer_key_field)):
+        if on and not spec.has_options:
+            raise RegistryError(
+                f"{where}: {key} makes the answer an index into the options, but the entry has neither 'options' "
+                "nor 'options_field'; the targets would be the bare index numbers"
+            )
+    if spec.label_map and spec.options is not None:
+        n = len(spec.options)
+        for raw, v in spec.label_map.items():
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v - spec.answer_offset < n:
+                raise RegistryError(
+                    f"{where}: label_map {raw!r} -> {v} points past the {n} options {list(spec.options)}"
+                )
+            if isinstance(v, str) and v not in spec.options:
+                raise RegistryError(
+                    f"{where}: label_map {raw!r} -> {v!r} is not one of the options {list(spec.options)}; every "
+                    "row with that label would become a bad row"
+                )
+
+
+def _check_unique_names(path: Path) -> None:
+    """A dataset defined twice in one file: YAML keeps the last silently, so find it in the node tree."""
+    import yaml
+
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return  # read_yaml reports it with the file and line
+    if not isinstance(root, yaml.MappingNode):
+        return
+    for key, value in root.value:
+        if key.value != "datasets" or not isinstance(value, yaml.MappingNode):
+            continue
+        first: dict[str, int] = {}
+        for name, _entry in value.value:
+            line = name.start_mark.line + 1
+            if name.value in first:
+                raise RegistryError(
+                    f"{path}:{line}: dataset {name.value!r} is defined twice in this file (first at line "
+                    f"{first[name.value]}); YAML would silently keep only the second entry"
+                )
+            first[name.value] = line
+
+
+def load_registry(paths: Sequence[str | Path]) -> dict[str, DatasetSpec]:
+    """Load and validate registry files; duplicate dataset names across files are an error."""
+    schema = read_yaml(SCHEMA_PATH)
+    specs: dict[str, DatasetSpec] = {}
+    for path in _expand(paths):
+        _check_unique_names(path)  # the dataset-level message first; read_yaml rejects any other duplicate key
+        try:
+            raw = read_yaml(path)
+        except ValueError as e:
+            raise RegistryError(str(e)) from None
+        try:
+            jsonschema.validate(raw, schema)
+        except jsonschema.ValidationError as e:
+            key = "/".join(str(p) for p in e.absolute_path) or "<top>"
+            raise RegistryError(f"{path}: at {key}: {e.message}") from None
+        for name, entry in raw["datasets"].items():
+            if name in specs:
+                raise RegistryError(
+                    f"{path}: dataset {name!r} is already defined in {specs[name].defined_in} (cluster "
+                    f"{specs[name].cluster!r} there, {entry['cluster']!r} here); dataset names must be unique "
+                    "across registry files, and a dataset belongs to one cluster"
+                )
+            specs[name] = _entry_to_spec(name, entry, path)
+    _check_paper_datasets(specs)
+    return specs
+
+
+def _check_paper_datasets(specs: Mapping[str, DatasetSpec]) -> None:
+    """Loaders of one paper dataset (ANLI R1-R3) must share a cluster: split across two, holding one
+    cluster out would still train on the same dataset through the other."""
+    first: dict[str, DatasetSpec] = {}
+    for spec in specs.values():
+        other = first.setdefault(spec.paper_dataset or spec.name, spec)
+        if other.cluster != spec.cluster:
+            raise RegistryError(
+                f"{spec.defined_in}: dataset {spec.name!r} (cluster {spec.cluster!r}) and {other.name!r} (cluster "
+                f"{other.cluster!r}, {other.defined_in}) are loaders of paper_dataset {spec.paper_dataset!r} but in "
+                "different clusters; a paper dataset belongs to one cluster"
+            )
+
+
+def with_local_mirror(registry: Mapping[str, DatasetSpec], mirror: str | None) -> dict[str, DatasetSpec]:
+    """Config ``data.local_mirror``: every dataset read from ``<mirror>/<name>/<role>.jsonl`` instead of its
+    registry source (exported copies on clusters without internet; the test fixtures). The files hold the
+    split each role maps to, so the roles map to themselves. A relative mirror is read from data.root."""
+    if not mirror:
+        return dict(registry)
+    identity = {r: r for r in ROLES}
+    return {
+        name: replace(
+            spec,
+            source=SourceSpec(type="local", format="jsonl", path=f"{mirror.rstrip('/')}/{name}/{{split}}.jsonl"),
+            splits=identity,
+        )
+        for name, spec in registry.items()
+    }
+
+
+def with_clusters(
+    registry: Mapping[str, DatasetSpec], override: Mapping[str, str] | None, source: str = "config key clusters"
+) -> dict[str, DatasetSpec]:
+    """An experiment's own grouping (config ``clusters:``): T0's task types are not FLAN's clusters, and a
+    dataset's registry entry (its facts) should not change with the experiment that groups it."""
+    if not override:
+        return dict(registry)
+    unknown = sorted(set(override) - set(registry))
+    if unknown:
+        raise RegistryError(f"{source}: unknown dataset(s) {unknown}")
+    return {name: replace(spec, cluster=override.get(name, spec.cluster)) for name, spec in registry.items()}
+
+
+def with_template_files(
+    registry: Mapping[str, DatasetSpec], files: Mapping[str, str] | None, source: str = "config key templates.files"
+) -> dict[str, DatasetSpec]:
+    """An experiment's own prompts for some datasets (config ``templates.files``): T0 scores its held-out
+    datasets with P3's prompts, FLAN with its own, and the registry entry (the data's facts) stays one."""
+    if not files:
+        return dict(registry)
+    unknown = sorted(set(files) - set(registry))
+    if unknown:
+        raise RegistryError(f"{source}: unknown dataset(s) {unknown}")
+    return {
+        name: replace(spec, templates=resolve_config_path(files[name])) if name in files else spec
+        for name, spec in registry.items()
+    }
+
+
+def clusters(registry: Mapping[str, DatasetSpec]) -> dict[str, list[str]]:
+    """Cluster -> its dataset names, in registry order."""
+    out: dict[str, list[str]] = {}
+    for spec in registry.values():
+        out.setdefault(spec.cluster, []).append(spec.name)
+    return out
+
+
+def excluded_clusters(held_out: Iterable[str], overlaps: Mapping[str, Sequence[str]]) -> set[str]:
+    """Clusters removed from training when ``held_out`` are evaluated (the held-out ones plus overlaps)."""
+    out: set[str] = set()
+    for c in held_out:
+        out.add(c)
+        out.update(overlaps.get(c, ()))
+    return out
+
+
+def training_datasets(
+    registry: Mapping[str, DatasetSpec],
+    held_out: Sequence[str],
+    overlaps: Mapping[str, Sequence[str]] = FLAN_OVERLAPS,
+    train_clusters: Sequence[str] | None = None,
+) -> list[str]:
+    """Datasets a model evaluated on ``held_out`` may train on.
+
+    ``train_clusters`` restricts training to those clusters (the number-of-clusters ablation); held-out
+    and overlapping clusters are removed even if listed there.
+    """
+    known = clusters(registry)
+    for c in list(held_out) + list(train_clusters or []):
+        if c not in known:
+            raise RegistryError(f"unknown cluster {c!r}; the registry has {sorted(known)}")
+    drop = excluded_clusters(held_out, overlaps)
+    allowed = set(train_clusters) if train_clusters is not None else set(known)
+    names = [s.name for s in registry.values() if s.cluster in allowed and s.cluster not in drop]
+    if not names:
+        raise RegistryError(f"holding out {list(held_out)} removes clusters {sorted(drop)} and leaves no training data")
+    return names
+
+
+def registry_table(
+    registry: Mapping[str, DatasetSpec], n_templates: Mapping[str, tuple[int, int]], by_loader: bool = False
+) -> list[dict]:
+    """Rows for ``flanpipe tasks``: one per paper dataset (its loaders listed), or one per loader.
+
+    The paper counts 62 datasets; ANLI R1-R3 and ARC easy/challenge are separate loaders of one each.
+    """
+    groups: dict[str, list[DatasetSpec]] = {}
+    for s in registry.values():
+        groups.setdefault(s.name if by_loader else (s.paper_dataset or s.name), []).append(s)
+    rows = []
+    for name, specs in groups.items():
+        s = specs[0]
+        rows.append(
+            {
+                "name": name,
+                "cluster": s.cluster,
+                "n_templates": min(n_templates[x.name][0] for x in specs),
+                "n_turned_around": min(n_templates[x.name][1] for x in specs),
+                "metric": s.metric,
+                "loaders": [x.name for x in specs],
+                "options": list(s.options) if s.options else ([f"<{s.options_field}>"] if s.options_field else []),
+                "source": s.source.type + ":" + s.source.path + (f"/{s.source.name}" if s.source.name else ""),
+            }
+        )
+    return rows

@@ -1,0 +1,336 @@
+"""Make Megatron-Core 0.16 run on a CPU-only torch build.
+
+Megatron-Core assumes CUDA: it creates tensors with a hard-coded ``device="cuda"``, uses
+``torch.cuda.current_device()`` as a device, keeps its RNG tracker on the CUDA generator and
+asserts ``torch.cuda.FloatTensor`` grads. This module is the only place in flanpipe that knows.
+
+The fix is deliberately narrow: instead of monkey-patching ``torch.cuda`` for the whole process,
+each affected Megatron module gets its own ``torch`` name rebound to a thin view of torch whose
+tensor factories map a CUDA device to the CPU and whose ``torch.cuda`` answers
+``current_device()`` with the CPU device and makes ``synchronize()`` a no-op. Everything else
+forwards to the real torch, so code outside those modules sees torch unchanged.
+
+``apply()`` is a no-op when CUDA is available, so the GPU path runs unpatched Megatron.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+_CPU = torch.device("cpu")
+_APPLIED = False
+
+# Megatron modules whose module-level ``torch`` is rebound to the CPU view, and the Megatron
+# function on a CPU run's path that needs it (training fwd/bwd, 1F1B, clipping, DDP buffers,
+# dist_checkpointing save/load, model.LMScorer). Each entry was checked necessary by removing it
+# (TP=2, PP=2, DP=2 training, save, load at another layout, scoring); modules only reached with
+# sequence parallelism, fully-parallel loading or the rerun machinery are deliberately absent.
+_CPU_TORCH_MODULES: dict[str, str] = {
+    # get_default_causal_mask: torch.ones(sq, sq, device="cuda") when no mask is passed (model.LMScorer).
+    "megatron.core.transformer.utils": "default causal mask",
+    # forward_backward_no_pipelining / forward_backward_pipelining_without_interleaving:
+    # total_num_tokens = torch.zeros([], device="cuda").
+    "megatron.core.pipeline_parallel.schedules": "num-tokens counter",
+    # P2PCommunicator._communicate (create_tensor_recv_prev/next): PP receive buffers on
+    # torch.cuda.current_device(); torch.cuda.synchronize() after batched isend/irecv.
+    "megatron.core.pipeline_parallel.p2p_communication": "p2p receive buffers",
+    # get_grad_norm_fp32: total_norm_cuda = torch.tensor(..., device="cuda") for the all-reduce.
+    "megatron.core.optimizer.clip_grads": "grad-norm reduction buffer",
+    # FP32Optimizer.__init__: self._scale = torch.tensor([1.0], device="cuda").
+    # (clip_grad_by_total_norm_fp32, imported into this module, is replaced in apply().)
+    "megatron.core.optimizer.optimizer": "fp32 optimizer loss scale",
+    # _ParamAndGradBuffer.__init__ (built by DistributedDataParallel): grad_data on
+    # torch.cuda.current_device().
+    "megatron.core.distributed.param_and_grad_buffer": "DDP contiguous grad buffer",
+    # RotaryEmbedding.get_emb: moves inv_freq to torch.cuda.current_device() on first use.
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "rotary frequencies",
+    # save_state_dict_async_finalize: failure flag broadcast on torch.cuda.current_device().
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "checkpoint save flags",
+    # FileSystemWriterAsync.preload_tensors: torch.cuda.synchronize() before copying to host.
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "checkpoint writer sync",
+    # _gather_along_last_dim: the all-gather output of TP logits (runtime_gather_output, flanpipe.eval.inference)
+    # on torch.cuda.current_device().
+    "megatron.core.tensor_parallel.mappings": "TP logits gather buffer",
+    # GlobalMemoryBuffer.get_tensor (DotProductAttention's matmul buffer) on current_device().
+    "megatron.core.utils": "attention score buffer",
+}
+
+
+def _cpu_device(device: Any) -> Any:
+    """Map any CUDA device spelling (int index, "cuda", "cuda:0", torch.device) to the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wrap a tensor factory so that a CUDA ``device=`` argument lands on the CPU."""
+
+    def wrapped(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        kwargs.pop("pin_memory", None)  # pinning needs CUDA; meaningless for CPU tensors
+        return factory(*args, device=_cpu_device(device), **kwargs)
+
+    wrapped.__name__ = getattr(factory, "__name__", "factory")
+    wrapped.__doc__ = factory.__doc__
+    return wrapped
+
+
+def _cpu_current_device() -> torch.device:
+    return _CPU
+
+
+def _no_sync(device: Any = None) -> None:
+    return None
+
+
+class _ForwardingModule(types.ModuleType):
+    """A module object whose missing attributes come from ``target`` (PEP 562 style)."""
+
+    def __init__(self, name: str, target: types.ModuleType, overrides: dict[str, Any]):
+        super().__init__(name)
+        self._target = target
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+def _cpu_torch() -> types.ModuleType:
+    """A view of ``torch`` for Megatron modules: CUDA devices become the CPU device."""
+    cuda = _ForwardingModule(
+        "torch.cuda",
+        torch.cuda,
+        {"current_device": _cpu_current_device, "synchronize": _no_sync},
+    )
+    factories = ("tensor", "zeros", "ones", "empty", "full", "arange", "empty_like", "zeros_like")
+    overrides: dict[str, Any] = {name: _on_cpu(getattr(torch, name)) for name in factories}
+    overrides["cuda"] = cuda
+    return _ForwardingModule("torch", torch, overrides)
+
+
+def _clip_grad_by_total_norm_cpu(
+    parameters: list[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    total_norm: float,
+    use_decoupled_grad: bool = False,
+) -> None:
+    """CPU twin of ``clip_grads.clip_grad_by_total_norm_fp32``.
+
+    The original asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``, which a CPU grad can
+    never satisfy. Same math: scale every grad in place by max_norm / (total_norm + 1e-6) when
+    that is < 1.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_([g.detach() for g in grads], clip_coeff)
+
+
+def _allocate_kv_cache_cpu(self: Any, inference_max_sequence_length: int, batch_size: int, dim: int, dtype: Any):
+    """CPU twin of ``Attention._allocate_memory``: one layer's key or value cache for inference."""
+    return torch.empty(
+        inference_max_sequence_length, batch_size, self.num_query_groups_per_partition, dim, dtype=dtype, device=_CPU
+    )
+
+
+def _make_cpu_rng_tracker_class(base: type) -> type:
+    """Subclass Megatron's CudaRNGStatesTracker so its named states live on the CPU generator.
+
+    ``model_parallel_cuda_manual_seed`` adds three named states (data-parallel seed,
+    seed + 2718 + tp_rank, expert seed) and layers ``fork()`` them around dropout and weight
+    init. Keeping the class (a subclass) keeps every isinstance check in Megatron working.
+    """
+
+    class CpuRNGStatesTracker(base):  # type: ignore[misc, valid-type]
+        """RNG tracker with the CudaRNGStatesTracker API over torch's CPU generator."""
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CpuRNGStatesTracker
+
+
+def cpu_transformer_overrides() -> dict[str, Any]:
+    """TransformerConfig fields a CPU run needs: CPU weight init and every CUDA fusion off."""
+    return {
+        "use_cpu_initialization": True,
+        "masked_softmax_fusion": False,
+        "bias_activation_fusion": False,
+        "bias_dropout_fusion": False,
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+        "persist_layer_norm": False,
+        "cross_entropy_loss_fusion": False,
+    }
+
+
+def quiet_warnings() -> None:
+    """Hide known, harmless warnings that would otherwise fill every training log.
+
+    Megatron warns at import that TE/Apex are absent (it falls back to torch ops, as intended
+    here) and, from TransformerConfig's defaults, that cuda_graph_scope "full" is deprecated;
+    torch's checkpoint planner warns on every dist_checkpointing save/load that ShardedTensor
+    (which Megatron 0.16 still uses) is deprecated.
+    """
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Apex is not installed", category=UserWarning)
+    warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+
+
+def apply() -> None:
+    """Patch Megatron-Core for a CPU-only torch (idempotent; a no-op when CUDA is available)."""
+    global _APPLIED
+    if _APPLIED or torch.cuda.is_available():
+        return
+
+    cpu_torch = _cpu_torch()
+    for name in _CPU_TORCH_MODULES:
+        module = importlib.import_module(name)
+        module.torch = cpu_torch  # type: ignore[attr-defined]
+
+    # FP32Optimizer.clip_grad_norm -> clip_grad_by_total_norm_fp32 (imported by name into
+    # megatron.core.optimizer.optimizer): replace its CUDA grad-type assert.
+    from megatron.core.optimizer import optimizer as mc_optimizer
+
+    mc_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    # tensor_parallel.random.initialize_rng_tracker instantiates the module-level class name
+    # CudaRNGStatesTracker; point it at the CPU subclass and drop any tracker already built.
+    from megatron.core.tensor_parallel import random as mc_random
+
+    mc_random.CudaRNGStatesTracker = _make_cpu_rng_tracker_class(mc_random.CudaRNGStatesTracker)
+    mc_random._CUDA_RNG_STATE_TRACKER = None
+    mc_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+    # Attention._allocate_memory (the KV cache of StaticInferenceContext, flanpipe.eval.inference) allocates on
+    # torch.cuda.current_device(); the rest of megatron.core.transformer.attention must keep the real
+    # torch, so only this method is replaced (same shape [max_seq, max_batch, groups, dim], on the CPU).
+    from megatron.core.transformer import attention as mc_attention
+
+    mc_attention.Attention._allocate_memory = _allocate_kv_cache_cpu
+
+    # LanguageModule.setup_embeddings_and_output_layer (tied embeddings at PP > 1) moves the last
+    # stage's copy of the table with Tensor.cuda() before all-reducing it over the embedding group:
+    # a tensor method, so no module's torch name reaches it; keep the tensor on the CPU for that call.
+    from megatron.core.models.common.language_module import language_module as mc_language_module
+
+    mc_language_module.LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
+        mc_language_module.LanguageModule.setup_embeddings_and_output_layer
+    )
+
+    # CPU speed (bench train --peer): Megatron's unfused RoPE ends in a cat with an empty
+    # pass-through slice (a full copy of q and k), and its vocab-parallel cross entropy at TP=1 does
+    # by hand, in several passes, what one fused log-softmax kernel does.
+    from megatron.core import tensor_parallel as mc_tensor_parallel
+    from megatron.core.models.common.embeddings import rope_utils as mc_rope_utils
+
+    mc_rope_utils._apply_rotary_pos_emb_bshd = _rope_bshd_without_copy(mc_rope_utils._apply_rotary_pos_emb_bshd)
+    mc_tensor_parallel.vocab_parallel_cross_entropy = _plain_cross_entropy_at_tp1(
+        mc_tensor_parallel.vocab_parallel_cross_entropy
+    )
+
+    _APPLIED = True
+
+
+def _rope_bshd_without_copy(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Megatron's unfused RoPE (``_apply_rotary_pos_emb_bshd``), bit for bit, minus its final copy.
+
+    When the rotary dim is the whole head dim (every flanpipe model), the pass-through slice is
+    empty and ``cat((t, t_pass))`` only copies ``t``; the same arithmetic is returned uncopied.
+    Other layouts (partial rotary, interleaved, MLA) go to ``original``.
+    """
+
+    def rope(
+        t: torch.Tensor,
+        freqs: torch.Tensor,
+        rotary_interleaved: bool = False,
+        multi_latent_attention: bool = False,
+        mscale: float = 1.0,
+    ) -> torch.Tensor:
+        if rotary_interleaved or multi_latent_attention or freqs.shape[-1] != t.shape[-1]:
+            return original(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+        cos_ = (torch.cos(freqs) * mscale).to(t.dtype)
+        sin_ = (torch.sin(freqs) * mscale).to(t.dtype)
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        return (t * cos_) + (torch.cat((-x2, x1), dim=-1) * sin_)
+
+    rope.original = original  # type: ignore[attr-defined]  # for the equality test
+    return rope
+
+
+def _plain_cross_entropy_at_tp1(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Megatron's ``vocab_parallel_cross_entropy``, by ``F.cross_entropy`` when the vocab is not split.
+
+    At TP=1 each rank holds the whole vocabulary, so the per-token loss is the plain cross entropy:
+    the same math in one log-softmax pass (equal to ~1e-7 relative, not bit for bit: the sums run
+    in another order). fp32 logits without label smoothing only; anything else goes to ``original``.
+    """
+    from megatron.core import parallel_state
+
+    def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        if (
+            label_smoothing
+            or logits.dtype != torch.float32
+            or parallel_state.get_tensor_model_parallel_world_size() != 1
+        ):
+            return original(logits, target, label_smoothing)
+        flat = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        )
+        return flat.view(target.shape)
+
+    cross_entropy.original = original  # type: ignore[attr-defined]  # for the equality test
+    return cross_entropy
+
+
+def _tensor_cuda_is_identity(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with ``Tensor.cuda`` returning the tensor itself while it runs."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+    return wrapped

@@ -1,0 +1,7 @@
+"""Planning, on top of every stage: config validation with defaults (config), plan-time checks (checks), runs
+and evaluations (runs), the experiment plan the rules and CLI read (experiments) and evaluation job grouping
+(eval_plan).
+
+Layer 6: may import every stage below; torch-free, because ``snakemake -n`` imports it. Only the CLI and
+the benchmarks (layer 7) stand above it.
+"""
