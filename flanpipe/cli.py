@@ -8,7 +8,8 @@
     flanpipe mix MIXTURE --out-dir DIR            rule mix (shards from results/shards by default)
     flanpipe train-tokenizer --out FILE SHARD...  rule train_tokenizer
     flanpipe pack --mixture FILE --tokenizer FILE --out DIR [--run RUN]   rule pack
-    flanpipe train --spec FILE --data DIR --out DIR [--nproc N] [--mpi srun]   (flanpipe.train.launch)
+    flanpipe train-spec RUN --out FILE            rule train_spec (the facts; operational keys go to --ops)
+    flanpipe train --spec FILE --data DIR --out DIR [--nproc N] [--mpi srun]   rule train, --ops from --config
     flanpipe launch [--mpi srun] --nproc N -- TRAIN_ARGS...   rule train: torchrun, or srun under SLURM
     flanpipe evaluate --model DIR --tokenizer FILE --shard FILE --out FILE
     flanpipe report --json FILE --md FILE RESULT...
@@ -80,15 +81,28 @@ def cmd_generate_synthetic(args: argparse.Namespace) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
+    from flanpipe.core.registry import spec_from_facts
     from flanpipe.data.ingest import ingest_split
+    from flanpipe.plan.contract import ingest_spec
 
     cfg = _config(args)
-    spec = dataset_spec(cfg, args.dataset)
-    d = cfg["data"]
+    if args.bad_rows:
+        cfg["data"]["bad_rows"] = args.bad_rows
+    facts, ops = ingest_spec(cfg, dataset_spec(cfg, args.dataset), args.split)  # what rule ingest tracks and uses
+    spec = spec_from_facts(facts, defined_in=ops["defined_in"])
     report = ingest_split(
-        spec, args.split, args.out, policy=args.bad_rows or d["bad_rows"], root=Path(d["root"]), hf_cache=d["hf_cache"]
+        spec, args.split, args.out, policy=spec.bad_rows, root=Path(ops["root"]), hf_cache=ops["hf_cache"]
     )
     print(json.dumps(report))
+
+
+def _render_spec(cfg: dict[str, Any], dataset: str) -> Any:
+    """The DatasetSpec rules render_shard / render_eval_shard work from: the entry's render facts."""
+    from flanpipe.core.registry import spec_from_facts
+    from flanpipe.plan.contract import dataset_render_facts
+
+    full = dataset_spec(cfg, dataset)
+    return spec_from_facts(dataset_render_facts(full), defined_in=full.defined_in, templates=full.templates)
 
 
 def cmd_render_shard(args: argparse.Namespace) -> None:
@@ -96,7 +110,7 @@ def cmd_render_shard(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     mode, k = parse_shard_name(args.variant)
-    spec = dataset_spec(cfg, args.dataset)
+    spec = _render_spec(cfg, args.dataset)
     print(json.dumps(render_shard(spec, args.canonical, args.out, mode=mode, num_templates=k)))
 
 
@@ -104,7 +118,7 @@ def cmd_render_eval_shard(args: argparse.Namespace) -> None:
     from flanpipe.data.templates import render_eval_shard
 
     cfg = _config(args)
-    spec = dataset_spec(cfg, args.dataset)
+    spec = _render_spec(cfg, args.dataset)
     v = EvalVariant.parse(args.variant)
     report = render_eval_shard(
         spec,
@@ -199,19 +213,27 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 
 def cmd_train_spec(args: argparse.Namespace) -> None:
-    from flanpipe.plan.config import check_world
-
     cfg = _config(args)
-    check_world(cfg, args.world, "--world")  # the micro-batch follows DP (rule train_spec: the profile's tasks)
     write_json(args.out, _plan(cfg, args.run).train_spec(args.run))
     print(args.out)
 
 
+def train_ops_for(cfg: dict[str, Any], world: int) -> dict[str, Any]:
+    """What rule train passes as ``--ops`` for ``world`` ranks: the micro-batch follows DP (check_world, as the
+    Snakefile does with the profile's tasks), the rest is the config's operational train keys."""
+    from flanpipe.plan.config import check_world, train_ops
+
+    check_world(cfg, world, "--nproc")
+    return train_ops(cfg)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Launch the Megatron-Core entry point exactly as rule train does (flanpipe.train.launch.launch)."""
+    from flanpipe.core.rerun import Operational
     from flanpipe.train.launch import launch
 
-    train_args = ["--spec", args.spec, "--data", args.data, "--out", args.out]
+    ops = str(Operational(train_ops_for(_config(args), args.nproc)))
+    train_args = ["--spec", args.spec, "--data", args.data, "--out", args.out, "--ops", ops]
     raise SystemExit(launch(train_args, args.nproc, args.mpi, threads=args.threads))
 
 
@@ -227,6 +249,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import polars as pl
 
     from flanpipe.eval.evaluate import run_evaluation
+    from flanpipe.plan.contract import eval_facts
 
     cfg = _config(args)
     dataset = pl.scan_parquet(args.shard).select(pl.col("dataset").first()).collect().item()
@@ -238,7 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         metric=args.metric or dataset_spec(cfg, dataset).metric,
         lengths=cfg["lengths"],
         batch_size=cfg["eval"]["batch_size"],
-        scoring=cfg["eval"]["scoring"],
+        **eval_facts(cfg),  # as rule evaluate: every eval fact is a keyword (flanpipe.plan.contract)
     )
     print(json.dumps(result, indent=2))
 
@@ -495,10 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", help="whose model config to pack for (default: the mixture's directory name)")
     s.add_argument("--tokenizer", required=True, help="SentencePiece .model or checkpoint tokenizer dir")
     s.add_argument("--out", required=True)
-    s = add("train-spec", cmd_train_spec, "write the training run spec JSON of one run")
+    s = add("train-spec", cmd_train_spec, "write the training run spec JSON of one run (what changes its weights)")
     s.add_argument("run")
     s.add_argument("--out", required=True)
-    s.add_argument("--world", type=int, default=1, help="training ranks it will run on (= train --nproc)")
     s = add("train", cmd_train, "Megatron-Core training (torchrun, or srun with --mpi)")
     s.add_argument("--spec", required=True)
     s.add_argument("--data", required=True)

@@ -1,6 +1,8 @@
 # Contamination audit, one per trained run, before its training is trusted: n-gram overlap of the run's
 # mixture with the eval examples and templates of every dataset that run's model is scored on
-# (flanpipe.data.contamination). Training depends on the audit's output, so a failed audit stops the run.
+# (flanpipe.data.contamination). A failed audit writes no output, so training cannot start; training takes the
+# audit as an `ancient` input: it waits for the verdict, not the file's time, so a re-audit that still passes
+# (a threshold edited) retrains nothing. Template files are tracked by their parsed templates, as in rendering.
 
 
 include: "audit_common.smk"
@@ -12,8 +14,10 @@ rule audit:
     output:
         "results/audit/{run}.json",
     params:
-        audit=config["audit"],
+        audit=contract.block(config, "audit"),
         max_examples=config["eval"]["examples"],
+        parsed_templates=audit_template_facts,
+        version=stage_version("audit"),
     threads: 2
     log:
         "logs/audit/{run}.log",

@@ -11,12 +11,19 @@ def audit_inputs(wildcards):
         inputs[f"validation__{d}"] = f"results/ingest/{d}/validation.parquet"
         inputs[f"test__{d}"] = f"results/ingest/{d}/test.parquet"
     for d in PLAN.template_audited_datasets(wildcards.run):
-        inputs[f"templates__{d}"] = str(PLAN.registry[d].templates)
+        inputs[f"templates__{d}"] = ancient(str(PLAN.registry[d].templates))  # tracked parsed: audit_template_facts
     return inputs
 
 
+def audit_template_facts(wildcards):
+    """dataset -> its parsed templates, for every template file the audit reads (contract.template_facts)."""
+    return {d: contract.template_facts(templates_of(d)) for d in PLAN.template_audited_datasets(wildcards.run)}
+
+
 def audit_report(wildcards):
-    return f"results/audit/{wildcards.run}.json"
+    """Training's gate: the audit must have passed (a failed one writes no output), but a re-audit whose verdict
+    stays a pass must not retrain, so training ignores the file's time (ancient)."""
+    return ancient(f"results/audit/{wildcards.run}.json")
 
 
 def uncertainty_inputs(wildcards=None):

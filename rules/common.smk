@@ -9,7 +9,9 @@ from flanpipe.plan.config import check_world, validate_config
 from flanpipe.plan.experiments import plan_experiment
 from flanpipe.data.ingest import check_local_source
 from flanpipe.core.io import resolve_config_path
+from flanpipe.core.rerun import canonical, stage_version
 from flanpipe.core.threads import train_job_threads
+from flanpipe.plan import contract
 from flanpipe.core.vocab import ABLATIONS, SHARD_PATTERN, SPLITS, VARIANT_PATTERN, EvalVariant, parse_shard_name, shard_options_share
 
 
@@ -118,6 +120,34 @@ def template_file(wildcards):
     return str(PLAN.registry[wildcards.dataset].templates)
 
 
+def ingest_facts(wildcards):
+    """Rules ingest / download: the registry entry's facts of this split (flanpipe.plan.contract)."""
+    name = getattr(wildcards, "local_dataset", None) or wildcards.hub_dataset
+    return contract.ingest_spec(config, PLAN.registry[name], wildcards.split)[0]
+
+
+def ingest_ops(wildcards):
+    name = getattr(wildcards, "local_dataset", None) or wildcards.hub_dataset
+    return contract.ingest_spec(config, PLAN.registry[name], wildcards.split)[1]
+
+
+def dataset_facts(wildcards):
+    """What rendering reads of the registry entry (flanpipe.core.registry.RENDER_FACTS)."""
+    return contract.dataset_render_facts(PLAN.registry[wildcards.dataset])
+
+
+def templates_of(dataset):
+    """A dataset's validated templates (loaded once by the plan; loaded here for one it did not need)."""
+    from flanpipe.data.templates import load_validated
+
+    return PLAN.templates[dataset] if dataset in PLAN.templates else load_validated(PLAN.registry[dataset])
+
+
+def template_facts(wildcards):
+    """The dataset's parsed templates: tracked, so a comment in the file reruns nothing (contract.template_facts)."""
+    return contract.template_facts(templates_of(wildcards.dataset))
+
+
 def shard_mode(wildcards):
     return parse_shard_name(wildcards.shard)[0]
 
@@ -129,7 +159,7 @@ def shard_num_templates(wildcards):
 def shard_formats(wildcards):
     """config formats, with the options ablation's share for its -optsNN shards."""
     share = shard_options_share(wildcards.shard)
-    return {**config["formats"], **({} if share is None else {"options": share})}
+    return canonical({**config["formats"], **({} if share is None else {"options": share})})
 
 
 def eval_shard_inputs(wildcards):
@@ -169,7 +199,7 @@ def run_model_config(wildcards):
 
 
 def run_spec(wildcards):
-    return PLAN.train_spec(wildcards.run)
+    return PLAN.train_spec(wildcards.run)  # canonical: only what changes the weights (flanpipe.core.train_config)
 
 
 def train_inputs(wildcards):
@@ -188,12 +218,12 @@ def report_inputs(wildcards=None):
 
 
 def report_meta(wildcards=None):
-    return [PLAN.record_meta(e) for e in PLAN.evaluations]
+    return canonical([PLAN.record_meta(e) for e in PLAN.evaluations])
 
 
 def report_published():
     """dataset -> the paper's published scores (registry `published:`), for the report's paper table."""
-    return {d: dict(s.published) for d, s in PLAN.registry.items() if s.published}
+    return canonical({d: dict(s.published) for d, s in PLAN.registry.items() if s.published})
 
 
 def ablation_inputs(wildcards):
@@ -202,7 +232,7 @@ def ablation_inputs(wildcards):
 
 
 def ablation_meta(wildcards):
-    return [PLAN.record_meta(e, wildcards.ablation) for e in PLAN.ablations.get(wildcards.ablation, [])]
+    return canonical([PLAN.record_meta(e, wildcards.ablation) for e in PLAN.ablations.get(wildcards.ablation, [])])
 
 
 def all_targets():
@@ -269,11 +299,10 @@ def eval_group_inputs(wildcards):
 
 
 def eval_group_params(wildcards):
-    """Dataset names and metrics, in the order of eval_group_inputs' shards."""
-    from flanpipe.eval.layout import eval_layout
-
+    """Dataset names and metrics, in the order of eval_group_inputs' shards (the layout is operational:
+    contract.eval_ops)."""
     names = eval_group_datasets(wildcards)
-    return {"datasets": names, "metrics": [PLAN.registry[d].metric for d in names], "layout": eval_layout(config)}
+    return {"datasets": names, "metrics": [PLAN.registry[d].metric for d in names]}
 
 
 def eval_group_dir(wildcards):

@@ -5,8 +5,9 @@ rule generate_synthetic:
     output:
         expand("results/synthetic/{{synthetic}}/{split}.jsonl", split=SPLITS),
     params:
-        sizes={r: config["synthetic"][r] for r in SPLITS},
+        sizes=canonical({r: config["synthetic"][r] for r in SPLITS}),
         seed=config["synthetic"]["seed"],
+        version=stage_version("generate_synthetic"),
     threads: 1
     log:
         "logs/generate_synthetic/{synthetic}.log",
@@ -18,16 +19,17 @@ rule generate_synthetic:
         "../workflow/scripts/generate_synthetic.py"
 
 
+# params: the entry's facts of this split (flanpipe.core.registry.INGEST_FACTS), which the job rebuilds its
+# DatasetSpec from; ops: data.root, data.hf_cache and the registry file's name (operational, never a rerun).
 rule ingest:
     input:
         raw_inputs,
     output:
         "results/ingest/{local_dataset}/{split}.parquet",
     params:
-        dataset="{local_dataset}",
-        bad_rows=config["data"]["bad_rows"],
-        root=config["data"]["root"],
-        hf_cache=config["data"]["hf_cache"],
+        spec=ingest_facts,
+        ops=ingest_ops,
+        version=stage_version("ingest"),
     threads: 1
     log:
         "logs/ingest/{local_dataset}/{split}.log",
@@ -45,10 +47,9 @@ rule download:
     output:
         "results/ingest/{hub_dataset}/{split}.parquet",
     params:
-        dataset="{hub_dataset}",
-        bad_rows=config["data"]["bad_rows"],
-        root=config["data"]["root"],
-        hf_cache=config["data"]["hf_cache"],
+        spec=ingest_facts,
+        ops=ingest_ops,
+        version=stage_version("ingest"),
     threads: 1
     log:
         "logs/download/{hub_dataset}/{split}.log",
@@ -61,17 +62,21 @@ rule download:
 
 
 # {shard}: instruction mode and template count (natural-all, natural-4, no_template-all, ...), or lm:
-# the unlabeled text a base model is pretrained on.
+# the unlabeled text a base model is pretrained on. The template file only has to exist (ancient): its parsed
+# templates are the tracked param, so a comment in it reruns nothing.
 rule render_shard:
     input:
         canonical="results/ingest/{dataset}/train.parquet",
-        templates=template_file,
+        templates=ancient(template_file),
     output:
         "results/shards/{dataset}/train/{shard}.parquet",
     params:
         mode=shard_mode,
         num_templates=shard_num_templates,
         formats=shard_formats,
+        dataset=dataset_facts,
+        parsed_templates=template_facts,
+        version=stage_version("render_shard"),
     threads: 1
     log:
         "logs/render_shard/{dataset}/{shard}.log",
@@ -87,13 +92,16 @@ rule render_shard:
 rule render_eval_shard:
     input:
         unpack(eval_shard_inputs),
-        templates=template_file,
+        templates=ancient(template_file),
     output:
         "results/shards/{dataset}/eval/{variant}.parquet",
     params:
         variant=variant_params,
         max_examples=config["eval"]["examples"],
         seed=config["mixture"]["seed"],
+        dataset=dataset_facts,
+        parsed_templates=template_facts,
+        version=stage_version("render_eval_shard"),
     threads: 1
     log:
         "logs/render_eval_shard/{dataset}/{variant}.log",

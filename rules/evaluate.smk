@@ -11,9 +11,10 @@ rule evaluate:
         directory("results/eval_groups/{evalrun}/{variant}/{cluster}"),
     params:
         group=eval_group_params,
-        lengths=config["lengths"],
-        batch_size=config["eval"]["batch_size"],
-        scoring=config["eval"]["scoring"],
+        lengths=contract.lengths(config),
+        eval=contract.eval_facts(config),  # every eval key but the operational and planning ones
+        ops=contract.eval_ops(config),  # batch size, layout: never a rerun
+        version=stage_version("evaluate"),
     threads: 1
     log:
         "logs/evaluate/{evalrun}/{variant}/{cluster}.log",

@@ -13,6 +13,7 @@ if PLAN.hf_base is not None:
             directory(PLAN.model_dir(PLAN.hf_base.name)),
         params:
             src=config["base"]["hf"],
+            version=stage_version("import_hf"),
         threads: 1
         log:
             "logs/import_hf/import_hf.log",
@@ -31,6 +32,7 @@ rule export_hf:
         directory("results/hf/{run}"),
     params:
         base=lambda wildcards, input: f"--base {input.base}" if "base" in input.keys() else "",
+        version=stage_version("export_hf"),
     threads: 1
     log:
         "logs/export_hf/{run}.log",

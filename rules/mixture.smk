@@ -8,9 +8,10 @@ rule mix:
         parquet="results/mixtures/{run}/mixture.parquet",
         stats="results/mixtures/{run}/mixture.json",
     params:
-        mixture=config["mixture"],
+        mixture=contract.block(config, "mixture"),
         budget_tokens=run_budget,
-        lengths=config["lengths"],
+        lengths=contract.lengths(config),
+        version=stage_version("mix"),
     threads: 2
     log:
         "logs/mix/{run}.log",

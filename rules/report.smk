@@ -15,6 +15,7 @@ rule report:
         experiment=EXPERIMENT,
         seed=config["mixture"]["seed"],
         published=report_published(),
+        version=stage_version("report"),
     threads: 1
     log:
         "logs/report/report.log",
@@ -39,6 +40,7 @@ rule ablation:
     params:
         meta=ablation_meta,
         experiment=EXPERIMENT,
+        version=stage_version("ablation"),
     threads: 1
     log:
         "logs/ablation/{ablation}.log",

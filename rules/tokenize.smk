@@ -10,6 +10,7 @@ rule train_tokenizer:
         vocab_size=config["tokenizer"]["vocab_size"],
         sample_size=config["tokenizer"]["sample_size"],
         seed=config["tokenizer"]["seed"],
+        version=stage_version("train_tokenizer"),
     threads: 4  # SentencePiece's trainer; Snakemake gives at most --cores
     log:
         "logs/train_tokenizer/train_tokenizer.log",
@@ -25,12 +26,13 @@ rule pack:
     input:
         mixture="results/mixtures/{run}/mixture.parquet",
         tokenizer=tokenizer_model(),
-        model_config=run_model_config,
+        model_config=ancient(run_model_config),  # read only to check the vocabulary: no fact of the packed rows
     output:
         directory("results/packed/{run}"),
     params:
-        lengths=config["lengths"],
+        lengths=contract.lengths(config),
         seed=config["mixture"]["seed"],
+        version=stage_version("pack"),
     threads: 4
     log:
         "logs/pack/{run}.log",

@@ -2,13 +2,16 @@
 # (profiles/). Tuned runs start from the base model's weights when there is one.
 
 
+# The spec holds what changes the weights (model config and the train facts, canonical); the model config
+# file only has to exist, its parsed content is in the spec param.
 rule train_spec:
     input:
-        model_config=run_model_config,
+        model_config=ancient(run_model_config),
     output:
         "results/specs/{run}.json",
     params:
         spec=run_spec,
+        version=stage_version("train_spec"),
     threads: 1
     log:
         "logs/train_spec/{run}.log",
@@ -26,6 +29,9 @@ rule train:
         audit=audit_report,  # rules/audit.smk: a failed contamination audit stops the run here
     output:
         directory("results/models/{run}"),
+    params:
+        ops=contract.train_ops(config),  # operational (log/save cadence, micro-batch, TP/PP): never a rerun
+        version=stage_version("train"),
     threads: train_threads  # the two held-out runs train side by side; split over ranks
     log:
         "logs/train/{run}.log",
@@ -38,4 +44,4 @@ rule train:
         CONDA_ENV
     shell:
         "flanpipe launch --mpi '{resources.mpi}' --nproc {resources.tasks} -- "
-        "--spec {input.spec} --data {input.data} --out {output} > {log} 2>&1"
+        "--spec {input.spec} --data {input.data} --out {output} --ops {params.ops:q} > {log} 2>&1"

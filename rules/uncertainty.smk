@@ -12,6 +12,7 @@ rule uncertainty:
         meta=report_meta(),
         n_boot=2000,
         seed=config["mixture"]["seed"],
+        version=stage_version("uncertainty"),
     threads: 1
     log:
         "logs/uncertainty/uncertainty.log",

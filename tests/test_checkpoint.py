@@ -208,20 +208,26 @@ def test_stale_checkpoints_are_discarded(tmp_path, reference):
     plant()
     assert _resume_point(ckpt, fp, steps=STEPS - 1) is None  # fewer steps than it already did
     assert list(ckpt.iterdir()) == []
-    # The fingerprint ignores keys that do not change the trajectory, and spelled-out defaults.
-    from flanpipe.core.train_config import parse_spec
+    # The fingerprint ignores keys that do not change the trajectory, and spelled-out defaults; it covers
+    # the spec, the packed data, the tokenizer, the initial weights and the code version.
+    from flanpipe.core.train_config import changed_parts, fingerprint_parts, parse_spec
+
+    def parts(tc, **kw):  # noqa: ANN001, ANN202
+        return fingerprint_parts(cfg.to_dict(), vars(tc), **{"data": "d", "tokenizer": "t", "init": "i", **kw})
 
     cfg, tc = parse_spec(
         make_spec(steps=5, save_interval=7, tensorboard=False, micro_batch_size=2, tensor_model_parallel_size=2)
     )
-    cfg2, tc2 = parse_spec(make_spec())
-    assert train_config.fingerprint(cfg.to_dict(), vars(tc), 59) == train_config.fingerprint(
-        cfg2.to_dict(), vars(tc2), 59
-    )
+    _, tc2 = parse_spec(make_spec())
+    base = parts(tc2)
+    assert train_config.fingerprint(parts(tc)) == train_config.fingerprint(base)
     _, tc3 = parse_spec(make_spec(lr=1e-2))
-    assert train_config.fingerprint(cfg.to_dict(), vars(tc3), 59) != train_config.fingerprint(
-        cfg.to_dict(), vars(tc2), 59
-    )
+    assert changed_parts(base, parts(tc3)) == ["spec"]
+    for key in ("data", "tokenizer", "init"):
+        other = parts(tc2, **{key: "x"})
+        assert train_config.fingerprint(other) != train_config.fingerprint(base)
+        assert changed_parts(base, other) == [key]
+    assert changed_parts(None, base) == sorted(base)  # a checkpoint that recorded no parts
 
 
 def test_layout_change_refuses_optimizer_state(tmp_path, reference):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flanpipe.plan.config import ConfigError, check_world, load_config, micro_batch_for, train_spec, validate_config
+from flanpipe.plan.config import ConfigError, check_world, load_config, micro_batch_for, train_ops, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,12 +49,11 @@ def test_default_derives_micro_batch_from_the_world() -> None:
     for world, micro in ((1, 8), (2, 4), (4, 2), (8, 1)):
         c = copy.deepcopy(cfg)
         assert check_world(c, world) == world
-        spec = train_spec(c, {"num_layers": 1})
-        assert spec["train"]["micro_batch_size"] == micro
+        assert train_ops(c)["micro_batch_size"] == micro
         # global = micro x DP x accumulation with accumulation 1 here
-        assert micro * world == spec["train"]["global_batch_size"] == 8
-    # train_spec alone (the CLI's train-spec): DP 1 unless told
-    assert train_spec(copy.deepcopy(cfg), {}, dp=2)["train"]["micro_batch_size"] == 4
+        assert micro * world == c["train"]["global_batch_size"] == 8
+    # train_ops alone: DP 1 unless told
+    assert train_ops(copy.deepcopy(cfg), dp=2)["micro_batch_size"] == 4
     with pytest.raises(ConfigError, match=r"8 is not a multiple of train.micro_batch_size x DP = 1 x 3"):
         check_world(copy.deepcopy(cfg), 3)
 
@@ -63,21 +62,21 @@ def test_explicit_micro_batch_is_kept() -> None:
     raw = {"registry": ["config/registry/embedded.yaml"], "held_out": ["nli"], "model": "config/models/tiny.yaml"}
     cfg = validate_config({**raw, "train": {"micro_batch_size": 2, "global_batch_size": 8}})
     assert check_world(cfg, 2) == 2 and cfg["train"]["micro_batch_size"] == 2
-    assert train_spec(cfg, {}, dp=2)["train"]["micro_batch_size"] == 2
+    assert train_ops(cfg, dp=2)["micro_batch_size"] == 2
     with pytest.raises(ConfigError, match="max_micro_batch_size"):
         validate_config({**raw, "train": {"max_micro_batch_size": 0}})
 
 
-def test_cli_train_spec_follows_world(tmp_path: Path) -> None:
-    """``flanpipe train-spec --world N`` writes the micro-batch ``flanpipe train --nproc N`` needs."""
+def test_cli_train_ops_follow_world(tmp_path: Path) -> None:
+    """``flanpipe train --nproc N`` passes the micro-batch N ranks need in --ops; the spec never holds it."""
     import json
 
-    from flanpipe.cli import main
+    from flanpipe.cli import main, train_ops_for
 
     for world, micro in ((1, 8), (2, 4), (8, 1)):
-        out = tmp_path / f"spec{world}.json"
-        main(["train-spec", "heldout_nli", "--out", str(out), "--world", str(world)])
-        assert json.loads(out.read_text())["train"]["micro_batch_size"] == micro
-    with pytest.raises(SystemExit) as e:
-        main(["train-spec", "heldout_nli", "--out", str(tmp_path / "x.json"), "--world", "3"])
-    assert e.value.code == 2
+        assert train_ops_for(_default(), world)["micro_batch_size"] == micro
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        train_ops_for(_default(), 3)
+    out = tmp_path / "spec.json"
+    main(["train-spec", "heldout_nli", "--out", str(out)])
+    assert "micro_batch_size" not in json.loads(out.read_text())["train"]

@@ -364,3 +364,72 @@ def registry_table(
             }
         )
     return rows
+
+
+# ------------------------------------------------------------------ the facts each stage tracks (rerun contract)
+# A registry entry's facts reach a job only through its tracked params: the job rebuilds its DatasetSpec from
+# them (``spec_from_facts``), so a fact it reads but does not track cannot exist. Entry keys tracked by no stage:
+# ``description`` and comments (never loaded), ``templates`` (the file's parsed templates are tracked by the
+# rules that render or audit them), ``metric`` (evaluate's group params), ``published`` (report),
+# ``paper_dataset`` / ``eval_only`` (they shape the plan, not a file), ``defined_in`` (messages only).
+
+INGEST_FACTS = (
+    "name",
+    "source",
+    "splits",
+    "fields",
+    "options",
+    "options_field",
+    "answer_is_index",
+    "answer_key_field",
+    "answer_offset",
+    "answer_round",
+    "label_map",
+    "join",
+    "bad_rows",
+)
+"""What makes one split's canonical parquet: where it comes from and how raw rows become canonical ones."""
+
+RENDER_FACTS = ("name", "cluster", "fields", "options", "options_field")
+"""What rendering reads of an entry besides its canonical parquet and templates: shard columns (``dataset``,
+``cluster``, ``options``) and the canonical field names templates are checked against."""
+
+
+def ingest_facts(spec: DatasetSpec, role: str, bad_rows: str) -> dict[str, Any]:
+    """Rule ingest's tracked facts for one split: the INGEST_FACTS, ``splits`` cut to ``role`` (another
+    split's mapping re-ingests only that split) and ``bad_rows`` resolved against the config's ``bad_rows``."""
+    from flanpipe.core.rerun import canonical
+
+    facts = {k: getattr(spec, k) for k in INGEST_FACTS}
+    facts["splits"] = {role: spec.splits[role]} if role in spec.splits else {}
+    facts["bad_rows"] = spec.bad_rows or bad_rows
+    return canonical(facts)
+
+
+def render_facts(spec: DatasetSpec) -> dict[str, Any]:
+    """Rules render_shard / render_eval_shard's tracked facts of the entry (RENDER_FACTS)."""
+    from flanpipe.core.rerun import canonical
+
+    return canonical({k: getattr(spec, k) for k in RENDER_FACTS})
+
+
+def spec_from_facts(facts: Mapping[str, Any], *, defined_in: str = "", templates: str | Path = "") -> DatasetSpec:
+    """The DatasetSpec a job works from: its tracked ``facts`` (``ingest_facts`` / ``render_facts``), every
+    other field empty, so that a stage cannot read a fact its rule does not track. ``defined_in`` (for
+    messages) and ``templates`` (the rule's input file) are not facts."""
+    f = dict(facts)
+    if "source" in f:
+        f["source"] = SourceSpec(**f["source"])
+    if "fields" in f:
+        f["fields"] = {k: tuple(v) if isinstance(v, list) else v for k, v in f["fields"].items()}
+    if f.get("options") is not None:
+        f["options"] = tuple(f["options"])
+    base: dict[str, Any] = {
+        "cluster": "",
+        "source": SourceSpec(type="local", path=""),
+        "fields": {},
+        "metric": "",
+        "templates": Path(templates),
+        "defined_in": defined_in,
+    }
+    return DatasetSpec(**{**base, **f})

@@ -135,18 +135,18 @@ class TrainConfig:
 
 
 def spec_keys() -> tuple[str, ...]:
-    """The keys of a run spec's ``train`` block: TrainConfig's fields, nothing written out twice."""
+    """Every key a ``train`` block may hold: TrainConfig's fields, nothing written out twice."""
     return tuple(f.name for f in fields(TrainConfig))
 
 
-# Spec keys left out of a run's fingerprint: they do not make it another run. A checkpoint
-# stays this run's when only they differ: more steps continue a finished run; another save or
-# log cadence changes nothing computed; another micro-batch split or TP/PP layout computes the
-# same steps (up to fp32 rounding) - and a layout change is then refused with a clear error by
-# ``check_layout`` (optimizer state does not reshard) instead of silently starting over.
-NOT_FINGERPRINTED = frozenset(
+# How a run is carried out, not what it computes: the log, save and retention cadence, the MFU denominator,
+# and how each step is split over ranks (micro-batch, TP/PP/VPP layout). The run spec leaves them out and
+# they reach training through ``--ops`` (flanpipe.core.rerun.Operational), so changing one retrains nothing.
+# The split changes floating-point summation order only: the same steps up to fp32 rounding, so a rerun for
+# another reason may write slightly different weights (ARCH.md's contract table says so). tensorboard
+# toggles the event files beside the model, never the model.
+OPERATIONAL = frozenset(
     {
-        "steps",
         "log_interval",
         "save_interval",
         "keep_checkpoints",
@@ -160,24 +160,67 @@ NOT_FINGERPRINTED = frozenset(
 )
 
 
+def fact_keys() -> tuple[str, ...]:
+    """The keys of a run spec's ``train`` block: what changes the weights (TrainConfig minus OPERATIONAL)."""
+    return tuple(k for k in spec_keys() if k not in OPERATIONAL)
+
+
+# Spec keys left out of a run's fingerprint: they do not make it another run. A checkpoint stays this run's
+# when only they differ: more steps continue a finished run; the operational keys change nothing computed
+# (up to fp32 rounding) - and a layout change is then refused with a clear error by ``check_layout``
+# (optimizer state does not reshard) instead of silently starting over.
+NOT_FINGERPRINTED = OPERATIONAL | {"steps"}
+
+
 # Train keys added after checkpoints were first written: hashed only when set off their default, so
 # that a checkpoint saved before the key existed still fingerprints as the same run.
 HASHED_WHEN_SET = {"adafactor": ADAFACTOR_DEFAULTS}
 
 
-def fingerprint(model: dict[str, Any], train: dict[str, Any], n_rows: int) -> str:
-    """Hash of the model config, the trajectory-relevant train keys and the data's row count.
+def fingerprint_parts(
+    model: dict[str, Any],
+    train: dict[str, Any],
+    *,
+    data: str,
+    tokenizer: str | None = None,
+    init: str | None = None,
+    code: int | None = None,
+) -> dict[str, str]:
+    """What makes a run this run, one digest each: the spec (model config and the trajectory-relevant train
+    keys), the packed data's content, the tokenizer that made it, the initial weights and training's code
+    version. A resume must agree on all of them (``fingerprint``); naming the parts lets a fresh start say
+    which one changed.
 
-    Pass the parsed configs (defaults filled in), so that a spec spelling out a default and one
-    leaving it out hash the same.
+    Pass the parsed configs (defaults filled in), so that a spec spelling out a default and one leaving it
+    out hash the same.
     """
+    from flanpipe.core.rerun import digest_json
+
     train = {
         k: v
         for k, v in train.items()
         if k not in NOT_FINGERPRINTED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])
     }
-    blob = json.dumps({"model": model, "train": train, "rows": n_rows}, sort_keys=True)
+    return {
+        "spec": digest_json({"model": model, "train": train}),
+        "data": data,
+        "tokenizer": tokenizer or "",
+        "init": init or "",
+        "code": str(code or ""),
+    }
+
+
+def fingerprint(parts: dict[str, str]) -> str:
+    """One hash of ``fingerprint_parts``: the resume check compares it with the checkpoint's."""
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def changed_parts(old: dict[str, str] | None, new: dict[str, str]) -> list[str]:
+    """Which fingerprint parts differ (all of them when the checkpoint recorded none)."""
+    if not old:
+        return sorted(new)
+    return sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
 
 
 @dataclass(frozen=True)
@@ -272,9 +315,18 @@ def plan_layout(train: TrainConfig, model: ModelConfig, world: int, source: str 
     return grid
 
 
-def parse_spec(spec: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
-    """Split train_spec.json into its validated model and train configs."""
+def parse_spec(spec: dict[str, Any], ops: dict[str, Any] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """Split train_spec.json into its validated model and train configs; ``ops`` (the operational keys,
+    ``--ops``) completes or overrides its ``train`` block. A key of ``ops`` that is not OPERATIONAL is an
+    error: what changes the weights belongs in the spec, where it is a rerun trigger."""
     unknown = sorted(set(spec) - {"model", "train"})
     if unknown:
         raise ValueError(f"unknown train spec sections: {unknown}")
-    return ModelConfig.from_dict(spec["model"]), TrainConfig.from_dict(spec["train"])
+    ops = dict(ops or {})
+    facts = sorted(set(ops) - OPERATIONAL)
+    if facts:
+        raise ValueError(f"--ops keys {facts} are not operational ({sorted(OPERATIONAL)}); put them in the spec")
+    train = {**spec["train"], **ops}
+    if "micro_batch_size" not in train:
+        raise ValueError("train.micro_batch_size is in neither the spec nor --ops (rule train passes it in --ops)")
+    return ModelConfig.from_dict(spec["model"]), TrainConfig.from_dict(train)

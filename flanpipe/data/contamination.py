@@ -37,6 +37,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from flanpipe.core.io import write_json
+from flanpipe.core.rerun import version_record
 from flanpipe.data.patterns import Template, parse_pattern
 from flanpipe.data.templates import load_templates
 
@@ -348,7 +349,10 @@ def run_audit(
     """Rule ``audit``: write the report, then raise if it failed (the JSON stays for the reviewer,
     under ``<out>.failed.json``, so the rule's output never exists for a run that must not train)."""
     templates = {d: load_templates(p) for d, p in template_files.items()}
-    report = audit_contamination(mixture, eval_splits, templates, cfg, max_examples=max_examples)
+    report = {
+        **audit_contamination(mixture, eval_splits, templates, cfg, max_examples=max_examples),
+        **version_record("audit"),
+    }
     if not report["passed"]:
         write_json(Path(str(out) + ".failed.json"), report)
         raise ContaminationError("contamination audit failed:\n  " + "\n  ".join(report["failures"]))

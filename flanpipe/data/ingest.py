@@ -15,6 +15,7 @@ import polars as pl
 
 from flanpipe.core.io import atomic_path
 from flanpipe.core.registry import DatasetSpec
+from flanpipe.core.rerun import version_record
 
 Policy = Literal["fail", "drop"]
 
@@ -323,7 +324,8 @@ def ingest_split(
     try:
         canon, dropped = canonicalize(lf, spec, role, spec.bad_rows or policy, origin)
         with atomic_path(out_path) as tmp:
-            canon.sink_parquet(tmp)  # streamed: a 40M-row WMT split never sits in memory
+            # streamed: a 40M-row WMT split never sits in memory; the metadata says which code wrote it
+            canon.sink_parquet(tmp, metadata=version_record("ingest"))
     except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as e:  # bad UTF-8, bad JSON, a non-object line
         local = Path(origin) if spec.source.type == "local" else None
         bad = _first_invalid_utf8(local) if local is not None and "utf-8" in str(e).lower() else None

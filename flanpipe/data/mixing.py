@@ -20,6 +20,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from flanpipe.core.io import atomic_path, write_json
+from flanpipe.core.rerun import version_record
 
 CapMode = Literal["first", "sample"]
 
@@ -339,6 +340,7 @@ def build_mixture(
         "estimated_bytes": round(est_bytes),
         "shuffle_buckets": n_buckets,
         "datasets": plan,
+        **version_record("mix"),
     }
     write_json(out_json, stats)
     return stats

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -149,6 +151,7 @@ def pack_to_indexed_dataset(
     order_seed: int = 0,
     meta: pl.DataFrame | None = None,
     pad_id: int = 0,
+    record: dict[str, Any] | None = None,
 ) -> dict:
     """BFD-pack ``encoded`` into rows of exactly ``pack_length`` tokens and write tokens/segments/loss_mask.
 
@@ -156,7 +159,8 @@ def pack_to_indexed_dataset(
     one row per packed segment with its row, segment id, token span and ``meta``'s columns.
     Writes into a temp dir beside ``out_dir`` and renames it into place, so a killed job leaves no
     plausible-looking partial dataset. ``max_rows`` keeps only the first rows after the shuffle (an
-    unbiased subset: every row is equally likely to survive). Returns the stats written to packing.json.
+    unbiased subset: every row is equally likely to survive). Returns the stats written to packing.json,
+    with the packed files' content ``digest`` (``packed_digest``) and ``record``'s entries (what made them).
     Long but one pass: placement, the three column writers and the stats share the placement arrays, which
     split helpers would have to hand to each other.
     """
@@ -222,8 +226,21 @@ def pack_to_indexed_dataset(
             from flanpipe.data.provenance import provenance_frame
 
             provenance_frame(order, out_row, segment, lengths, meta).write_parquet(tmp / "provenance.parquet")
+        stats.update({"digest": packed_digest(tmp), **(record or {})})
         (tmp / "packing.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return stats
+
+
+PACKED_FILES = tuple(f"{k}.{ext}" for k in ("tokens", "segments", "loss_mask") for ext in ("bin", "idx"))
+"""The files training reads: three IndexedDatasets, each a .bin and its .idx."""
+
+
+def packed_digest(directory: str | os.PathLike[str]) -> str:
+    """sha256 of the packed rows (PACKED_FILES' bytes): what a training run trains on. Pack records it in
+    packing.json; a run resumes only from a checkpoint made on the same digest (flanpipe.train.loop)."""
+    from flanpipe.core.io import files_digest
+
+    return files_digest({name: Path(directory) / name for name in PACKED_FILES})
 
 
 def pack_mixture(
@@ -251,10 +268,14 @@ def pack_mixture(
             f"pack length {lengths['pack']} < inputs {lengths['inputs']} + targets {lengths['targets']} "
             f"= {lengths['inputs'] + lengths['targets']}"
         )
+    from flanpipe.core.rerun import version_record
+    from flanpipe.data.tokenize import tokenizer_digest
+
     tok = open_tokenizer(tokenizer)
     check_vocab(tok, int(read_yaml(model_config)["vocab_size"]), path=str(tokenizer), model_path=str(model_config))
     encoded = encode_parquet(tok, mixture, lengths["inputs"], lengths["targets"], num_threads)
     meta = mixture_meta(mixture, seed)  # provenance.parquet: seed is the mixture's, which the pack rule passes
+    record = {"tokenizer_digest": tokenizer_digest(tokenizer), **version_record("pack")}
     return pack_to_indexed_dataset(
-        encoded, lengths["pack"], Path(out_dir), order_seed=seed, meta=meta, pad_id=tok.pad_id
+        encoded, lengths["pack"], Path(out_dir), order_seed=seed, meta=meta, pad_id=tok.pad_id, record=record
     )

@@ -15,6 +15,7 @@ import polars as pl
 
 from flanpipe.core.io import atomic_path, read_yaml
 from flanpipe.core.registry import DatasetSpec
+from flanpipe.core.rerun import version_record
 from flanpipe.data import jinja_templates
 from flanpipe.data.formats import FormatMix, render_train_formats
 from flanpipe.data.patterns import (  # noqa: F401 (re-exported: the pattern kind's names, as callers know them)
@@ -282,7 +283,7 @@ def render_shard(
     else:
         lf = render_train(pl.scan_parquet(canonical), spec, chosen)
     with atomic_path(out_path) as tmp:
-        lf.sink_parquet(tmp)
+        lf.sink_parquet(tmp, metadata=version_record("render_shard"))
     rows = pl.scan_parquet(out_path).select(pl.len()).collect().item()
     return {"dataset": spec.name, "rows": rows, "templates": [t.index for t in chosen], "mode": mode}
 
@@ -322,7 +323,7 @@ def render_eval_shard(
         for split, p in canonical.items()
     ]
     with atomic_path(out_path) as tmp:
-        pl.concat(frames).sink_parquet(tmp)
+        pl.concat(frames).sink_parquet(tmp, metadata=version_record("render_eval_shard"))
     return {"dataset": spec.name, "splits": list(canonical), "mode": mode, "options": options_in_prompt, "shots": shots}
 
 

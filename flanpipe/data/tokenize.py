@@ -240,6 +240,23 @@ def open_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     return _open_sentencepiece(path)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+"""The files of a checkpoint tokenizer directory that decide its ids and special tokens (``open_tokenizer``)."""
+
+
+def tokenizer_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of the tokenizer ``open_tokenizer(path)`` reads: the .model file, or a directory's TOKENIZER_FILES
+    (in ``hf/`` where import-hf keeps them). Pack records it; a training run resumes only with the same one."""
+    from flanpipe.core.io import files_digest
+
+    path = Path(path)
+    if not path.is_dir():
+        return files_digest({path.name: path})
+    if not any((path / n).exists() for n in TOKENIZER_FILES[:2]) and (path / "hf").is_dir():
+        path = path / "hf"
+    return files_digest({n: path / n for n in TOKENIZER_FILES if (path / n).is_file()})
+
+
 def piece_count(path: str | os.PathLike[str]) -> int:
     """Vocabulary size of a .model file, read from its proto without building a processor (milliseconds,
     so the DAG can check a given tokenizer against the model config before any job runs), or of a

@@ -518,6 +518,7 @@ def evaluate_many(
     the start, as seqio does) so the model is scored on the view of an example it was trained on.
     """
     from flanpipe.core.io import write_json
+    from flanpipe.core.rerun import version_record
     from flanpipe.data.tokenize import open_tokenizer
 
     if set(shards) != set(metrics):
@@ -553,6 +554,7 @@ def evaluate_many(
         if result["dataset"] != dataset:
             raise ValueError(f"shard {shards[dataset]} holds {result['dataset']}, expected {dataset}")
         result["model"] = str(model_dir)
+        result.update(version_record("evaluate"))
         if writer:
             write_json(out_dir / f"{dataset}.json", result)
         results[dataset] = result

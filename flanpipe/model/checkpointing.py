@@ -25,7 +25,8 @@ What one checkpoint holds:
 - ``train_history``: the logged records so far (rank 0's), so a resumed run's train_log.jsonl
   is whole even when Snakemake deleted the output dir;
 - ``flanpipe`` (common to all ranks): step, consumed samples (the data position), the
-  TP/PP/DP layout and a fingerprint of everything in the spec that changes the trajectory.
+  TP/PP/DP layout and the run's fingerprint (flanpipe.core.train_config.fingerprint_parts: spec, packed
+  data, tokenizer, initial weights, code version), with its parts so a fresh start can say what changed.
 """
 
 from __future__ import annotations
@@ -221,6 +222,7 @@ def save(
     fingerprint: str,
     history: dict[str, Any],
     keep: int = 2,
+    fingerprint_parts: dict[str, str] | None = None,
 ) -> Path:
     """Save a resumable checkpoint for ``step`` atomically (collective); return its path."""
     from megatron.core import dist_checkpointing
@@ -240,6 +242,7 @@ def save(
         "consumed_samples": consumed_samples,
         "layout": layout(),
         "fingerprint": fingerprint,
+        "fingerprint_parts": fingerprint_parts or {},
     }
     dist_checkpointing.save(state, str(tmp))  # ends with a barrier: every rank has written
     if dist.get_rank() == 0:
@@ -296,6 +299,30 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> 
 
 
 # --------------------------------------------------------------------------- model weights alone
+
+
+def weights_identity(model_dir: str | os.PathLike[str]) -> str:
+    """What the weights of a model dir are, cheaply, for the resume fingerprint of a run that starts from them.
+
+    A run trained here: its done.json's fingerprint and step count (the fingerprint covers its own data,
+    tokenizer, initial weights and spec, so equal identities mean the same trajectory to the same step).
+    Any other dir (a given checkpoint, import-hf's output): model.json's content and every checkpoint file's
+    path, size and modification time - hashing hundreds of GB of weights at every start would cost minutes,
+    and replacing a checkpoint changes its files' times. (A copy that keeps sizes and times, ``cp -p``, of
+    other weights is the case this misses.)
+    """
+    from flanpipe.core.rerun import digest_json
+
+    root = Path(model_dir)
+    done = root / "done.json"
+    if done.is_file():
+        stats = json.loads(done.read_text())
+        if stats.get("fingerprint"):
+            return f"run:{stats['fingerprint']}:{stats['steps']}"
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "done.json")
+    listing = {str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    model_json = root / "model.json"
+    return "files:" + digest_json({"model": model_json.read_text() if model_json.is_file() else "", "files": listing})
 
 
 def chunks_sharded_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:

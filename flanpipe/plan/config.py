@@ -17,7 +17,7 @@ import jsonschema
 
 from flanpipe.core.io import FLOAT_12, PROJECT_ROOT, read_yaml
 from flanpipe.core.registry import DatasetSpec, load_registry, with_clusters, with_local_mirror, with_template_files
-from flanpipe.core.train_config import BatchSplitError, spec_keys, split_batch
+from flanpipe.core.train_config import OPERATIONAL, BatchSplitError, fact_keys, split_batch
 
 SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "config.schema.yaml"
 
@@ -282,26 +282,33 @@ def train_spec(
     *,
     steps: int | None = None,
     init_checkpoint: str | None = None,
-    dp: int = 1,
 ) -> dict[str, Any]:
-    """The JSON run spec the training entry point reads (model config + training facts).
+    """The JSON run spec the training entry point reads: the model config and the training facts, those
+    that change the weights (flanpipe.core.train_config.fact_keys). Its operational keys come from
+    ``train_ops`` through ``--ops``, so the spec (a rerun trigger of training) never changes with them.
 
     ``steps`` overrides train.steps (the base model's pretraining length); ``init_checkpoint`` is the
-    model dir whose weights the run starts from (the base model, for instruction tuning). A null
-    train.micro_batch_size (not filled in by check_world) is derived for ``dp`` data-parallel ranks.
+    model dir whose weights the run starts from (the base model, for instruction tuning).
     """
+    from flanpipe.core.rerun import canonical
+
     t = config["train"]
-    # Every TrainConfig field comes from the config's train block, except the four a run sets.
+    # Every fact comes from the config's train block, except the three a run sets.
     per_run = {
         "steps": steps or t["steps"],
         "init_checkpoint": init_checkpoint,
         "seq_length": config["lengths"]["pack"],
-        "micro_batch_size": t["micro_batch_size"] or _derived_micro_batch(t, dp),
     }
-    return {
-        "model": dict(model),
-        "train": {key: per_run[key] if key in per_run else t[key] for key in spec_keys()},
-    }
+    return canonical({"model": dict(model), "train": {k: per_run[k] if k in per_run else t[k] for k in fact_keys()}})
+
+
+def train_ops(config: Mapping[str, Any], dp: int = 1) -> dict[str, Any]:
+    """Training's operational settings (flanpipe.core.train_config.OPERATIONAL): cadences, the MFU peak and
+    the step's split over ranks. A null train.micro_batch_size (not filled in by check_world) is derived
+    for ``dp`` data-parallel ranks."""
+    t = config["train"]
+    ops = {k: t[k] for k in OPERATIONAL if k != "micro_batch_size"}
+    return {**ops, "micro_batch_size": t["micro_batch_size"] or _derived_micro_batch(t, dp)}
 
 
 def budget_tokens(config: Mapping[str, Any], steps: int | None = None) -> int:

@@ -29,6 +29,7 @@ from flanpipe.core.io import (  # noqa: E402
     atomic_path,
     write_json,
 )
+from flanpipe.core.rerun import version_record
 from flanpipe.core.vocab import (  # noqa: E402
     FLAN_SETTING,
     RunRole,
@@ -389,7 +390,10 @@ def write_summary(
     out of its directory still says which experiment it shows. ``extra_markdown`` blocks (e.g. the
     ablation tables returned by write_ablation) are appended to summary.md.
     """
-    summary = summarize_main(records, experiment, audits, published=published, seed=seed)
+    summary = {
+        **summarize_main(records, experiment, audits, published=published, seed=seed),
+        **version_record("report"),
+    }
     save_figure(summary_figure(summary, experiment), figure_path)
     rel = os.path.relpath(Path(figure_path).resolve(), Path(out_md).resolve().parent)
     write_json(out_json, summary)
@@ -409,7 +413,7 @@ def write_ablation(
     """Rule ``ablation_<name>``: the ablation's JSON and figure; returns its Markdown table."""
     ablation = summarize_ablation(name, records, experiment)
     save_figure(ablation_figure(ablation), out_png)
-    write_json(out_json, ablation)
+    write_json(out_json, {**ablation, **version_record("ablation")})
     return ablation_markdown(ablation)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flanpipe.core.io import read_json, write_json
+from flanpipe.core.rerun import version_record
 from flanpipe.report.stats import DEFAULT_BOOTSTRAP, dataset_uncertainty, paired_comparison, score_matrix
 
 
@@ -107,6 +108,6 @@ def write_uncertainty(
     results = [read_json(p) for p in result_paths]
     audits = {run: read_json(p) for run, p in audit_paths.items()}
     report = uncertainty_report(results, meta, audits, n_boot, seed)
-    write_json(out_json, report)
+    write_json(out_json, {**report, **version_record("uncertainty")})
     Path(out_md).write_text(format_markdown(report))
     return report

@@ -1,7 +1,7 @@
 """Instruction tuning with Megatron-Core: the training spine, launched by torchrun.
 
     torchrun --standalone --nproc_per_node N -m flanpipe.train.loop \
-        --spec SPEC.json --data DIR --out DIR [--ckpt-dir DIR]
+        --spec SPEC.json --data DIR --out DIR [--ops JSON] [--ckpt-dir DIR]
 
 Four named pieces, as in Megatron-Core's simple training loop example:
 1. ``init_distributed``: torch.distributed from the torchrun env + Megatron's TP x PP x DP groups;
@@ -29,10 +29,16 @@ deletes before a rerun) every ``train.save_interval`` steps, at the end, and whe
 the current step finishes, a checkpoint is saved and the process exits with status 143
 (``PREEMPTED_EXIT_CODE``). Started again with the same command, training resumes from the
 newest checkpoint and ends with the same weights, bit for bit on CPU, as an uninterrupted run.
-A checkpoint of another run (other model, data, lr, seed, batch...: see
-checkpointing.fingerprint; more steps, another cadence or layout do not count) or one past
-train.steps is stale: it is removed and training starts over. Resuming under another TP/PP/DP
-layout is refused: optimizer state does not reshard (model weights do: load_model_weights).
+A resume only ever continues the same run: same spec (model, lr, seed, batch...), same packed data
+(its content digest, recorded by pack), same tokenizer, same initial weights, same training code
+(flanpipe.core.train_config.fingerprint_parts; more steps, another cadence or layout do not count).
+A checkpoint of another run, or one past train.steps, is stale: it is removed, training starts
+over, and the log says which part changed. Resuming under another TP/PP/DP layout is refused:
+optimizer state does not reshard (model weights do: load_model_weights).
+
+``--ops`` carries the operational settings (flanpipe.core.train_config.OPERATIONAL: log and save
+cadence, checkpoints kept, TensorBoard, MFU peak, micro-batch, TP/PP layout), which rule train
+passes apart from the spec so that changing them retrains nothing.
 """
 
 from __future__ import annotations
@@ -54,7 +60,15 @@ import torch
 import torch.distributed as dist
 
 from flanpipe.core.model_config import ModelConfig, flops_per_token, load_model_config, param_count
-from flanpipe.core.train_config import RankGrid, TrainConfig, parse_spec, plan_layout
+from flanpipe.core.rerun import stage_version, version_record
+from flanpipe.core.train_config import (
+    RankGrid,
+    TrainConfig,
+    changed_parts,
+    fingerprint_parts,
+    parse_spec,
+    plan_layout,
+)
 from flanpipe.core.train_config import fingerprint as train_fingerprint
 from flanpipe.model import checkpointing, megatron_compat
 from flanpipe.model.gpt import model_provider
@@ -231,9 +245,9 @@ def _reduce_step_stats(data_store: list[dict[str, torch.Tensor]]) -> tuple[float
     return loss_sum / max(tokens, 1.0), tokens
 
 
-def _resume_point(ckpt_dir: Path, fingerprint: str, steps: int) -> Path | None:
-    """The checkpoint to resume from, or None. Stale checkpoints (another spec, or past ``steps``)
-    are removed so that they can never be mistaken for this run's. Collective."""
+def _resume_point(ckpt_dir: Path, fingerprint: str, steps: int, parts: dict[str, str] | None = None) -> Path | None:
+    """The checkpoint to resume from, or None. Stale checkpoints (another run, or past ``steps``)
+    are removed so that they can never be mistaken for this run's; the log says why. Collective."""
     path = checkpointing.latest_checkpoint(ckpt_dir)
     if path is None:
         return None
@@ -243,17 +257,38 @@ def _resume_point(ckpt_dir: Path, fingerprint: str, steps: int) -> Path | None:
         return path
     dist.barrier()  # every rank has read the metadata before rank 0 deletes it
     if dist.get_rank() == 0:
-        why = (
-            f"checkpoint format {meta.get('format')}, this flanpipe writes {checkpointing.FORMAT}"
-            if not current
-            else "another spec"
-            if meta["fingerprint"] != fingerprint
-            else f"step {meta['step']} > steps {steps}"
+        if not current:
+            why = f"checkpoint format {meta.get('format')}, this flanpipe writes {checkpointing.FORMAT}"
+        elif meta["fingerprint"] != fingerprint:
+            changed = changed_parts(meta.get("fingerprint_parts"), parts or {})
+            why = f"another run: its {', '.join(changed) or 'fingerprint'} differ(s) from this run's"
+        else:
+            why = f"step {meta['step']} > steps {steps}"
+        print(
+            f"flanpipe.train.loop: starting fresh; removing stale checkpoints in {ckpt_dir} ({path.name}: {why})",
+            flush=True,
         )
-        print(f"flanpipe.train.loop: removing stale checkpoints in {ckpt_dir} ({path.name}: {why})", flush=True)
         checkpointing.remove_checkpoints(ckpt_dir)
     dist.barrier()
     return None
+
+
+def run_fingerprint(cfg: ModelConfig, tc: TrainConfig, data_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """This run's fingerprint parts: spec, packed data (the digest pack recorded in packing.json, else
+    computed from the files), tokenizer (recorded by pack), initial weights, training's code version."""
+    from flanpipe.data.packing import packed_digest
+
+    stats_path = Path(data_dir) / "packing.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    init = checkpointing.weights_identity(tc.init_checkpoint) if tc.init_checkpoint else None
+    return fingerprint_parts(
+        cfg.to_dict(),
+        dataclasses.asdict(tc),
+        data=stats.get("digest") or packed_digest(data_dir),
+        tokenizer=stats.get("tokenizer_digest"),
+        init=init,
+        code=stage_version("train"),
+    )
 
 
 # --------------------------------------------------------------------------- run state
@@ -316,6 +351,7 @@ class Run:
     n_rows: int
     """Packed rows in the data."""
     fingerprint: str
+    fingerprint_parts: dict[str, str]
     resume: Path | None
     """The checkpoint this session resumed from."""
     start_step: int
@@ -343,12 +379,13 @@ def set_up(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     ckpt_dir: str | os.PathLike[str] | None,
+    ops: dict[str, Any] | None = None,
 ) -> Run:
     """Layout, process groups, resume point, model, optimizer and data streams (Megatron-LM's
     ``setup_model_and_optimizer`` plus the data iterators)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    cfg, tc = parse_spec(spec)
+    cfg, tc = parse_spec(spec, ops)
     world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     grid = plan_layout(tc, cfg, world)
     init_distributed(grid.tp, grid.pp, grid.vpp)
@@ -358,8 +395,9 @@ def set_up(
     dataset = PackedDataset(data_dir)
     if dataset.seq_length != tc.seq_length:
         raise ValueError(f"packed rows are {dataset.seq_length} tokens, train.seq_length={tc.seq_length}")
-    fingerprint = train_fingerprint(cfg.to_dict(), dataclasses.asdict(tc), len(dataset))
-    resume = _resume_point(ckpt_dir, fingerprint, tc.steps)
+    parts = run_fingerprint(cfg, tc, data_dir)
+    fingerprint = train_fingerprint(parts)
+    resume = _resume_point(ckpt_dir, fingerprint, tc.steps, parts)
 
     model = build_model(cfg, tc, load_init=resume is None)
     optimizer = build_optimizer(
@@ -386,6 +424,7 @@ def set_up(
         ckpt_dir=ckpt_dir,
         n_rows=len(dataset),
         fingerprint=fingerprint,
+        fingerprint_parts=parts,
         resume=resume,
         start_step=start_step,
         model=model,
@@ -597,6 +636,7 @@ def save(run: Run, logger: StepLogger, done_steps: int) -> Path:
         optimizer_state=optimizer_state(run.optimizer),
         consumed_samples=done_steps * run.tc.global_batch_size,
         fingerprint=run.fingerprint,
+        fingerprint_parts=run.fingerprint_parts,
         history=run.state.to_checkpoint(),
         keep=run.tc.keep_checkpoints,
     )
@@ -678,6 +718,8 @@ def run_stats(run: Run, logger: StepLogger, wall_s: float) -> dict[str, Any]:
         "global_batch_size": tc.global_batch_size,
         "micro_batch_size": tc.micro_batch_size,
         "seq_length": tc.seq_length,
+        "fingerprint": run.fingerprint,  # what a run starting from these weights resumes on (weights_identity)
+        **version_record("train"),
     }
 
 
@@ -689,13 +731,14 @@ def train(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     ckpt_dir: str | os.PathLike[str] | None = None,
+    ops: dict[str, Any] | None = None,
 ):
     """Train (resuming from ``ckpt_dir`` when it holds this run's checkpoint), save and return
-    ``(model_chunks, final stats)``; leaves the process groups up.
+    ``(model_chunks, final stats)``; leaves the process groups up. ``ops``: the operational settings.
 
     Raises ``checkpointing.Preempted`` after saving a checkpoint when SIGTERM arrived.
     """
-    run = set_up(spec, data_dir, out_dir, ckpt_dir)
+    run = set_up(spec, data_dir, out_dir, ckpt_dir, ops)
     logger = StepLogger(run)
     stopper = checkpointing.StopOnSignal()
     try:
@@ -719,14 +762,15 @@ def run(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     ckpt_dir: str | os.PathLike[str] | None = None,
+    ops: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train per ``spec`` on packed rows in ``data_dir``; write outputs to ``out_dir``; return stats.
+    """Train per ``spec`` (and ``ops``) on packed rows in ``data_dir``; write outputs to ``out_dir``; return stats.
 
     Tears down the process groups it created (a caller's existing group is left alone).
     """
     owns_group = not dist.is_initialized()
     try:
-        _, stats = train(spec, data_dir, out_dir, ckpt_dir)
+        _, stats = train(spec, data_dir, out_dir, ckpt_dir, ops)
     finally:
         if owns_group and dist.is_initialized():
             from megatron.core import parallel_state
@@ -742,6 +786,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="packed data directory (tokens/segments/loss_mask)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
+        "--ops",
+        type=json.loads,
+        default=None,
+        help="JSON of operational settings (log/save cadence, micro-batch, TP/PP...) over the spec's train block",
+    )
+    parser.add_argument(
         "--ckpt-dir",
         default=None,
         help="resumable checkpoints (default: OUT.ckpt next to OUT, which Snakemake does not delete)",
@@ -749,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text())
     try:
-        run(spec, args.data, args.out, args.ckpt_dir)
+        run(spec, args.data, args.out, args.ckpt_dir, args.ops)
     except checkpointing.Preempted as stop:
         if os.environ.get("RANK", "0") == "0":
             print(f"flanpipe.train.loop: {stop}", file=sys.stderr, flush=True)

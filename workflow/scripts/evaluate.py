@@ -17,8 +17,8 @@ from flanpipe.train.launch import launch
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
 with log_to(snakemake.log[0]):
-    group = snakemake.params.group
-    tp, pp = group["layout"]
+    group, ops = snakemake.params.group, snakemake.params.ops
+    tp, pp = ops["layout"]
     args = (
         Path(snakemake.input.model),
         Path(snakemake.input.tokenizer),
@@ -26,8 +26,8 @@ with log_to(snakemake.log[0]):
         dict(zip(group["datasets"], group["metrics"], strict=True)),
         Path(snakemake.output[0]),
     )
-    kw = {"lengths": snakemake.params.lengths, "batch_size": snakemake.params.batch_size, "tp": tp, "pp": pp}
-    kw["scoring"] = snakemake.params.scoring
+    kw = {"lengths": snakemake.params.lengths, "batch_size": ops["batch_size"], "tp": tp, "pp": pp}
+    kw.update(snakemake.params.eval)  # the eval block's facts (flanpipe.plan.contract.eval_facts), each a keyword
     tasks, mpi = int(snakemake.resources.tasks), str(snakemake.resources.mpi)
     if tasks == 1 and not mpi.strip():
         print(json.dumps(evaluate_many(*args, **kw), indent=2))

@@ -9,19 +9,20 @@ import json
 from pathlib import Path
 
 from flanpipe.core.io import log_to
+from flanpipe.core.registry import spec_from_facts
 from flanpipe.data.ingest import ingest_split
-from flanpipe.plan.config import dataset_spec
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
 with log_to(snakemake.log[0]):
-    spec = dataset_spec(snakemake.config, snakemake.params.dataset)
+    ops = snakemake.params.ops  # operational: where things are (flanpipe.plan.contract.ingest_spec)
+    spec = spec_from_facts(snakemake.params.spec, defined_in=ops["defined_in"])  # the tracked facts, nothing else
     report = ingest_split(
         spec,
         snakemake.wildcards.split,
         snakemake.output[0],
-        policy=snakemake.params.bad_rows,
-        root=Path(snakemake.params.root),
-        hf_cache=snakemake.params.hf_cache,
+        policy=spec.bad_rows,
+        root=Path(ops["root"]),
+        hf_cache=ops["hf_cache"],
     )
     print(json.dumps(report))

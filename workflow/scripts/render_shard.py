@@ -8,14 +8,15 @@ limit_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
 import json
 
 from flanpipe.core.io import log_to
+from flanpipe.core.registry import spec_from_facts
 from flanpipe.data.formats import FormatMix
 from flanpipe.data.templates import render_shard
-from flanpipe.plan.config import dataset_spec
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 
 with log_to(snakemake.log[0]):
-    spec = dataset_spec(snakemake.config, snakemake.wildcards.dataset)
+    # the tracked facts of the entry (flanpipe.core.registry.RENDER_FACTS), and the template file as input
+    spec = spec_from_facts(snakemake.params.dataset, templates=snakemake.input.templates)
     report = render_shard(
         spec,
         snakemake.input.canonical,
