@@ -15,6 +15,7 @@
     flanpipe report --json FILE --md FILE RESULT...
     flanpipe templates preview DATASET -n N
     flanpipe plan --model lamda_pt_137b --gpus 128 [--gpu-mem-gib 80] [--json]   TP/PP/DP layout planner
+    flanpipe cost [--profile profiles/slurm] [--json] [-- TARGETS]   GPU-hours of the jobs Snakemake would run now
     flanpipe bench train [--json] [--peer]        Megatron GPTModel vs plain PyTorch fwd+bwd tokens/s
                                                   (--peer: whole steps vs transformers' LlamaForCausalLM)
     flanpipe bench data [--json] [--scale S] [--workdir DIR] [--peer]   render/mix/tokenize/pack on a FLAN-sized
@@ -337,6 +338,33 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
+def cmd_cost(args: argparse.Namespace) -> None:
+    """Price the train and evaluate jobs `snakemake --summary` says are pending (flanpipe.plan.cost)."""
+    import subprocess
+
+    from flanpipe.plan.cost import Pricing, format_cost, plan_cost, profile_gpus
+    from flanpipe.plan.experiments import plan_experiment
+
+    cfg = _config(args)
+    extra = args.snakemake_args[1:] if args.snakemake_args[:1] == ["--"] else args.snakemake_args
+    snakemake = Path(sys.executable).parent / "snakemake"
+    cmd = [str(snakemake) if snakemake.exists() else "snakemake", "--summary", "--configfile", args.config]
+    cmd += ["--profile", args.profile] if args.profile else []
+    done = subprocess.run([*cmd, *extra], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"flanpipe cost: {' '.join(cmd + extra)} failed:\n{done.stderr[-3000:]}")
+    train_gpus, eval_gpus = profile_gpus(args.profile)
+    pricing = Pricing(
+        train_gpus=args.train_gpus or train_gpus,
+        eval_gpus=args.eval_gpus or eval_gpus,
+        gpu_mem_gib=args.gpu_mem_gib,
+        mfu=args.mfu,
+        peak_tflops=args.peak_tflops,
+    )
+    cost = plan_cost(plan_experiment(cfg), done.stdout, pricing)
+    print(json.dumps(cost, indent=2) if args.json else format_cost(cost))
+
+
 def cmd_bench_data(args: argparse.Namespace) -> None:
     from flanpipe.bench.data import main as bench_data
 
@@ -544,6 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", required=True)
     s.add_argument("--md", required=True)
     s.add_argument("results", nargs="+")
+    s = add("cost", cmd_cost, "GPU-hours of the train and evaluate jobs Snakemake would run now (before submitting)")
+    s.add_argument("--profile", help="Snakemake profile: its set-resources give each job's GPUs (train/evaluate)")
+    s.add_argument("--train-gpus", type=int, help="GPUs per training job (default: the profile's, else TP x PP)")
+    s.add_argument("--eval-gpus", type=int, help="GPUs per evaluation job (default: the profile's, else TP x PP)")
+    s.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    s.add_argument("--mfu", type=float, default=0.4, help="fraction of peak achieved (planner default 0.4)")
+    s.add_argument("--peak-tflops", type=float, help="per GPU (default: the config's train.peak_tflops)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="-- then snakemake targets/options")
     t = sub.add_parser("templates", help="template tools").add_subparsers(dest="templates_command", required=True)
     s = t.add_parser("preview", help="print N rendered examples under each template")
     s.set_defaults(fn=cmd_templates_preview)

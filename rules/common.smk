@@ -257,15 +257,10 @@ def export_inputs(wildcards):
 
 
 def eval_group_datasets(wildcards):
-    """The datasets one evaluation job scores: its (model, variant, cluster) group over every planned
-    evaluation, ablations included (flanpipe.plan.eval_plan: one model load serves them all)."""
-    from flanpipe.plan.eval_plan import eval_group_name, eval_groups, group_datasets
+    """The datasets one evaluation job scores (flanpipe.plan.eval_plan.planned_group_datasets)."""
+    from flanpipe.plan.eval_plan import planned_group_datasets
 
-    planned = PLAN.evaluations + [e for es in PLAN.ablations.values() for e in es]
-    cluster_of = {name: eval_group_name(spec) for name, spec in PLAN.registry.items()}
-    evaluable = [d for d, c in cluster_of.items() if c == wildcards.cluster and PLAN.registry[d].has_eval_splits]
-    groups = eval_groups(planned, cluster_of)
-    return group_datasets(groups, wildcards.evalrun, wildcards.variant, wildcards.cluster, evaluable)
+    return planned_group_datasets(PLAN, wildcards.evalrun, wildcards.variant, wildcards.cluster)
 
 
 def eval_world():

@@ -23,9 +23,13 @@ one load per cluster.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from flanpipe.core.registry import DatasetSpec
 from flanpipe.plan.runs import Evaluation
+
+if TYPE_CHECKING:
+    from flanpipe.plan.experiments import Plan
 
 
 def eval_group_name(spec: DatasetSpec) -> str:
@@ -72,3 +76,12 @@ def group_datasets(
         known = ", ".join("/".join(k) for k in list(groups)[:8])
         raise ValueError(f"no planned evaluation of {run} under {variant} on cluster {cluster}; planned: {known} ...")
     return groups[key]
+
+
+def planned_group_datasets(plan: Plan, run: str, variant: str, cluster: str) -> list[str]:
+    """The datasets one evaluation job scores: its (model, variant, cluster) group over every planned
+    evaluation, ablations included (one model load serves them all); rule evaluate and ``flanpipe cost``."""
+    planned = plan.evaluations + [e for es in plan.ablations.values() for e in es]
+    cluster_of = {name: eval_group_name(spec) for name, spec in plan.registry.items()}
+    evaluable = [d for d, c in cluster_of.items() if c == cluster and plan.registry[d].has_eval_splits]
+    return group_datasets(eval_groups(planned, cluster_of), run, variant, cluster, evaluable)

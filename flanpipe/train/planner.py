@@ -330,6 +330,16 @@ def step_time_s(flops: float, gpus: int, peak_tflops: float, mfu: float, bubble:
     return flops / (gpus * peak_tflops * 1e12 * mfu) / (1.0 - bubble)
 
 
+def forward_hours(cfg: ModelConfig, tokens: int, seq_length: int, gpus: int, peak_tflops: float, mfu: float) -> float:
+    """Hours to run ``tokens`` through the model forward only (evaluation: no backward pass, no optimizer).
+
+    flops_per_token counts forward + backward = 3 x forward (6 N = 2 N forward + 4 N backward), so the forward
+    alone is a third: e.g. 137B at 1,280 tokens, 1e9 tokens on 8 GPUs x 989 TFLOP/s x 0.4:
+    8.4e11 / 3 x 1e9 = 2.8e20 FLOPs / 3.2e15 FLOP/s = 8.8e4 s = 24.6 h.
+    """
+    return model_flops_per_step(cfg, tokens, seq_length) / 3 / (gpus * peak_tflops * 1e12 * mfu) / 3600
+
+
 # ---------------------------------------------------------------------------------------------
 # Enumeration and recommendation
 
