@@ -201,7 +201,7 @@ def test_dry_run_plans_every_dataset_from_the_mirror(dag_dir: Path) -> None:
 
 
 def test_rule_scripts_read_the_mirror(dag_dir: Path) -> None:
-    """The ingest and render rules (their scripts look the entry up with dataset_spec) on the fixtures."""
+    """The ingest and render rules (their scripts rebuild the entry from its tracked facts) on the fixtures."""
     targets = ["results/shards/rte/eval/natural-noopts.parquet", "results/shards/dart/train/natural-all.parquet"]
     done = snakemake(dag_dir, *targets)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -209,3 +209,33 @@ def test_rule_scripts_read_the_mirror(dag_dir: Path) -> None:
         assert_rendered(pl.read_parquet(dag_dir / target), target)
     log = (dag_dir / "logs/ingest/rte/test.log").read_text()
     assert str(FIXTURES / "rte" / "test.jsonl") in log
+
+
+def test_cost_prices_every_pending_run_at_its_layout(dag_dir: Path) -> None:
+    """`flanpipe cost` on flan137b before anything ran: 6 training jobs of 30k steps at TP8 x PP4 x DP4 on 128
+    GPUs and the 11 evaluation jobs at eval.layout, each the planner's figure x its GPUs."""
+    import json
+    import sys
+
+    from dag import venv_env
+
+    from flanpipe.model.hf_format import load_model_file
+    from flanpipe.train.planner import Hardware, Layout, Workload, evaluate_layout
+
+    cmd = [sys.executable, "-m", "flanpipe.cli", "--config", str(dag_dir / "flan.yaml"), "cost", "--json"]
+    cmd += ["--train-gpus", "128", "--eval-gpus", "8", "--", "--snakefile", str(ROOT / "Snakefile")]
+    done = subprocess.run(cmd, cwd=dag_dir, capture_output=True, text=True, env=venv_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cost = json.loads(done.stdout)
+    trains = [j for j in cost["jobs"] if j["rule"] == "train"]
+    assert sorted(j["job"] for j in trains) == sorted(PLAN.mixtures) and cost["totals"]["evaluate"]["jobs"] == 11
+    t = CONFIG["train"]
+    hw = Hardware(gpus=128, peak_tflops=t["peak_tflops"])
+    pack = CONFIG["lengths"]["pack"]
+    wl = Workload(batch_tokens=t["global_batch_size"] * pack, seq_length=pack, steps=t["steps"])
+    tp, pp = t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"]
+    micro = t["micro_batch_size"] or 1
+    want = evaluate_layout(load_model_file(ROOT / CONFIG["model"]), hw, wl, Layout(tp, pp, 128 // (tp * pp), micro))
+    assert {j["layout"] for j in trains} == {"TP8 PP4 DP4"}
+    assert all(j["gpu_hours"] == pytest.approx(want["total_hours"] * 128) for j in trains)
+    assert cost["totals"]["gpu_hours"] == pytest.approx(sum(j["gpu_hours"] for j in cost["jobs"]))

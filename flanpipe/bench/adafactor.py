@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from flanpipe.plan.config import micro_batch_for
+
 SETTINGS: dict[str, dict[str, bool]] = {
     "scaled, clamped (torch's default)": {"scale_parameter": True, "relative_step": True},
     "scaled, lr as given (Mesh-TF / T5X)": {"scale_parameter": True, "relative_step": False},
@@ -61,6 +63,8 @@ def main(spec_path: str, data: str, steps: int, lr: float, threads: int, as_json
         for i, (name, switches) in enumerate(SETTINGS.items()):
             spec = json.loads(json.dumps(base))
             spec["train"].update(steps=steps, lr=lr, adafactor=switches, tensorboard=False, save_interval=0)
+            # one rank: the micro-batch rule train passes in --ops for DP 1 (a DAG spec holds no operational key)
+            spec["train"].setdefault("micro_batch_size", micro_batch_for(spec["train"]["global_batch_size"], 1, 8))
             losses = run_setting(spec, data, Path(work) / f"setting{i}", threads)
             results["settings"][name] = {"switches": switches, **summarize(losses, steps), "losses": losses}
     runs = list(results["settings"].values())

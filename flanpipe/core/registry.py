@@ -395,22 +395,29 @@ RENDER_FACTS = ("name", "cluster", "fields", "options", "options_field")
 ``cluster``, ``options``) and the canonical field names templates are checked against."""
 
 
+def _facts(spec: DatasetSpec, keys: Sequence[str]) -> dict[str, Any]:
+    """``keys`` of ``spec``, canonical, except ``fields``: a list of (canonical field, source) pairs in entry
+    order, because that order is the canonical parquet's column order (a fact), which sorted keys would lose."""
+    from flanpipe.core.rerun import canonical
+
+    facts = canonical({k: getattr(spec, k) for k in keys if k != "fields"})
+    if "fields" in keys:
+        facts["fields"] = [[name, canonical(src)] for name, src in spec.fields.items()]
+    return facts
+
+
 def ingest_facts(spec: DatasetSpec, role: str, bad_rows: str) -> dict[str, Any]:
     """Rule ingest's tracked facts for one split: the INGEST_FACTS, ``splits`` cut to ``role`` (another
     split's mapping re-ingests only that split) and ``bad_rows`` resolved against the config's ``bad_rows``."""
-    from flanpipe.core.rerun import canonical
-
-    facts = {k: getattr(spec, k) for k in INGEST_FACTS}
+    facts = _facts(spec, INGEST_FACTS)
     facts["splits"] = {role: spec.splits[role]} if role in spec.splits else {}
     facts["bad_rows"] = spec.bad_rows or bad_rows
-    return canonical(facts)
+    return facts
 
 
 def render_facts(spec: DatasetSpec) -> dict[str, Any]:
     """Rules render_shard / render_eval_shard's tracked facts of the entry (RENDER_FACTS)."""
-    from flanpipe.core.rerun import canonical
-
-    return canonical({k: getattr(spec, k) for k in RENDER_FACTS})
+    return _facts(spec, RENDER_FACTS)
 
 
 def spec_from_facts(facts: Mapping[str, Any], *, defined_in: str = "", templates: str | Path = "") -> DatasetSpec:
@@ -420,8 +427,8 @@ def spec_from_facts(facts: Mapping[str, Any], *, defined_in: str = "", templates
     f = dict(facts)
     if "source" in f:
         f["source"] = SourceSpec(**f["source"])
-    if "fields" in f:
-        f["fields"] = {k: tuple(v) if isinstance(v, list) else v for k, v in f["fields"].items()}
+    if "fields" in f:  # (name, source) pairs in entry order (``_facts``)
+        f["fields"] = {name: tuple(src) if isinstance(src, list) else src for name, src in f["fields"]}
     if f.get("options") is not None:
         f["options"] = tuple(f["options"])
     base: dict[str, Any] = {
