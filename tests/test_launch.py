@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -123,7 +124,10 @@ def test_cli_launch_and_train_call_the_same_launcher(monkeypatch: pytest.MonkeyP
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
         assert exit_info.value.code == 0
-    assert calls == [(TRAIN_ARGS, 2, "srun", None)] * 2 + [(TRAIN_ARGS, 2, "", 4)]
+    (train_args, *rest) = calls.pop(1)  # `flanpipe train` adds rule train's --ops, for its 2 ranks
+    assert train_args[:-2] == TRAIN_ARGS and train_args[-2] == "--ops" and rest == [2, "srun", None]
+    assert json.loads(train_args[-1])["micro_batch_size"] == 4  # the default's 8 rows over DP 2
+    assert calls == [(TRAIN_ARGS, 2, "srun", None), (TRAIN_ARGS, 2, "", 4)]
 
 
 @pytest.mark.parametrize(
