@@ -226,7 +226,7 @@ def cmd_launch(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import polars as pl
 
-    from flanpipe.eval.evaluate import run_evaluation
+    from flanpipe.eval.evaluate import RankConfig, run_evaluation
 
     cfg = _config(args)
     dataset = pl.scan_parquet(args.shard).select(pl.col("dataset").first()).collect().item()
@@ -238,7 +238,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         metric=args.metric or dataset_spec(cfg, dataset).metric,
         lengths=cfg["lengths"],
         batch_size=cfg["eval"]["batch_size"],
-        scoring=cfg["eval"]["scoring"],
+        rank=RankConfig.from_config(cfg["eval"]),
     )
     print(json.dumps(result, indent=2))
 

@@ -74,7 +74,8 @@ def check_models(config: Mapping[str, Any], runs: Mapping[str, Run]) -> None:
     """Everything about the models that would otherwise fail inside packing or training, checked now.
 
     Each run's model config must load and split over train.tensor/pipeline_model_parallel_size, hold a
-    packed row (lengths.pack <= max_position_embeddings) and a token id of the tokenizer (the given
+    packed row (lengths.pack <= max_position_embeddings) and a capped option beside a full input (lengths.inputs +
+    eval.option_tokens <= max_position_embeddings) and a token id of the tokenizer (the given
     tokenizer.model's pieces, or at most tokenizer.vocab_size when one is trained); a given base
     checkpoint must have been trained with the model config it is tuned as.
     """
@@ -99,6 +100,13 @@ def check_models(config: Mapping[str, Any], runs: Mapping[str, Run]) -> None:
         if pack > cfg.max_position_embeddings:
             raise PlanError(
                 f"config key lengths.pack: packed rows of {pack} tokens are longer than max_position_embeddings = "
+                f"{cfg.max_position_embeddings} of model config {path} ({key})"
+            )
+        cap, inputs = config["eval"]["option_tokens"], config["lengths"]["inputs"]
+        if cap is not None and inputs + cap > cfg.max_position_embeddings:
+            raise PlanError(
+                f"config key eval.option_tokens: an option of {cap} tokens beside a full input of lengths.inputs = "
+                f"{inputs} is {inputs + cap} tokens, longer than max_position_embeddings = "
                 f"{cfg.max_position_embeddings} of model config {path} ({key})"
             )
     _check_tokenizer(config, models)
