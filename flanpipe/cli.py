@@ -18,7 +18,8 @@
                                                   (--peer: whole steps vs transformers' LlamaForCausalLM)
     flanpipe bench data [--json] [--scale S] [--workdir DIR] [--peer]   render/mix/tokenize/pack on a FLAN-sized
                                                   workload (--peer: tokenize + pack vs datasets + TRL bfd)
-    flanpipe bench eval [--json] [--workdir DIR]  evaluation: per-dataset cache-free vs grouped KV-cache jobs
+    flanpipe bench eval [--json] [--workdir DIR] [--peer]   evaluation: per-dataset cache-free vs grouped KV-cache
+                                                  jobs (--peer: one task vs lm-evaluation-harness, tiny local Llama)
     flanpipe bench eval-stage RUN_DIR [--json]    a finished DAG run's evaluate jobs: count, summed s, model loads
     flanpipe bench templates [--rows N] [--json]  render rows/s: {field} pattern vs Jinja template kind
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
@@ -395,6 +396,20 @@ def cmd_bench_dag(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> None:
+    if args.peer:
+        from flanpipe.bench.peer_eval import main as bench_eval_peer
+        from flanpipe.bench.peer_eval import missing_peer_packages
+
+        missing = missing_peer_packages()
+        if missing:
+            print(
+                f"flanpipe bench eval --peer: the peer needs {', '.join(missing)}, not installed here "
+                "(pip install 'flanpipe[bench]')",
+                file=sys.stderr,
+            )
+            raise SystemExit(3)
+        bench_eval_peer(args.examples, args.rounds, args.batch_size, args.json, args.peer_workdir)
+        return
     from flanpipe.bench.eval import main as bench_eval
 
     bench_eval(args.workdir, args.config, args.gen_rows, args.max_groups, args.json)
@@ -586,6 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default=".", help="where snakemake built the models and eval shards (default .)")
     s.add_argument("--gen-rows", type=int, default=16, help="rows per dataset decoded greedily (generation)")
     s.add_argument("--max-groups", type=int, help="only the first N evaluation jobs (default all)")
+    peer_help = "instead: one BBH-style task on a tiny local Llama, flanpipe vs lm-evaluation-harness"
+    s.add_argument("--peer", action="store_true", help=peer_help)
+    s.add_argument("--examples", type=int, default=300, help="--peer: examples in the task (default 300)")
+    s.add_argument("--rounds", type=int, default=3, help="--peer: timed runs of each harness, alternating")
+    s.add_argument("--batch-size", type=int, default=32, help="--peer: both harnesses' batch size (default 32)")
+    s.add_argument("--peer-workdir", help="--peer: keep the model, task and outputs here (default: a temp dir)")
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("eval-stage", help="a finished DAG run's evaluate jobs: count, summed s, model loads")
     s.set_defaults(fn=cmd_bench_eval_stage)

@@ -196,3 +196,20 @@ def test_lengths_are_checked_against_the_model_before_it_loads(tmp_path: Path) -
         run_evaluation(model, tok, shard, out, metric="accuracy", lengths={"inputs": 12, "targets": 8})
     with pytest.raises(ValueError, match="option 'aaaaaaaaaa' is 11 scored tokens; beside its 9-token input"):
         run_evaluation(model, CharTokenizer(), shard, out, metric="accuracy", lengths={"inputs": 12, "targets": 4})
+
+
+def test_schema_spells_the_rules_and_its_defaults_are_rank_configs() -> None:
+    """config eval.scoring / convention / bad_option_lists list exactly the code's names (the schema is data and
+    cannot import them), and the validated default config gives RankConfig's defaults."""
+    from dag import ROOT
+
+    from flanpipe.core.io import read_yaml
+    from flanpipe.eval.evaluate import BAD_OPTION_LISTS, CONVENTIONS
+    from flanpipe.eval.metrics import SCORINGS
+    from flanpipe.plan.config import SCHEMA_PATH, load_config
+
+    keys = read_yaml(SCHEMA_PATH)["properties"]["eval"]["properties"]
+    assert keys["scoring"]["enum"] == list(SCORINGS)
+    assert keys["convention"]["enum"] == list(CONVENTIONS)
+    assert keys["bad_option_lists"]["enum"] == list(BAD_OPTION_LISTS)
+    assert RankConfig.from_config(load_config(ROOT / "config" / "config.yaml")["eval"]) == RankConfig()
