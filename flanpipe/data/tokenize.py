@@ -5,7 +5,9 @@
 
 The encoding rule is the contract the packer, trainer and evaluator share (ARCH.md, "Tokenizer"):
 input ids truncated to ``inputs_length``; target ids truncated to ``targets_length - 1`` and then the
-tokenizer's EOS appended, so a target always ends in EOS and never exceeds ``targets_length``.
+tokenizer's EOS appended, so a target always ends in EOS and never exceeds ``targets_length``. Rank
+classification (flanpipe.eval.evaluate) scores an option as a target, but whole unless ``eval.option_tokens``
+caps it: a cut at ``targets_length`` could make two options tie.
 
 BOS and other special tokens: the input is encoded as the checkpoint's tokenizer encodes a prompt
 (``add_special=True``: a Llama tokenizer puts BOS first, as ``transformers`` does), the target as bare

@@ -399,9 +399,10 @@ def encode_options(
     if convention == "flan":
         full = sp.encode_batch(rows["inputs"].to_list())
         text = sp.encode_batch(flat["options"].to_list(), add_special=False)
-        cap = option_tokens or max(map(len, text), default=0) + 1  # no cap: every option whole, + EOS
+        own = np.fromiter(map(len, text), dtype=np.int64, count=len(text))  # the option's own tokens
+        cap = option_tokens or int(own.max(initial=0)) + 1  # no cap: every option whole, + EOS
         options = [encode_target(ids, cap, sp.eos_id) for ids in text]
-        cut = np.fromiter((len(ids) + 1 > cap for ids in text), dtype=bool, count=len(text))
+        cut = own + 1 > cap
     else:
         # lm-evaluation-harness's _encode_pair for (input, " " + option): the input's trailing whitespace moves
         # to the option, the whole text is encoded, and the option is what follows the input's own encoding
@@ -409,12 +410,13 @@ def encode_options(
         texts = flat.select(pl.concat_str("inputs", pl.lit(LM_EVAL_DELIMITER), "options"))[:, 0]
         whole = sp.encode_batch(texts.to_list())
         cont = [ids[len(full[r]) :] for ids, r in zip(whole, row_of.tolist(), strict=True)]
-        cap = option_tokens or max(map(len, cont), default=0)
+        own = np.fromiter(map(len, cont), dtype=np.int64, count=len(cont))
+        cap = option_tokens or int(own.max(initial=0))
         options = [ids[:cap] for ids in cont]
-        cut = np.fromiter((len(ids) > cap for ids in cont), dtype=bool, count=len(cont))
+        cut = own > cap
     n_in = np.fromiter((min(len(ids), inputs_length) for ids in full), dtype=np.int64, count=len(full))
     n_opt = np.fromiter(map(len, options), dtype=np.int64, count=len(options))
-    bad = np.flatnonzero(n_opt == (1 if convention == "flan" else 0))
+    bad = np.flatnonzero(own == 0)
     if bad.size:
         k = int(bad[0])
         raise ValueError(
@@ -428,8 +430,13 @@ def encode_options(
             raise ValueError(
                 f"{_name_row(rows.row(r, named=True))}: option {flat['options'][k]!r} is {n_opt[k]} scored tokens; "
                 f"beside its {n_in[r]}-token input that is {n_in[r] + n_opt[k]} > the model's {max_positions} "
-                f"positions ({over.size} such option(s)). Options are scored whole: set eval.option_tokens to cut "
-                "long options (counted in the eval JSON) or lower lengths.inputs"
+                f"positions ({over.size} such option(s)). "
+                + (
+                    "Options are scored whole: set eval.option_tokens to cut long options (counted in the eval JSON)"
+                    if option_tokens is None
+                    else f"eval.option_tokens = {option_tokens} is too many for this model"
+                )
+                + " or lower lengths.inputs"
             )
     per_row: list[list[list[int]]] = [[] for _ in range(rows.height)]
     for r, ids in zip(row_of.tolist(), options, strict=True):  # one append per option
