@@ -191,10 +191,18 @@ def _lm_eval_samples(out: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["doc_id"])
 
 
+def _lm_eval_results(out: Path) -> dict[str, Any]:
+    return json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())
+
+
 def _lm_eval_accuracy(out: Path) -> dict[str, float]:
     """lm-eval's acc and acc_norm for the task, x100 (its results JSON)."""
-    results = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())["results"][TASK]
+    results = _lm_eval_results(out)["results"][TASK]
     return {k: 100 * results[f"{k},none"] for k in ("acc", "acc_norm")}
+
+
+def _lm_eval_seconds(out: Path) -> float:
+    return float(_lm_eval_results(out)["total_evaluation_time_seconds"])
 
 
 def compare(record: Any, samples: list[dict[str, Any]], examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -265,6 +273,7 @@ def bench_eval_peer(
         hf_config = json.loads((hf / "config.json").read_text())
         per_s = {name: [examples / s for s in secs] for name, secs in seconds.items()}
         median = {name: statistics.median(v) for name, v in per_s.items()}
+        paired = [b / a for a, b in zip(seconds["flanpipe"], seconds["lm_eval"], strict=True)]  # same round
         return {
             "task": TASK,
             "convention": ours["convention"],
@@ -278,7 +287,12 @@ def bench_eval_peer(
             "examples_per_s": per_s,
             "examples_per_s_median": median,
             "ratio_flanpipe_over_lm_eval": median["flanpipe"] / median["lm_eval"],
+            "ratio_per_round": paired,
+            "ratio_per_round_median": statistics.median(paired),
+            # inside the processes: flanpipe's scoring alone; lm-eval's time after its imports (task index,
+            # model load, scoring: its results JSON's total_evaluation_time_seconds)
             "flanpipe_scoring_examples_per_s": ours["examples_per_s"],
+            "lm_eval_after_imports_s": _lm_eval_seconds(last / "lm_eval"),
             "batch_size": batch_size,
             "threads": 1,
             "loadavg_1min": load,
@@ -300,6 +314,9 @@ def main(examples: int, rounds: int, batch_size: int, as_json: bool, workdir: st
     for name in ("flanpipe", "lm_eval"):
         runs = ", ".join(f"{x:.1f}" for x in r["examples_per_s"][name])
         print(f"{name:<9} {r['examples_per_s_median'][name]:7.1f} examples/s whole process (rounds: {runs})")
-    print(
-        f"flanpipe / lm_eval = {r['ratio_flanpipe_over_lm_eval']:.2f}x; load average {' -> '.join(r['loadavg_1min'])}"
-    )
+    load = " -> ".join(r["loadavg_1min"])
+    rounds = ", ".join(f"{x:.2f}" for x in r["ratio_per_round"])
+    print(f"flanpipe / lm_eval = {r['ratio_flanpipe_over_lm_eval']:.2f}x of the medians; per round {rounds} "
+          f"(1-min load average {load})")  # fmt: skip
+    print(f"inside the processes: flanpipe scores {r['flanpipe_scoring_examples_per_s']:.1f} examples/s; "
+          f"lm-eval spends {r['lm_eval_after_imports_s']:.1f} s after its imports (tasks, model, scoring)")  # fmt: skip
