@@ -2,7 +2,7 @@
 
     flanpipe tasks --json                         the registry (name, cluster, templates, metric)
     flanpipe generate-synthetic NAME --out DIR    rule generate_synthetic
-    flanpipe ingest DATASET SPLIT --out FILE      rule ingest
+    flanpipe ingest DATASET SPLIT --out FILE [--validation F --test F]   rules ingest / download
     flanpipe render-shard DATASET --canonical FILE --out FILE
     flanpipe render-eval-shard DATASET --validation FILE --test FILE --out FILE
     flanpipe mix MIXTURE --out-dir DIR            rule mix (shards from results/shards by default)
@@ -85,8 +85,16 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     cfg = _config(args)
     spec = dataset_spec(cfg, args.dataset)
     d = cfg["data"]
+    evals = {r: path for r in ("validation", "test") if (path := getattr(args, r)) is not None}
     report = ingest_split(
-        spec, args.split, args.out, policy=args.bad_rows or d["bad_rows"], root=Path(d["root"]), hf_cache=d["hf_cache"]
+        spec,
+        args.split,
+        args.out,
+        policy=args.bad_rows or d["bad_rows"],
+        root=Path(d["root"]),
+        hf_cache=d["hf_cache"],
+        eval_splits=evals,
+        split_duplicates=args.split_duplicates or d["split_duplicates"],
     )
     print(json.dumps(report))
 
@@ -466,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("split", choices=list(SPLITS))
     s.add_argument("--out", required=True)
     s.add_argument("--bad-rows", choices=["fail", "drop"])
+    s.add_argument("--validation", help="train only: the canonical validation split, for split hygiene")
+    s.add_argument("--test", help="train only: the canonical test split, for split hygiene")
+    s.add_argument("--split-duplicates", choices=["fail", "drop", "warn"], help="default: config data.split_duplicates")
     s = add("render-shard", cmd_render_shard, "canonical train split -> templated shard")
     s.add_argument("dataset")
     s.add_argument("--canonical", required=True)

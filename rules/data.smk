@@ -18,14 +18,16 @@ rule generate_synthetic:
         "../workflow/scripts/generate_synthetic.py"
 
 
+# The train role waits for the dataset's canonical validation/test splits: split hygiene compares them.
 rule ingest:
     input:
-        raw_inputs,
+        unpack(ingest_inputs),
     output:
         "results/ingest/{local_dataset}/{split}.parquet",
     params:
         dataset="{local_dataset}",
         bad_rows=config["data"]["bad_rows"],
+        split_duplicates=config["data"]["split_duplicates"],
         root=config["data"]["root"],
         hf_cache=config["data"]["hf_cache"],
     threads: 1
@@ -42,11 +44,14 @@ rule ingest:
 # Hub datasets: a localrule, since compute nodes usually have no internet. datasets.load_dataset
 # caches under HF_HOME (or FLANPIPE_HF_CACHE); with HF_DATASETS_OFFLINE=1 it reads only that cache.
 rule download:
+    input:
+        unpack(download_inputs),
     output:
         "results/ingest/{hub_dataset}/{split}.parquet",
     params:
         dataset="{hub_dataset}",
         bad_rows=config["data"]["bad_rows"],
+        split_duplicates=config["data"]["split_duplicates"],
         root=config["data"]["root"],
         hf_cache=config["data"]["hf_cache"],
     threads: 1
