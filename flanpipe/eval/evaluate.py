@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import polars as pl
 import torch
 
+from flanpipe.core.registry import REFERENCES
 from flanpipe.data.hf_tokenizer import Tokenizer
 from flanpipe.data.tokenize import as_tokenizer
 from flanpipe.eval.metrics import SCORINGS, get_metric, rank_choices
@@ -370,6 +371,13 @@ def predict_shard_data_parallel(
     return pl.concat(parts).sort("_dp_row").drop("_dp_row")
 
 
+def reference_column(predictions: pl.DataFrame) -> str:
+    """What a prediction is scored against: the eval shard's ``references`` (every target that counts as
+    right: an example with several acceptable answers is right when the prediction matches any of them,
+    flanpipe.eval.metrics takes the best), or ``targets`` in a shard rendered without them."""
+    return REFERENCES if REFERENCES in predictions.columns else "targets"
+
+
 def score_templates(predictions: pl.DataFrame, metric: str) -> pl.DataFrame:
     """One row per template: validation/test score and counts (score null if no examples).
 
@@ -377,12 +385,13 @@ def score_templates(predictions: pl.DataFrame, metric: str) -> pl.DataFrame:
     (template, split) group is handed to the metric whole; the loop is over groups only.
     """
     fn = get_metric(metric)
+    refs = reference_column(predictions)
     groups = (
         predictions.group_by("template_id", "split")
-        .agg("prediction", "targets", n=pl.len())
+        .agg("prediction", pl.col(refs).alias("refs"), n=pl.len())
         .filter(pl.col("split").is_in(SPLITS))
     )
-    scores = [fn(p, t) for p, t in zip(groups["prediction"].to_list(), groups["targets"].to_list(), strict=True)]
+    scores = [fn(p, t) for p, t in zip(groups["prediction"].to_list(), groups["refs"].to_list(), strict=True)]
     long = groups.select("template_id", "split", "n").with_columns(score=pl.Series(scores, dtype=pl.Float64))
     templates = predictions.select(pl.col("template_id").unique().sort())
     for split in SPLITS:
@@ -404,7 +413,8 @@ def per_example_scores(predictions: pl.DataFrame, metric: str) -> dict[str, list
     """
     fn = get_metric(metric)
     rows = predictions.filter(pl.col("split").is_in(SPLITS)).sort("split", "template_id", "example_id")
-    scores = [fn([p], [t]) for p, t in zip(rows["prediction"].to_list(), rows["targets"].to_list(), strict=True)]
+    refs = rows[reference_column(predictions)].to_list()
+    scores = [fn([p], [t]) for p, t in zip(rows["prediction"].to_list(), refs, strict=True)]
     return {
         "split": rows["split"].to_list(),
         "template_id": rows["template_id"].to_list(),
@@ -470,7 +480,8 @@ def evaluate_shard(
     seconds = time.perf_counter() - t0
     preds = preds.with_columns(prediction=pl.col(f"prediction_{scoring}"))
     if predictions_out is not None:
-        preds.select("split", "example_id", "template_id", "targets", "prediction").write_parquet(predictions_out)
+        kept = ["split", "example_id", "template_id", "targets", *([REFERENCES] if REFERENCES in preds.columns else [])]
+        preds.select(*kept, "prediction").write_parquet(predictions_out)
     per_template = score_templates(preds, metric)
     has_options = bool(preds.height) and bool((preds["options"].list.len() > 0).any())
     scorings = {
