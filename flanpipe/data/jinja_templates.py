@@ -12,16 +12,26 @@ Rendering follows promptsource's ``Template.apply`` (written from its documented
 3. the output is split on ``|||`` and each part stripped: part 0 is the inputs, part 1 the targets.
    ``|||`` inside example text is escaped before rendering so it cannot split the output.
 
-Differences from promptsource, on purpose: the ``choice`` filter picks deterministically per (template,
-example) instead of with ``random``; variable text is not truncated (tokenization enforces lengths); an
-output that is not exactly "inputs ||| targets" is an error naming the template and example.
+P3's template environment: promptsource renders with a plain ``jinja2.Environment`` plus the global ``zip``
+and the filters ``choice`` (a random element), ``most_frequent`` (the list of the most frequent items, ties
+kept) and ``highlight`` (an HTML span, for its browser); templates also call jinja's own ``range``,
+``namespace`` and the ``random`` filter. The sandbox offers all of these (``PROMPTSOURCE_FILTERS``,
+``GLOBALS``), so P3's templates import and render as written.
+
+Differences from promptsource, on purpose: ``choice`` and ``random`` draw from a generator seeded per
+(template, example) (``start_row``), not from the process-wide ``random``, so a shard renders the same text
+every time; jinja's ``lipsum`` is left out (no promptsource template calls it, and it draws from the
+process-wide ``random``, which no per-example seed reaches); variable text is not truncated (tokenization
+enforces lengths); an output that is not exactly "inputs ||| targets" is an error naming the template and
+example.
 
 What the sandbox enforces (``GuardedSandbox``, an ``ImmutableSandboxedEnvironment``, never a plain one):
 
 - at load/validation time (``unsafe_constructs``): no attribute or item whose name starts with ``_``
   (``''.__class__``, ``x['__globals__']``, ``x|attr('__init__')``), no include/import/extends, and every
-  free variable must be a field, a declared variable, ``answer_choices`` or one of the few globals
-  (``range``, ``zip``, ``enumerate``): jinja's ``cycler``, ``joiner``, ``lipsum``, ``namespace`` are removed;
+  free variable must be a field, a declared variable, ``answer_choices`` or one of the globals
+  (``GLOBALS``: promptsource's ``range``, ``zip``, ``namespace``, ``dict``, ``cycler``, ``joiner``, plus
+  ``enumerate``); ``lipsum`` is removed;
 - at render time: jinja's sandbox refuses unsafe attributes and calls (``SecurityError``); collections are
   immutable; ``range`` yields at most ``MAX_RANGE`` items; ``*`` cannot build a string/list longer than
   ``MAX_OUTPUT_CHARS`` and ``**`` exponents are bounded; every call, attribute, item and ``range`` step
@@ -48,7 +58,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from flanpipe.core.registry import DatasetSpec
+from flanpipe.core.registry import REFERENCES, DatasetSpec
 from flanpipe.data.patterns import SHARD_SCHEMA, Template, TemplateError, rendered_columns
 
 SEPARATOR = "|||"
@@ -57,7 +67,9 @@ MAX_RANGE = 10_000
 MAX_OUTPUT_CHARS = 1_000_000
 MAX_EXPONENT = 256
 ROW_SECONDS = 1.0
-GLOBALS = ("range", "zip", "enumerate")
+# promptsource's environment: jinja's default globals (less lipsum) plus zip; enumerate is flanpipe's own
+GLOBALS = ("range", "zip", "enumerate", "namespace", "dict", "cycler", "joiner")
+PROMPTSOURCE_FILTERS = ("choice", "most_frequent", "highlight", "random")  # "random": jinja's, re-seeded
 _PIPE_ESCAPE = "\ue0f1\ue0f2\ue0f1"  # private-use code points: upper/title/trim leave them alone
 _ARROW_TYPES = {
     "dataset": pa.large_string(),
@@ -83,10 +95,11 @@ class JinjaSpec:
     """A promptsource template kept verbatim.
 
     ``variables`` rebuilds the source record's shape from canonical fields (``{answers: {text: [answer]}}``
-    makes ``answers.text[0]`` the canonical ``answer``; ``options[0]`` is one entry of a list field, as
-    SuperGLUE COPA's ``choice1``); ``label`` names the variable that receives the gold answer's index in the
-    dataset's options (P3 indexes ``answer_choices`` with the source label), plus ``label_offset`` where the
-    source counts from 1 (WinoGrande's ``answer`` "1"/"2").
+    makes ``answers.text[0]`` the canonical ``answer``; ``{answers: {text: references}}`` gives the list of
+    every acceptable answer, as Quoref's ``answers.text | choice`` expects; ``options[0]`` is one entry of a
+    list field, as SuperGLUE COPA's ``choice1``); ``label`` names the variable that receives the gold
+    answer's index in the dataset's options (P3 indexes ``answer_choices`` with the source label), plus
+    ``label_offset`` where the source counts from 1 (WinoGrande's ``answer`` "1"/"2").
     """
 
     jinja: str
@@ -97,19 +110,24 @@ class JinjaSpec:
     label_offset: int = 0
 
 
-def _deterministic_choice(env: GuardedSandbox, items: Sequence[Any]) -> Any:
-    """promptsource draws with ``random``; we seed by (template, example) so shards are reproducible."""
-    return random.Random(env.row_seed).choice(list(items))
+def _most_frequent(items: Sequence[Any]) -> list[Any] | None:
+    """promptsource's ``most_frequent``: every item of the highest count, in first-seen order (so
+    ``answers.text | most_frequent | choice`` picks among the tied majority answers); None for no items."""
+    if not items:
+        return None
+    counts = Counter(items).most_common()  # equal counts keep first-seen order
+    return [item for item, n in counts if n == counts[0][1]]
 
 
-def _most_frequent(items: Sequence[Any]) -> Any:
-    return Counter(items).most_common(1)[0][0]
+def _highlight(text: Any) -> str:
+    """promptsource's ``highlight`` (its browser marks substituted text): the same HTML span."""
+    return "<span style='color: #F08080'>" + str(text) + "</span>"
 
 
 class GuardedSandbox(ImmutableSandboxedEnvironment):
     """ImmutableSandboxedEnvironment plus a per-row deadline, a bounded ``range`` and bounded ``*``/``**``.
 
-    Not thread-safe: the deadline and the ``choice`` seed belong to the row being rendered.
+    Not thread-safe: the deadline and the random stream belong to the row being rendered.
     """
 
     intercepted_binops = frozenset({"*", "**"})
@@ -119,15 +137,24 @@ class GuardedSandbox(ImmutableSandboxedEnvironment):
         self.row_seconds = row_seconds
         self.deadline = float("inf")
         self.row_seed = 0
-        for name in ("cycler", "joiner", "lipsum", "namespace", "dict"):
-            self.globals.pop(name, None)
-        self.globals.update(range=self._range, zip=zip, enumerate=enumerate)
-        self.filters["choice"] = lambda items: _deterministic_choice(self, items)
-        self.filters["most_frequent"] = _most_frequent
+        self.rng = random.Random(0)
+        self.globals.pop("lipsum", None)  # process-wide randomness (see the module doc)
+        self.globals.update(range=self._range, zip=zip, enumerate=enumerate)  # namespace/dict/cycler/joiner: jinja's
+        self.filters.update(
+            choice=self._choice, random=self._choice, most_frequent=_most_frequent, highlight=_highlight
+        )
 
     def start_row(self, seed: int) -> None:
+        """A row begins: its deadline starts and its random stream is reseeded, so every draw of the row
+        (answer choices first, then the template, in render order) is a function of ``seed`` alone."""
         self.deadline = time.monotonic() + self.row_seconds
         self.row_seed = seed
+        self.rng = random.Random(seed)
+
+    def _choice(self, items: Sequence[Any]) -> Any:
+        """promptsource's ``choice`` and jinja's ``random``: one element, drawn from the row's stream."""
+        self.check_deadline()
+        return self.rng.choice(list(items))
 
     def check_deadline(self) -> None:
         if time.monotonic() > self.deadline:
@@ -253,7 +280,7 @@ def validate(t: Template, spec: DatasetSpec, path: str | os.PathLike[str]) -> No
     fields = set(spec.fields)
     for var, shape in j.variables.items():
         for f in _shape_fields(shape):
-            if f not in fields:
+            if f not in fields and f != REFERENCES:
                 raise TemplateError(
                     f"{where}: variable {var!r} uses {f!r}, not a field of dataset {spec.name!r} "
                     f"(fields: {sorted(fields)})"
@@ -291,6 +318,8 @@ def _escape(value: Any) -> Any:
 
 
 def _build(shape: Any, row: Mapping[str, Any]) -> Any:
+    if shape == REFERENCES and row.get(REFERENCES) is None:  # a one-answer source: the answer is the list
+        return [row["answer"]]
     if isinstance(shape, str):
         m = INDEXED_FIELD.match(shape)
         return row[m["field"]][int(m["index"])] if m else row[shape]

@@ -3,8 +3,8 @@
 promptsource ``templates.yaml`` is read strictly as data, never run: it goes through a ``yaml.SafeLoader``
 subclass that builds its two custom tags (``!Template``, ``!TemplateMetadata``) as plain dicts; every other
 tag (``!!python/object``...) is refused. Jinja is only *parsed* (to decide whether a template is a plain
-substitution) and only *rendered* in jinja2's ``ImmutableSandboxedEnvironment``, to prove each conversion
-faithful.
+substitution) and only *rendered* in the guarded sandbox of the Jinja kind (jinja2's
+``ImmutableSandboxedEnvironment`` with promptsource's filters and globals), to prove each conversion faithful.
 
 
 promptsource -> ``{field}`` pattern (the Jinja AST is walked; nothing is matched with regexes):
@@ -57,12 +57,12 @@ from typing import Any
 
 import polars as pl
 import yaml
-from jinja2 import StrictUndefined, meta, nodes
+from jinja2 import meta, nodes
 from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flanpipe.core.io import StrictLoader
-from flanpipe.data.jinja_templates import GLOBALS, JinjaSpec, unsafe_constructs
+from flanpipe.data.jinja_templates import GLOBALS, GuardedSandbox, JinjaSpec, unsafe_constructs
 from flanpipe.data.template_import import (
     ANSWER,
     ImportedTemplate,
@@ -147,9 +147,11 @@ def find_promptsource_file(source: str | os.PathLike[str], dataset: str) -> Path
 # promptsource: Jinja -> pattern
 
 
-def sandbox() -> ImmutableSandboxedEnvironment:
-    """Where source Jinja is rendered: no attribute writes, no unsafe calls; undefined names are errors."""
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+def sandbox() -> GuardedSandbox:
+    """Where source Jinja is parsed and rendered: the guarded sandbox that renders the shards, so it knows
+    promptsource's filters and globals (``choice``, ``most_frequent``, ``namespace``, ...; a template that
+    calls them is kept, not skipped as unparsable) and refuses what the shards would refuse."""
+    return GuardedSandbox()
 
 
 @dataclass(frozen=True)
@@ -595,6 +597,27 @@ def _label_variable(tree: nodes.Template, free: set[str]) -> str | None:
     return "label" if "label" in free else None
 
 
+def variable_shapes(field_map: Mapping[str, str], free: set[str]) -> dict[str, Any]:
+    """``--field-map`` as Jinja ``variables``: ``a=b`` renames a variable, ``a.x=b`` builds ``a`` as a
+    mapping whose ``x`` is field ``b`` (``answers.text=references``: P3's ``answers.text`` is the list of
+    every reference). Only the template's free variables; an identity rename is no variable."""
+    shapes: dict[str, Any] = {}
+    for old, new in sorted(field_map.items()):
+        head, *rest = old.split(".")
+        if head not in free or (not rest and new == head):
+            continue
+        if not rest:
+            shapes[head] = new
+            continue
+        node = shapes.setdefault(head, {})
+        for part in rest[:-1]:
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise Unconvertible(f"--field-map maps {head!r} both whole and by its parts")
+        node[rest[-1]] = new
+    return shapes
+
+
 def verbatim_template(
     env: ImmutableSandboxedEnvironment,
     t: Mapping[str, Any],
@@ -621,7 +644,7 @@ def verbatim_template(
         raise Unconvertible(f"Jinja does not parse: {_first_line(e)}") from None
     label = label_name if label_name is not None and label_name in free else _label_variable(tree, free)
     free -= {CHOICES, label or "", *GLOBALS}
-    variables = {v: field_map[v] for v in sorted(free) if v in field_map and field_map[v] != v}
+    variables = variable_shapes(field_map, free)
     name = t.get("name") if isinstance(t.get("name"), str) else ""
     offset = label_offset if label is not None else 0
     return ImportedTemplate(src, "", "", False, JinjaSpec(jinja, answer_choices, label, variables, name, offset))
