@@ -342,7 +342,7 @@ def split_hygiene(canonical: Mapping[str, Mapping[str, str | os.PathLike[str]]])
     per dataset and split the exact duplicates inside it and, for train, the rows equal to a validation/test
     row and how many were dropped; plus totals. ``canonical``: dataset -> split -> canonical parquet."""
     per: dict[str, dict[str, object]] = {}
-    totals = {"duplicates_within": 0, "train_rows_also_in_eval": 0, "dropped_from_train": 0, "splits_unknown": 0}
+    totals = {"duplicates_within": 0, "train_rows_in_eval": 0, "dropped_from_train": 0, "splits_unknown": 0}
     for d in sorted(canonical):
         for s, path in sorted(canonical[d].items()):
             report = read_ingest_report(path)
@@ -352,7 +352,7 @@ def split_hygiene(canonical: Mapping[str, Mapping[str, str | os.PathLike[str]]])
                 totals["splits_unknown"] += 1
                 continue
             totals["duplicates_within"] += int(h["duplicates_within"])
-            totals["train_rows_also_in_eval"] += max((h.get("duplicates_with") or {}).values(), default=0)
+            totals["train_rows_in_eval"] += int(h.get("train_rows_in_eval", 0))
             totals["dropped_from_train"] += int(h.get("dropped_from_train", 0))
     return {"datasets": per, "totals": totals}
 

@@ -386,7 +386,7 @@ def canonicalize(
     return canon, bad
 
 
-def holdout_ids(n_rows: int, h: Holdout, where: str) -> list[int]:
+def holdout_ids(n_rows: int, h: Holdout, where: str = "holdout") -> list[int]:
     """Source positions of a holdout: ``h.rows`` of ``n_rows`` drawn by ``random.Random(h.seed)``, sorted.
 
     Python's seeded ``random`` draws the same sample on every machine, and only the row count is needed, so
@@ -460,6 +460,7 @@ def split_hygiene(
     found = {r: duplicates_of(canon, pl.scan_parquet(p), fields) for r, p in sorted(eval_splits.items())}
     report["duplicates_with"] = {r: df.height for r, df in found.items()}
     ids = sorted({i for df in found.values() for i in df["example_id"].to_list()})
+    report["train_rows_in_eval"] = len(ids)  # a row equal to both a validation and a test row counts once
     report["policy"] = policy
     report["dropped_from_train"] = len(ids) if policy == "drop" else 0
     if ids and policy == "fail":
@@ -477,10 +478,7 @@ def split_hygiene(
 
 def read_ingest_report(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The report ingest stored in a canonical parquet's footer (None for a file written without one)."""
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(FOOTER_KEY.encode())
+    raw = pl.read_parquet_metadata(path).get(FOOTER_KEY)
     return json.loads(raw) if raw else None
 
 
