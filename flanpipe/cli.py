@@ -1,6 +1,7 @@
 """The ``flanpipe`` command: one subcommand per workflow rule, calling the same function as the rule.
 
     flanpipe tasks --json                         the registry (name, cluster, templates, metric)
+    flanpipe sources check [--datasets D...]      rule sources_check: resolve every source, exit 1 if blocked
     flanpipe generate-synthetic NAME --out DIR    rule generate_synthetic
     flanpipe ingest DATASET SPLIT --out FILE [--validation F --test F]   rules ingest / download
     flanpipe render-shard DATASET --canonical FILE --out FILE
@@ -68,6 +69,28 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         print(f"{r['name']:<40} {r['cluster']:<40} {r['n_templates']:>3}+{r['n_turned_around']} {r['metric']}")
     what = "loaders" if args.loaders else "datasets"
     print(f"{len(rows)} {what} ({len(registry)} loaders) in {len({r['cluster'] for r in rows})} clusters")
+
+
+def cmd_sources_check(args: argparse.Namespace) -> None:
+    """Pre-flight check of the experiment's sources (flanpipe.data.sources); exit 1 on a blocking finding."""
+    from flanpipe.data.sources import as_json, check_sources, format_table
+    from flanpipe.plan.experiments import plan_experiment
+
+    cfg = _config(args)
+    registry = plan_experiment(cfg).registry  # the entries the DAG would ingest, as the rules see them
+    unknown = sorted(set(args.datasets or ()) - set(registry))
+    if unknown:
+        raise ValueError(f"--datasets: {unknown} are not datasets of {args.config}")
+    chosen = {n: s for n, s in registry.items() if not args.datasets or n in args.datasets}
+    d = cfg["data"]
+    checks = check_sources(chosen, Path(d["root"]), d["hf_cache"] or os.environ.get("FLANPIPE_HF_CACHE"))
+    table = format_table(checks)
+    if args.out:
+        write_json(Path(args.out).with_suffix(".json"), as_json(checks))
+        Path(args.out).write_text(table, encoding="utf-8")
+    print(json.dumps(as_json(checks), indent=2) if args.json else table, end="" if not args.json else "\n")
+    if any(c.blocking for c in checks):
+        raise SystemExit(1)
 
 
 def cmd_generate_synthetic(args: argparse.Namespace) -> None:
@@ -466,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--registry", nargs="*", help="registry files (default: the config's)")
     s.add_argument("--loaders", action="store_true", help="one row per loader (ANLI R1-R3 apart), not per dataset")
+    src = sub.add_parser("sources", help="source tools").add_subparsers(dest="sources_command", required=True)
+    s = src.add_parser("check", help="pre-flight check of every source (no rows read); exit 1 on a blocking finding")
+    s.set_defaults(fn=cmd_sources_check)
+    s.add_argument("--datasets", nargs="+", help="only these datasets (default: the config's)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--out", help="also write the table to OUT and the findings to OUT with suffix .json")
     s = add("generate-synthetic", cmd_generate_synthetic, "write one generated dataset's splits")
     s.add_argument("name")
     s.add_argument("--out", required=True)

@@ -100,6 +100,7 @@ wildcard_constraints:
 
 
 localrules:
+    sources_check,
     download,
     train_spec,
     report,
@@ -124,7 +125,13 @@ def ingest_inputs(wildcards):
 
 
 def download_inputs(wildcards):
-    return _eval_split_inputs(wildcards.hub_dataset, wildcards.split)
+    """The pre-flight check of the hub sources (once: ancient), and for train the eval splits."""
+    return {"check": ancient("results/sources/check.md"), **_eval_split_inputs(wildcards.hub_dataset, wildcards.split)}
+
+
+def hub_source_entries():
+    """Per hub dataset, what the sources_check job checks: its source, splits and fields (a change reruns it)."""
+    return {d: f"{PLAN.registry[d].source} {dict(PLAN.registry[d].splits)} {dict(PLAN.registry[d].fields)}" for d in HUB}
 
 
 def template_file(wildcards):
