@@ -48,6 +48,10 @@ def test_mixed_shape_answers_are_references_never_list_text(tmp_path: Path) -> N
     df = pl.read_parquet(tmp_path / "out.parquet")
     assert df["answer"].to_list() == ["5", "5", "[citation needed]"]
     assert df[REFERENCES].to_list() == [["5"], ["5", "five"], ["[citation needed]"]]
+    # answer_list: first (DROP: a list holds the parts of one answer, not alternatives): no references
+    ingest_split(qa_spec(tmp_path / "d" / "{split}.jsonl", answer_list="first"), "train", tmp_path / "first.parquet")
+    first = pl.read_parquet(tmp_path / "first.parquet")
+    assert first["answer"].to_list() == ["5", "5", "[citation needed]"] and REFERENCES not in first.columns
 
 
 def test_nested_mixed_shapes_and_missing_nested_fields(tmp_path: Path) -> None:

@@ -81,6 +81,9 @@ class DatasetSpec:
     answer_key_field: str | None = None  # source list column of option keys the answer names (ARC's "A".."E")
     answer_offset: int = 0  # subtracted from index answers (1 for 1-based labels)
     answer_round: bool = False  # round numeric answers first (STS-B similarity -> "0".."5")
+    # a list-typed answer: "references" (each element is an acceptable answer; all are scored) or "first"
+    # (the elements are parts of one answer, e.g. DROP's multi-span answers: only the first is kept)
+    answer_list: Literal["references", "first"] = "references"
     label_map: Mapping[str, str | int | None] | None = None  # raw answer (as text) -> option text / index
     join: Mapping[str, str] = field(default_factory=dict)  # field -> separator for list-typed sources
     bad_rows: str | None = None  # per-dataset override of data.bad_rows
@@ -168,6 +171,7 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
         answer_key_field=raw.get("answer_key_field"),
         answer_offset=int(raw.get("answer_offset", 0)),
         answer_round=bool(raw.get("answer_round", False)),
+        answer_list=raw.get("answer_list", "references"),
         label_map={str(k): v for k, v in raw["label_map"].items()} if raw.get("label_map") else None,
         join=dict(raw.get("join") or {}),
         bad_rows=raw.get("bad_rows"),

@@ -258,7 +258,7 @@ def canonical_exprs(spec: DatasetSpec, schema: pl.Schema, where: str = "") -> li
                     expr = expr.list.eval(pl.element().cast(pl.List(pl.Utf8)).list.join(" | "))
                 expr = expr.cast(pl.List(pl.Utf8)).list.join(spec.join[name])
             elif isinstance(dtype, pl.List):  # a list of references: train on the first
-                if name == "answer" and dtype.inner == pl.Utf8:  # ... and score against all of them
+                if name == "answer" and dtype.inner == pl.Utf8 and spec.answer_list == "references":  # all scored
                     references.append(expr.list.drop_nulls().alias(REFERENCES))
                 expr = expr.list.first()
             if name != "answer":  # the answer keeps its dtype: an int label indexes the options
@@ -512,13 +512,12 @@ def ingest_split(
     ``split_duplicates`` (config data.split_duplicates).
     """
     if spec.source.type == "local":
-        lf = read_local(spec, role, root)
         origin = str(local_path(spec, role, root))
     else:
-        lf = read_hf(spec, role, cache_dir=hf_cache)
         origin = f"hf:{spec.source.path}/{spec.source.name or ''}:{spec.splits[role]}"
     where = f"dataset {spec.name!r} split {role!r} ({origin})"
-    try:
+    try:  # reading is inside: a JSONL's schema (answers_as_references) already meets bad UTF-8 or JSON
+        lf = read_local(spec, role, root) if spec.source.type == "local" else read_hf(spec, role, cache_dir=hf_cache)
         canon, dropped = canonicalize(lf, spec, role, spec.bad_rows or policy, origin)
         if role in spec.holdout or spec.held_out_by(role) is not None:
             canon = apply_holdout(canon, spec, role, lf.select(pl.len()).collect().item(), where)
