@@ -73,7 +73,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 
 def cmd_sources_check(args: argparse.Namespace) -> None:
     """Pre-flight check of the experiment's sources (flanpipe.data.sources); exit 1 on a blocking finding."""
-    from flanpipe.data.sources import as_json, check_sources, format_table
+    from flanpipe.data.sources import as_json, check_sources, format_table, write_report
     from flanpipe.plan.experiments import plan_experiment
 
     cfg = _config(args)
@@ -84,11 +84,9 @@ def cmd_sources_check(args: argparse.Namespace) -> None:
     chosen = {n: s for n, s in registry.items() if not args.datasets or n in args.datasets}
     d = cfg["data"]
     checks = check_sources(chosen, Path(d["root"]), d["hf_cache"] or os.environ.get("FLANPIPE_HF_CACHE"))
-    table = format_table(checks)
     if args.out:
-        write_json(Path(args.out).with_suffix(".json"), as_json(checks))
-        Path(args.out).write_text(table, encoding="utf-8")
-    print(json.dumps(as_json(checks), indent=2) if args.json else table, end="" if not args.json else "\n")
+        write_report(checks, args.out)
+    print(json.dumps(as_json(checks), indent=2) if args.json else format_table(checks).rstrip("\n"))
     if any(c.blocking for c in checks):
         raise SystemExit(1)
 

@@ -198,7 +198,9 @@ def test_one_table_and_the_cli_exit_status(tmp_path: Path, capsys: pytest.Captur
         main(["--config", str(config), "sources", "check", "--out", str(out)])
     assert e.value.code == 1
     printed = capsys.readouterr().out
-    assert "| scripted | BLOCK |" in printed and "| good | ok |" in printed and printed == out.read_text()
+    assert (
+        "| scripted | BLOCK |" in printed and "| good | ok |" in printed and printed == out.read_text()
+    )  # the table, as written
     assert "3 entries, 1 with a blocking finding" in printed
     statuses = {c["dataset"]: c["status"] for c in json.loads(out.with_suffix(".json").read_text())}
     assert statuses == {"good": "ok", "good_too": "ok", "scripted": "BLOCK"}

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from flanpipe.core.io import atomic_path, write_json
 from flanpipe.core.registry import DatasetSpec, split_names
 
 Level = Literal["block", "warn"]
@@ -93,11 +94,14 @@ def route_of(spec: DatasetSpec) -> str:
 
 def feature_at(features: Any, path: str) -> tuple[Any | None, str | None]:
     """The ``datasets`` feature at dot path ``path`` (lists are walked into), or (None, why not)."""
-    from datasets import ClassLabel, LargeList, List, Sequence, Value  # noqa: F401 (types checked below)
+    import datasets
 
+    # list features: Sequence (every datasets version), List and LargeList (datasets>=4)
+    found = (getattr(datasets, n, None) for n in ("List", "LargeList", "Sequence"))
+    lists = tuple(t for t in found if isinstance(t, type))
     node, walked = features, ""
     for part in path.split("."):
-        while isinstance(node, List | LargeList | Sequence) or (isinstance(node, list) and len(node) == 1):
+        while isinstance(node, lists) or (isinstance(node, list) and len(node) == 1):
             node = node[0] if isinstance(node, list) else node.feature
         if not isinstance(node, Mapping):
             return None, f"{walked!r} holds {_feature_text(node)}, not a struct with field {part!r}"
@@ -377,3 +381,12 @@ def format_table(checks: Sequence[SourceCheck]) -> str:
 
 def as_json(checks: Sequence[SourceCheck]) -> list[dict[str, Any]]:
     return [{**asdict(c), "status": c.status} for c in checks]
+
+
+def write_report(checks: Sequence[SourceCheck], out: str | os.PathLike[str]) -> None:
+    """The table to ``out`` and the findings as JSON beside it (``out`` with suffix .json), atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_suffix(".json"), as_json(checks))
+    with atomic_path(out) as tmp:
+        tmp.write_text(format_table(checks), encoding="utf-8")
