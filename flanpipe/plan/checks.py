@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flanpipe.core.io import resolve_config_path
+from flanpipe.core.model_config import CHECKPOINT_FILES
 
 if TYPE_CHECKING:
     from flanpipe.core.model_config import ModelConfig
     from flanpipe.core.registry import DatasetSpec
     from flanpipe.data.patterns import Template
     from flanpipe.plan.runs import Evaluation, Run
-
-# What Megatron's dist_checkpointing.save writes into a checkpoint dir (flanpipe.model.checkpointing._complete):
-# without them the load fails only inside the training job, after the queue wait.
-CHECKPOINT_FILES = ("metadata.json", "common.pt")
 
 
 class PlanError(ValueError):
