@@ -8,7 +8,13 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded default, only when no --configfile names the experiment: Snakemake merges a configfile
+# directive *under* every --configfile, so its keys (model, base.pretrain_steps, ...) would leak into
+# config/flan137b.yaml or flan_hf.yaml. A recipe config means what its file says. Read from the checkout,
+# so `snakemake --directory elsewhere` runs the default too.
+if not workflow.overwrite_configfiles:
+
+    configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from test_bad_inputs import leftovers, raw_config, registry_dir
+from test_bad_inputs import (
+    assert_failed_before_any_job,
+    default_config,
+    dry_run,
+    leftovers,
+    raw_config,
+    registry_dir,
+)
 
 from flanpipe.cli import main
 from flanpipe.data.hf_tokenizer import load_hf_tokenizer
 from flanpipe.model import hf_export
 from flanpipe.model.hf_format import HFFormatError
 from flanpipe.model.hf_import import import_hf
-from flanpipe.plan.checks import PlanError
+from flanpipe.plan.checks import PlanError, PlanWarning
 from flanpipe.plan.config import ConfigError, validate_config
 from flanpipe.plan.experiments import plan_experiment
 
@@ -284,3 +292,28 @@ def test_export_of_an_unfinished_model_dir(imported: Path, tmp_path: Path) -> No
         hf_export.export_hf(run, tmp_path / "export")
     with pytest.raises(ValueError, match="max shard size must be positive"):
         hf_export.export_hf(imported, tmp_path / "export", max_shard_bytes=0)
+
+
+# ------------------------------------------------------------------------------------------- base.hf config
+
+
+def test_suggested_remedy_model_null_works(hf_dir: Path, tmp_path: Path) -> None:
+    """The error suggested `--config model=null`, which Snakemake passes as the string "null": then a missing file."""
+    cfg = default_config()
+    cfg["base"] = {"hf": str(hf_dir), "pretrain_steps": 0, "fewshot": 0}
+    r = dry_run(tmp_path / "w", cfg)
+    assert_failed_before_any_job(r, tmp_path / "w", "config key model: ", "leave model unset (--config model=null)")
+    ok = dry_run(tmp_path / "w", cfg, "--config", "model=null")
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
+    assert "import_hf" in ok.stdout
+
+
+def test_fewshot_baseline_of_base_hf_does_not_warn(hf_dir: Path, tmp_path: Path) -> None:
+    """base.hf with base.fewshot: 2 warned that few-shot "has no effect" while planning the few-shot evaluations."""
+    registry_dir(tmp_path)
+    cfg = raw_config(tmp_path, base={"hf": str(hf_dir), "fewshot": 2})
+    cfg.pop("model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanWarning)
+        p = plan_experiment(validate_config(cfg))
+    assert any(e.variant.endswith("2shot") for e in p.evaluations)
