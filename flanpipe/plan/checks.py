@@ -226,6 +226,40 @@ def check_template_counts(
                 )
 
 
+def check_formats(
+    config: Mapping[str, Any],
+    registry: Mapping[str, DatasetSpec],
+    templates: Mapping[str, Sequence[Template]],
+    runs: Iterable[Run],
+) -> None:
+    """Flan 2022's prompt formats (config ``formats``, the options ablation's shares) rewrite pattern prompts: a
+    ``kind: jinja`` template shows its options as written and has no exemplar slot, so a run whose training
+    templates include one fails here, not in its render job."""
+    from flanpipe.data.templates import select_templates
+
+    fmt = config.get("formats") or {}
+    for run in runs:
+        if run.kind != "tune" or run.train_mode != "natural":
+            continue
+        options = fmt.get("options", 1.0) if run.options_share is None else run.options_share
+        asked = [
+            k for k, v in (("formats.fewshot", fmt.get("fewshot", 0.0) > 0), ("formats.options", options < 1)) if v
+        ]
+        if not asked:
+            continue
+        key = asked if run.options_share is None else ["ablations.options"]
+        for d in run.datasets:
+            chosen = select_templates(templates.get(d, ()), run.num_templates) if d in templates else []
+            jinja = [t.index for t in chosen if t.kind == "jinja"]
+            if jinja:
+                raise PlanError(
+                    f"config key {' / '.join(key)}: run {run.name!r} trains on dataset {d!r} with kind: jinja "
+                    f"template(s) {jinja} of {registry[d].templates}; prompt formats (few-shot exemplars, the options "
+                    "block left out) apply to {field} pattern templates only, a jinja template renders as written. "
+                    "Use pattern templates for training (templates.files), or the default formats"
+                )
+
+
 def check_config_files(paths: Iterable[str | Path]) -> None:
     """Read each config file with the strict loader: Snakemake parses ``--configfile`` itself and would keep
     a duplicate key's last value silently (a config error names the file and line)."""

@@ -49,6 +49,7 @@ from flanpipe.plan.checks import (
     PlanError,
     PlanWarning,
     check_cluster_names,
+    check_formats,
     check_models,
     check_scale_checkpoints,
     check_splits,
@@ -392,6 +393,7 @@ def check_plan(config: Mapping[str, Any], plan: Plan) -> None:
         try:
             check_splits(config, plan.registry, runs, evaluations)
             check_template_counts(config, plan.templates, runs)
+            check_formats(config, plan.registry, plan.templates, runs)
             if ablation == "scale":
                 check_scale_checkpoints(config["ablations"]["scale"])
         except PlanError as e:
