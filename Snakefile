@@ -10,11 +10,10 @@ min_version("9.0")
 
 # The embedded default, only when no --configfile names the experiment: Snakemake merges a configfile
 # directive *under* every --configfile, so its keys (model, base.pretrain_steps, ...) would leak into
-# config/flan137b.yaml or flan_hf.yaml. A recipe config means what its file says. Read from the checkout,
-# so `snakemake --directory elsewhere` runs the default too.
+# config/flan137b.yaml or flan_hf.yaml. A recipe config means what its file says.
 if not workflow.overwrite_configfiles:
 
-    configfile: f"{workflow.basedir}/config/config.yaml"
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"
