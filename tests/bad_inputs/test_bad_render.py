@@ -10,10 +10,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from test_bad_inputs import leftovers, plan, registry_dir, write
+from test_bad_inputs import TINY, leftovers, plan, registry_dir, spm_model, write  # noqa: F401 (a fixture)
 from test_jinja_templates import RECORDS, canonical, spec_for
 
 from flanpipe.cli import main
+from flanpipe.core.registry import DatasetSpec, SourceSpec
 from flanpipe.data.patterns import TemplateError
 from flanpipe.data.templates import load_validated, render_eval_shard, render_shard
 from flanpipe.plan.checks import PlanError
@@ -183,3 +184,73 @@ def test_verbatim_import_fails_when_a_prompt_cannot_be_kept(tmp_path: Path, caps
         ]
     )
     assert out.exists()  # the turned-around one is left out by design (u-3), and says so in the summary
+
+
+# ----------------------------------------------------------------------------- Flan 2022 few-shot formats
+
+
+def test_fewshot_rows_too_long_lose_exemplars_not_their_question(tmp_path: Path, spm_model: Path) -> None:  # noqa: F811
+    """formats {fewshot: 1.0, shots: 20} with short inputs: rows were cut from the end, so the row's own question
+    was gone and only exemplars remained (a target for a question never shown); only a count recorded it."""
+    from flanpipe.data.formats import EXEMPLAR_ENDS, FormatMix
+    from flanpipe.data.packing import pack_mixture
+    from flanpipe.data.tokenize import encode_parquet, open_tokenizer
+
+    write(tmp_path / "t.yaml", 'templates:\n  - {inputs: "Q: {question}", targets: "{answer}"}\n')
+    spec = DatasetSpec(
+        name="toy_qa",
+        cluster="closed_book_qa",
+        source=SourceSpec(type="local", path="unused/{split}.jsonl"),
+        fields={"question": "question", "answer": "answer"},
+        metric="exact_match",
+        templates=tmp_path / "t.yaml",
+    )
+    n = 60
+    questions = [" ".join(f"w{(i * 7 + j) % 300}" for j in range(4 + i % 5)) for i in range(n)]
+    canonical = tmp_path / "train.parquet"
+    pl.DataFrame(
+        {"example_id": range(n), "question": questions, "answer": [f"x{i % 7}" for i in range(n)]}
+    ).write_parquet(canonical)
+    shard = tmp_path / "shard.parquet"
+    render_shard(spec, canonical, shard, formats=FormatMix(fewshot=1.0, shots=20))
+    rows = pl.read_parquet(shard)
+    fewshot = rows.filter(pl.col(EXEMPLAR_ENDS).list.len() > 0)
+    assert fewshot.height == n - 20 and (fewshot[EXEMPLAR_ENDS].list.len() == 20).all()
+    tok = open_tokenizer(spm_model)
+    enc = encode_parquet(tok, shard, inputs_length=96, targets_length=8)
+    assert enc.trimmed_exemplars == fewshot.height  # 20 exemplars never fit in 96 tokens
+    assert enc.truncated_inputs == 0  # every row's own prompt fits once exemplars are dropped
+    by_id = dict(zip(rows["example_id"], range(rows.height), strict=True))
+    kept = []
+    for r in fewshot.iter_rows(named=True):
+        ids, _ = enc.example(by_id[r["example_id"]])
+        text, own = tok.decode(ids.tolist()), f"Q: {questions[r['example_id']]}"
+        assert text.endswith(own) and len(ids) <= 96, (text, own)  # the row's question is there, whole
+        kept.append(text.count("Q: ") - 1)  # exemplars left, all whole (each starts with its own "Q: ")
+        assert r["inputs"].endswith(text)  # what is left is the rendered prompt minus leading exemplars
+    assert min(kept) >= 1 and max(kept) < 20, kept  # as many exemplars as fit, not none
+    # through the DAG's stages: the mixture keeps the boundaries, and the pack rule reports the count
+    from flanpipe.data.mixing import MixtureConfig, build_mixture
+
+    mixture = tmp_path / "mixture.parquet"
+    build_mixture({"toy_qa": shard}, MixtureConfig(), mixture, tmp_path / "mixture.json", budget_tokens=n * 40,
+                  inputs_length=96, targets_length=8)  # fmt: skip
+    assert pl.read_parquet(mixture).select(pl.col(EXEMPLAR_ENDS).list.len() > 0).to_series().sum() > 0
+    stats = pack_mixture(
+        mixture, spm_model, TINY, tmp_path / "packed", lengths={"inputs": 96, "targets": 8, "pack": 128}, num_threads=1
+    )
+    drawn = pl.read_parquet(mixture).filter(pl.col(EXEMPLAR_ENDS).list.len() > 0).height
+    assert stats["trimmed_exemplars"] == drawn and stats["truncated_inputs"] == 0
+
+
+def test_fewshot_with_more_shots_than_training_examples(toy: tuple[Path, Path]) -> None:
+    """Every example became an exemplar: no row was few-shot, with no word."""
+    from flanpipe.data.formats import FormatMix
+
+    root, path = toy
+    write(path, 'templates:\n  - {inputs: "{ctx}", targets: "{answer}"}\n')
+    spec = spec_for(path)
+    with pytest.raises(ValueError, match=r"dataset 'toy_jinja': formats.shots = 4 exemplars need more than 4 .* has 4"):
+        render_shard(spec, root / "train.parquet", root / "shard.parquet", formats=FormatMix(fewshot=0.5, shots=4))
+    assert not (root / "shard.parquet").exists() and leftovers(root) == []
+    render_shard(spec, root / "train.parquet", root / "shard.parquet", formats=FormatMix(fewshot=0.5, shots=3))
