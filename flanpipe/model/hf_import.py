@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flanpipe.core.io import atomic_path
 from flanpipe.core.model_config import ModelConfig
 from flanpipe.model.hf_format import (
     TOKENIZER_FILES,
@@ -65,15 +66,15 @@ def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -
     hf_dir, out = Path(hf_dir), Path(out_dir)
     arch, cfg, _, prefix = check_hf_checkpoint(hf_dir)  # headers only: nothing is written for a bad checkpoint
     check_tokenizer(hf_dir, cfg)
-    if out.exists():
-        if any(out.iterdir()) and not (out / "model.json").exists():
-            raise ValueError(f"{out}: exists and is not an import-hf output (no model.json); not overwriting it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    stream_checkpoint(hf_dir, out / "checkpoint")
-    (out / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    _copy_side_files(hf_dir, out / "hf")
-    (out / "hf" / "architecture").write_text(arch + "\n")
+    if out.exists() and any(out.iterdir()) and not (out / "model.json").exists():
+        raise ValueError(f"{out}: exists and is not an import-hf output (no model.json); not overwriting it")
+    # written beside and renamed into place whole: a killed import leaves no checkpoint without model.json
+    # (which a rerun would refuse as foreign) and replaces an earlier import only once it is complete
+    with atomic_path(out, directory=True) as tmp:
+        stream_checkpoint(hf_dir, tmp / "checkpoint")
+        (tmp / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        _copy_side_files(hf_dir, tmp / "hf")
+        (tmp / "hf" / "architecture").write_text(arch + "\n")
     return cfg
 
 

@@ -141,6 +141,11 @@ def _check_checkpoint(config: Mapping[str, Any], run: Run, want: ModelConfig) ->
             "it must hold model.json and checkpoint/ as a trained run's results/models/<run>/ does"
         )
     model_json = Path(directory) / "model.json"
+    if not model_json.is_file() and (Path(directory) / "config.json").is_file():
+        raise PlanError(
+            f"config key {key}: {directory} holds an HF config.json but no model.json: a HuggingFace checkpoint, "
+            "which base.hf imports (base.checkpoint is a flanpipe model dir: model.json + checkpoint/)"
+        )
     got = _load_model(model_json, key)
     weights = Path(directory) / "checkpoint"
     missing = [f for f in CHECKPOINT_FILES if not (weights / f).is_file()]

@@ -145,8 +145,14 @@ def with_hf_base(config: dict[str, Any]) -> dict[str, Any]:
     hf_dir = resolve_config_path(base["hf"])
     path = hf_dir / "config.json"
     if not path.is_file():
+        hint = (
+            " (it holds model.json: a flanpipe model dir, e.g. an import-hf output; give it as base.checkpoint)"
+            if (hf_dir / "model.json").is_file()
+            else ""
+        )
         raise ConfigError(
-            f"config key base.hf: {path} not found; base.hf must be a HuggingFace checkpoint dir holding config.json"
+            f"config key base.hf: {path} not found; base.hf must be a HuggingFace checkpoint dir holding "
+            f"config.json{hint}"
         )
     from flanpipe.model.hf_format import HFFormatError, check_hf_checkpoint
 

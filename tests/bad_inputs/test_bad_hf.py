@@ -317,3 +317,37 @@ def test_fewshot_baseline_of_base_hf_does_not_warn(hf_dir: Path, tmp_path: Path)
         warnings.simplefilter("error", PlanWarning)
         p = plan_experiment(validate_config(cfg))
     assert any(e.variant.endswith("2shot") for e in p.evaluations)
+
+
+def test_killed_import_leaves_nothing_and_keeps_the_earlier_one(
+    hf_dir: Path, imported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed import left checkpoint/ without model.json, which the rerun then refused as a foreign dir."""
+    from flanpipe.model import hf_import
+
+    def killed(src: Path, ckpt: Path) -> None:
+        ckpt.mkdir(parents=True)
+        (ckpt / "__0_0.distcp").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_import, "stream_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        import_hf(hf_dir, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    earlier = _copy(imported, tmp_path / "earlier")
+    with pytest.raises(KeyboardInterrupt):
+        import_hf(hf_dir, earlier)
+    assert sorted(p.name for p in earlier.iterdir()) == ["checkpoint", "hf", "model.json"]
+    assert sorted(p.name for p in (earlier / "checkpoint").iterdir()) == sorted(
+        p.name for p in (imported / "checkpoint").iterdir()
+    )
+
+
+def test_base_hf_and_base_checkpoint_swapped_say_which_is_which(hf_dir: Path, imported: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"base.hf: .*config.json not found.*holds model.json.*give it as base.checkpoint"
+    ):
+        _plan(tmp_path / "a", imported)
+    registry_dir(tmp_path / "b")
+    with pytest.raises(PlanError, match=r"base.checkpoint: .* holds an HF config.json but no model.json.*base.hf"):
+        plan_experiment(validate_config(raw_config(tmp_path / "b", base={"checkpoint": str(hf_dir)})))
