@@ -276,6 +276,14 @@ def validate(t: Template, spec: DatasetSpec, path: str | os.PathLike[str]) -> No
     if CHOICES in meta.find_undeclared_variables(env.parse(j.jinja)) and j.answer_choices is None:
         raise TemplateError(f"{where}: uses answer_choices but defines none")
     check_static_text(j, f"{where} of dataset {spec.name!r}")
+    if j.label is not None and j.answer_choices is not None and _is_literal(j.answer_choices) and spec.options:
+        n = len(j.answer_choices.split(SEPARATOR))
+        if n != len(spec.options):  # the label is the gold's index in the registry's options
+            raise TemplateError(
+                f"{where} (answer_choices): {n} literal choices, but 'label: {j.label}' indexes dataset "
+                f"{spec.name!r}'s {len(spec.options)} options {list(spec.options)}: they must be the same labels, in "
+                "the same order"
+            )
 
 
 def _is_literal(source: str) -> bool:

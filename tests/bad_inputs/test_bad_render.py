@@ -254,3 +254,24 @@ def test_fewshot_with_more_shots_than_training_examples(toy: tuple[Path, Path]) 
         render_shard(spec, root / "train.parquet", root / "shard.parquet", formats=FormatMix(fewshot=0.5, shots=4))
     assert not (root / "shard.parquet").exists() and leftovers(root) == []
     render_shard(spec, root / "train.parquet", root / "shard.parquet", formats=FormatMix(fewshot=0.5, shots=3))
+
+
+def test_literal_answer_choices_must_match_the_options_the_label_indexes(tmp_path: Path) -> None:
+    """``yes ||| no`` indexed by the label of a three-option dataset: the third label failed as an IndexError in
+    the render job (or, the other way round, a choice no label ever picks)."""
+    nli = yaml.safe_dump(
+        {
+            "templates": [
+                {
+                    "kind": "jinja",
+                    "jinja": "{{ premise }} ||| {{ answer_choices[label] }}",
+                    "answer_choices": "yes ||| maybe ||| no",
+                    "label": "label",
+                }
+            ]
+        }  # fmt: skip
+    )
+    registry_dir(tmp_path, nli_templates=nli)
+    with pytest.raises(TemplateError, match=r"nli.yaml: template 0 \(answer_choices\): 3 literal choices, but "
+                       r"'label: label' indexes dataset 'nli_a''s 2 options \['yes', 'no'\]"):  # fmt: skip
+        plan(tmp_path)
