@@ -225,6 +225,13 @@ def check_cross_fields(config: Mapping[str, Any]) -> None:
             "with no template",
             stacklevel=2,
         )
+    fmt = config["formats"]
+    if (fmt["fewshot"] > 0 or fmt["options"] < 1) and tpl["train_mode"] != "natural":
+        warnings.warn(
+            f"config key formats: {dict(fmt)} has no effect with templates.train_mode = {tpl['train_mode']!r}: prompt "
+            "formats rewrite natural-instruction prompts, and the main runs train on prompts without instructions",
+            stacklevel=2,
+        )
     if t["micro_batch_size"] and t["global_batch_size"] % t["micro_batch_size"]:
         raise ConfigError(
             f"config key train.global_batch_size: {t['global_batch_size']} is not divisible by "

@@ -156,6 +156,8 @@ def test_config_values_that_contradict_each_other(tmp_path: Path, bad: dict, cul
 
 
 def test_config_values_without_effect_warn(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"config key formats: .* has no effect with templates\.train_mode = 'no_tem"):
+        validate_config(raw_config(tmp_path, formats={"fewshot": 0.5}, templates={"train_mode": "no_template"}))
     with pytest.warns(UserWarning, match=r"templates\.num_templates: 2 has no effect with templates\.train_mode"):
         validate_config(raw_config(tmp_path, templates={"num_templates": 2, "train_mode": "no_template"}))
     with pytest.warns(UserWarning, match=r"train\.save_interval: 500 > train\.steps = 100"):
