@@ -452,7 +452,8 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from flanpipe.model.hf_export import export_hf
 
-    print(export_hf(args.run_dir, args.out, base=args.base, max_shard_bytes=int(args.max_shard_gb * 2**30)))
+    shard = int(args.max_shard_gb * 2**30)
+    print(export_hf(args.run_dir, args.out, base=args.base, max_shard_bytes=shard, force=args.force))
 
 
 def cmd_bench_import_hf(args: argparse.Namespace) -> None:
@@ -604,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--base", help="imported base dir with the tokenizer files (default: RUN_DIR)")
     s.add_argument("--max-shard-gb", type=float, default=5.0)
+    s.add_argument("--force", action="store_true", help="replace an earlier export in --out (default: refuse)")
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     s = bench.add_parser("data", help="render -> mix -> tokenize -> pack on 62 synthetic FLAN-shaped datasets")
     s.set_defaults(fn=cmd_bench_data)

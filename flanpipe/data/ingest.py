@@ -325,9 +325,12 @@ def answer_expr(spec: DatasetSpec, dtype: pl.DataType) -> pl.Expr:
     return raw.cast(pl.Utf8)
 
 
-def bad_row_reasons(spec: DatasetSpec) -> dict[str, pl.Expr]:
-    """Named predicates for rows that cannot become examples (checked on canonical columns)."""
+def bad_row_reasons(spec: DatasetSpec, answer_dtype: pl.DataType = pl.Utf8) -> dict[str, pl.Expr]:
+    """Named predicates for rows that cannot become examples (checked on canonical columns). An empty answer
+    would train a target of a bare EOS and score every prediction against "" (text answers only)."""
     reasons = {f"null {name}": pl.col(name).is_null() for name in spec.fields}
+    if answer_dtype == pl.Utf8:
+        reasons["empty answer"] = pl.col("answer").str.strip_chars() == ""
     if spec.options is not None:
         reasons["answer not in options"] = pl.col("answer").is_not_null() & ~pl.col("answer").is_in(list(spec.options))
     if spec.options_field is not None:
@@ -358,7 +361,7 @@ def canonicalize(
     canon = canon.with_columns(answer_expr(spec, canon.collect_schema()["answer"]).alias("answer"))
     if spec.answer_key_field is not None:
         canon = canon.drop("__answer_keys")
-    reasons = bad_row_reasons(spec)
+    reasons = bad_row_reasons(spec, canon.collect_schema()["answer"])
     counts_row = canon.select(pl.len().alias("rows"), *[pred.sum().alias(r) for r, pred in reasons.items()]).collect(
         engine="streaming"
     )

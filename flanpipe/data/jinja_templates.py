@@ -45,6 +45,7 @@ import hashlib
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -301,6 +302,45 @@ def validate(t: Template, spec: DatasetSpec, path: str | os.PathLike[str]) -> No
             )
     if CHOICES in meta.find_undeclared_variables(env.parse(j.jinja)) and j.answer_choices is None:
         raise TemplateError(f"{where}: uses answer_choices but defines none")
+    check_static_text(j, f"{where} of dataset {spec.name!r}")
+    if j.label is not None and j.answer_choices is not None and _is_literal(j.answer_choices) and spec.options:
+        n = len(j.answer_choices.split(SEPARATOR))
+        if n != len(spec.options):  # the label is the gold's index in the registry's options
+            raise TemplateError(
+                f"{where} (answer_choices): {n} literal choices, but 'label: {j.label}' indexes dataset "
+                f"{spec.name!r}'s {len(spec.options)} options {list(spec.options)}: they must be the same labels, in "
+                "the same order"
+            )
+
+
+def _is_literal(source: str) -> bool:
+    """Jinja source with no expression, statement or comment: it renders as itself."""
+    return not any(mark in source for mark in ("{{", "{%", "{#"))
+
+
+def check_static_text(j: JinjaSpec, where: str) -> None:
+    """What the source text alone decides, checked while planning: a template without ``|||`` can never
+    render "inputs ||| targets", and literal answer_choices must be distinct, non-empty choices (a repeated
+    choice makes the gold of that label ambiguous)."""
+    if SEPARATOR not in j.jinja:
+        raise TemplateError(
+            f"{where}: the template has no '{SEPARATOR}', so it can never render \"inputs {SEPARATOR} targets\" "
+            f"(promptsource separates the prompt from its target with '{SEPARATOR}')"
+        )
+    if j.answer_choices is not None and _is_literal(j.answer_choices):
+        problem = choices_problem([c.strip() for c in j.answer_choices.split(SEPARATOR)])
+        if problem:
+            raise TemplateError(f"{where} (answer_choices): {problem}")
+
+
+def choices_problem(choices: Sequence[str]) -> str | None:
+    """Why a rendered list of answer choices cannot be ranked (a repeated or empty choice), or None."""
+    repeated = sorted(c for c, n in Counter(choices).items() if n > 1)
+    if repeated:
+        return f"choice(s) {repeated} repeated in {list(choices)}: the gold of a repeated label is ambiguous"
+    if "" in choices:
+        return f"a choice renders empty in {list(choices)}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -360,21 +400,34 @@ def _unescape(s: str) -> str:
     return s.replace(_PIPE_ESCAPE, SEPARATOR)
 
 
-def apply(env: GuardedSandbox, c: Compiled, ctx: dict[str, Any], seed: int) -> tuple[str, str, list[str]]:
-    """promptsource's apply: choices first, then the template; both split on ``|||`` and stripped."""
+def apply(env: GuardedSandbox, c: Compiled, ctx: dict[str, Any], seed: int) -> tuple[str, str, list[str]] | None:
+    """promptsource's apply: choices first, then the template; both split on ``|||`` and stripped.
+
+    None for a row P3 drops: one whose prompt renders empty (a conditional template that has nothing to ask of
+    this example; P3's shards keep only rows with a non-empty prompt). An empty target, or repeated or empty
+    answer choices, cannot be trained on or scored: errors."""
     env.start_row(seed)
     ctx = dict(ctx)
     choices: list[str] = []
     if c.choices is not None:
         choices = [_unescape(x).strip() for x in c.choices.render(ctx).split(SEPARATOR)]
+        if problem := choices_problem(choices):
+            raise ValueError(f"answer_choices: {problem}")
         ctx[CHOICES] = choices
     text = c.body.render(ctx)
     env.check_deadline()
     if len(text) > MAX_OUTPUT_CHARS:
         raise RenderLimitError(f"output of {len(text)} characters (at most {MAX_OUTPUT_CHARS})")
     parts = [_unescape(p).strip() for p in text.split(SEPARATOR)]
+    if parts == [""] or (len(parts) == 2 and not parts[0]):
+        return None
     if len(parts) != 2:
         raise ValueError(f"renders {len(parts) - 1} '|||' separators, not one between inputs and targets")
+    if not parts[1]:
+        raise ValueError(
+            f"the target renders empty (prompt {parts[0][:80]!r}): the example would train on a bare EOS or be "
+            "scored against ''"
+        )
     return parts[0], parts[1], choices
 
 
@@ -398,17 +451,22 @@ def render_rows(
     env = env or GuardedSandbox()
     compiled = {t.index: compile_template(env, t) for t in templates}
     out: dict[str, list[Any]] = {k: [] for k in SHARD_SCHEMA}
+    dropped: dict[int, list[int]] = {}
     for row, tid in zip(df.iter_rows(named=True), template_ids, strict=True):
         c = compiled[tid]
         try:
             ctx = context(row, c.template.jinja, spec)
-            inputs, targets, choices = apply(env, c, ctx, _seed(tid, row["example_id"]))
+            rendered = apply(env, c, ctx, _seed(tid, row["example_id"]))
         except Exception as e:  # noqa: BLE001 -- source Jinja may fail in any way; the sandbox keeps it harmless
             kind = "refused by the sandbox" if isinstance(e, SecurityError) else "does not render"
             raise TemplateError(
                 f"{_where(spec.templates, c.template)}: dataset {spec.name!r}, example_id {row['example_id']}: "
                 f"{kind}: {e}"
             ) from None
+        if rendered is None:
+            dropped.setdefault(tid, []).append(row["example_id"])
+            continue
+        inputs, targets, choices = rendered
         out["dataset"].append(spec.name)
         out["cluster"].append(spec.cluster)
         out["split"].append(split)
@@ -418,6 +476,13 @@ def render_rows(
         out["inputs"].append(inputs)
         out["targets"].append(targets)
         out["options"].append(choices)
+    for tid, ids in sorted(dropped.items()):  # into the render job's log: counted, never silent
+        print(
+            f"{_where(spec.templates, compiled[tid].template)}: dataset {spec.name!r} ({split}): dropped {len(ids)} "
+            f"of the rows it rendered, whose prompt renders empty, as P3 drops them (example_ids {ids[:10]}"
+            f"{' ...' if len(ids) > 10 else ''})",
+            file=sys.stderr,
+        )
     # through Arrow: Polars' Python constructor builds one Series per inner options list (half the time)
     arrow = pa.table({k: pa.array(v, type=_ARROW_TYPES[k]) for k, v in out.items()})
     return pl.from_arrow(arrow).cast(SHARD_SCHEMA)  # type: ignore[union-attr,return-value]

@@ -500,6 +500,7 @@ def import_promptsource(
     env = sandbox()
     kept: list[tuple[ImportedTemplate, tuple[str, ...] | str | None, dict[str, Any]]] = []
     skipped: list[SkippedTemplate] = []
+    broken: list[SkippedTemplate] = []  # --verbatim: prompts of the original task that cannot be kept as written
     for key, t in doc["templates"].items():
         if not isinstance(t, dict):
             raise TemplateImportError(f"{path}: template {key}: expected a !Template mapping")
@@ -515,7 +516,7 @@ def import_promptsource(
             try:
                 kept.append((verbatim_template(env, t, src, fmap, label_offset, label), None, t))
             except Unconvertible as e:
-                skipped.append(SkippedTemplate(src, str(e)))
+                (skipped if _turned(t) else broken).append(SkippedTemplate(src, str(e)))
             continue
         try:
             conv = convert_template(env, jinja, answer_choices, fmap)
@@ -537,6 +538,13 @@ def import_promptsource(
         choice_key = _choice_key(env, answer_choices) if uses_choices and answer_choices is not None else None
         kept.append((ImportedTemplate(src, conv.inputs, conv.targets, turned), choice_key, t))
 
+    if broken:  # --verbatim promises every prompt of the task as written: a missing one fails the import
+        reasons = "; ".join(f"{b.source}: {b.reason}" for b in broken)
+        raise TemplateImportError(
+            f"{path}: --verbatim keeps every prompt of {dataset!r} that does the original task as written, but "
+            f"{len(broken)} cannot be kept ({reasons}); nothing written. Fix or remove them in the source, or import "
+            "without --verbatim (--jinja keeps what parses and lists what it skips)"
+        )
     # {answer}/{options_} render ONE option list per dataset: keep the templates that agree on it.
     notes: list[str] = []
     keys = [k for _, k, _ in kept if k is not None]
@@ -618,6 +626,12 @@ def variable_shapes(field_map: Mapping[str, str], free: set[str]) -> dict[str, A
     return shapes
 
 
+def _turned(t: Mapping[str, Any]) -> bool:
+    """promptsource's metadata says the template does not do the original task."""
+    metadata = t.get("metadata")
+    return isinstance(metadata, dict) and metadata.get("original_task") is False
+
+
 def verbatim_template(
     env: ImmutableSandboxedEnvironment,
     t: Mapping[str, Any],
@@ -631,8 +645,7 @@ def verbatim_template(
     The variable indexing ``answer_choices`` becomes ``label``: at render time it receives the gold answer's
     index in the registry's options, so those must follow the source's label order.
     """
-    metadata = t.get("metadata")
-    if isinstance(metadata, dict) and metadata.get("original_task") is False:
+    if _turned(t):
         raise Unconvertible("original_task is false (turned-around cannot be checked for a Jinja template)")
     jinja, answer_choices = t["jinja"], t.get("answer_choices")
     try:
@@ -642,6 +655,8 @@ def verbatim_template(
             free |= meta.find_undeclared_variables(env.parse(answer_choices))
     except JinjaError as e:
         raise Unconvertible(f"Jinja does not parse: {_first_line(e)}") from None
+    if SEPARATOR not in jinja:
+        raise Unconvertible(f"no '{SEPARATOR}' between prompt and target: it can never render both")
     label = label_name if label_name is not None and label_name in free else _label_variable(tree, free)
     free -= {CHOICES, label or "", *GLOBALS}
     variables = variable_shapes(field_map, free)

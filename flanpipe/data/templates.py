@@ -311,7 +311,15 @@ def render_shard(
     with atomic_path(out_path) as tmp:
         lf.sink_parquet(tmp)
     rows = pl.scan_parquet(out_path).select(pl.len()).collect().item()
-    return {"dataset": spec.name, "rows": rows, "templates": [t.index for t in chosen], "mode": mode}
+    examples = pl.scan_parquet(canonical).select(pl.len()).collect().item()
+    # one row per example: a missing one is a Jinja prompt that rendered empty (dropped as P3 does, logged)
+    return {
+        "dataset": spec.name,
+        "rows": rows,
+        "dropped_empty_prompt": examples - rows,
+        "templates": [t.index for t in chosen],
+        "mode": mode,
+    }
 
 
 def render_eval_shard(
@@ -350,7 +358,19 @@ def render_eval_shard(
     ]
     with atomic_path(out_path) as tmp:
         pl.concat(frames).sink_parquet(tmp)
-    return {"dataset": spec.name, "splits": list(canonical), "mode": mode, "options": options_in_prompt, "shots": shots}
+    rows = pl.scan_parquet(out_path).select(pl.len()).collect().item()
+    scored = sum(not t.turned_around for t in chosen)
+    sizes = [pl.scan_parquet(p).select(pl.len()).collect().item() for p in canonical.values()]
+    expected = scored * sum(min(n, max_examples) if max_examples else n for n in sizes)
+    return {
+        "dataset": spec.name,
+        "splits": list(canonical),
+        "mode": mode,
+        "options": options_in_prompt,
+        "shots": shots,
+        "rows": rows,
+        "dropped_empty_prompt": expected - rows,  # (example, template) pairs whose Jinja prompt rendered empty
+    }
 
 
 def preview(spec: DatasetSpec, canonical: str | os.PathLike[str], n: int) -> str:
