@@ -42,16 +42,20 @@ def test_mixed_shape_answers_are_references_never_list_text(tmp_path: Path) -> N
         {"q": "2 + 3?", "a": "5"},
         {"q": "two plus three?", "a": ["5", "five"]},
         {"q": "what is cited?", "a": "[citation needed]"},
+        {"q": "two and three?", "a": ["", "5", None]},  # blank and null entries are no answers
     ]
     jsonl(tmp_path / "d" / "train.jsonl", rows)
     ingest_split(qa_spec(tmp_path / "d" / "{split}.jsonl"), "train", tmp_path / "out.parquet")
     df = pl.read_parquet(tmp_path / "out.parquet")
-    assert df["answer"].to_list() == ["5", "5", "[citation needed]"]
-    assert df[REFERENCES].to_list() == [["5"], ["5", "five"], ["[citation needed]"]]
-    # answer_list: first (DROP: a list holds the parts of one answer, not alternatives): no references
-    ingest_split(qa_spec(tmp_path / "d" / "{split}.jsonl", answer_list="first"), "train", tmp_path / "first.parquet")
+    assert df["answer"].to_list() == ["5", "5", "[citation needed]", "5"]
+    assert df[REFERENCES].to_list() == [["5"], ["5", "five"], ["[citation needed]"], ["5"]]
+    # answer_list: first (DROP: a list holds the parts of one answer, not alternatives): no references, and
+    # a blank first part is an empty answer (a bad row)
+    only_first = qa_spec(tmp_path / "d" / "{split}.jsonl", answer_list="first")
+    report = ingest_split(only_first, "train", tmp_path / "first.parquet", policy="drop")
     first = pl.read_parquet(tmp_path / "first.parquet")
     assert first["answer"].to_list() == ["5", "5", "[citation needed]"] and REFERENCES not in first.columns
+    assert report["dropped"] == {"empty answer": 1}
 
 
 def test_nested_mixed_shapes_and_missing_nested_fields(tmp_path: Path) -> None:

@@ -259,7 +259,9 @@ def canonical_exprs(spec: DatasetSpec, schema: pl.Schema, where: str = "") -> li
                 expr = expr.cast(pl.List(pl.Utf8)).list.join(spec.join[name])
             elif isinstance(dtype, pl.List):  # a list of references: train on the first
                 if name == "answer" and dtype.inner == pl.Utf8 and spec.answer_list == "references":  # all scored
-                    references.append(expr.list.drop_nulls().alias(REFERENCES))
+                    answers = pl.element().filter(pl.element().str.strip_chars() != "")  # a blank one is no answer
+                    expr = expr.list.eval(answers)
+                    references.append(expr.alias(REFERENCES))
                 expr = expr.list.first()
             if name != "answer":  # the answer keeps its dtype: an int label indexes the options
                 expr = expr.cast(pl.Utf8)
