@@ -24,11 +24,11 @@ Decisions (written down so train and eval agree, and so a score can be lined up 
   by default; ``acc_norm`` is lm-evaluation-harness's rule exactly; every rule's summary is recorded.
 - An option list with a duplicate or a single entry cannot rank anything (a duplicate always ties; one
   option always wins): refused, naming the example, or counted and dropped (``eval.bad_option_lists``).
-- Input truncation: an input longer than ``lengths.inputs`` keeps its START, as training does
+- Input truncation: an input longer than ``lengths.inputs`` keeps its START, as training cuts an input
   (flanpipe.data.tokenize: so a checkpoint's BOS survives and the model is scored on the view of an
-  example it was trained on). The rows cut are counted in the eval JSON (``inputs_cut``). lm-evaluation-
-  harness instead keeps the end of input + option within the model's length, so the two agree exactly
-  when no input is cut.
+  example it was trained on; eval shards carry no exemplar boundaries, so nothing else is trimmed). The
+  rows cut are counted in the eval JSON (``inputs_cut``). lm-evaluation-harness instead keeps the end of
+  input + option within the model's length, so the two agree exactly when no input is cut.
 - Every pick is recorded (``{dataset}.predictions.parquet`` beside the JSON, ``RECORD_SCHEMA``): per
   example and template the options, the gold option, the option each rule chose, and each option's
   log-prob, EOS log-prob and scored tokens, so calibration, ties and a paired comparison with another
@@ -53,6 +53,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from flanpipe.core.registry import REFERENCES
 from flanpipe.data.hf_tokenizer import Tokenizer
 from flanpipe.data.tokenize import as_tokenizer
 from flanpipe.eval.metrics import SCORINGS, get_metric, rank_choices
@@ -629,6 +630,13 @@ def predict_shard_data_parallel(
     return pl.concat(parts).sort("_dp_row").drop("_dp_row")
 
 
+def reference_column(predictions: pl.DataFrame) -> str:
+    """What a prediction is scored against: the eval shard's ``references`` (every target that counts as
+    right: an example with several acceptable answers is right when the prediction matches any of them,
+    flanpipe.eval.metrics takes the best), or ``targets`` in a shard rendered without them."""
+    return REFERENCES if REFERENCES in predictions.columns else "targets"
+
+
 def score_templates(predictions: pl.DataFrame, metric: str) -> pl.DataFrame:
     """One row per template: validation/test score and counts (score null if no examples).
 
@@ -636,12 +644,13 @@ def score_templates(predictions: pl.DataFrame, metric: str) -> pl.DataFrame:
     (template, split) group is handed to the metric whole; the loop is over groups only.
     """
     fn = get_metric(metric)
+    refs = reference_column(predictions)
     groups = (
         predictions.group_by("template_id", "split")
-        .agg("prediction", "targets", n=pl.len())
+        .agg("prediction", pl.col(refs).alias("refs"), n=pl.len())
         .filter(pl.col("split").is_in(SPLITS))
     )
-    scores = [fn(p, t) for p, t in zip(groups["prediction"].to_list(), groups["targets"].to_list(), strict=True)]
+    scores = [fn(p, t) for p, t in zip(groups["prediction"].to_list(), groups["refs"].to_list(), strict=True)]
     long = groups.select("template_id", "split", "n").with_columns(score=pl.Series(scores, dtype=pl.Float64))
     templates = predictions.select(pl.col("template_id").unique().sort())
     for split in SPLITS:
@@ -663,7 +672,8 @@ def per_example_scores(predictions: pl.DataFrame, metric: str) -> dict[str, list
     """
     fn = get_metric(metric)
     rows = predictions.filter(pl.col("split").is_in(SPLITS)).sort("split", "template_id", "example_id")
-    scores = [fn([p], [t]) for p, t in zip(rows["prediction"].to_list(), rows["targets"].to_list(), strict=True)]
+    refs = rows[reference_column(predictions)].to_list()
+    scores = [fn([p], [t]) for p, t in zip(rows["prediction"].to_list(), refs, strict=True)]
     return {
         "split": rows["split"].to_list(),
         "template_id": rows["template_id"].to_list(),
@@ -701,11 +711,13 @@ def summarize(per_template: pl.DataFrame) -> dict:
 
 
 def write_records(predictions: pl.DataFrame, path: Path) -> None:
-    """The per-example record (RECORD_SCHEMA) of ``predict_shard``'s output, as Parquet, atomically."""
+    """The per-example record (RECORD_SCHEMA, and the shard's ``references`` when it has them) of
+    ``predict_shard``'s output, as Parquet, atomically."""
     from flanpipe.core.io import atomic_path
 
+    refs = [REFERENCES] if REFERENCES in predictions.columns else []
     with atomic_path(path) as tmp:
-        predictions.select(pl.col(k).cast(v) for k, v in RECORD_SCHEMA.items()).write_parquet(tmp)
+        predictions.select(*(pl.col(k).cast(v) for k, v in RECORD_SCHEMA.items()), *refs).write_parquet(tmp)
 
 
 def _log_cuts(dataset: str, preds: pl.DataFrame, rank: RankConfig) -> int:
