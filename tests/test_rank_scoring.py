@@ -157,12 +157,14 @@ def test_duplicate_or_single_option_lists_are_refused_or_dropped() -> None:
 def test_record_read_back(tmp_path: Path) -> None:
     """evaluate_many writes each dataset's record beside its JSON; read back, it holds every pick and log-prob."""
     shards = {"toy": tmp_path / "toy.parquet"}
-    make_shard(rows(["aab", "a", "bbbb"], "aab") + rows(["c", "ab"], "c", example_id=1)).write_parquet(shards["toy"])
+    shard = make_shard(rows(["aab", "a", "bbbb"], "aab") + rows(["c", "ab"], "c", example_id=1))
+    shard.with_columns(references=pl.concat_list("targets")).write_parquet(shards["toy"])  # as rendered eval shards
     result = evaluate_many(Path("m"), CharTokenizer(), shards, {"toy": "accuracy"}, tmp_path / "out",
                            lengths={"inputs": 32, "targets": 4}, scorer=PowersOfTwo(),
                            rank=RankConfig(scoring="acc_norm"))  # fmt: skip
     record = pl.read_parquet(tmp_path / "out" / "toy.predictions.parquet")
-    assert dict(record.schema) == RECORD_SCHEMA
+    assert dict(record.schema) == {**RECORD_SCHEMA, "references": pl.List(pl.Utf8)}
+    assert record["references"].to_list() == [["aab"], ["c"]]
     assert json.loads((tmp_path / "out" / "toy.json").read_text())["predictions"] == "toy.predictions.parquet"
     assert result["toy"]["ties"] == {"sum": 0, "acc_norm": 0, "per_char_eos": 0, "per_token": 0}
     first, second = record.rows(named=True)
