@@ -165,21 +165,9 @@ def solved_example_list(rendered: pl.LazyFrame | pl.DataFrame) -> list[str]:
     return [f"{r}\n\n" for r in rows.to_series()]
 
 
-def solved_examples(rendered: pl.LazyFrame | pl.DataFrame) -> str:
-    """Rendered exemplars as a few-shot prefix: each "inputs\ntargets", separated by blank lines."""
-    return "".join(solved_example_list(rendered))
-
-
 def pattern_fewshot_exemplars(
     exemplars: pl.LazyFrame, spec: DatasetSpec, template: Template, options_in_prompt: bool = True
 ) -> list[str]:
     """k solved examples under one pattern template, one string each (``solved_example_list``)."""
     columns = rendered_columns(spec, "train", pl.lit(template.index), [template], options_in_prompt)
     return solved_example_list(exemplars.select(columns))
-
-
-def pattern_fewshot_prefix(
-    exemplars: pl.LazyFrame, spec: DatasetSpec, template: Template, options_in_prompt: bool = True
-) -> str:
-    """k solved examples under one pattern template (the prefix of a k-shot prompt)."""
-    return "".join(pattern_fewshot_exemplars(exemplars, spec, template, options_in_prompt))

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 
 import polars as pl
 
 from flanpipe.core.io import atomic_path, read_yaml
 from flanpipe.core.registry import REFERENCES, DatasetSpec
 from flanpipe.data import jinja_templates
-from flanpipe.data.formats import FormatMix, render_train_formats
+from flanpipe.data.formats import EXEMPLAR_ENDS, FormatMix, render_train_formats
 from flanpipe.data.patterns import (  # noqa: F401 (re-exported: the pattern kind's names, as callers know them)
     INSTRUCTION_MODES,
     MAX_TURNED_AROUND,
@@ -32,10 +33,10 @@ from flanpipe.data.patterns import (  # noqa: F401 (re-exported: the pattern kin
     options_expr,
     parse_pattern,
     pattern_expr,
-    pattern_fewshot_prefix,
+    pattern_fewshot_exemplars,
     placeholders,
     rendered_columns,
-    solved_examples,
+    solved_example_list,
 )
 
 
@@ -212,13 +213,14 @@ def render_train(lf: pl.LazyFrame, spec: DatasetSpec, chosen: Sequence[Template]
     return lf.select(rendered_columns(spec, "train", template_id, chosen))
 
 
-def fewshot_prefix(
+def fewshot_exemplar_texts(
     exemplars: pl.LazyFrame, spec: DatasetSpec, template: Template, options_in_prompt: bool = True
-) -> str:
-    """k solved examples under the same template, each "inputs\ntargets", separated by blank lines."""
+) -> list[str]:
+    """k solved examples under the same template, each "inputs\ntargets\n\n": a k-shot prefix is their
+    concatenation, and their lengths give the exemplar ends that let a too-long prompt drop exemplars."""
     if template.kind == "jinja":
-        return solved_examples(jinja_templates.render_template(exemplars, spec, "train", template))
-    return pattern_fewshot_prefix(exemplars, spec, template, options_in_prompt)
+        return solved_example_list(jinja_templates.render_template(exemplars, spec, "train", template))
+    return pattern_fewshot_exemplars(exemplars, spec, template, options_in_prompt)
 
 
 def render_eval(
@@ -234,7 +236,8 @@ def render_eval(
     """Every example under every template that does the task (turned-around ones are not scored).
 
     With ``exemplars`` (few-shot), the same k exemplars, rendered under the scored template, precede
-    every example's inputs.
+    every example's inputs, and ``EXEMPLAR_ENDS`` says where each ends, so that evaluation drops exemplars
+    from the front of a prompt too long for lengths.inputs (tokenize.fit_exemplars) rather than its question.
     """
     scored = [t for t in chosen if not t.turned_around]
     base = lf.head(max_examples) if max_examples else lf
@@ -246,8 +249,13 @@ def render_eval(
             frame = base.select(rendered_columns(spec, split, pl.lit(t.index), [t], options_in_prompt))
         frame = with_references(frame, base, spec, split, t)
         if exemplars is not None:
-            prefix = fewshot_prefix(exemplars, spec, t, options_in_prompt)
-            frame = frame.with_columns(pl.concat_str([pl.lit(prefix), pl.col("inputs")]).alias("inputs"))
+            pieces = fewshot_exemplar_texts(exemplars, spec, t, options_in_prompt)
+            frame = frame.with_columns(
+                pl.concat_str([pl.lit("".join(pieces)), pl.col("inputs")]).alias("inputs"),
+                pl.lit(pl.Series([list(accumulate(map(len, pieces)))], dtype=pl.List(pl.Int32)))
+                .first()
+                .alias(EXEMPLAR_ENDS),
+            )
         frames.append(frame)
     return pl.concat(frames)
 

@@ -418,6 +418,31 @@ def _splice(
     return out, new_lengths
 
 
+def _exemplar_drops(
+    tok: Tokenizer,
+    texts: pl.Series,
+    ends: pl.Series,
+    have: np.ndarray,
+    inputs_length: int,
+    num_threads: int,
+    by_words: bool,
+) -> np.ndarray:
+    """How many exemplars each of ``texts`` (all over ``inputs_length``) must lose from the front to fit: as
+    few as make it fit, all of them if its own prompt alone is too long. The loop is over the exemplar count
+    (formats.shots / the eval shots), not over rows; each round re-encodes only the rows still too long."""
+    drop = np.zeros(len(texts), dtype=np.int64)
+    fits = np.zeros(len(texts), dtype=bool)
+    for j in range(1, int(have.max(initial=0)) + 1):
+        pending = np.flatnonzero(~fits & (have >= j))
+        if not len(pending):
+            break
+        drop[pending] = j
+        trial = _after_exemplars(texts.gather(pending), ends.gather(pending), drop[pending])
+        _, lengths = _encode_texts(tok, trial, num_threads, by_words, add_special=True)
+        fits[pending] = lengths <= inputs_length
+    return drop
+
+
 def _drop_exemplars(
     tok: Tokenizer,
     inputs: pl.Series,
@@ -428,28 +453,34 @@ def _drop_exemplars(
     num_threads: int,
     by_words: bool,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Few-shot rows longer than ``inputs_length`` lose whole exemplars from the front, as few as make them fit
-    (all of them, if the row's own prompt alone is too long: then it is cut like any other), so the question
-    its target answers stays in the prompt. Only those rows are re-encoded; the loop is over the exemplar
-    count (formats.shots), not over rows. Returns the new (flat ids, lengths) and the rows that lost exemplars."""
+    """Few-shot rows longer than ``inputs_length`` lose whole exemplars from the front (``_exemplar_drops``),
+    so the question its target answers stays in the prompt; only those rows are re-encoded. Returns the new
+    (flat ids, lengths) and the number of rows that lost exemplars."""
     n_exemplars = ends.list.len().to_numpy()
     over = np.flatnonzero((in_len > inputs_length) & (n_exemplars > 0))
     if not len(over):
         return in_flat, in_len, 0
-    texts, row_ends, have = inputs.gather(over), ends.gather(over), n_exemplars[over]
-    drop = np.zeros(len(over), dtype=np.int64)
-    fits = np.zeros(len(over), dtype=bool)
-    for j in range(1, int(have.max()) + 1):
-        pending = np.flatnonzero(~fits & (have >= j))
-        if not len(pending):
-            break
-        drop[pending] = j
-        trial = _after_exemplars(texts.gather(pending), row_ends.gather(pending), drop[pending])
-        _, lengths = _encode_texts(tok, trial, num_threads, by_words, add_special=True)
-        fits[pending] = lengths <= inputs_length
+    texts, row_ends = inputs.gather(over), ends.gather(over)
+    drop = _exemplar_drops(tok, texts, row_ends, n_exemplars[over], inputs_length, num_threads, by_words)
     sub_flat, sub_len = _encode_texts(tok, _after_exemplars(texts, row_ends, drop), num_threads, by_words, True)
     flat, lengths = _splice(in_flat, in_len, over, sub_flat, sub_len)
     return flat, lengths, len(over)
+
+
+def fit_exemplars(tok: Tokenizer, inputs: pl.Series, ends: pl.Series, inputs_length: int) -> tuple[pl.Series, int]:
+    """Few-shot input texts that fit ``inputs_length`` tokens by losing exemplars from the front, the rule
+    packing applies to training rows (``_drop_exemplars``), for callers that encode text themselves (evaluation,
+    whose conventions encode input and option together). ``ends``: each row's exemplar end offsets
+    (``flanpipe.data.formats.EXEMPLAR_ENDS``; empty for a zero-shot row). Returns the texts and how many rows
+    lost exemplars."""
+    _, lengths = _encode_texts(tok, inputs, 1, False, add_special=True)
+    have = ends.list.len().to_numpy()
+    over = np.flatnonzero((lengths > inputs_length) & (have > 0))
+    if not len(over):
+        return inputs, 0
+    texts, row_ends = inputs.gather(over), ends.gather(over)
+    drop = _exemplar_drops(tok, texts, row_ends, have[over], inputs_length, 1, False)
+    return inputs.clone().scatter(over, _after_exemplars(texts, row_ends, drop)), len(over)
 
 
 def _encode_chunk(

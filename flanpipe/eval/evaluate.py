@@ -26,9 +26,11 @@ Decisions (written down so train and eval agree, and so a score can be lined up 
   option always wins): refused, naming the example, or counted and dropped (``eval.bad_option_lists``).
 - Input truncation: an input longer than ``lengths.inputs`` keeps its START, as training cuts an input
   (flanpipe.data.tokenize: so a checkpoint's BOS survives and the model is scored on the view of an
-  example it was trained on; eval shards carry no exemplar boundaries, so nothing else is trimmed). The
-  rows cut are counted in the eval JSON (``inputs_cut``). lm-evaluation-harness instead keeps the end of
-  input + option within the model's length, so the two agree exactly when no input is cut.
+  example it was trained on). A few-shot prompt too long for it first loses whole exemplars from the front
+  (``fit_fewshot``, training's rule), so the kept start is its own question, never only exemplars. The rows
+  cut are counted in the eval JSON (``inputs_cut``), those that lost exemplars too (``exemplars_trimmed``).
+  lm-evaluation-harness instead keeps the end of input + option within the model's length, so the two agree
+  exactly when no input is cut.
 - Every pick is recorded (``{dataset}.predictions.parquet`` beside the JSON, ``RECORD_SCHEMA``): per
   example and template the options, the gold option, the option each rule chose, and each option's
   log-prob, EOS log-prob and scored tokens, so calibration, ties and a paired comparison with another
@@ -54,8 +56,9 @@ import polars as pl
 import torch
 
 from flanpipe.core.registry import REFERENCES
+from flanpipe.data.formats import EXEMPLAR_ENDS
 from flanpipe.data.hf_tokenizer import Tokenizer
-from flanpipe.data.tokenize import as_tokenizer
+from flanpipe.data.tokenize import as_tokenizer, fit_exemplars
 from flanpipe.eval.metrics import SCORINGS, get_metric, rank_choices
 
 SPLITS = ("validation", "test")
@@ -494,6 +497,7 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "n_tokens": pl.List(pl.Int32),  # its scored tokens, EOS included
     "options_cut": pl.Int16,  # options of this row cut to eval.option_tokens
     "input_cut": pl.Boolean,  # the input was cut to lengths.inputs
+    "exemplars_trimmed": pl.Boolean,  # a few-shot prompt lost exemplars from the front to fit lengths.inputs
 }
 """``{dataset}.predictions.parquet``: one row per scored (split, example, template); option columns null or empty
 for generated rows."""
@@ -510,6 +514,16 @@ def _gold(rows: pl.DataFrame) -> pl.Series:
     )
     index = pl.DataFrame({"_r": range(rows.height)}, schema={"_r": flat["_r"].dtype})
     return index.join(hit, on="_r", how="left").sort("_r")["_k"].cast(pl.Int16).alias("gold")
+
+
+def fit_fewshot(sp: Tokenizer, shard: pl.DataFrame, inputs_length: int) -> pl.DataFrame:
+    """A few-shot shard's prompts too long for ``inputs_length`` lose exemplars from the front (the rule training
+    rows follow, flanpipe.data.tokenize.fit_exemplars), so that the start an input keeps when it is cut is the
+    question, never only exemplars; ``exemplars_trimmed`` marks them. Zero-shot shards are returned as they are."""
+    if EXEMPLAR_ENDS not in shard.columns:
+        return shard
+    fitted, _ = fit_exemplars(as_tokenizer(sp), shard["inputs"], shard[EXEMPLAR_ENDS], inputs_length)
+    return shard.with_columns(exemplars_trimmed=fitted != shard["inputs"], inputs=fitted)
 
 
 def predict_shard(
@@ -531,7 +545,7 @@ def predict_shard(
     """
     sp = as_tokenizer(sp)
     eos = sp.eos_id
-    df = shard.filter(~pl.col("turned_around")).with_row_index("_row")
+    df = fit_fewshot(sp, shard.filter(~pl.col("turned_around")), inputs_length).with_row_index("_row")
     is_cls = pl.col("options").list.len() > 0
     cls, gen = df.filter(is_cls), df.filter(~is_cls)
     parts: list[pl.DataFrame] = []
@@ -783,6 +797,8 @@ def evaluate_shard(
         "option_tokens": rank.option_tokens,  # the cap on an option's scored tokens (null: scored whole)
         "options_cut": _log_cuts(dataset, preds, rank),
         "inputs_cut": int(preds["input_cut"].sum()),  # rows whose input was cut to lengths.inputs (start kept)
+        # few-shot rows that lost exemplars from the front to fit lengths.inputs (their own question kept)
+        "exemplars_trimmed": int(preds["exemplars_trimmed"].fill_null(False).sum()),
         "ties": {k: int(option_rows[f"tied_{k}"].sum()) for k in (SCORINGS if has_options else ())},
         "dropped_option_lists": dropped,  # rows dropped under eval.bad_option_lists: drop
         "predictions": predictions_out.name if predictions_out is not None else None,

@@ -189,13 +189,8 @@ def test_verbatim_import_fails_when_a_prompt_cannot_be_kept(tmp_path: Path, caps
 # ----------------------------------------------------------------------------- Flan 2022 few-shot formats
 
 
-def test_fewshot_rows_too_long_lose_exemplars_not_their_question(tmp_path: Path, spm_model: Path) -> None:  # noqa: F811
-    """formats {fewshot: 1.0, shots: 20} with short inputs: rows were cut from the end, so the row's own question
-    was gone and only exemplars remained (a target for a question never shown); only a count recorded it."""
-    from flanpipe.data.formats import EXEMPLAR_ENDS, FormatMix
-    from flanpipe.data.packing import pack_mixture
-    from flanpipe.data.tokenize import encode_parquet, open_tokenizer
-
+def toy_qa(tmp_path: Path, n: int = 60) -> tuple[DatasetSpec, list[str], Path]:
+    """A one-template QA dataset whose questions differ in length, its questions and its train split."""
     write(tmp_path / "t.yaml", 'templates:\n  - {inputs: "Q: {question}", targets: "{answer}"}\n')
     spec = DatasetSpec(
         name="toy_qa",
@@ -205,12 +200,23 @@ def test_fewshot_rows_too_long_lose_exemplars_not_their_question(tmp_path: Path,
         metric="exact_match",
         templates=tmp_path / "t.yaml",
     )
-    n = 60
     questions = [" ".join(f"w{(i * 7 + j) % 300}" for j in range(4 + i % 5)) for i in range(n)]
     canonical = tmp_path / "train.parquet"
     pl.DataFrame(
         {"example_id": range(n), "question": questions, "answer": [f"x{i % 7}" for i in range(n)]}
     ).write_parquet(canonical)
+    return spec, questions, canonical
+
+
+def test_fewshot_rows_too_long_lose_exemplars_not_their_question(tmp_path: Path, spm_model: Path) -> None:  # noqa: F811
+    """formats {fewshot: 1.0, shots: 20} with short inputs: rows were cut from the end, so the row's own question
+    was gone and only exemplars remained (a target for a question never shown); only a count recorded it."""
+    from flanpipe.data.formats import EXEMPLAR_ENDS, FormatMix
+    from flanpipe.data.packing import pack_mixture
+    from flanpipe.data.tokenize import encode_parquet, open_tokenizer
+
+    spec, questions, canonical = toy_qa(tmp_path)
+    n = len(questions)
     shard = tmp_path / "shard.parquet"
     render_shard(spec, canonical, shard, formats=FormatMix(fewshot=1.0, shots=20))
     rows = pl.read_parquet(shard)
@@ -241,6 +247,37 @@ def test_fewshot_rows_too_long_lose_exemplars_not_their_question(tmp_path: Path,
     )
     drawn = pl.read_parquet(mixture).filter(pl.col(EXEMPLAR_ENDS).list.len() > 0).height
     assert stats["trimmed_exemplars"] == drawn and stats["truncated_inputs"] == 0
+
+
+def test_fewshot_eval_prompts_too_long_lose_exemplars_not_their_question(tmp_path: Path, spm_model: Path) -> None:  # noqa: F811
+    """A k-shot eval prompt (base.fewshot) longer than lengths.inputs was cut like any input, keeping its start:
+    with 20 exemplars only exemplars were scored, never the question. It now loses exemplars from the front,
+    training's rule, and the eval JSON counts the rows that did."""
+    from test_evaluate import make_lm
+
+    from flanpipe.data.formats import EXEMPLAR_ENDS
+    from flanpipe.data.tokenize import open_tokenizer
+    from flanpipe.eval.evaluate import evaluate_shard, fit_fewshot
+
+    spec, questions, train = toy_qa(tmp_path)
+    validation = tmp_path / "validation.parquet"
+    pl.read_parquet(train).head(6).write_parquet(validation)
+    shard_path = tmp_path / "eval.parquet"
+    render_eval_shard(spec, {"validation": validation, "test": validation}, shard_path, shots=20, train=train)
+    shard = pl.read_parquet(shard_path)
+    assert shard.height == 12 and (shard[EXEMPLAR_ENDS].list.len() == 20).all()
+    tok = open_tokenizer(spm_model)
+    fitted = fit_fewshot(tok, shard, 96)
+    assert fitted["exemplars_trimmed"].all()  # 20 exemplars never fit in 96 tokens
+    for r, whole in zip(fitted.iter_rows(named=True), shard["inputs"], strict=True):
+        own = f"Q: {questions[r['example_id']]}"
+        assert r["inputs"].endswith(own) and whole.endswith(r["inputs"])  # the prompt minus leading exemplars
+        assert len(tok.encode_batch([r["inputs"]])[0]) <= 96
+        assert 1 <= r["inputs"].count("Q: ") - 1 < 20  # as many whole exemplars as fit, not none
+    result = evaluate_shard(make_lm(tok.vocab_size), tok, shard, "exact_match", 96, 8, batch_size=8)
+    assert result["exemplars_trimmed"] == shard.height and result["inputs_cut"] == 0
+    zero_shot = shard.drop(EXEMPLAR_ENDS)  # a shard without exemplar ends is left as it is
+    assert fit_fewshot(tok, zero_shot, 96).equals(zero_shot)
 
 
 def test_fewshot_with_more_shots_than_training_examples(toy: tuple[Path, Path]) -> None:
