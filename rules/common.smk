@@ -102,18 +102,46 @@ wildcard_constraints:
 
 
 localrules:
+    sources_check,
     download,
     train_spec,
     report,
     ablation,
 
 
-def raw_inputs(wildcards):
-    """The local source file of one split; one no rule makes must exist already (checked with the DAG)."""
+def _eval_split_inputs(dataset, split):
+    """For the train role, the dataset's canonical validation/test splits (split hygiene compares them)."""
+    if split != "train":
+        return {}
+    return {r: f"results/ingest/{dataset}/{r}.parquet" for r in ("validation", "test") if r in PLAN.registry[dataset].splits}
+
+
+def ingest_inputs(wildcards):
+    """The local source file of one split (one no rule makes must exist already, checked with the DAG),
+    and for the train role the eval splits it is checked against."""
     spec = PLAN.registry[wildcards.local_dataset]
     if wildcards.local_dataset not in SYNTHETIC:
         check_local_source(spec, wildcards.split, Path(config["data"]["root"]))
-    return [str(Path(config["data"]["root"]) / spec.source.path.format(split=spec.splits[wildcards.split]))]
+    raw = str(Path(config["data"]["root"]) / spec.source.path.format(split=spec.splits[wildcards.split]))
+    return {"raw": raw, **_eval_split_inputs(wildcards.local_dataset, wildcards.split)}
+
+
+def download_inputs(wildcards):
+    """The pre-flight check of the hub sources (once: ancient), and for train the eval splits."""
+    return {"check": ancient("results/sources/check.md"), **_eval_split_inputs(wildcards.hub_dataset, wildcards.split)}
+
+
+def hub_source_entries():
+    """Per hub dataset, what the sources_check job checks: the entry's ingest facts (a change reruns it)."""
+    return {d: contract.ingest_spec(config, PLAN.registry[d])[0] for d in HUB}
+
+
+def hub_source_ops():
+    """Where sources_check looks (data.root, data.hf_cache) and each entry's registry file: operational."""
+    from flanpipe.core.rerun import Operational
+
+    files = {d: PLAN.registry[d].defined_in for d in HUB}
+    return Operational({"root": config["data"]["root"], "hf_cache": config["data"]["hf_cache"], "defined_in": files})
 
 
 def template_file(wildcards):
@@ -121,14 +149,19 @@ def template_file(wildcards):
 
 
 def ingest_facts(wildcards):
-    """Rules ingest / download: the registry entry's facts of this split (flanpipe.plan.contract)."""
+    """Rules ingest / download: the registry entry's facts (flanpipe.plan.contract.ingest_spec)."""
     name = getattr(wildcards, "local_dataset", None) or wildcards.hub_dataset
-    return contract.ingest_spec(config, PLAN.registry[name], wildcards.split)[0]
+    return contract.ingest_spec(config, PLAN.registry[name])[0]
+
+
+def ingest_policy(wildcards):
+    """The train role's data.split_duplicates (contract.ingest_policy); nothing for the eval roles."""
+    return contract.ingest_policy(config, wildcards.split)
 
 
 def ingest_ops(wildcards):
     name = getattr(wildcards, "local_dataset", None) or wildcards.hub_dataset
-    return contract.ingest_spec(config, PLAN.registry[name], wildcards.split)[1]
+    return contract.ingest_spec(config, PLAN.registry[name])[1]
 
 
 def dataset_facts(wildcards):

@@ -19,15 +19,17 @@ rule generate_synthetic:
         "../workflow/scripts/generate_synthetic.py"
 
 
-# params: the entry's facts of this split (flanpipe.core.registry.INGEST_FACTS), which the job rebuilds its
-# DatasetSpec from; ops: data.root, data.hf_cache and the registry file's name (operational, never a rerun).
+# The train role waits for the dataset's canonical validation/test splits: split hygiene compares them.
+# params: the entry's facts (flanpipe.core.registry.INGEST_FACTS), which the job rebuilds its DatasetSpec from,
+# and the train role's split_duplicates; ops: data.root, data.hf_cache, the registry file (never a rerun).
 rule ingest:
     input:
-        raw_inputs,
+        unpack(ingest_inputs),
     output:
         "results/ingest/{local_dataset}/{split}.parquet",
     params:
         spec=ingest_facts,
+        policy=ingest_policy,
         ops=ingest_ops,
         version=stage_version("ingest"),
     threads: 1
@@ -41,13 +43,39 @@ rule ingest:
         "../workflow/scripts/ingest.py"
 
 
+# Pre-flight check of every hub source (flanpipe.data.sources: config, splits and their files, columns,
+# label order, hidden labels; no rows read), the first job of a DAG that downloads: a blocking finding
+# stops the run before any download. A localrule, like download. Downloads wait for it only once
+# (ancient): a changed registry entry reruns the check, not every download.
+rule sources_check:
+    output:
+        table="results/sources/check.md",
+        json="results/sources/check.json",
+    params:
+        entries=hub_source_entries(),
+        ops=hub_source_ops(),
+        version=stage_version("sources_check"),
+    threads: 1
+    log:
+        "logs/sources_check/sources_check.log",
+    benchmark:
+        "benchmarks/sources_check/sources_check.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow/scripts/sources_check.py"
+
+
 # Hub datasets: a localrule, since compute nodes usually have no internet. datasets.load_dataset
 # caches under HF_HOME (or FLANPIPE_HF_CACHE); with HF_DATASETS_OFFLINE=1 it reads only that cache.
 rule download:
+    input:
+        unpack(download_inputs),
     output:
         "results/ingest/{hub_dataset}/{split}.parquet",
     params:
         spec=ingest_facts,
+        policy=ingest_policy,
         ops=ingest_ops,
         version=stage_version("ingest"),
     threads: 1

@@ -12,7 +12,7 @@ rule evaluate:
     params:
         group=eval_group_params,
         lengths=contract.lengths(config),
-        eval=contract.eval_facts(config),  # every eval key but the operational and planning ones
+        eval=contract.eval_facts(config),  # the eval block's facts (RankConfig's keys; contract.EVAL_NOT_SCORING)
         ops=contract.eval_ops(config),  # batch size, layout: never a rerun
         version=stage_version("evaluate"),
     threads: 1

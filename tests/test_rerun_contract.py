@@ -290,6 +290,21 @@ def test_ops_carry_only_operational_keys() -> None:
         parse_spec(spec)
 
 
+def test_evaluate_tracks_exactly_the_rank_keys_of_the_eval_block() -> None:
+    """Every eval key is either a fact evaluate tracks and hands to RankConfig, or named in EVAL_NOT_SCORING
+    (operational or planning): a key added to the schema must be one or the other."""
+    from flanpipe.core.io import read_yaml
+    from flanpipe.eval.evaluate import RankConfig
+    from flanpipe.plan.config import SCHEMA_PATH, load_config
+    from flanpipe.plan.contract import EVAL_NOT_SCORING, eval_facts, eval_ops
+
+    keys = set(read_yaml(SCHEMA_PATH)["properties"]["eval"]["properties"])
+    facts = eval_facts(load_config(CONFIG))
+    assert set(facts) == set(RankConfig.__dataclass_fields__) == keys - set(EVAL_NOT_SCORING)
+    assert RankConfig(**facts) == RankConfig.from_config(load_config(CONFIG)["eval"])
+    assert dict(eval_ops(load_config(CONFIG))) == {"batch_size": 32, "layout": [1, 1]}
+
+
 def test_ingest_from_facts_is_ingest_from_the_entry(tmp_path: Path) -> None:
     """A job works from its tracked facts only (spec_from_facts); for ingest that is the whole entry's worth."""
     from flanpipe.core.registry import spec_from_facts
@@ -303,8 +318,8 @@ def test_ingest_from_facts_is_ingest_from_the_entry(tmp_path: Path) -> None:
         "synth_sst", tmp_path / "results/synthetic/synth_sst", sizes={"train": 20, "validation": 4, "test": 4}, seed=0
     )
     spec = dataset_spec(cfg, "synth_sst")
-    facts, ops = ingest_spec(cfg, spec, "train")
-    assert "description" not in facts and "metric" not in facts and facts["splits"] == {"train": "train"}
+    facts, ops = ingest_spec(cfg, spec)
+    assert "description" not in facts and "metric" not in facts and facts["holdout"] == {}
     ingest_split(spec, "train", tmp_path / "a.parquet", root=tmp_path)
     ingest_split(spec_from_facts(facts, defined_in=ops["defined_in"]), "train", tmp_path / "b.parquet", root=tmp_path)
     assert pl.read_parquet(tmp_path / "a.parquet").equals(pl.read_parquet(tmp_path / "b.parquet"))

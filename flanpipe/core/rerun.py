@@ -30,6 +30,7 @@ from typing import Any
 
 STAGE_VERSIONS: dict[str, int] = {
     "generate_synthetic": 1,
+    "sources_check": 1,
     "ingest": 1,  # rules ingest and download: flanpipe.data.ingest.ingest_split
     "render_shard": 1,
     "render_eval_shard": 1,

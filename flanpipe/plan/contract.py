@@ -25,12 +25,19 @@ EVAL_NOT_SCORING: dict[str, str] = {
 and any key added later) is a fact: evaluate tracks it and receives it as a keyword of evaluate_many."""
 
 
-def ingest_spec(config: Mapping[str, Any], spec: DatasetSpec, split: str) -> tuple[dict[str, Any], Operational]:
-    """Rules ingest / download: the entry's facts for ``split`` (what changes its canonical parquet) and the
-    operational settings (where the data and the HuggingFace cache live, which registry file to name)."""
+def ingest_spec(config: Mapping[str, Any], spec: DatasetSpec) -> tuple[dict[str, Any], Operational]:
+    """Rules ingest / download: the entry's facts (what changes its canonical parquets; ``ingest_policy`` adds
+    the train role's) and the operational settings (where the data and the HuggingFace cache live, which
+    registry file to name)."""
     data = config["data"]
-    facts = ingest_facts(spec, split, data["bad_rows"])
+    facts = ingest_facts(spec, data["bad_rows"])
     return facts, Operational({"root": data["root"], "hf_cache": data["hf_cache"], "defined_in": spec.defined_in})
+
+
+def ingest_policy(config: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """Rules ingest / download: ``data.split_duplicates`` for the train role (what happens to train rows that are
+    eval rows changes the train parquet) and nothing for the eval roles, which it never changes."""
+    return {"split_duplicates": config["data"]["split_duplicates"]} if split == "train" else {}
 
 
 def dataset_render_facts(spec: DatasetSpec) -> dict[str, Any]:

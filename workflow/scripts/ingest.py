@@ -24,5 +24,7 @@ with log_to(snakemake.log[0]):
         policy=spec.bad_rows,
         root=Path(ops["root"]),
         hf_cache=ops["hf_cache"],
+        eval_splits={r: snakemake.input[r] for r in ("validation", "test") if r in snakemake.input.keys()},
+        **snakemake.params.policy,  # the train role's split_duplicates (flanpipe.plan.contract.ingest_policy)
     )
     print(json.dumps(report))
