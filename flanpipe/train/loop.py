@@ -53,6 +53,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from flanpipe.core import heap
 from flanpipe.core.model_config import ModelConfig, flops_per_token, load_model_config, param_count
 from flanpipe.core.train_config import RankGrid, TrainConfig, parse_spec, plan_layout
 from flanpipe.core.train_config import fingerprint as train_fingerprint
@@ -70,10 +71,12 @@ def init_distributed(tp: int, pp: int, vpp: int = 1) -> None:
     """torch.distributed from the torchrun env (a 1-process group without it) + Megatron groups.
 
     gloo on CPU, nccl on GPU. An existing group is reused; Megatron's model-parallel state is
-    rebuilt if it was initialised with other sizes.
+    rebuilt if it was initialised with other sizes. The process keeps freed memory for the next
+    step (flanpipe.core.heap.keep_freed_memory: no kernel page zeroing per step).
     """
     from megatron.core import parallel_state
 
+    heap.keep_freed_memory()
     megatron_compat.apply()
     if tp > 1:
         # Megatron's TP linears overlap the input-grad all-reduce with the weight-grad GEMM and
