@@ -2,6 +2,6 @@
 (``{field}`` patterns, Jinja/P3) and their importers, Flan 2022 prompt formats, capped mixing, the tokenizer
 and the encoding rule, best-fit packing, the contamination audit, provenance and the trainer's row order.
 
-Layer 1: may import ``core`` only. Torch-free at import (Polars, SentencePiece, tokenizers); the packer
-imports Megatron's IndexedDatasetBuilder only when it writes.
+Layer 1: may import ``core`` only. Torch-free (Polars, SentencePiece, tokenizers); the packer writes
+Megatron's IndexedDataset files itself (flanpipe.data.packing.IndexedRowsWriter).
 """
