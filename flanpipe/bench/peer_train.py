@@ -13,8 +13,9 @@ rank), clip the global grad norm to 1.0, AdamW (betas 0.9/0.95, eps 1e-8, no wei
 
 Shape: Llama's block exactly: RMSNorm, SwiGLU (gated SiLU), rope, no biases, untied embeddings, equal
 widths, multi-head attention (no GQA: kv heads = heads), so both sides have the same parameters. The
-input rows are one causal document each (the dense packed-row mask Megatron takes is plain causal
-then), and HF shifts labels inside, so it scores s - 1 tokens per row where Megatron scores s.
+input rows are one causal document each (so flanpipe.train.loop.forward_step passes no dense mask, as
+HF passes none: both run torch's causal attention), and HF shifts labels inside, so it scores s - 1
+tokens per row where Megatron scores s.
 
 Measured so that load from other work cannot decide it: each side lives in its own process (set up as
 its user runs it: flanpipe's as rule train sets up a training process, see flanpipe.core.heap; the
@@ -331,7 +332,7 @@ def bench_train_peer(
         "hf_attention": "sdpa",
         "differences": [
             "HF shifts labels inside: s-1 scored tokens per row vs s",
-            "flanpipe: Megatron local spec, attention by torch SDPA with a dense boolean mask (what packed rows need)",
+            "flanpipe: Megatron local spec, attention by torch SDPA, causal (rows of one document: no dense mask)",
         ],
         "batch_size": batch_size,
         "micro_batch_size": micro,
