@@ -350,7 +350,9 @@ class _RopeHalves(torch.autograd.Function):
     """``t * cos + rotate_half(t) * sin``, rotate_half([t1, t2]) = [-t2, t1], written half by half.
 
     Megatron's unfused form builds ``rotate_half`` with a negation and a ``cat`` (a full copy of q and k),
-    and autograd's backward undoes both with another negation and ``cat``. Per half, the same products
+    and autograd's backward undoes both with another negation and ``cat``. The result is laid out head by
+    head ([b, heads, s, dim] in memory, seen as [s, b, heads, dim]), so the attention kernel's contiguous
+    copy of q and k (flanpipe.model.gpt) is free. Per half, the same products
     and sums in the same order (a + (-b) is a - b in IEEE arithmetic), so the result and the gradient
     are bit for bit Megatron's:
         out1 = t1 c1 - t2 s1                 d t1 = g1 c1 + g2 s2
@@ -360,7 +362,12 @@ class _RopeHalves(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = t.shape[-1] // 2
-        out = t * cos
+        if t.dim() == 4:  # q or k as [s, b, heads, dim], stored head by head: what the attention kernel reads
+            s, b, heads, dim = t.shape
+            out = t.new_empty((b, heads, s, dim)).permute(2, 0, 1, 3)
+        else:
+            out = torch.empty_like(t)
+        torch.mul(t, cos, out=out)
         out[..., :h] -= t[..., h:] * sin[..., :h]
         out[..., h:] += t[..., :h] * sin[..., h:]
         ctx.save_for_backward(cos, sin)
