@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flanpipe.core.model_config import CHECKPOINT_FILES
 from flanpipe.core.preemption import (  # noqa: F401 (re-exported: checkpointing's names for the run's files)
     PREEMPTED_EXIT_CODE,
     PREEMPTED_MARKER,
@@ -62,7 +63,7 @@ def iter_name(step: int) -> str:
 
 
 def _complete(path: Path) -> bool:
-    return path.is_dir() and (path / "metadata.json").exists() and (path / "common.pt").exists()
+    return path.is_dir() and all((path / name).exists() for name in CHECKPOINT_FILES)
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:
