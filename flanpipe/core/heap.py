@@ -5,12 +5,12 @@ torch allocates CPU tensors with plain ``malloc``. glibc serves a large request 
 starts at 128 KiB and rises to at most 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, and it
 trims the heap's top once more than twice that threshold lies free there. A training step frees
 nearly everything it allocated (activations, their gradients, the logits) and allocates it again the
-next step, so without these settings every step asks the kernel for new zeroed pages: measured with
-``flanpipe bench train --peer`` (the Llama-shaped bench model, 8 x 256 tokens, 1 thread), ~41,000 minor
-page faults per step, 4 KiB each = ~160 MiB of pages zeroed per step, and ~0.1-0.3 s of the step's CPU
-time in the kernel. ``keep_freed_memory`` makes freed memory stay in the heap for the next step (faults
-per step ~3,000). Both settings are process-wide and only change where memory comes from, never what is
-computed. A no-op where the C library is not glibc.
+next step, so without these settings every step asks the kernel for new zeroed pages: on the
+Llama-shaped bench model (``flanpipe bench train --peer``, 8 x 256 tokens, 1 thread, load 4-13),
+41,000-47,000 minor page faults per step, 4 KiB each = ~160-190 MiB of pages zeroed per step, and
+0.04-0.3 s of a 0.7-1.0 s step in the kernel. ``keep_freed_memory`` keeps freed memory in the heap for the
+next step: 1-3 faults per step. Both settings are process-wide and only change where memory comes from,
+never what is computed. A no-op where the C library is not glibc.
 
 This module imports nothing heavy (no torch): any layer may use it.
 """
