@@ -27,7 +27,9 @@ def test_workstation_command_is_torchrun() -> None:
         "flanpipe.train.loop",
         *TRAIN_ARGS,
     ]
-    assert launch_command(TRAIN_ARGS, 1, mpi="  ")[2] == "torch.distributed.run"  # blank = no mpi
+    assert launch_command(TRAIN_ARGS, 2, mpi="  ")[2] == "torch.distributed.run"  # blank = no mpi
+    # one rank: the module itself (it makes its own 1-process group), no torchrun agent
+    assert launch_command(TRAIN_ARGS, 1) == [sys.executable, "-m", "flanpipe.train.loop", *TRAIN_ARGS]
 
 
 def test_mpi_command_runs_one_worker_per_task() -> None:

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from flanpipe.core import heap
 from flanpipe.core.model_config import ModelConfig, flops_per_token, load_model_config, param_count
 from flanpipe.core.rerun import stage_version, version_record
 from flanpipe.core.train_config import (
@@ -73,7 +74,7 @@ from flanpipe.core.train_config import fingerprint as train_fingerprint
 from flanpipe.model import checkpointing, megatron_compat
 from flanpipe.model.gpt import model_provider
 from flanpipe.train.optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state, set_lr
-from flanpipe.train.rows import PackedDataset, batch_iterator, packed_seq_params
+from flanpipe.train.rows import PackedDataset, batch_iterator, packed_seq_params, plain_causal
 
 megatron_compat.quiet_warnings()  # before Megatron is first imported (it warns at import)
 
@@ -84,10 +85,12 @@ def init_distributed(tp: int, pp: int, vpp: int = 1) -> None:
     """torch.distributed from the torchrun env (a 1-process group without it) + Megatron groups.
 
     gloo on CPU, nccl on GPU. An existing group is reused; Megatron's model-parallel state is
-    rebuilt if it was initialised with other sizes.
+    rebuilt if it was initialised with other sizes. The process keeps freed memory for the next
+    step (flanpipe.core.heap.keep_freed_memory: no kernel page zeroing per step).
     """
     from megatron.core import parallel_state
 
+    heap.keep_freed_memory()
     megatron_compat.apply()
     if tp > 1:
         # Megatron's TP linears overlap the input-grad all-reduce with the weight-grad GEMM and
@@ -205,8 +208,9 @@ def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.
     """One micro-batch through this stage: ``(output, partial(loss_func, loss_mask))``.
 
     Every stage reads the batch (it is cheap): the first needs tokens, all need positions and the
-    mask, the last needs labels. With the Transformer Engine spec the micro-batch is flattened
-    to one [1, b*s] THD sequence described by cu_seqlens instead of a dense mask.
+    mask (none when every row is one document: rows.plain_causal), the last needs labels. With the
+    Transformer Engine spec the micro-batch is flattened to one [1, b*s] THD sequence described by
+    cu_seqlens instead of a dense mask.
     """
     batch = next(data_iterator)
     if torch.cuda.is_available():
@@ -222,7 +226,9 @@ def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.
             packed_seq_params=params,
         )
         return output, partial(loss_func, flat["loss_mask"])
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    mask = batch["attention_mask"]
+    mask = None if plain_causal(mask) else mask  # rows of one document each: the model's causal default
+    output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 
 
