@@ -246,16 +246,20 @@ def export_inputs(wildcards):
     return inputs
 
 
-def eval_group_datasets(wildcards):
-    """The datasets one evaluation job scores: its (model, variant, cluster) group over every planned
+def eval_group_members(wildcards):
+    """The (variant, dataset) pairs one evaluation job scores: its (model, cluster) group over every planned
     evaluation, ablations included (flanpipe.plan.eval_plan: one model load serves them all)."""
-    from flanpipe.plan.eval_plan import eval_group_name, eval_groups, group_datasets
+    return _group_members(wildcards.evalrun, wildcards.cluster)
+
+
+def _group_members(evalrun, cluster):
+    from flanpipe.plan.eval_plan import eval_group_name, eval_groups, group_members
 
     planned = PLAN.evaluations + [e for es in PLAN.ablations.values() for e in es]
     cluster_of = {name: eval_group_name(spec) for name, spec in PLAN.registry.items()}
-    evaluable = [d for d, c in cluster_of.items() if c == wildcards.cluster and PLAN.registry[d].has_eval_splits]
-    groups = eval_groups(planned, cluster_of)
-    return group_datasets(groups, wildcards.evalrun, wildcards.variant, wildcards.cluster, evaluable)
+    evaluable = [d for d, c in cluster_of.items() if c == cluster and PLAN.registry[d].has_eval_splits]
+    by_hand = [(v, d) for d in evaluable for v in PLAN.zero_shot_variants(d)]
+    return group_members(eval_groups(planned, cluster_of), evalrun, cluster, by_hand)
 
 
 def eval_world():
@@ -284,21 +288,33 @@ def eval_group_inputs(wildcards):
     return {
         "model": PLAN.model_dir(wildcards.evalrun),
         "tokenizer": tokenizer_model(),
-        "shards": [f"results/shards/{d}/eval/{wildcards.variant}.parquet" for d in eval_group_datasets(wildcards)],
+        "shards": [f"results/shards/{d}/eval/{v}.parquet" for v, d in eval_group_members(wildcards)],
     }
 
 
 def eval_group_params(wildcards):
-    """Dataset names and metrics, in the order of eval_group_inputs' shards."""
+    """Result names (``<variant>/<dataset>``) and metrics, in the order of eval_group_inputs' shards."""
     from flanpipe.eval.layout import eval_layout
+    from flanpipe.plan.eval_plan import result_name
 
-    names = eval_group_datasets(wildcards)
-    return {"datasets": names, "metrics": [PLAN.registry[d].metric for d in names], "layout": eval_layout(config)}
+    members = eval_group_members(wildcards)
+    return {
+        "results": [result_name(v, d) for v, d in members],
+        "metrics": [PLAN.registry[d].metric for _, d in members],
+        "layout": eval_layout(config),
+    }
 
 
 def eval_group_dir(wildcards):
-    """The evaluation job whose directory holds this dataset's result."""
+    """The evaluation job whose directory holds this result; an error naming what that job scores when the
+    asked-for variant is not among them (a hand-typed target)."""
     from flanpipe.plan.eval_plan import eval_group_name
 
     cluster = eval_group_name(PLAN.registry[wildcards.dataset])
-    return f"results/eval_groups/{wildcards.evalrun}/{wildcards.variant}/{cluster}"
+    members = _group_members(wildcards.evalrun, cluster)
+    if (wildcards.variant, wildcards.dataset) not in members:
+        raise ValueError(
+            f"{wildcards.evalrun} is not evaluated on {wildcards.dataset} under {wildcards.variant}: its "
+            f"evaluate job on {cluster} scores {', '.join('/'.join(m) for m in members)}"
+        )
+    return f"results/eval_groups/{wildcards.evalrun}/{cluster}"
