@@ -289,11 +289,11 @@ def export_inputs(wildcards):
     return inputs
 
 
-def eval_group_datasets(wildcards):
-    """The datasets one evaluation job scores (flanpipe.plan.eval_plan.planned_group_datasets)."""
-    from flanpipe.plan.eval_plan import planned_group_datasets
+def eval_group_members(wildcards):
+    """The (variant, dataset) pairs one evaluation job scores (flanpipe.plan.eval_plan.planned_group_members)."""
+    from flanpipe.plan.eval_plan import planned_group_members
 
-    return planned_group_datasets(PLAN, wildcards.evalrun, wildcards.variant, wildcards.cluster)
+    return planned_group_members(PLAN, wildcards.evalrun, wildcards.cluster)
 
 
 def eval_world():
@@ -322,20 +322,31 @@ def eval_group_inputs(wildcards):
     return {
         "model": PLAN.model_dir(wildcards.evalrun),
         "tokenizer": tokenizer_model(),
-        "shards": [f"results/shards/{d}/eval/{wildcards.variant}.parquet" for d in eval_group_datasets(wildcards)],
+        "shards": [f"results/shards/{d}/eval/{v}.parquet" for v, d in eval_group_members(wildcards)],
     }
 
 
 def eval_group_params(wildcards):
-    """Dataset names and metrics, in the order of eval_group_inputs' shards (the layout is operational:
-    contract.eval_ops)."""
-    names = eval_group_datasets(wildcards)
-    return {"datasets": names, "metrics": [PLAN.registry[d].metric for d in names]}
+    """Result names (``<variant>/<dataset>``) and metrics, in the order of eval_group_inputs' shards (the
+    layout is operational: contract.eval_ops)."""
+    from flanpipe.plan.eval_plan import result_name
+
+    members = eval_group_members(wildcards)
+    return {"results": [result_name(v, d) for v, d in members], "metrics": [PLAN.registry[d].metric for _, d in members]}
 
 
 def eval_group_dir(wildcards):
-    """The evaluation job whose directory holds this dataset's result."""
+    """The evaluation job whose directory holds this result; an error naming what that job scores when the
+    asked-for variant is not among them (a hand-typed target)."""
     from flanpipe.plan.eval_plan import eval_group_name
 
     cluster = eval_group_name(PLAN.registry[wildcards.dataset])
-    return f"results/eval_groups/{wildcards.evalrun}/{wildcards.variant}/{cluster}"
+    from flanpipe.plan.eval_plan import planned_group_members
+
+    members = planned_group_members(PLAN, wildcards.evalrun, cluster)
+    if (wildcards.variant, wildcards.dataset) not in members:
+        raise ValueError(
+            f"{wildcards.evalrun} is not evaluated on {wildcards.dataset} under {wildcards.variant}: its "
+            f"evaluate job on {cluster} scores {', '.join('/'.join(m) for m in members)}"
+        )
+    return f"results/eval_groups/{wildcards.evalrun}/{cluster}"

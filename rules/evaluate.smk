@@ -1,14 +1,15 @@
 # Zero-shot (and few-shot) evaluation. One `evaluate` job scores one model ({evalrun}: a tuned run or the
-# base model) under one prompt variant on every planned dataset of one cluster, loading the model once
-# (flanpipe.plan.eval_plan says why, and what a template edit reruns). It writes one result per dataset into
-# its directory; `eval_result` puts each where the report reads it, results/eval/{evalrun}/{variant}/{dataset}.json.
+# base model) under every planned prompt variant on every planned dataset of one cluster, loading the model
+# once (flanpipe.plan.eval_plan says why, and what a template edit reruns). It writes one result per
+# (variant, dataset) into its directory, <variant>/<dataset>.json; `eval_result` puts each where the report
+# reads it, results/eval/{evalrun}/{variant}/{dataset}.json.
 
 
 rule evaluate:
     input:
         unpack(eval_group_inputs),
     output:
-        directory("results/eval_groups/{evalrun}/{variant}/{cluster}"),
+        directory("results/eval_groups/{evalrun}/{cluster}"),
     params:
         group=eval_group_params,
         lengths=contract.lengths(config),
@@ -17,9 +18,9 @@ rule evaluate:
         version=stage_version("evaluate"),
     threads: 1
     log:
-        "logs/evaluate/{evalrun}/{variant}/{cluster}.log",
+        "logs/evaluate/{evalrun}/{cluster}.log",
     benchmark:
-        "benchmarks/evaluate/{evalrun}/{variant}/{cluster}.tsv"
+        "benchmarks/evaluate/{evalrun}/{cluster}.tsv"
     resources:
         tasks=eval_tasks,  # TP x PP ranks (eval.layout, else train's); more from the profile are data parallel
         mpi="",  # empty: torchrun (or in-process for 1 task); profiles/slurm sets "srun"
@@ -48,4 +49,4 @@ rule eval_result:
     benchmark:
         "benchmarks/eval_result/{evalrun}/{variant}/{dataset}.tsv"
     shell:
-        "cp {input}/{wildcards.dataset}.json {output} 2> {log}"
+        "cp {input}/{wildcards.variant}/{wildcards.dataset}.json {output} 2> {log}"

@@ -449,8 +449,8 @@ def test_evaluate_many_writes_one_result_per_dataset_equal_to_single_runs(
                       lengths=lengths, scorer=Exploding())  # fmt: skip
 
 
-def test_eval_groups_one_job_per_model_variant_cluster() -> None:
-    from flanpipe.plan.eval_plan import eval_groups, group_datasets
+def test_eval_groups_one_job_per_model_cluster() -> None:
+    from flanpipe.plan.eval_plan import eval_groups, group_members
     from flanpipe.plan.runs import Evaluation
 
     cluster_of = {"a1": "A", "a2": "A", "b1": "B"}
@@ -460,17 +460,48 @@ def test_eval_groups_one_job_per_model_variant_cluster() -> None:
         Evaluation("run", "natural", "a2"),  # planned twice (main + ablation): once in the group
     ]
     groups = eval_groups(evals, cluster_of)
-    assert groups == {
-        ("base", "natural", "A"): ["a1"],
-        ("run", "natural", "A"): ["a1", "a2"],
-        ("run", "natural", "B"): ["b1"],
-        ("run", "natural-noopts", "A"): ["a1"],
+    assert groups == {  # every variant of a (model, cluster) under one load
+        ("base", "A"): [("natural", "a1")],
+        ("run", "A"): [("natural", "a1"), ("natural", "a2"), ("natural-noopts", "a1")],
+        ("run", "B"): [("natural", "b1")],
     }
-    assert group_datasets(groups, "run", "natural", "A") == ["a1", "a2"]
-    with pytest.raises(ValueError, match="no planned evaluation of run under natural-2shot on cluster A"):
-        group_datasets(groups, "run", "natural-2shot", "A")
-    # a result asked for by hand: the cluster's evaluable datasets, in one job
-    assert group_datasets(groups, "base", "natural", "B", unplanned=["b2", "b1"]) == ["b1", "b2"]
+    assert group_members(groups, "run", "B") == [("natural", "b1")]
+    with pytest.raises(ValueError, match="no planned evaluation of base on cluster B"):
+        group_members(groups, "base", "B")
+    # a result asked for by hand: the cluster's evaluable datasets under their zero-shot variants, in one job
+    by_hand = [("natural", "b2"), ("natural", "b1")]
+    assert group_members(groups, "base", "B", unplanned=by_hand) == [("natural", "b1"), ("natural", "b2")]
+
+
+def test_one_job_scores_several_variants_into_their_own_directories(
+    tmp_path: Path, sp: spm.SentencePieceProcessor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The rule's names ``<variant>/<dataset>`` write ``<variant>/<dataset>.json`` under one load, each equal
+    to that variant's shard scored alone; the job logs its CPU split; a name whose dataset is not its
+    shard's fails naming both."""
+    from flanpipe.eval.evaluate import JOB_CPU_PREFIX, evaluate_many
+
+    sp_path = tmp_path / "spm.model"
+    sp_path.write_bytes(sp.serialized_model_proto())
+    with_opts = make_shard(sentiment_rows(n=3, templates=2, options=["positive", "negative"]))
+    no_opts = make_shard(sentiment_rows(n=3, templates=2, options=[]))
+    shards = {"natural/toy_sentiment": tmp_path / "a.parquet", "natural-noopts/toy_sentiment": tmp_path / "b.parquet"}
+    with_opts.write_parquet(shards["natural/toy_sentiment"])
+    no_opts.write_parquet(shards["natural-noopts/toy_sentiment"])
+    metrics = dict.fromkeys(shards, "accuracy")
+    lm, lengths = make_lm(sp.vocab_size()), {"inputs": 24, "targets": 4}
+    evaluate_many(Path("m"), sp_path, shards, metrics, tmp_path / "out", lengths=lengths, batch_size=4, scorer=lm)
+    for name, shard in (("natural/toy_sentiment", with_opts), ("natural-noopts/toy_sentiment", no_opts)):
+        written = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert written["per_template"] == evaluate_shard(lm, sp, shard, "accuracy", 24, 4, batch_size=4)["per_template"]
+        assert (tmp_path / "out" / f"{name}.predictions.parquet").exists()
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith(JOB_CPU_PREFIX))
+    words = line.removeprefix(JOB_CPU_PREFIX).split()
+    assert words[0::2] == ["start", "checks", "load", "scoring"] and all(float(w) >= 0 for w in words[1::2])
+
+    with pytest.raises(ValueError, match="holds toy_sentiment, expected natural/other"):
+        evaluate_many(Path("m"), sp_path, {"natural/other": shards["natural/toy_sentiment"]},
+                      {"natural/other": "accuracy"}, tmp_path / "x", lengths=lengths, scorer=lm)  # fmt: skip
 
 
 def test_length_normalised_scorings_by_brute_force(sp: spm.SentencePieceProcessor) -> None:

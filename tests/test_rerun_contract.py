@@ -333,13 +333,13 @@ def test_cost_reads_the_pending_jobs_and_the_profile() -> None:
         "output_file\tdate\trule\tlog-file(s)\tstatus\tplan\n"
         "results/models/heldout_nli\t-\ttrain\tlogs/train/heldout_nli.log\tok\tupdate pending\n"
         "results/models/base-tiny\t-\ttrain\tlogs/train/base-tiny.log\tok\tno update\n"
-        "results/eval_groups/heldout_nli/natural/nli\t-\tevaluate\t-\tmissing\tupdate pending\n"
+        "results/eval_groups/heldout_nli/nli\t-\tevaluate\t-\tmissing\tupdate pending\n"
         "results/specs/heldout_nli.json\t-\ttrain_spec\t-\tparams changed\tupdate pending\n"
     )
     jobs = pending_jobs(summary)
     assert [(j.rule, j.output) for j in jobs] == [
         ("train", "results/models/heldout_nli"),
-        ("evaluate", "results/eval_groups/heldout_nli/natural/nli"),
+        ("evaluate", "results/eval_groups/heldout_nli/nli"),
     ]
     with pytest.raises(ValueError, match="not a `snakemake --summary` table"):
         pending_jobs("Building DAG of jobs...\n")
@@ -421,7 +421,7 @@ def test_label_flip_reingests_retrains_from_scratch_and_rescores(finished: Path)
     flip = {"negative": "positive", "positive": "negative"}
     ingest = "results/ingest/synth_sst/test.parquet"
     shard = "results/shards/synth_sst/eval/natural.parquet"
-    preds = "results/eval_groups/heldout_sentiment/natural/sentiment/synth_sst.predictions.parquet"
+    preds = "results/eval_groups/heldout_sentiment/sentiment/natural/synth_sst.predictions.parquet"
     old = {p: pl.read_parquet(finished / p) for p in (ingest, shard, preds)}
     others = file_times(finished, "results/ingest/synth_[cn]*/*.parquet")
     packed = {r: json.loads((finished / f"results/packed/{r}/packing.json").read_text()) for r in RUNS}
@@ -429,8 +429,8 @@ def test_label_flip_reingests_retrains_from_scratch_and_rescores(finished: Path)
 
     EDITS["synth_sst's `options` reordered (flips every label)"](finished)  # kept: the run now has these labels
     # What the checks below read, not the whole default target: every pack and train reruns anyway (the
-    # tokenizer sees synth_sst's shards), but of the 12 evaluations only the one scoring synth_sst is needed.
-    snakemake(finished, "--cores", "2", "results/models/heldout_nli", str(Path(preds).parent))
+    # tokenizer sees synth_sst's shards), but of the 4 evaluation jobs only the one scoring synth_sst is needed.
+    snakemake(finished, "--cores", "2", "results/models/heldout_nli", str(Path(preds).parent.parent))
 
     new = {p: pl.read_parquet(finished / p) for p in (ingest, shard, preds)}
     assert new[ingest]["answer"].to_list() == [flip[a] for a in old[ingest]["answer"]]

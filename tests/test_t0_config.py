@@ -189,8 +189,8 @@ def test_dry_run_plans_t0(mirror: Path, plan, tmp_path: Path) -> None:  # noqa: 
     assert stats["render_shard"] == 38  # the training datasets only
     assert stats["train"] == stats["mix"] == 4
     assert stats["eval_result"] == len(plan.evaluations)  # one result file per (model, variant, dataset)
-    groups = {(e.run, e.variant, plan.registry[e.dataset].cluster) for e in plan.evaluations}
-    assert stats["evaluate"] == len(groups)  # one model load per (model, variant, cluster)
+    groups = {(e.run, plan.registry[e.dataset].cluster) for e in plan.evaluations}
+    assert stats["evaluate"] == len(groups)  # one model load per (model, cluster)
     # every eval shard is rendered from the dataset's P3 prompts, one (natural) variant per dataset
     blocks = [b for b in out.split("rule render_eval_shard:")[1:]]
     eval_inputs = {

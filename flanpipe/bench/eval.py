@@ -2,7 +2,7 @@
 
 Before: one job per (model, variant, dataset), each a fresh process that imports Megatron and loads the
 model, scoring without a cache (every option scored with its whole input, generation re-running the
-prefix per new token). After: one job per (model, variant, cluster) (flanpipe.plan.eval_plan), the KV cache
+prefix per new token). After: one job per (model, cluster) (flanpipe.plan.eval_plan), the KV cache
 (flanpipe.eval.inference) for generation (one token per step); options as ParallelLM scores them by default
 (one packed row per example: input + all options under a block mask, evaluate.option_logprobs_packed;
 ``share_prefix=True`` with packing off, options sharing their input's encoding through the KV cache, is
@@ -79,7 +79,7 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
     groups = list(eval_groups(plan.evaluations, cluster_of).items())[:max_groups]
     workdir = Path(workdir)
     tok = workdir / "results" / "tokenizer" / "spm.model"
-    missing = [p for p in [tok] + [workdir / plan.model_dir(run) for (run, _, _), _ in groups] if not p.exists()]
+    missing = [p for p in [tok] + [workdir / plan.model_dir(run) for (run, _), _ in groups] if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{missing[0]} missing: build the default first (snakemake --cores 2 in {workdir})")
     sp = open_tokenizer(tok)
@@ -95,21 +95,21 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
         return lm, time.perf_counter() - t0
 
     # Warm up (first load's lazy imports, first forwards) outside the timings, both code paths.
-    (run0, variant0, _), datasets0 = groups[0]
+    (run0, _), members0 = groups[0]
     warm, _ = timed_load(run0)
-    head = shard(variant0, datasets0[0]).head(8)
+    head = shard(*members0[0]).head(8)
     for scorer in (warm, _CacheFree(warm)):
         predict_shard(scorer, sp, head, inl, tgl, bs)
         predict_shard(scorer, sp, head.with_columns(options=pl.lit([], dtype=pl.List(pl.Utf8))), inl, 4, bs)
 
     cls: dict[str, list[float]] = {s: [0, 0.0, 0.0, 0] for s in ("before", "after", "after_shared_prefix")}
     same = True
-    for (run, variant, _), datasets in groups:
+    for (run, _), members in groups:
         lm, load_s = timed_load(run)
         for side in ("after", "after_shared_prefix"):
             cls[side][0] += 1
             cls[side][1] += load_s
-        for d in datasets:
+        for variant, d in members:
             df = shard(variant, d)
             t0 = time.perf_counter()
             after = predict_shard(lm, sp, df, inl, tgl, bs)
@@ -129,10 +129,10 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
                 cls[side][3] += after.height
             same &= before["prediction"].to_list() == after["prediction"].to_list() == shared["prediction"].to_list()
 
-    (run, variant, _), datasets = groups[0]
+    (run, _), members = groups[0]
     lm, _ = timed_load(run)
     gen = {"before": [1, 0.0, 0.0, 0], "after": [1, 0.0, 0.0, 0]}
-    for d in datasets:
+    for variant, d in members:
         df = shard(variant, d).filter(~pl.col("turned_around")).head(gen_rows)
         df = df.with_columns(options=pl.lit([], dtype=pl.List(pl.Utf8)))
         for side, scorer in (("after", lm), ("before", _CacheFree(lm))):

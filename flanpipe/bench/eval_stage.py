@@ -31,6 +31,24 @@ def _bench_seconds(root: Path) -> pl.DataFrame:
     return pl.DataFrame({"rule": rules, "s": secs})
 
 
+def _job_cpu(root: Path) -> dict[str, float] | None:
+    """Summed CPU seconds (start, checks, load, scoring) over the evaluate jobs' logged
+    ``evaluate.job_cpu_line``s, and the fixed share: (start + load) / all; None for a run that predates them."""
+    from flanpipe.eval.evaluate import JOB_CPU_PREFIX
+
+    lines = [
+        line.split(JOB_CPU_PREFIX, 1)[1].split()
+        for log in sorted((root / "logs" / "evaluate").rglob("*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if JOB_CPU_PREFIX in line
+    ]
+    if not lines:
+        return None
+    sums = {k: round(sum(float(w[w.index(k) + 1]) for w in lines), 2) for k in ("start", "checks", "load", "scoring")}
+    total = sum(sums.values())
+    return {"jobs": len(lines), **sums, "start_and_load_share": round((sums["start"] + sums["load"]) / total, 3)}
+
+
 def eval_stage(root: Path) -> dict[str, Any]:
     """Job count, summed and mean seconds of ``evaluate`` (and of every rule, for the share), model loads,
     and datasets scored for the run in ``root``."""
@@ -49,6 +67,7 @@ def eval_stage(root: Path) -> dict[str, Any]:
         "all_jobs": df.height,
         "all_jobs_s": round(float(df["s"].sum()), 1),
         "per_rule_s": {r["rule"]: round(r["s"], 1) for r in per_rule.iter_rows(named=True)},
+        "evaluate_cpu_s": _job_cpu(root),
     }
 
 
@@ -63,3 +82,9 @@ def main(root: Path, as_json: bool = False) -> None:
         f"{r['evaluate_s']} s summed ({r['evaluate_mean_s']} s/job), {r['datasets_scored']} results; "
         f"all {r['all_jobs']} jobs {r['all_jobs_s']} s summed"
     )
+    if cpu := r["evaluate_cpu_s"]:
+        print(
+            f"evaluate CPU s over {cpu['jobs']} jobs: start (interpreter, imports) {cpu['start']}, checks "
+            f"{cpu['checks']}, load {cpu['load']}, scoring {cpu['scoring']}; start + load = "
+            f"{100 * cpu['start_and_load_share']:.0f}% of it"
+        )

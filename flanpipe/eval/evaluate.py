@@ -871,9 +871,12 @@ def evaluate_many(
     pp: int = 1,
     rank: RankConfig = RankConfig(),  # noqa: B008 (frozen, immutable)
 ) -> dict[str, dict]:
-    """Rule ``evaluate``: load a trained model once, score several datasets' eval shards with it, write
-    ``out_dir/{dataset}.json`` per dataset (the same record run_evaluation writes) and its per-example record
-    (``{dataset}.predictions.parquet``, RECORD_SCHEMA), and return the records.
+    """Rule ``evaluate``: load a trained model once, score several eval shards with it, write
+    ``out_dir/{name}.json`` per shard (the same record run_evaluation writes) and its per-example record
+    (``{name}.predictions.parquet``, RECORD_SCHEMA), and return the records by name.
+
+    A name is the dataset, or ``<variant>/<dataset>`` when one job scores several prompt variants of a
+    dataset (the rule's names, flanpipe.plan.eval_plan.result_name): its last part must be the shard's dataset.
 
     Under torchrun/srun (flanpipe.train.launch, ``main``) every rank calls this: the model loads at TP x PP,
     the world's remaining factor is data parallel, and global rank 0 alone writes.
@@ -886,6 +889,7 @@ def evaluate_many(
     from flanpipe.core.io import write_json
     from flanpipe.core.rerun import version_record
 
+    started_cpu = time.process_time()  # interpreter, imports and the caller's set-up: the job's fixed cost
     if set(shards) != set(metrics):
         raise ValueError(f"datasets with a shard {sorted(shards)} differ from datasets with a metric {sorted(metrics)}")
     for dataset, metric in metrics.items():
@@ -897,35 +901,51 @@ def evaluate_many(
     sp = _tokenizer(tokenizer)
     frames = {dataset: pl.read_parquet(shards[dataset]) for dataset in sorted(shards)}
     check_shards(sp, frames, lengths["inputs"], rank, max_positions)
+    loading_cpu = time.process_time()
     if scorer is None:
         from flanpipe.eval.inference import load_parallel_lm
 
         scorer = load_parallel_lm(model_dir, tp, pp)
+    scoring_cpu = time.process_time()
     writer = getattr(scorer, "global_rank", 0) == 0
     out_dir = Path(out_dir)
     if writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in frames:  # out_dir itself, and <variant>/ below it for a job scoring several variants
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
     results = {}
-    for dataset, df in frames.items():
+    for name, df in frames.items():
         result = evaluate_shard(
             scorer,
             sp,
             df,
-            metrics[dataset],
+            metrics[name],
             lengths["inputs"],
             lengths["targets"],
             batch_size=batch_size,
-            predictions_out=out_dir / f"{dataset}.predictions.parquet" if writer else None,
+            predictions_out=out_dir / f"{name}.predictions.parquet" if writer else None,
             rank=rank,
         )
-        if result["dataset"] != dataset:
-            raise ValueError(f"shard {shards[dataset]} holds {result['dataset']}, expected {dataset}")
+        if result["dataset"] != name.rsplit("/", 1)[-1]:
+            raise ValueError(f"shard {shards[name]} holds {result['dataset']}, expected {name}")
         result["model"] = str(model_dir)
         result.update(version_record("evaluate"))
         if writer:
-            write_json(out_dir / f"{dataset}.json", result)
-        results[dataset] = result
+            write_json(out_dir / f"{name}.json", result)
+        results[name] = result
+    if writer:
+        cpu = (started_cpu, loading_cpu - started_cpu, scoring_cpu - loading_cpu, time.process_time() - scoring_cpu)
+        print(job_cpu_line(*cpu), file=sys.stderr)
     return results
+
+
+JOB_CPU_PREFIX = "evaluate job CPU s:"
+
+
+def job_cpu_line(start: float, checks: float, load: float, scoring: float) -> str:
+    """The line each evaluate job logs (rank 0), read back by ``flanpipe bench eval-stage``: CPU seconds of
+    its fixed start (interpreter, imports, set-up before evaluate_many), the input checks (tokenizer, shards),
+    the model load, and the scoring."""
+    return f"{JOB_CPU_PREFIX} start {start:.2f} checks {checks:.2f} load {load:.2f} scoring {scoring:.2f}"
 
 
 def eval_argv(

@@ -111,14 +111,14 @@ def eval_tokens(plan: Any, datasets: list[str]) -> int:
 
 
 def eval_cost(plan: Any, output: str, pricing: Pricing) -> dict[str, Any]:
-    """One evaluation job (``results/eval_groups/<run>/<variant>/<cluster>``): planner.forward_hours."""
+    """One evaluation job (``results/eval_groups/<run>/<cluster>``, every variant): planner.forward_hours."""
     from flanpipe.eval.layout import eval_layout
     from flanpipe.model.hf_format import load_model_file
-    from flanpipe.plan.eval_plan import planned_group_datasets
+    from flanpipe.plan.eval_plan import planned_group_members
     from flanpipe.train.planner import forward_hours
 
-    run, variant, cluster = Path(output).parts[-3:]
-    datasets = planned_group_datasets(plan, run, variant, cluster)
+    run, cluster = Path(output).parts[-2:]
+    datasets = [d for _, d in planned_group_members(plan, run, cluster)]  # a dataset once per variant
     tp, pp = eval_layout(plan.config)
     gpus = pricing.eval_gpus or tp * pp
     tokens = eval_tokens(plan, datasets)
@@ -128,7 +128,7 @@ def eval_cost(plan: Any, output: str, pricing: Pricing) -> dict[str, Any]:
     hours = forward_hours(model, tokens, seq, gpus, peak, pricing.mfu)
     return {
         "rule": "evaluate",
-        "job": f"{run}/{variant}/{cluster}",
+        "job": f"{run}/{cluster}",
         "gpus": gpus,
         "layout": f"TP{tp} PP{pp} DP{max(1, gpus // (tp * pp))}",
         "tokens": tokens,

@@ -105,6 +105,12 @@ class Plan:
         """The base run that base.hf gives (imported by rule import_hf, exported beside each tuned run), or None."""
         return next((r for r in self.runs.values() if r.hf), None)
 
+    def zero_shot_variants(self, dataset: str) -> list[str]:
+        """The variants a held-out dataset is scored under zero-shot: what a result asked for by hand (a model
+        on a cluster the plan does not evaluate it on) gets, as if that cluster were held out."""
+        mode = ((self.config or {}).get("templates") or {}).get("eval_mode", DEFAULT_MODE)
+        return _variants(self.registry[dataset], mode, self.templates.get(dataset, []))
+
     def trained_run(self, name: str) -> Run:
         """A run this config trains, or an error naming the runs it does train."""
         if name not in self.mixtures:

@@ -22,8 +22,8 @@ with log_to(snakemake.log[0]):
     args = (
         Path(snakemake.input.model),
         Path(snakemake.input.tokenizer),
-        dict(zip(group["datasets"], map(Path, snakemake.input.shards), strict=True)),
-        dict(zip(group["datasets"], group["metrics"], strict=True)),
+        dict(zip(group["results"], map(Path, snakemake.input.shards), strict=True)),
+        dict(zip(group["results"], group["metrics"], strict=True)),
         Path(snakemake.output[0]),
     )
     kw = {"lengths": snakemake.params.lengths, "batch_size": ops["batch_size"], "tp": tp, "pp": pp}
