@@ -386,9 +386,9 @@ def test_cost_prices_what_an_edit_would_launch(finished: Path) -> None:
     as_cost = set()
     for j in want:
         wc = dict(kv.split("=") for kv in j.split("[", 1)[1].rstrip("]").split(", "))
-        job = wc["run"] if j.startswith("train[") else f"{wc['evalrun']}/{wc['variant']}/{wc['cluster']}"
+        job = wc["run"] if j.startswith("train[") else f"{wc['evalrun']}/{wc['cluster']}"
         as_cost.add(f"{j.split('[')[0]}[{job}]")
-    assert priced == as_cost and len(priced) == 3 + 12
+    assert priced == as_cost and len(priced) == 3 + 4  # 3 runs; evaluate per (model, cluster)
     assert all(r["gpu_hours"] > 0 and r["gpus"] == 1 for r in cost["jobs"])
     total = sum(r["gpu_hours"] for r in cost["jobs"])
     assert cost["totals"]["gpu_hours"] == pytest.approx(total)
