@@ -1,4 +1,5 @@
-"""flanpipe.train.launch without SLURM: the argv it builds and the SLURM -> torch.distributed env mapping."""
+"""flanpipe.train.launch without SLURM: the argv it builds, the SLURM -> torch.distributed env mapping (rendezvous
+host, port, network interface) and the collective timeout. tests/test_slurm_nodes.py runs the same across two hosts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import sys
 import pytest
 
 from flanpipe import cli
-from flanpipe.train.launch import first_host, launch_command, master_port, tasks_on_node, torch_env_from_slurm
+from flanpipe.train.launch import (
+    collective_timeout_s,
+    first_host,
+    ipv4_interfaces,
+    launch_command,
+    master_port,
+    port_range,
+    socket_interface,
+    tasks_on_node,
+    torch_env_from_slurm,
+)
 
 TRAIN_ARGS = ["--spec", "s.json", "--data", "packed", "--out", "model"]
 
@@ -32,7 +43,11 @@ def test_workstation_command_is_torchrun() -> None:
 def test_mpi_command_runs_one_worker_per_task() -> None:
     cmd = launch_command(TRAIN_ARGS, 8, mpi="srun --cpu-bind=cores")
     worker = [sys.executable, "-m", "flanpipe.train.launch", "worker", *TRAIN_ARGS]
-    assert cmd == ["srun", "--cpu-bind=cores", "-n", "8", *worker]
+    # srun ends the step at the first failed rank (the others would wait in a collective for it)
+    assert cmd == ["srun", "--cpu-bind=cores", "-n", "8", "--kill-on-bad-exit=1", *worker]
+    assert launch_command(TRAIN_ARGS, 8, mpi="srun -K0")[:3] == ["srun", "-K0", "-n"]  # the site's choice stays
+    assert "--kill-on-bad-exit=1" not in launch_command(TRAIN_ARGS, 2, mpi="/opt/slurm/bin/srun --kill-on-bad-exit=0")
+    assert launch_command(TRAIN_ARGS, 2, mpi="mpirun")[:3] == ["mpirun", "-n", "2"]  # srun's flag is srun's alone
     with pytest.raises(ValueError, match="nproc"):
         launch_command(TRAIN_ARGS, 0)
 
@@ -68,6 +83,49 @@ def test_master_port_is_stable_per_job_and_in_range() -> None:
     assert master_port("123456") == master_port("123456") == 15000 + 3456
     assert all(15000 <= master_port(str(j)) < 25000 for j in (0, 1, 9999, 10000, 987654321))
     assert master_port("41") != master_port("42")
+    assert master_port("123456", (40000, 40099)) == 40056  # a site's port range: 40000 + 123456 mod 100
+
+
+def test_port_range_from_the_site() -> None:
+    assert port_range({}) == (15000, 24999)
+    assert port_range({"FLANPIPE_PORT_RANGE": "40000-40099"}) == (40000, 40099)
+    for bad in ("40000", "99-200", "30000-20000", "40000-70000"):
+        with pytest.raises(ValueError, match="FLANPIPE_PORT_RANGE"):
+            port_range({"FLANPIPE_PORT_RANGE": bad})
+
+
+def test_collective_timeout_defaults_to_ten_minutes_and_the_site_sets_it() -> None:
+    assert collective_timeout_s({}) == 600.0
+    assert collective_timeout_s({"FLANPIPE_COLLECTIVE_TIMEOUT_S": "20"}) == 20.0
+    for bad in ("0", "-5", "ten"):
+        with pytest.raises(ValueError, match="FLANPIPE_COLLECTIVE_TIMEOUT_S"):
+            collective_timeout_s({"FLANPIPE_COLLECTIVE_TIMEOUT_S": bad})
+
+
+HOST_IFACES = {"lo": "127.0.0.1", "eno1": "10.1.0.7", "ib0": "192.168.5.7"}
+
+
+def test_socket_interface_is_the_one_the_master_is_reached_through() -> None:
+    route = {"10.1.0.3": "10.1.0.7", "192.168.5.3": "192.168.5.7", "127.0.1.1": "127.0.0.1"}
+    hosts = {"gpu03": "10.1.0.3", "gpu03-ib": "192.168.5.3", "gpu07": "10.1.0.7", "bad": "127.0.1.1"}
+
+    def pick(master: str, nodes: int) -> tuple[str, str]:
+        return socket_interface(
+            master, nodes, resolve=hosts.__getitem__, source=route.get, interfaces=lambda: HOST_IFACES
+        )
+
+    assert pick("gpu03", 2) == ("eno1", "10.1.0.7")
+    assert pick("gpu03-ib", 4) == ("ib0", "192.168.5.7")  # a site naming its IB host in MASTER_ADDR
+    assert pick("bad", 1) == ("lo", "127.0.0.1")  # one node: loopback is right
+    with pytest.raises(ValueError, match="loopback"):  # Debian's `127.0.1.1 gpu03`, with other nodes waiting
+        pick("bad", 2)
+    route["10.1.0.3"] = "10.9.9.9"  # no interface holds the source address
+    with pytest.raises(ValueError, match="FLANPIPE_SOCKET_IFNAME"):
+        pick("gpu03", 2)
+
+
+def test_ipv4_interfaces_sees_loopback() -> None:
+    assert ipv4_interfaces().get("lo") == "127.0.0.1"
 
 
 SRUN_TASK = {  # what srun sets for rank 5 of 8, two tasks per node, on the third node
@@ -83,8 +141,19 @@ SRUN_TASK = {  # what srun sets for rank 5 of 8, two tasks per node, on the thir
 }
 
 
+def eth0(master: str, nodes: int) -> tuple[str, str]:
+    """socket_interface stand-in: every node reaches the master through its eth0."""
+    return "eth0", "10.0.0.5"
+
+
 def test_torch_env_from_slurm() -> None:
-    env = torch_env_from_slurm(SRUN_TASK, resolve_host=first_host)
+    asked = []
+    env = torch_env_from_slurm(
+        {**SRUN_TASK, "SLURM_STEP_NUM_NODES": "4"},
+        resolve_host=first_host,
+        interface=lambda master, nodes: asked.append((master, nodes)) or eth0(master, nodes),
+    )
+    assert asked == [("gpu03", 4)]  # the interface toward the master, knowing the step spans 4 nodes
     assert env == {
         "RANK": "5",
         "WORLD_SIZE": "8",
@@ -92,15 +161,24 @@ def test_torch_env_from_slurm() -> None:
         "LOCAL_WORLD_SIZE": "2",
         "MASTER_ADDR": "gpu03",  # the step's first node, where rank 0 runs
         "MASTER_PORT": str(15000 + 4242),
+        "GLOO_SOCKET_IFNAME": "eth0",  # gloo and NCCL bind where the master is reached, never a guess
+        "NCCL_SOCKET_IFNAME": "eth0",
         "OMP_NUM_THREADS": "8",
     }
 
 
-def test_torch_env_from_slurm_keeps_explicit_master_and_falls_back() -> None:
+def test_torch_env_from_slurm_keeps_what_the_site_set_and_falls_back() -> None:
     task = {k: v for k, v in SRUN_TASK.items() if k not in ("SLURM_STEP_NODELIST", "SLURM_CPUS_PER_TASK")}
-    env = torch_env_from_slurm({**task, "MASTER_ADDR": "ib-gpu01", "MASTER_PORT": "6000"}, resolve_host=first_host)
+    task["SLURM_JOB_NUM_NODES"] = "4"
+    site = {"MASTER_ADDR": "ib-gpu01", "MASTER_PORT": "6000", "FLANPIPE_SOCKET_IFNAME": "ib0"}
+    env = torch_env_from_slurm({**task, **site}, resolve_host=first_host, interface=eth0)
     assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["OMP_NUM_THREADS"]) == ("ib-gpu01", "6000", "1")
-    assert torch_env_from_slurm(task, resolve_host=first_host)["MASTER_ADDR"] == "gpu01"  # job nodelist
+    assert (env["GLOO_SOCKET_IFNAME"], env["NCCL_SOCKET_IFNAME"]) == ("ib0", "ib0")
+    own = {"GLOO_SOCKET_IFNAME": "eno1", "NCCL_SOCKET_IFNAME": "^docker,lo"}  # each library's own setting wins
+    env = torch_env_from_slurm({**task, **own}, resolve_host=first_host, interface=eth0)
+    assert (env["GLOO_SOCKET_IFNAME"], env["NCCL_SOCKET_IFNAME"]) == ("eno1", "^docker,lo")
+    env = torch_env_from_slurm({**task, "FLANPIPE_PORT_RANGE": "40000-40099"}, resolve_host=first_host, interface=eth0)
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu01", str(40000 + 4242 % 100))  # job nodelist
 
 
 def test_torch_env_from_slurm_outside_srun_fails_loudly() -> None:
@@ -178,7 +256,7 @@ def test_launch_passes_the_rank_threads_to_the_ranks(monkeypatch: pytest.MonkeyP
 
 def test_srun_task_threads_are_slurms_cpus_per_task() -> None:
     """Under srun the CPUs SLURM bound to the task win over a job-wide OMP_NUM_THREADS."""
-    env = torch_env_from_slurm({**SRUN_TASK, "OMP_NUM_THREADS": "64"}, resolve_host=first_host)
+    env = torch_env_from_slurm({**SRUN_TASK, "OMP_NUM_THREADS": "64"}, resolve_host=first_host, interface=eth0)
     assert env["OMP_NUM_THREADS"] == "8"
 
 
