@@ -42,6 +42,8 @@ from pathlib import Path
 
 PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client")
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "srun", "sinfo", "scontrol", "scancel")
+HOST_PACKAGES = ("iproute2", "util-linux")  # several hosts: ip (netns, veth, bridge); unshare, nsenter
+HOST_BINARIES = ("ip", "unshare", "nsenter")
 DEFAULT_CONF = Path("/etc/slurm/slurm.conf")  # where clients look once SLURM_CONF is stripped
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 POLICY_RC = Path("/usr/sbin/policy-rc.d")
@@ -61,19 +63,19 @@ def _which(name: str) -> str | None:
     return shutil.which(name, path=os.environ.get("PATH", "") + ":" + SBIN_PATH)
 
 
-def ensure_installed() -> None:
-    """apt-get install SLURM 22.05 + munge if any binary is missing (~10 s on Debian 12).
+def ensure_installed(packages: tuple[str, ...] = PACKAGES, binaries: tuple[str, ...] = BINARIES) -> None:
+    """apt-get install ``packages`` (SLURM 22.05 + munge) if any of ``binaries`` is missing (~10 s on Debian 12).
 
     Only a missing precondition (root, apt-get) makes the test skip: a failing install on a machine
     that has both is an error, so CI cannot silently stop testing the cluster path.
     """
-    missing = [b for b in BINARIES if _which(b) is None]
+    missing = [b for b in binaries if _which(b) is None]
     if not missing:
         return
     if os.geteuid() != 0:
-        raise SlurmUnavailable(f"SLURM is not installed ({', '.join(missing)} missing) and apt-get needs root")
+        raise SlurmUnavailable(f"not installed ({', '.join(missing)} missing) and apt-get needs root")
     if shutil.which("apt-get") is None:
-        raise SlurmUnavailable(f"SLURM is not installed ({', '.join(missing)} missing) and there is no apt-get")
+        raise SlurmUnavailable(f"not installed ({', '.join(missing)} missing) and there is no apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     # The packages' maintainer scripts would start system-wide munge/slurmd/slurmctld services (daemons
     # nobody stops); a policy-rc.d that answers 101 forbids that, as in Docker images.
@@ -84,7 +86,7 @@ def ensure_installed() -> None:
     try:
         for cmd in (
             ["apt-get", "update", "-qq"],
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
         ):
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if r.returncode != 0:
@@ -144,7 +146,7 @@ def slurm_conf(
 
     ``ctld`` is slurmctld's (hostname, address); ``gpus`` is per host. Choices a real site makes differently,
     each needed here: no slurmdbd (accounting off, so clients must poll with squeue), root as SlurmUser,
-    linuxproc tracking and no task plugin (no cgroups in a container), and MinJobAge=300 so finished jobs
+    process-group tracking and no task plugin (no cgroups in a container), and MinJobAge=300 so finished jobs
     stay visible to squeue long enough for the executor's status checks (it needs >= 3 x its initial wait).
     Per-host daemon files use slurmd's ``%n`` (its NodeName), so several slurmds share one scratch directory.
     ``slurmd_timeout_s``: silence after which slurmctld marks a host DOWN (and requeues its jobs);
@@ -162,7 +164,10 @@ def slurm_conf(
         "AuthType=auth/munge",
         "CredType=cred/munge",
         f"AuthInfo=socket={root}/munge/munge.socket.2,cred_expire={cred_expire_s}",
-        "ProctrackType=proctrack/linuxproc",
+        # A job step's processes are found by process group (a container has no cgroups): linuxproc follows
+        # parent links only, so a rank's helper processes orphaned by its death (Megatron's checkpoint
+        # writer spawns a multiprocessing Manager) would outlive the step and hold its output open.
+        "ProctrackType=proctrack/pgid",
         "TaskPlugin=task/none",
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core_Memory",
@@ -203,7 +208,12 @@ def hosts_file(ctld: tuple[str, str], hosts: list[TestHost]) -> str:
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([_which("ip") or "ip", *args], capture_output=True, text=True, check=False)
+    """``ip ARGS`` (iproute2); without the binary, a failed result (exit 127) like the shell's."""
+    exe = _which("ip")
+    if exe is None:
+        r = subprocess.CompletedProcess(["ip", *args], 127, "", "ip: command not found")
+    else:
+        r = subprocess.run([exe, *args], capture_output=True, text=True, check=False)
     if check and r.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
     return r
@@ -299,9 +309,10 @@ class SlurmCluster:
         t0 = time.perf_counter()
         if os.geteuid() != 0:
             raise SlurmUnavailable("needs root (slurmd starts jobs as their users; /etc/slurm/slurm.conf is linked)")
-        if self.hosts > 1:
-            _check_namespaces()
         ensure_installed()
+        if self.hosts > 1:
+            ensure_installed(HOST_PACKAGES, HOST_BINARIES)
+            _check_namespaces()
         t_lock = time.perf_counter()
         self._lock(timeout_s=1800)
         t0 += time.perf_counter() - t_lock  # start-up time excludes waiting for another session's cluster

@@ -434,3 +434,56 @@ def test_plan_and_profile_agree_on_nodes_and_tasks(tmp_path: Path) -> None:
     said = r.stdout + r.stderr
     assert r.returncode != 0 and "set-resources train: tasks=2, nodes=3: 2 ranks do not fill 3 nodes evenly" in said
     assert "Building DAG of jobs" not in said  # refused while planning, before any job
+
+
+# --------------------------------------------------------------------------- the harness itself (no daemons)
+
+
+def test_two_host_conf_names_each_host_and_its_address(tmp_path: Path) -> None:
+    from slurm_cluster import hosts_file, slurm_conf
+
+    hosts = [TestHost("node1", "10.213.0.2", "ns1", "h1", "p1"), TestHost("node2", "10.213.0.3", "ns2", "h2", "p2")]
+    conf = slurm_conf(
+        tmp_path, ("vm", "10.213.0.1"), hosts, cpus=2, real_memory_mb=1000, partitions=("cpu", "gpu"), gpus=1,
+        ctld_port=1, slurmd_port=2, slurmd_timeout_s=30, cred_expire_s=10,
+    )  # fmt: skip
+    assert "SlurmctldHost=vm(10.213.0.1)" in conf and "SlurmdTimeout=30" in conf and "cred_expire=10" in conf
+    for h in hosts:
+        assert f"NodeName={h.name} NodeAddr={h.addr} NodeHostname={h.name} CPUs=2 RealMemory=1000 Gres=gpu:1" in conf
+    assert "PartitionName=gpu Nodes=node1,node2 Default=NO" in conf
+    assert f"SlurmdPidFile={tmp_path}/run/slurmd.%n.pid" in conf  # one pid file per host: stop() finds each
+    assert hosts_file(("vm", "10.213.0.1"), hosts).splitlines() == [
+        "127.0.0.1 localhost",
+        "10.213.0.1 vm",
+        "10.213.0.2 node1",
+        "10.213.0.3 node2",
+    ]
+
+
+def test_clean_up_touches_only_what_the_records_name(tmp_path: Path) -> None:
+    """A recorded daemon is stopped; a pid file whose pid now runs another program is left alone; links and
+    namespaces are removed only under the recorded names (none exist here), and the records go last."""
+    from slurm_cluster import remove_recorded
+
+    mine = subprocess.Popen(["sleep", "300"])
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        (tmp_path / "sleep.pid").write_text(f"{mine.pid}\n")
+        (tmp_path / "munged.pid").write_text(f"{other.pid}\n")  # pid reused by a program that is not munged
+        records = tmp_path / "records.json"
+        records.write_text(
+            json.dumps(
+                {
+                    "pid_files": [str(tmp_path / "sleep.pid"), str(tmp_path / "munged.pid")],
+                    "links": ["fpnonexist0"],
+                    "netns": ["flanpipe-nonexistent-node1"],
+                }
+            )
+        )
+        assert remove_recorded(records) == [f"daemon {tmp_path / 'sleep.pid'}"]
+        assert mine.wait(timeout=10) == -signal.SIGTERM
+        assert other.poll() is None and not records.exists()
+    finally:
+        for p in (mine, other):
+            p.kill()
+            p.wait()
