@@ -430,18 +430,27 @@ class SlurmCluster:
         r = _ip("netns", "pids", h.netns or "", check=False)
         return [int(p) for p in r.stdout.split()] if r.returncode == 0 else []
 
-    def kill_slurmd(self, h: TestHost) -> None:
-        """SIGKILL host ``h``'s slurmd (its job steps live on: each runs under its own slurmstepd)."""
-        proc = self._procs.pop(f"slurmd.{h.name}")
-        proc.kill()
-        proc.wait()
-
-    def cut_off(self, h: TestHost) -> None:
-        """Take ``h``'s link down: to every other host and to slurmctld it is gone, with no FIN or RST."""
+    def crash(self, h: TestHost) -> list[int]:
+        """Host ``h`` dies: its link goes down first (so no FIN or RST reaches anyone: to the other hosts and
+        slurmctld it falls silent, as a dead or partitioned node does), then every process on it is SIGKILLed,
+        its slurmd, slurmstepds and ranks alike. Returns the pids killed. (Killing its slurmd alone would end
+        nothing: each job step runs under its own slurmstepd, which outlives slurmd.)"""
         _ip("link", "set", h.port or "", "down")
+        pids = self.host_pids(h)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc = self._procs.pop(f"slurmd.{h.name}", None)
+        if proc is not None:
+            proc.wait()  # reap it: it is this process's child
+        return pids
 
-    def reconnect(self, h: TestHost) -> None:
+    def reboot(self, h: TestHost) -> None:
+        """Host ``h`` comes back, empty: link up, a fresh slurmd (ReturnToService=2 puts it back in service)."""
         _ip("link", "set", h.port or "", "up")
+        self.start_slurmd(h)
 
     def wait_node_state(self, h: TestHost, states: tuple[str, ...] = ("idle",), timeout_s: float = 120.0) -> str:
         """Wait until slurmctld reports ``h`` in one of ``states`` (sinfo's short names); return it."""
@@ -454,8 +463,10 @@ class SlurmCluster:
                 text=True,
                 check=False,
             )
-            state = r.stdout.strip().rstrip("*~#!%$@^-")
-            if state in states:
+            # one line per partition holding the host; a suffix marks a flag (* = not responding)
+            seen = {line.strip().rstrip("*~#!%$@^-") for line in r.stdout.splitlines() if line.strip()}
+            state = "/".join(sorted(seen))
+            if len(seen) == 1 and state in states:
                 return state
             time.sleep(0.5)
         raise RuntimeError(f"{h.name} not {'/'.join(states)} after {timeout_s:.0f} s (state {state!r})\n{self.logs()}")

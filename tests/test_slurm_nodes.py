@@ -43,7 +43,7 @@ RUN = "heldout_sentiment"  # the config's one trained run
 HOSTS = 2
 RANKS = 2  # one per host: DP 2 at TP = PP = 1, or PP 2 with one stage per host
 COLLECTIVE_TIMEOUT_S = 20  # FLANPIPE_COLLECTIVE_TIMEOUT_S in every job here (flanpipe's default is 600)
-SLURMD_TIMEOUT_S = 30  # the test cluster marks a silent host DOWN after this (SLURM's default: 300)
+SLURMD_TIMEOUT_S = 45  # a silent host is marked DOWN after this (SLURM default: 300); > the timeout + exit
 EVAL_FILE = f"results/eval/{RUN}/natural/synth_sst.json"
 
 # --------------------------------------------------------------------------- fixtures
@@ -361,21 +361,23 @@ def test_rank_lost_fails_the_job_fast_and_the_retry_resumes(
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_host_lost_ends_the_job_in_bounded_time_and_the_requeue_resumes(
+def test_host_crash_ends_the_job_in_bounded_time_and_the_run_resumes(
     dp_run: Path, cluster: SlurmCluster, prepared: Path, tmp_path: Path
 ) -> None:
-    """Lose the second host once a checkpoint exists: kill its slurmd and cut its link (no FIN, no RST: what a
-    dead or partitioned node looks like). The first host's rank fails at flanpipe's collective timeout;
-    slurmctld marks the lost host DOWN after SlurmdTimeout and the job ends; the host returns (as a rebooted
-    node would) and the job, requeued by SLURM or retried by Snakemake, resumes from the last checkpoint."""
+    """Crash the second host once a checkpoint exists: its link goes down and everything on it (slurmd, its
+    slurmstepd, its rank) is killed. The first host's rank fails at flanpipe's collective timeout and srun
+    ends the step; slurmctld marks the silent host DOWN after SlurmdTimeout; the host comes back (as a
+    rebooted node would) and the run resumes from the last checkpoint: by Snakemake's retry when the job
+    had failed before the host was marked down (the usual order here), by SLURM's requeue of the same job
+    if the host was marked down while the job still ran (the profile's slurm-requeue makes the executor wait
+    for it rather than submit a second copy)."""
     work = copy_work(prepared, tmp_path / "work")
     log = work / "logs" / "train" / f"{RUN}.log"
     proc = snakemake_slurm(cluster, work, f"results/models/{RUN}")
     ckpt = first_checkpoint(work, proc)
     lost, first_job = cluster.nodes[1], train_jobs(work)[0]
     t_cut = time.monotonic()
-    cluster.cut_off(lost)
-    cluster.kill_slurmd(lost)
+    killed = cluster.crash(lost)
     timed_out_s = None
     while job_state(cluster, first_job) == "RUNNING":
         if timed_out_s is None and "Timed out waiting" in log.read_text(errors="replace"):
@@ -383,20 +385,22 @@ def test_host_lost_ends_the_job_in_bounded_time_and_the_requeue_resumes(
         assert time.monotonic() - t_cut < 300, "the job outlived its lost host by 5 minutes"
         time.sleep(0.2)
     ended_s = time.monotonic() - t_cut
+    assert_whole_checkpoints(work)  # what the lost job left on the shared directory
+    cluster.wait_node_state(lost, ("down",), timeout_s=SLURMD_TIMEOUT_S + 90)
+    down_s = time.monotonic() - t_cut
     print(
-        f"{lost.name} lost after {ckpt}: the other rank's collective timed out after {timed_out_s} s, "
-        f"job {first_job} ended {ended_s:.1f} s after the cut ({job_state(cluster, first_job) or 'gone'})"
+        f"{lost.name} crashed after {ckpt} ({len(killed)} processes): the other rank's collective timed out "
+        f"{timed_out_s:.1f} s later, job {first_job} stopped running at {ended_s:.1f} s, the host was DOWN at "
+        f"{down_s:.1f} s"
     )
     assert timed_out_s is not None and timed_out_s < COLLECTIVE_TIMEOUT_S + 10, log.read_text()[-3000:]
-    assert ended_s < SLURMD_TIMEOUT_S + COLLECTIVE_TIMEOUT_S + 30
-    assert_whole_checkpoints(work)  # what the lost job left on the shared directory
-    cluster.wait_node_state(lost, ("down",), timeout_s=120)
-    cluster.reconnect(lost)
-    cluster.start_slurmd(lost)
-    cluster.wait_node_state(lost, ("idle", "alloc", "mix"), timeout_s=120)
+    assert ended_s < COLLECTIVE_TIMEOUT_S + 60  # rank 0's timeout, its exit, srun ending the step
+    cluster.reboot(lost)
     out = finish(proc, cluster, work)
     jobs = train_jobs(work)
-    print(f"train jobs {jobs}: " + ("Snakemake's retry" if len(jobs) == 2 else "SLURM's requeue of the same job"))
+    requeued = f"requeue job JobId={first_job} " in (cluster.root / "log" / "slurmctld.log").read_text()
+    print(f"train jobs {jobs}, SLURM requeued {first_job}: {requeued}")
+    assert len(jobs) == 2 or requeued, out[-3000:]  # a retry, or the requeued job itself finished the run
     assert_resumed_equal(work, dp_run, out)
 
 

@@ -16,8 +16,9 @@ the first node of the step (rank 0 runs there), the port is derived from the job
 interface gloo and NCCL bind to is the one this node reaches that host through (``socket_interface``):
 left to themselves, gloo falls back to loopback when a node's hostname does not resolve to one of its own
 addresses, and NCCL may pick a management or docker interface. Every collective gives up after
-``collective_timeout_s`` (default 10 minutes, torch's gloo default is 30): a rank whose node died makes
-the others fail within that bound, the job ends, and a retry resumes from the last checkpoint.
+``collective_timeout_s`` (default 10 minutes; torch's gloo default is 30): a rank that died, hangs or sits
+on a lost node makes the others fail within that bound instead of waiting, srun ends the step
+(``srun_flags``), and a retry resumes from the last checkpoint.
 
 The rule and ``flanpipe train`` both call ``launch``; ARGS are flanpipe.train.loop's own
 (``--spec SPEC --data DIR --out DIR``).
@@ -86,10 +87,10 @@ def launch_command(train_args: Sequence[str], nproc: int, mpi: str = "", module:
 
 
 def srun_flags(mpi_argv: Sequence[str]) -> list[str]:
-    """``--kill-on-bad-exit=1`` for srun (unless the site's ``mpi`` says otherwise): once one rank fails, the
-    others are stuck in a collective (until the collective timeout) and srun would wait for every task,
-    forever for one on an unreachable node; with it srun ends the step at the first failed rank, and
-    gives up on unreachable nodes after SLURM's KillWait."""
+    """``--kill-on-bad-exit=1`` for srun (unless the site's ``mpi`` says otherwise): once one rank has failed,
+    the others can only fail too (at their next collective, or its timeout), and srun would wait for all of
+    them; with it srun ends the step at the first failed rank. (A node that stops answering is SLURM's to
+    declare failed, after its SlurmdTimeout; srun waits for that.)"""
     if not mpi_argv or Path(mpi_argv[0]).name != "srun":
         return []
     if any(a in ("-K", "-K0", "-K1") or a.startswith(("--kill-on-bad-exit", "-K=")) for a in mpi_argv[1:]):
