@@ -270,3 +270,65 @@ def test_ckpt_dir_of_train_args() -> None:
     args = ["--spec", "s.json", "--data", "d", "--out", "results/models/run"]
     assert ckpt_dir_of(args) == default_ckpt_dir("results/models/run") == Path("results/models/run.ckpt").absolute()
     assert ckpt_dir_of([*args, "--ckpt-dir", "/scratch/run.ckpt"]) == Path("/scratch/run.ckpt")
+
+
+def test_the_checkpoint_writer_survives_sigterm() -> None:
+    """The Manager Megatron's writer reports through ignores SIGTERM (flanpipe.model.megatron_compat)."""
+    import os
+    import signal
+    import time
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from flanpipe.model import megatron_compat
+
+    megatron_compat.protect_checkpoint_writer()
+    process = megatron_compat._WRITER_MANAGER._process
+    os.kill(process.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    queue = filesystem_async._get_write_results_queue()
+    queue.put({"written": 1})
+    assert queue.get() == {"written": 1} and process.is_alive()
+
+
+def test_sigterm_to_every_process_of_the_step_saves_and_exits_143(tmp_path, megatron_packed_dir) -> None:
+    """SLURM signals every process of a job step (preemption, --signal=TERM@300, scancel -s TERM), not
+    only the ranks: each rank here is its own process group, as an srun task is, and the whole group gets
+    SIGTERM, once a periodic save has started Megatron's checkpoint writer. Both ranks finish the step,
+    save one checkpoint and exit 143 (the writer would otherwise die of the signal and the save with it:
+    BrokenPipeError, exit 1, an iter_N.tmp left behind)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from test_checkpoint import _free_port, logged_steps
+    from test_train import REPO, clean_env, make_spec
+
+    from flanpipe.model import checkpointing
+
+    out, nproc = tmp_path / "run", 2
+    (tmp_path / "spec.json").write_text(json.dumps(make_spec(steps=200, save_interval=2)))
+    argv = ["--spec", str(tmp_path / "spec.json"), "--data", str(megatron_packed_dir), "--out", str(out)]
+    port, procs = str(_free_port()), []
+    for rank in range(nproc):
+        env = clean_env(nproc) | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)}
+        env |= {"LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        cmd = [sys.executable, "-m", "flanpipe.train.loop", *argv]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, text=True, start_new_session=True))
+    try:
+        deadline = time.monotonic() + 300
+        ckpt = checkpointing.default_ckpt_dir(out)
+        while logged_steps(out) < 3 or not (ckpt / "latest").exists():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "training did not start"
+            time.sleep(0.05)
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)  # the rank and every process it started
+        assert [p.wait(timeout=120) for p in procs] == [checkpointing.PREEMPTED_EXIT_CODE] * nproc
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert checkpointing.was_preempted(ckpt) and checkpointing.latest_checkpoint(ckpt) is not None
+    assert not list(ckpt.glob("*.tmp"))

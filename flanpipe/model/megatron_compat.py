@@ -11,6 +11,8 @@ tensor factories map a CUDA device to the CPU and whose ``torch.cuda`` answers
 forwards to the real torch, so code outside those modules sees torch unchanged.
 
 ``apply()`` is a no-op when CUDA is available, so the GPU path runs unpatched Megatron.
+``protect_checkpoint_writer()`` is the one fix both paths need: under SLURM a job step's SIGTERM reaches
+every process of the step, Megatron's checkpoint-writer helper included.
 """
 
 from __future__ import annotations
@@ -214,6 +216,41 @@ def quiet_warnings() -> None:
     warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
     warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
     warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+
+
+_WRITER_MANAGER: Any = None
+
+
+def protect_checkpoint_writer() -> None:
+    """Start the process Megatron's checkpoint writer sends its results through, deaf to SIGTERM
+    (idempotent; on GPU and CPU alike).
+
+    dist_checkpointing's torch_dist writer collects every save's results in a queue served by a
+    multiprocessing Manager, a spawned server process in the rank's process group, started at the first
+    save. SLURM delivers a step's SIGTERM (preemption, ``--signal=TERM@300`` before the time limit,
+    ``scancel -s TERM``) to every process of the step, so that server dies while the rank, which turns
+    SIGTERM into "finish the step, save, exit 143", goes on to save through it: BrokenPipeError, exit 1,
+    and the save left as an ``iter_N.tmp`` no one resumes from. Started here ignoring SIGTERM (its
+    initializer is ``signal.signal`` itself: the spawned server imports nothing of flanpipe; a mask would
+    not do, threads started by the re-imported main module would still take the signal), it outlives it;
+    the rank still shuts it down when it exits, and SIGKILL still ends it.
+    """
+    import functools
+    import multiprocessing
+    import signal
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    global _WRITER_MANAGER
+    if _WRITER_MANAGER is not None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return  # ours already, or Megatron's own (a save ran before this was called)
+    if not hasattr(filesystem_async, "_results_queue"):
+        return  # a Megatron without that module global: nothing to pre-empt
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=functools.partial(signal.signal, signal.SIGTERM, signal.SIG_IGN))
+    filesystem_async._results_queue = manager.Queue()
+    _WRITER_MANAGER = manager
 
 
 def apply() -> None:

@@ -370,6 +370,7 @@ def set_up(
     resume = _resume_point(ckpt_dir, fingerprint, tc.steps)
 
     model = build_model(cfg, tc, load_init=resume is None)
+    megatron_compat.protect_checkpoint_writer()  # a step's SIGTERM must not kill the saves it asks for
     optimizer = build_optimizer(
         model,
         lr=tc.lr,
