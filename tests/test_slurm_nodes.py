@@ -10,14 +10,15 @@ committed profile runs unedited but for sizes (test_slurm.fit_profile, plus ``no
 - data parallelism across hosts and the pipeline split across hosts (PP 2, one stage per host) train the
   same losses and bitwise the same weights as the same layout on one host (torchrun, 1 thread per rank);
 - evaluation at PP 2 across the hosts writes the same result file as at TP 1 x PP 1 in one process;
-- a rank killed mid-run, and a whole host lost (its slurmd killed, its link cut), end the job within a bound
-  (flanpipe's collective timeout, set short here, not torch's 30 minutes); the retry (Snakemake's for a
-  failed job, SLURM's requeue for a failed node) resumes from the last checkpoint, no checkpoint is left
-  half written, and the finished run equals the uninterrupted one bit for bit.
+- a rank killed mid-run fails the job within seconds; a crashed host (link cut, then its slurmd,
+  slurmstepd and rank killed) makes the surviving rank fail at flanpipe's collective timeout (set short
+  here; torch's default is 30 minutes); either way Snakemake's retry resumes from the last checkpoint, no
+  checkpoint is left half written, and the finished run equals the uninterrupted one bit for bit.
 
 What it cannot prove: anything about GPUs, NCCL or InfiniBand (gloo over a veth bridge on one CPU machine),
-real network latency, or a node that never comes back (the retry needs both hosts, so the lost host
-returns once SLURM has marked it down, as a rebooted node would; a real cluster would also offer others).
+real network latency, several ranks per host, or a node that never comes back (the retry needs both
+hosts, so the crashed one returns, as a quickly rebooted node would; a real cluster schedules the retry
+elsewhere, and a node that stays dead is SLURM's to declare, after its SlurmdTimeout, and requeue).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ RUN = "heldout_sentiment"  # the config's one trained run
 HOSTS = 2
 RANKS = 2  # one per host: DP 2 at TP = PP = 1, or PP 2 with one stage per host
 COLLECTIVE_TIMEOUT_S = 20  # FLANPIPE_COLLECTIVE_TIMEOUT_S in every job here (flanpipe's default is 600)
-SLURMD_TIMEOUT_S = 45  # a silent host is marked DOWN after this (SLURM default: 300); > the timeout + exit
 EVAL_FILE = f"results/eval/{RUN}/natural/synth_sst.json"
 
 # --------------------------------------------------------------------------- fixtures
@@ -57,8 +57,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         partitions=profile_partitions(profile),
         gpus=1,  # per host: --gpus 2 --ntasks-per-gpu 1 puts one rank on each
         hosts=HOSTS,
-        slurmd_timeout_s=SLURMD_TIMEOUT_S,
-        cred_expire_s=10,  # a requeued job may start 10 s later (SLURM's default: 120)
     )
     try:
         c.start()
@@ -361,16 +359,19 @@ def test_rank_lost_fails_the_job_fast_and_the_retry_resumes(
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_host_crash_ends_the_job_in_bounded_time_and_the_run_resumes(
+def test_host_crash_fails_the_job_at_the_collective_timeout_and_the_retry_resumes(
     dp_run: Path, cluster: SlurmCluster, prepared: Path, tmp_path: Path
 ) -> None:
     """Crash the second host once a checkpoint exists: its link goes down and everything on it (slurmd, its
-    slurmstepd, its rank) is killed. The first host's rank fails at flanpipe's collective timeout and srun
-    ends the step; slurmctld marks the silent host DOWN after SlurmdTimeout; the host comes back (as a
-    rebooted node would) and the run resumes from the last checkpoint: by Snakemake's retry when the job
-    had failed before the host was marked down (the usual order here), by SLURM's requeue of the same job
-    if the host was marked down while the job still ran (the profile's slurm-requeue makes the executor wait
-    for it rather than submit a second copy)."""
+    slurmstepd, its rank) is killed, so no FIN or RST ever reaches the first host. Its rank waits in a
+    collective for a peer that is silent, and fails at flanpipe's collective timeout (20 s here, not torch's
+    30 minutes). The host then comes back, as a quickly rebooted node would: srun learns its task is gone,
+    the job fails, and Snakemake's retry resumes from the last checkpoint.
+
+    Had the host stayed away, srun would have waited for it until slurmctld marked it DOWN (SlurmdTimeout,
+    300 s by default) and SLURM requeued the job, which resumes the same way once nodes are free (the
+    profile's slurm-requeue keeps the executor from also submitting a copy); that path is SLURM's own and
+    slow to show here, so this test does not wait for it."""
     work = copy_work(prepared, tmp_path / "work")
     log = work / "logs" / "train" / f"{RUN}.log"
     proc = snakemake_slurm(cluster, work, f"results/models/{RUN}")
@@ -378,29 +379,25 @@ def test_host_crash_ends_the_job_in_bounded_time_and_the_run_resumes(
     lost, first_job = cluster.nodes[1], train_jobs(work)[0]
     t_cut = time.monotonic()
     killed = cluster.crash(lost)
-    timed_out_s = None
-    while job_state(cluster, first_job) == "RUNNING":
-        if timed_out_s is None and "Timed out waiting" in log.read_text(errors="replace"):
-            timed_out_s = time.monotonic() - t_cut
-        assert time.monotonic() - t_cut < 300, "the job outlived its lost host by 5 minutes"
+    while "Timed out waiting" not in log.read_text(errors="replace"):
+        assert time.monotonic() - t_cut < COLLECTIVE_TIMEOUT_S + 60, log.read_text()[-3000:]
+        time.sleep(0.2)
+    timed_out_s = time.monotonic() - t_cut
+    assert job_state(cluster, first_job) in ("RUNNING", "COMPLETING")  # still waiting for the lost host
+    assert_whole_checkpoints(work)  # what the lost job left on the shared directory
+    cluster.reboot(lost)
+    while job_state(cluster, first_job) in ("RUNNING", "COMPLETING", "CONFIGURING"):
+        assert time.monotonic() - t_cut < 300, "the job did not end once the host was back"
         time.sleep(0.2)
     ended_s = time.monotonic() - t_cut
-    assert_whole_checkpoints(work)  # what the lost job left on the shared directory
-    cluster.wait_node_state(lost, ("down",), timeout_s=SLURMD_TIMEOUT_S + 90)
-    down_s = time.monotonic() - t_cut
     print(
         f"{lost.name} crashed after {ckpt} ({len(killed)} processes): the other rank's collective timed out "
-        f"{timed_out_s:.1f} s later, job {first_job} stopped running at {ended_s:.1f} s, the host was DOWN at "
-        f"{down_s:.1f} s"
+        f"{timed_out_s:.1f} s later; the host back, job {first_job} ended at {ended_s:.1f} s"
     )
-    assert timed_out_s is not None and timed_out_s < COLLECTIVE_TIMEOUT_S + 10, log.read_text()[-3000:]
-    assert ended_s < COLLECTIVE_TIMEOUT_S + 60  # rank 0's timeout, its exit, srun ending the step
-    cluster.reboot(lost)
+    assert timed_out_s < COLLECTIVE_TIMEOUT_S + 10  # the collective that was in flight, plus one step
     out = finish(proc, cluster, work)
     jobs = train_jobs(work)
-    requeued = f"requeue job JobId={first_job} " in (cluster.root / "log" / "slurmctld.log").read_text()
-    print(f"train jobs {jobs}, SLURM requeued {first_job}: {requeued}")
-    assert len(jobs) == 2 or requeued, out[-3000:]  # a retry, or the requeued job itself finished the run
+    assert len(jobs) == 2 and jobs[0] == first_job, out[-3000:]  # one failed attempt, one retry
     assert_resumed_equal(work, dp_run, out)
 
 
