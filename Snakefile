@@ -8,7 +8,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded default, only when no --configfile names the experiment: Snakemake merges a configfile
+# directive *under* every --configfile, so its keys (model, base.pretrain_steps, ...) would leak into
+# config/flan137b.yaml or flan_hf.yaml. A recipe config means what its file says.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -1,8 +1,9 @@
 """The ``flanpipe`` command: one subcommand per workflow rule, calling the same function as the rule.
 
     flanpipe tasks --json                         the registry (name, cluster, templates, metric)
+    flanpipe sources check [--datasets D...]      rule sources_check: resolve every source, exit 1 if blocked
     flanpipe generate-synthetic NAME --out DIR    rule generate_synthetic
-    flanpipe ingest DATASET SPLIT --out FILE      rule ingest
+    flanpipe ingest DATASET SPLIT --out FILE [--validation F --test F]   rules ingest / download
     flanpipe render-shard DATASET --canonical FILE --out FILE
     flanpipe render-eval-shard DATASET --validation FILE --test FILE --out FILE
     flanpipe mix MIXTURE --out-dir DIR            rule mix (shards from results/shards by default)
@@ -18,7 +19,8 @@
                                                   (--peer: whole steps vs transformers' LlamaForCausalLM)
     flanpipe bench data [--json] [--scale S] [--workdir DIR] [--peer]   render/mix/tokenize/pack on a FLAN-sized
                                                   workload (--peer: tokenize + pack vs datasets + TRL bfd)
-    flanpipe bench eval [--json] [--workdir DIR]  evaluation: per-dataset cache-free vs grouped KV-cache jobs
+    flanpipe bench eval [--json] [--workdir DIR] [--peer]   evaluation: per-dataset cache-free vs grouped KV-cache
+                                                  jobs (--peer: one task vs lm-evaluation-harness, tiny local Llama)
     flanpipe bench eval-stage RUN_DIR [--json]    a finished DAG run's evaluate jobs: count, summed s, model loads
     flanpipe bench templates [--rows N] [--json]  render rows/s: {field} pattern vs Jinja template kind
     flanpipe templates import --from {promptsource,flan} SOURCE --dataset NAME --out FILE
@@ -70,6 +72,26 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     print(f"{len(rows)} {what} ({len(registry)} loaders) in {len({r['cluster'] for r in rows})} clusters")
 
 
+def cmd_sources_check(args: argparse.Namespace) -> None:
+    """Pre-flight check of the experiment's sources (flanpipe.data.sources); exit 1 on a blocking finding."""
+    from flanpipe.data.sources import as_json, check_sources, format_table, write_report
+    from flanpipe.plan.experiments import plan_experiment
+
+    cfg = _config(args)
+    registry = plan_experiment(cfg).registry  # the entries the DAG would ingest, as the rules see them
+    unknown = sorted(set(args.datasets or ()) - set(registry))
+    if unknown:
+        raise ValueError(f"--datasets: {unknown} are not datasets of {args.config}")
+    chosen = {n: s for n, s in registry.items() if not args.datasets or n in args.datasets}
+    d = cfg["data"]
+    checks = check_sources(chosen, Path(d["root"]), d["hf_cache"] or os.environ.get("FLANPIPE_HF_CACHE"))
+    if args.out:
+        write_report(checks, args.out)
+    print(json.dumps(as_json(checks), indent=2) if args.json else format_table(checks).rstrip("\n"))
+    if any(c.blocking for c in checks):
+        raise SystemExit(1)
+
+
 def cmd_generate_synthetic(args: argparse.Namespace) -> None:
     from flanpipe.data.synthetic import generate_dataset
 
@@ -85,8 +107,16 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     cfg = _config(args)
     spec = dataset_spec(cfg, args.dataset)
     d = cfg["data"]
+    evals = {r: path for r in ("validation", "test") if (path := getattr(args, r)) is not None}
     report = ingest_split(
-        spec, args.split, args.out, policy=args.bad_rows or d["bad_rows"], root=Path(d["root"]), hf_cache=d["hf_cache"]
+        spec,
+        args.split,
+        args.out,
+        policy=args.bad_rows or d["bad_rows"],
+        root=Path(d["root"]),
+        hf_cache=d["hf_cache"],
+        eval_splits=evals,
+        split_duplicates=args.split_duplicates or d["split_duplicates"],
     )
     print(json.dumps(report))
 
@@ -226,7 +256,7 @@ def cmd_launch(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import polars as pl
 
-    from flanpipe.eval.evaluate import run_evaluation
+    from flanpipe.eval.evaluate import RankConfig, run_evaluation
 
     cfg = _config(args)
     dataset = pl.scan_parquet(args.shard).select(pl.col("dataset").first()).collect().item()
@@ -238,7 +268,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         metric=args.metric or dataset_spec(cfg, dataset).metric,
         lengths=cfg["lengths"],
         batch_size=cfg["eval"]["batch_size"],
-        scoring=cfg["eval"]["scoring"],
+        rank=RankConfig.from_config(cfg["eval"]),
     )
     print(json.dumps(result, indent=2))
 
@@ -395,6 +425,20 @@ def cmd_bench_dag(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> None:
+    if args.peer:
+        from flanpipe.bench.peer_eval import main as bench_eval_peer
+        from flanpipe.bench.peer_eval import missing_peer_packages
+
+        missing = missing_peer_packages()
+        if missing:
+            print(
+                f"flanpipe bench eval --peer: the peer needs {', '.join(missing)}, not installed here "
+                "(pip install 'flanpipe[bench]')",
+                file=sys.stderr,
+            )
+            raise SystemExit(3)
+        bench_eval_peer(args.examples, args.rounds, args.batch_size, args.json, args.peer_workdir)
+        return
     from flanpipe.bench.eval import main as bench_eval
 
     bench_eval(args.workdir, args.config, args.gen_rows, args.max_groups, args.json)
@@ -423,7 +467,8 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from flanpipe.model.hf_export import export_hf
 
-    print(export_hf(args.run_dir, args.out, base=args.base, max_shard_bytes=int(args.max_shard_gb * 2**30)))
+    shard = int(args.max_shard_gb * 2**30)
+    print(export_hf(args.run_dir, args.out, base=args.base, max_shard_bytes=shard, force=args.force))
 
 
 def cmd_bench_import_hf(args: argparse.Namespace) -> None:
@@ -458,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--registry", nargs="*", help="registry files (default: the config's)")
     s.add_argument("--loaders", action="store_true", help="one row per loader (ANLI R1-R3 apart), not per dataset")
+    src = sub.add_parser("sources", help="source tools").add_subparsers(dest="sources_command", required=True)
+    s = src.add_parser("check", help="pre-flight check of every source (no rows read); exit 1 on a blocking finding")
+    s.set_defaults(fn=cmd_sources_check)
+    s.add_argument("--datasets", nargs="+", help="only these datasets (default: the config's)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--out", help="also write the table to OUT and the findings to OUT with suffix .json")
     s = add("generate-synthetic", cmd_generate_synthetic, "write one generated dataset's splits")
     s.add_argument("name")
     s.add_argument("--out", required=True)
@@ -466,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("split", choices=list(SPLITS))
     s.add_argument("--out", required=True)
     s.add_argument("--bad-rows", choices=["fail", "drop"])
+    s.add_argument("--validation", help="train only: the canonical validation split, for split hygiene")
+    s.add_argument("--test", help="train only: the canonical test split, for split hygiene")
+    s.add_argument("--split-duplicates", choices=["fail", "drop", "warn"], help="default: config data.split_duplicates")
     s = add("render-shard", cmd_render_shard, "canonical train split -> templated shard")
     s.add_argument("dataset")
     s.add_argument("--canonical", required=True)
@@ -566,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--base", help="imported base dir with the tokenizer files (default: RUN_DIR)")
     s.add_argument("--max-shard-gb", type=float, default=5.0)
+    s.add_argument("--force", action="store_true", help="replace an earlier export in --out (default: refuse)")
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     s = bench.add_parser("data", help="render -> mix -> tokenize -> pack on 62 synthetic FLAN-shaped datasets")
     s.set_defaults(fn=cmd_bench_data)
@@ -586,6 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default=".", help="where snakemake built the models and eval shards (default .)")
     s.add_argument("--gen-rows", type=int, default=16, help="rows per dataset decoded greedily (generation)")
     s.add_argument("--max-groups", type=int, help="only the first N evaluation jobs (default all)")
+    peer_help = "instead: one BBH-style task on a tiny local Llama, flanpipe vs lm-evaluation-harness"
+    s.add_argument("--peer", action="store_true", help=peer_help)
+    s.add_argument("--examples", type=int, default=300, help="--peer: examples in the task (default 300)")
+    s.add_argument("--rounds", type=int, default=3, help="--peer: timed runs of each harness, alternating")
+    s.add_argument("--batch-size", type=int, default=32, help="--peer: both harnesses' batch size (default 32)")
+    s.add_argument("--peer-workdir", help="--peer: keep the model, task and outputs here (default: a temp dir)")
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("eval-stage", help="a finished DAG run's evaluate jobs: count, summed s, model loads")
     s.set_defaults(fn=cmd_bench_eval_stage)

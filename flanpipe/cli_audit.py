@@ -27,8 +27,15 @@ def cmd_audit(args: argparse.Namespace) -> None:
     splits = {d: {s: str(ingest / d / f"{s}.parquet") for s in ("validation", "test")} for d in datasets}
     mixture = args.mixture or f"results/mixtures/{args.run}/mixture.parquet"
     templates = {d: str(plan.registry[d].templates) for d in plan.template_audited_datasets(args.run)}
+    train = {d: str(ingest / d / "train.parquet") for d in plan.run_shards(args.run)}
     report = run_audit(
-        mixture, splits, templates, args.out, AuditConfig(**cfg["audit"]), max_examples=cfg["eval"]["examples"]
+        mixture,
+        splits,
+        templates,
+        args.out,
+        AuditConfig(**cfg["audit"]),
+        max_examples=cfg["eval"]["examples"],
+        train_splits=train,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "datasets"}, indent=2))
 

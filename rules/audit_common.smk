@@ -4,9 +4,12 @@
 
 
 def audit_inputs(wildcards):
-    """The run's mixture, the canonical eval splits of every audited dataset and the template file of
-    those prompted with instructions (Plan.template_audited_datasets)."""
+    """The run's mixture, the canonical eval splits of every audited dataset, the template file of
+    those prompted with instructions (Plan.template_audited_datasets) and the canonical train split of
+    every dataset the run trains on (its ingest split-hygiene counts go into the report)."""
     inputs = {"mixture": f"results/mixtures/{wildcards.run}/mixture.parquet"}
+    for d in PLAN.run_shards(wildcards.run):
+        inputs[f"train__{d}"] = f"results/ingest/{d}/train.parquet"
     for d in PLAN.audited_datasets(wildcards.run):
         inputs[f"validation__{d}"] = f"results/ingest/{d}/validation.parquet"
         inputs[f"test__{d}"] = f"results/ingest/{d}/test.parquet"

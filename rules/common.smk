@@ -110,18 +110,38 @@ wildcard_constraints:
 
 
 localrules:
+    sources_check,
     download,
     train_spec,
     report,
     ablation,
 
 
-def raw_inputs(wildcards):
-    """The local source file of one split; one no rule makes must exist already (checked with the DAG)."""
+def _eval_split_inputs(dataset, split):
+    """For the train role, the dataset's canonical validation/test splits (split hygiene compares them)."""
+    if split != "train":
+        return {}
+    return {r: f"results/ingest/{dataset}/{r}.parquet" for r in ("validation", "test") if r in PLAN.registry[dataset].splits}
+
+
+def ingest_inputs(wildcards):
+    """The local source file of one split (one no rule makes must exist already, checked with the DAG),
+    and for the train role the eval splits it is checked against."""
     spec = PLAN.registry[wildcards.local_dataset]
     if wildcards.local_dataset not in SYNTHETIC:
         check_local_source(spec, wildcards.split, Path(config["data"]["root"]))
-    return [str(Path(config["data"]["root"]) / spec.source.path.format(split=spec.splits[wildcards.split]))]
+    raw = str(Path(config["data"]["root"]) / spec.source.path.format(split=spec.splits[wildcards.split]))
+    return {"raw": raw, **_eval_split_inputs(wildcards.local_dataset, wildcards.split)}
+
+
+def download_inputs(wildcards):
+    """The pre-flight check of the hub sources (once: ancient), and for train the eval splits."""
+    return {"check": ancient("results/sources/check.md"), **_eval_split_inputs(wildcards.hub_dataset, wildcards.split)}
+
+
+def hub_source_entries():
+    """Per hub dataset, what the sources_check job checks: its source, splits and fields (a change reruns it)."""
+    return {d: f"{PLAN.registry[d].source} {dict(PLAN.registry[d].splits)} {dict(PLAN.registry[d].fields)}" for d in HUB}
 
 
 def template_file(wildcards):

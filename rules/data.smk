@@ -18,14 +18,16 @@ rule generate_synthetic:
         "../workflow/scripts/generate_synthetic.py"
 
 
+# The train role waits for the dataset's canonical validation/test splits: split hygiene compares them.
 rule ingest:
     input:
-        raw_inputs,
+        unpack(ingest_inputs),
     output:
         "results/ingest/{local_dataset}/{split}.parquet",
     params:
         dataset="{local_dataset}",
         bad_rows=config["data"]["bad_rows"],
+        split_duplicates=config["data"]["split_duplicates"],
         root=config["data"]["root"],
         hf_cache=config["data"]["hf_cache"],
     threads: 1
@@ -39,14 +41,40 @@ rule ingest:
         "../workflow/scripts/ingest.py"
 
 
+# Pre-flight check of every hub source (flanpipe.data.sources: config, splits and their files, columns,
+# label order, hidden labels; no rows read), the first job of a DAG that downloads: a blocking finding
+# stops the run before any download. A localrule, like download. Downloads wait for it only once
+# (ancient): a changed registry entry reruns the check, not every download.
+rule sources_check:
+    output:
+        table="results/sources/check.md",
+        json="results/sources/check.json",
+    params:
+        entries=hub_source_entries(),
+        root=config["data"]["root"],
+        hf_cache=config["data"]["hf_cache"],
+    threads: 1
+    log:
+        "logs/sources_check/sources_check.log",
+    benchmark:
+        "benchmarks/sources_check/sources_check.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow/scripts/sources_check.py"
+
+
 # Hub datasets: a localrule, since compute nodes usually have no internet. datasets.load_dataset
 # caches under HF_HOME (or FLANPIPE_HF_CACHE); with HF_DATASETS_OFFLINE=1 it reads only that cache.
 rule download:
+    input:
+        unpack(download_inputs),
     output:
         "results/ingest/{hub_dataset}/{split}.parquet",
     params:
         dataset="{hub_dataset}",
         bad_rows=config["data"]["bad_rows"],
+        split_duplicates=config["data"]["split_duplicates"],
         root=config["data"]["root"],
         hf_cache=config["data"]["hf_cache"],
     threads: 1

@@ -13,7 +13,7 @@ rule evaluate:
         group=eval_group_params,
         lengths=config["lengths"],
         batch_size=config["eval"]["batch_size"],
-        scoring=config["eval"]["scoring"],
+        rank={k: config["eval"][k] for k in ("scoring", "convention", "option_tokens", "bad_option_lists")},
     threads: 1
     log:
         "logs/evaluate/{evalrun}/{variant}/{cluster}.log",

@@ -560,6 +560,18 @@ def test_pack_length_longer_than_model_positions(tmp_path: Path) -> None:
         plan(tmp_path, lengths={"inputs": 400, "targets": 100, "pack": 512})
 
 
+def test_option_cap_longer_than_model_positions(tmp_path: Path) -> None:
+    """eval.option_tokens caps an option beside a full input: 192 + 100 tokens do not fit 256 positions."""
+    registry_dir(tmp_path)
+    with pytest.raises(
+        PlanError,
+        match=r"config key eval\.option_tokens: an option of 100 tokens beside a full input of lengths\.inputs = 192 "
+        rf"is 292 tokens, longer than max_position_embeddings = 256 of model config {TINY}",
+    ):
+        plan(tmp_path, eval={"option_tokens": 100})
+    assert plan(tmp_path, eval={"option_tokens": 64}).runs  # 192 + 64 = 256 fits
+
+
 def test_long_examples_truncated_and_counted_in_packing_json(tmp_path: Path, spm_model: Path) -> None:
     from flanpipe.data.packing import pack_to_indexed_dataset
     from flanpipe.data.tokenize import encode_examples, open_tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import yaml
@@ -59,9 +60,56 @@ def test_scored_by_its_held_out_run_never_trained_on(config) -> None:
     for run in plan.runs.values():  # no mixture, base-LM text or (so) tokenizer sample holds it
         assert "rte_test_only" not in run.datasets
     assert not any("rte_test_only" in p for p in plan.tokenizer_shards())
-    assert "rte_test_only" not in plan.audited_datasets("heldout_nli")  # training must not wait on it
+    assert "rte_test_only" in plan.audited_datasets("heldout_nli")  # every dataset a run is scored on
+    assert "rte_test_only" in plan.audited_datasets("base-tiny")
+    assert "rte_test_only" not in plan.audited_datasets("heldout_sentiment")  # it does not score it
 
     everywhere = plan_experiment(validate_config({**config, "eval": {**config["eval"], "eval_only_all_runs": True}}))
     runs = {e.run for e in everywhere.evaluations if e.dataset == "rte_test_only"}
     assert runs == {"heldout_nli", "heldout_sentiment", "base-tiny"}
     assert len(everywhere.evaluations) == len(set(everywhere.evaluations))
+
+
+def test_unscored_eval_only_dataset_is_named(config) -> None:
+    """An eval-only entry in a cluster no run holds out (and eval_only_all_runs false) appeared nowhere in the
+    plan, with no word."""
+    from flanpipe.plan.checks import PlanWarning
+
+    quiet = {**config, "held_out": ["sentiment"]}
+    with pytest.warns(PlanWarning, match=r"evaluation-only dataset\(s\) \['rte_test_only'\] are scored by no run.*"
+                      r"\['nli'\].*eval.eval_only_all_runs: true"):  # fmt: skip
+        plan = plan_experiment(validate_config(quiet))
+    assert not any(e.dataset == "rte_test_only" for e in plan.evaluations)
+    everywhere = {**quiet, "eval": {**config["eval"], "eval_only_all_runs": True}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanWarning)
+        plan = plan_experiment(validate_config(everywhere))  # scored now: no warning
+    assert {e.run for e in plan.evaluations if e.dataset == "rte_test_only"} == {"heldout_sentiment", "base-tiny"}
+
+
+def test_eval_only_entry_built_from_a_training_split_is_reported_contaminated(config, tmp_path) -> None:
+    """An eval-only entry whose examples are another dataset's training examples: the run trained on them
+    scored them with no contamination reported, because eval-only datasets were left out of every audit."""
+    import polars as pl
+
+    from flanpipe.data.contamination import audit_contamination
+
+    plan = plan_experiment(config)
+    run = "base-tiny"  # pretrained on every trainable dataset's train text, and it scores rte_test_only
+    assert "synth_nli_rte" in plan.runs[run].datasets and "rte_test_only" in plan.audited_datasets(run)
+    sentences = [
+        f"the committee number {i} approved the new budget for the northern district schools" for i in range(6)
+    ]
+    mixture = pl.DataFrame({"dataset": ["synth_nli_rte"] * 6, "inputs": sentences, "targets": ["yes"] * 6})
+    mixture.write_parquet(tmp_path / "mixture.parquet")
+    for split in ("validation", "test"):  # the eval-only entry's rows: the same sentences
+        pl.DataFrame({"example_id": range(6), "sentence1": sentences, "sentence2": ["x"] * 6}).write_parquet(
+            tmp_path / f"{split}.parquet"
+        )
+    splits = {
+        d: {s: str(tmp_path / f"{s}.parquet") for s in ("validation", "test")} for d in plan.audited_datasets(run)
+    }
+    report = audit_contamination(tmp_path / "mixture.parquet", {"rte_test_only": splits["rte_test_only"]}, {})
+    leaked = report["datasets"]["rte_test_only"]
+    assert leaked["splits"]["test"]["contaminated"] == 6 and leaked["contaminated_fraction"] == 1.0, leaked
+    assert not report["passed"] and report["leaking_train_datasets"] == {"synth_nli_rte": 6}, report

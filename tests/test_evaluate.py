@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from flanpipe.data.patterns import SHARD_SCHEMA
 from flanpipe.eval.evaluate import (
+    RankConfig,
     encode_target,
     evaluate_shard,
     greedy_generate,
@@ -105,9 +106,12 @@ def test_option_logprobs_match_brute_force() -> None:
     options = [[random_ids(rng, 1, 5) for _ in range(rng.randint(2, 4))] for _ in inputs]
     # batch_size 4 over ~27 pairs: several batches, each with ragged rows and padding
     got = option_logprobs(lm, inputs, options, batch_size=4)
-    for inp, opts, scores in zip(inputs, options, got, strict=True):
+    for inp, opts, scores, lasts in zip(inputs, options, got.total, got.last, strict=True):
         want = [brute_option_logprob(lm, inp, opt) for opt in opts]
         assert scores == pytest.approx(want, abs=1e-5)
+        # the last token's own log-prob: the whole option's minus the option without its last token's
+        want_last = [w - brute_option_logprob(lm, inp, opt[:-1]) for w, opt in zip(want, opts, strict=True)]
+        assert lasts == pytest.approx(want_last, abs=1e-5)
     best = rank_classification(lm, inputs, options, batch_size=4)
     want_best = [
         max(range(len(opts)), key=lambda j, i=i, o=opts: brute_option_logprob(lm, inputs[i], o[j]))
@@ -123,7 +127,7 @@ def test_rank_classification_batch_size_invariant() -> None:
     options = [[random_ids(rng, 1, 4) for _ in range(3)] for _ in inputs]
     one = option_logprobs(lm, inputs, options, batch_size=1)
     many = option_logprobs(lm, inputs, options, batch_size=64)
-    for a, b in zip(one, many, strict=True):
+    for a, b in zip(one.total + one.last, many.total + many.last, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
 
 
@@ -152,8 +156,7 @@ def test_greedy_generate_matches_brute_force_and_stops_at_eos() -> None:
 
 
 def test_truncation_and_target_encoding() -> None:
-    assert truncate_input([1, 2, 3, 4, 5], 3) == [3, 4, 5]  # keep the end (options block)
-    assert truncate_input([1, 2, 3, 4, 5], 3, keep_end=False) == [1, 2, 3]  # training rule
+    assert truncate_input([1, 2, 3, 4, 5], 3) == [1, 2, 3]  # the training rule: keep the start (and its BOS)
     assert truncate_input([1, 2], 3) == [1, 2]
     # targets_length 3 -> at most 2 text ids + EOS, as in training
     assert encode_target([7, 8, 9, 10], 3, eos_id=1) == [7, 8, 1]
@@ -278,9 +281,9 @@ def test_evaluate_shard_classification_end_to_end(sp: spm.SentencePieceProcessor
     kept = shard.filter(~pl.col("turned_around"))
     preds = []
     for text, options in kept.select("inputs", "options").iter_rows():
-        inp = truncate_input(sp.encode(text), inputs_length)
+        inp = sp.encode(text)[:inputs_length]  # the start kept, as in training
         assert len(inp) == inputs_length
-        opt_ids = [encode_target(ids, targets_length, sp.eos_id()) for ids in sp.encode(options)]
+        opt_ids = [[*ids, sp.eos_id()] for ids in sp.encode(options)]  # whole options + EOS
         scores = [brute_option_logprob(lm, inp, o) for o in opt_ids]
         preds.append(options[max(range(len(options)), key=scores.__getitem__)])
     assert len(set(preds)) > 1  # different options win, so a row mix-up would show
@@ -319,7 +322,7 @@ def test_evaluate_shard_generation_end_to_end(sp: spm.SentencePieceProcessor) ->
     result = evaluate_shard(lm, sp, shard, "rouge", inputs_length, targets_length, batch_size=4)
 
     want = [
-        sp.decode(brute_greedy(lm, truncate_input(sp.encode(t), inputs_length), targets_length, sp.eos_id()))
+        sp.decode(brute_greedy(lm, sp.encode(t)[:inputs_length], targets_length, sp.eos_id()))
         for t in shard["inputs"].to_list()
     ]
     got = predict_shard(lm, sp, shard, inputs_length, targets_length, 4)["prediction"].to_list()
@@ -428,7 +431,7 @@ def test_evaluate_many_writes_one_result_per_dataset_equal_to_single_runs(
     preds = pl.read_parquet(tmp_path / "out" / "toy_sentiment.predictions.parquet")
     assert preds.height == cls.height and set(preds["prediction"]) <= set(cls["options"].explode())
     for name, shard in (("toy_sentiment", cls), ("toy_gen", gen)):
-        alone = evaluate_shard(lm, sp, shard, metrics[name], 24, 4, batch_size=4, keep_end=False)
+        alone = evaluate_shard(lm, sp, shard, metrics[name], 24, 4, batch_size=4)
         written = json.loads((tmp_path / "out" / f"{name}.json").read_text())
         assert written["per_template"] == alone["per_template"] == out[name]["per_template"]
         assert written["model"] == "m" and written["dataset"] == name
@@ -471,34 +474,41 @@ def test_eval_groups_one_job_per_model_variant_cluster() -> None:
 
 
 def test_length_normalised_scorings_by_brute_force(sp: spm.SentencePieceProcessor) -> None:
-    """Each scoring rule picks the option a one-at-a-time brute force picks (summed log-prob divided by the
-    option's characters or scored tokens); the selected rule drives the headline, all are recorded."""
+    """Each scoring rule picks the option a one-at-a-time brute force picks (summed log-prob of the option's text
+    and EOS, divided by nothing, by the option's characters with or without the EOS's log-prob, or by its scored
+    tokens); the selected rule drives the headline, all are recorded."""
     lm = make_lm(sp.vocab_size())
-    options = ["bad", "wonderful", "a b c d e", "bad bad bad bad"]  # characters per token differ a lot
+    options = ["no", "wonderful", "a b c d e", "bad bad bad bad", "x"]  # characters per token differ a lot
     shard = make_shard(sentiment_rows(n=6, templates=2, options=options))
     inputs_length, targets_length = 20, 6
     kept = shard.filter(~pl.col("turned_around"))
-    want: dict[str, list[str]] = {"sum": [], "per_char": [], "per_token": []}
+    want: dict[str, list[str]] = {"sum": [], "acc_norm": [], "per_char_eos": [], "per_token": []}
     for text, options in kept.select("inputs", "options").iter_rows():
-        inp = truncate_input(sp.encode(text), inputs_length)
-        opt_ids = [encode_target(ids, targets_length, sp.eos_id()) for ids in sp.encode(options)]
-        lp = [brute_option_logprob(lm, inp, o) for o in opt_ids]
-        norms = {"sum": [1] * len(lp), "per_char": [len(o) for o in options], "per_token": [len(o) for o in opt_ids]}
-        for rule, norm in norms.items():
-            score = [x / n for x, n in zip(lp, norm, strict=True)]
+        inp = sp.encode(text)[:inputs_length]
+        opt_ids = [[*ids, sp.eos_id()] for ids in sp.encode(options)]
+        total = [brute_option_logprob(lm, inp, o) for o in opt_ids]
+        own = [brute_option_logprob(lm, inp, o[:-1]) for o in opt_ids]  # the text alone, no EOS
+        rules = {
+            "sum": total,
+            "acc_norm": [x / len(o) for x, o in zip(own, options, strict=True)],
+            "per_char_eos": [x / len(o) for x, o in zip(total, options, strict=True)],
+            "per_token": [x / len(o) for x, o in zip(total, opt_ids, strict=True)],
+        }
+        for rule, score in rules.items():
             want[rule].append(options[max(range(len(score)), key=score.__getitem__)])
-    assert len({tuple(p) for p in want.values()}) == 3  # the rules disagree here, so a mix-up would show
+    assert len({tuple(p) for p in want.values()}) == 4  # the rules disagree here, so a mix-up would show
     got = predict_shard(lm, sp, shard, inputs_length, targets_length, 4)
     for rule, preds in want.items():
         assert got[f"prediction_{rule}"].to_list() == preds
     assert got["prediction"].to_list() == want["sum"]
 
     by_sum = evaluate_shard(lm, sp, shard, "accuracy", inputs_length, targets_length, batch_size=4)
-    by_char = evaluate_shard(lm, sp, shard, "accuracy", inputs_length, targets_length, batch_size=4, scoring="per_char")
-    assert by_sum["scoring"] == "sum" and by_char["scoring"] == "per_char"
-    assert by_sum["chance"] == pytest.approx(25.0)  # four options everywhere
-    assert by_sum["scorings"] == by_char["scorings"] and set(by_sum["scorings"]) == set(want)
-    for result in (by_sum, by_char):
+    norm = RankConfig(scoring="acc_norm")
+    by_norm = evaluate_shard(lm, sp, shard, "accuracy", inputs_length, targets_length, batch_size=4, rank=norm)
+    assert by_sum["scoring"] == "sum" and by_norm["scoring"] == "acc_norm"
+    assert by_sum["chance"] == pytest.approx(20.0)  # five options everywhere
+    assert by_sum["scorings"] == by_norm["scorings"] and set(by_sum["scorings"]) == set(want)
+    for result in (by_sum, by_norm):
         assert result["mean"] == pytest.approx(result["scorings"][result["scoring"]]["mean"])
-    with pytest.raises(ValueError, match="unknown rank-classification scoring"):
-        evaluate_shard(lm, sp, shard, "accuracy", inputs_length, targets_length, scoring="mean")
+    with pytest.raises(ValueError, match="unknown eval.scoring 'per_char'"):
+        RankConfig(scoring="per_char")

@@ -22,7 +22,7 @@ from dag import read_jsonl as jsonl
 
 from flanpipe.core.io import read_yaml
 from flanpipe.core.registry import ROLES, load_registry
-from flanpipe.data.ingest import ingest_split
+from flanpipe.data.ingest import REFERENCES, ingest_split
 from flanpipe.data.templates import load_validated, render_eval_shard, render_shard
 from flanpipe.plan.config import dataset_spec, load_config
 from flanpipe.plan.eval_plan import eval_groups
@@ -96,16 +96,24 @@ class Ingested:
 
 
 def ingest_all(name: str, tmp_path: Path) -> Ingested:
+    """Every role, eval splits first: as in the DAG, train is checked against them (split hygiene)."""
     spec = PLAN.registry[name]
     paths, rows = {}, {}
-    for role in ROLES:
+    for role in ("validation", "test", "train"):
         raw = jsonl(FIXTURES / name / f"{role}.jsonl")
         paths[role] = tmp_path / f"{role}.parquet"
-        report = ingest_split(spec, role, paths[role], policy=CONFIG["data"]["bad_rows"])
+        evals = {r: paths[r] for r in ("validation", "test")} if role == "train" else None
+        report = ingest_split(spec, role, paths[role], policy=CONFIG["data"]["bad_rows"], eval_splits=evals)
         assert report["dropped"] == DROPPED.get((name, role), {}), (name, role, report)
         assert report["rows"] + sum(report["dropped"].values()) == len(raw)
+        hygiene = report["split_hygiene"]
+        assert hygiene["duplicates_within"] == 0 and not any(hygiene.get("duplicates_with", {}).values()), hygiene
         canon = pl.read_parquet(paths[role])
-        assert canon.columns == ["example_id", *spec.fields]
+        # several acceptable answers (a list column): the first is the target, all are kept as references
+        refs = REFERENCES in canon.columns
+        assert canon.columns == ["example_id", *spec.fields, *([REFERENCES] if refs else [])]
+        if refs:
+            assert canon["answer"].to_list() == canon[REFERENCES].list.first().to_list()
         if spec.options is not None:
             assert set(canon["answer"]) <= set(spec.options), (name, role)
         if spec.options_field is not None:
@@ -186,7 +194,8 @@ def test_dry_run_plans_every_dataset_from_the_mirror(dag_dir: Path) -> None:
     runs = len(CONFIG["held_out"])
     assert (len(PLAN.registry), len(held_out), runs) == (65, 33, 6)
     assert stats["render_shard"] == 65  # one natural-all training shard per dataset
-    assert stats["ingest"] == 65 + 2 * len(held_out)  # train everywhere; validation + test where evaluated
+    # every role of every dataset: a train split is checked against its validation/test (split hygiene)
+    assert stats["ingest"] == 3 * 65
     assert "download" not in stats  # no hub source is left
     classification = [d for d in held_out if PLAN.registry[d].has_options]
     assert stats["render_eval_shard"] == len(held_out) + len(classification) == 54  # natural (+ natural-noopts)

@@ -82,7 +82,8 @@ def test_touch_replans_nothing_and_edit_replans_its_dependents(built: Path) -> N
 @pytest.mark.slow
 def test_adding_an_eval_only_dataset_plans_only_its_evaluation(built: Path) -> None:
     """An evaluation-only entry added to the registry of a built run: its ingest, eval shards and its own
-    evaluate jobs (flanpipe.plan.eval_plan.eval_group_name), nothing upstream of training, no other evaluation."""
+    evaluate jobs (flanpipe.plan.eval_plan.eval_group_name), and the audit of the run that scores it (every
+    dataset a run is scored on is audited); nothing else upstream of training, no other evaluation."""
     config_file = built / "config" / "config.yaml"
     original = config_file.read_text()
     baseline = planned(built)
@@ -108,5 +109,7 @@ def test_adding_an_eval_only_dataset_plans_only_its_evaluation(built: Path) -> N
         extra.unlink()
     assert baseline <= replanned
     new = replanned - baseline
-    assert {j.split("[")[0] for j in new} == {"ingest", "render_eval_shard", "evaluate", "eval_result"}, new
-    assert all("rte_test_only" in j for j in new), new  # the nli cluster's own evaluate job is not replanned
+    own = {"ingest", "render_eval_shard", "evaluate", "eval_result"}
+    assert own <= {j.split("[")[0] for j in new} <= own | {"audit"}, new
+    assert "audit[run=heldout_nli]" in replanned  # new here, or already planned by an earlier edit of this module
+    assert {j for j in new if "rte_test_only" not in j} <= {"audit[run=heldout_nli]"}, new  # nli's own job is kept

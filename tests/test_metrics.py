@@ -165,13 +165,32 @@ def test_every_metric_is_bounded_and_checks_lengths(name: str) -> None:
 
 def test_rank_choices_by_hand() -> None:
     """Option 0: "yes" (3 chars, 2 tokens) logp -3; option 1: "it is not possible" (18 chars, 6 tokens) logp -6.
-    Summed: -3 > -6 -> 0. Per char: -1 < -1/3 -> 1. Per token: -1.5 < -1 -> 1."""
+    Summed: -3 > -6 -> 0. Per char: -1 < -1/3 -> 1. Per token: -1.5 < -1 -> 1. No EOS scored (the lm_eval
+    convention): acc_norm and per_char_eos are one rule."""
     from flanpipe.eval.metrics import SCORINGS, rank_choices
 
     got = rank_choices([[-3.0, -6.0], [-2.0, -2.0, -9.0]], [[3, 18], [4, 2, 9]], [[2, 6], [1, 3, 3]])
-    assert set(got) == set(SCORINGS)
-    assert got["sum"] == [0, 0]  # second example: a tie goes to the earliest option
-    assert got["per_char"] == [1, 0]  # second: -2/4 = -0.5 beats -2/2 = -1 and -9/9 = -1
-    assert got["per_token"] == [1, 1]  # second: -2/3 beats -2/1 and -9/3
+    assert set(got.winners) == set(got.tied) == set(SCORINGS)
+    assert got.winners["sum"] == [0, 0]  # second example: a tie goes to the earliest option...
+    assert got.tied["sum"] == [False, True]  # ...and is flagged
+    assert got.winners["acc_norm"] == got.winners["per_char_eos"] == [1, 0]  # -2/4 = -0.5 beats -1 and -1
+    assert got.tied["acc_norm"] == [False, False]
+    assert got.winners["per_token"] == [1, 1]  # second: -2/3 beats -2/1 and -9/3
     with pytest.raises(ValueError, match="at least one character"):
         rank_choices([[-1.0]], [[0]], [[1]])
+    with pytest.raises(ValueError, match="NaN"):
+        rank_choices([[float("nan"), -1.0]], [[1, 1]], [[1, 1]])
+    with pytest.raises(ValueError, match="options of example 1"):
+        rank_choices([[-1.0], [-1.0, -2.0]], [[1], [1]], [[1], [1, 1]])
+
+
+def test_acc_norm_leaves_the_eos_out() -> None:
+    """The flan convention scores EOS after each option. Option "a" (1 char, 1 token + EOS): own log-prob -1,
+    EOS -4; option "aab" (3 chars, 3 tokens + EOS): own -4, EOS -4.
+    sum: -5 vs -8 -> "a". acc_norm (lm-evaluation-harness: own / chars): -1 vs -4/3 -> "a".
+    per_char_eos ((own + EOS) / chars): -5 vs -8/3 -> "aab". per_token: -5/2 vs -8/4 -> "aab"."""
+    from flanpipe.eval.metrics import rank_choices
+
+    got = rank_choices([[-1.0, -4.0]], [[1, 3]], [[2, 4]], eos=[[-4.0, -4.0]])
+    assert got.winners == {"sum": [0], "acc_norm": [0], "per_char_eos": [1], "per_token": [1]}
+    assert rank_choices([], [], []).winners == {"sum": [], "acc_norm": [], "per_char_eos": [], "per_token": []}

@@ -87,7 +87,7 @@ def test_flan_base_model_run_prints_the_difference(tmp_path: Path) -> None:
     recs = [record("nli_a", 20.0, "lamda_pt_137b"), record("nli_b", 40.0, "lamda_pt_137b")]
     md = markdown(summarize_main(recs, published=published))
     assert "Beside the paper (same base model: difference to FLAN 137B):" in md
-    assert "| nli_a | 20.0 | 11.5 | 22.0 | – | 33.0 | – | +8.5 |" in md, md
+    assert "| nli_a | 20.0 | 11.5 | – | 22.0 | – | 33.0 | – | +8.5 |" in md, md
     assert "| nli_b | 40.0 |" not in md
     assert "Source: TEST VALUES, made up for tests/test_report_published.py (not the paper's)" in md
 
@@ -96,6 +96,32 @@ def test_other_models_show_the_paper_as_reference(tmp_path: Path) -> None:
     published = {d: dict(s.published) for d, s in load_registry([registry_file(tmp_path)]).items() if s.published}
     md = markdown(summarize_main([record("nli_a", 20.0, "tiny")], published=published))
     assert "The paper's numbers (reference):" in md
-    assert "| nli_a | 20.0 | 11.5 | 22.0 | – | 33.0 | – |" in md, md
+    assert "| nli_a | 20.0 | 11.5 | – | 22.0 | – | 33.0 | – |" in md, md
     assert "ours − FLAN 137B" not in md
     assert "The paper" not in markdown(summarize_main([record("nli_a", 20.0, "tiny")]))
+
+
+def test_flan137b_report_prints_the_papers_figures_for_the_filled_datasets() -> None:
+    """config/flan137b.yaml's report: the registry's published FLAN 137B figures (copied, with their source,
+    from public quotes of the paper) beside every held-out dataset that has them, the difference to FLAN
+    137B for its lamda_pt_137b runs, and nothing for the datasets without figures."""
+    from flanpipe.plan.config import load_config
+    from flanpipe.plan.experiments import plan_experiment
+
+    plan = plan_experiment(load_config("config/flan137b.yaml"))
+    published = {d: dict(s.published) for d, s in plan.registry.items() if s.published}  # rules' report_published
+    assert len(published) == 15
+    records = [
+        {**record(e.dataset, 50.0, "?"), "cluster": plan.registry[e.dataset].cluster}
+        | {"metric": plan.registry[e.dataset].metric, **plan.record_meta(e)}
+        for e in plan.evaluations
+    ]
+    md = markdown(summarize_main(records, "flan137b.yaml", published=published))
+    assert md.count("Beside the paper (same base model: difference to FLAN 137B):") == 6  # one per held-out cluster
+    assert "| rte | 50.0 | 84.1 | 84.5 (k=8) | – | – | – | – | -34.1 |" in md, md
+    assert "| anli_r1 | 50.0 | 47.7 | – | – | – | – | – | +2.3 |" in md
+    assert "| wmt16_ende | 50.0 | 27.0 | – | – | – | – | – | +23.0 |" in md
+    tables = [block.split("\n\n", 2)[1] for block in md.split("Beside the paper (same base model")[1:]]
+    shown = {row.split(" | ")[0].lstrip("| ") for t in tables for row in t.splitlines()[2:]}
+    assert shown == set(published) - {"record"}  # ReCoRD's cluster is not held out in flan137b
+    assert "Source: second-hand copy of FLAN (arXiv 2109.01652v5), read in OpenCodePapers/OpenCodePapers" in md

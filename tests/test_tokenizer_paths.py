@@ -76,12 +76,12 @@ def test_evaluate_end_to_end_with_checkpoint_ids(checkpoint: Path, rendered: pl.
     lm = make_lm(tok.vocab_size, seed=3)
     cls = rendered.filter(pl.col("options").list.len() > 0)
     gen = rendered.filter(pl.col("options").list.len() == 0)
-    # option scoring: transformers' prompt ids, each option's bare ids + the checkpoint's EOS
+    # option scoring: transformers' prompt ids (the start kept), each option's bare ids, whole, + the checkpoint's EOS
     eos = hf.eos_token_id
     want_cls = []
     for text, options in cls.filter(~pl.col("turned_around")).select("inputs", "options").iter_rows():
         inp = truncate_input(hf(text)["input_ids"], N_IN)
-        opts = [hf(o, add_special_tokens=False)["input_ids"][: N_TG - 1] + [eos] for o in options]
+        opts = [hf(o, add_special_tokens=False)["input_ids"] + [eos] for o in options]
         want_cls.append(options[int(np.argmax([brute_option_logprob(lm, inp, o) for o in opts]))])
     assert predict_shard(lm, tok, cls, N_IN, N_TG, 4)["prediction"].to_list() == want_cls
     result = evaluate_shard(lm, tok, cls, "accuracy", N_IN, N_TG, batch_size=4)

@@ -99,7 +99,7 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
     warm, _ = timed_load(run0)
     head = shard(variant0, datasets0[0]).head(8)
     for scorer in (warm, _CacheFree(warm)):
-        predict_shard(scorer, sp, head, inl, tgl, bs, keep_end=False)
+        predict_shard(scorer, sp, head, inl, tgl, bs)
         predict_shard(scorer, sp, head.with_columns(options=pl.lit([], dtype=pl.List(pl.Utf8))), inl, 4, bs)
 
     cls: dict[str, list[float]] = {s: [0, 0.0, 0.0, 0] for s in ("before", "after", "after_shared_prefix")}
@@ -112,16 +112,16 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
         for d in datasets:
             df = shard(variant, d)
             t0 = time.perf_counter()
-            after = predict_shard(lm, sp, df, inl, tgl, bs, keep_end=False)
+            after = predict_shard(lm, sp, df, inl, tgl, bs)
             cls["after"][2] += time.perf_counter() - t0
             lm.share_prefix, lm.pack_options = True, False  # the KV-cache prefix path, not the packed rows
             t0 = time.perf_counter()
-            shared = predict_shard(lm, sp, df, inl, tgl, bs, keep_end=False)
+            shared = predict_shard(lm, sp, df, inl, tgl, bs)
             cls["after_shared_prefix"][2] += time.perf_counter() - t0
             lm.share_prefix, lm.pack_options = False, True
             lm_b, load_b = timed_load(run)  # the per-dataset job loads its own model
             t0 = time.perf_counter()
-            before = predict_shard(_CacheFree(lm_b), sp, df, inl, tgl, bs, keep_end=False)
+            before = predict_shard(_CacheFree(lm_b), sp, df, inl, tgl, bs)
             cls["before"][2] += time.perf_counter() - t0
             cls["before"][0] += 1
             cls["before"][1] += load_b
@@ -137,7 +137,7 @@ def bench_eval(workdir: Path, config: Path, *, gen_rows: int = 16, max_groups: i
         df = df.with_columns(options=pl.lit([], dtype=pl.List(pl.Utf8)))
         for side, scorer in (("after", lm), ("before", _CacheFree(lm))):
             t0 = time.perf_counter()
-            out = predict_shard(scorer, sp, df, inl, tgl, bs, keep_end=False)
+            out = predict_shard(scorer, sp, df, inl, tgl, bs)
             gen[side][2] += time.perf_counter() - t0
             gen[side][3] += out.height
             if side == "after":

@@ -20,6 +20,11 @@ _POSITION_TYPES = ("rope", "learned_absolute")
 _NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 
+# What Megatron's dist_checkpointing.save writes last into a model dir's checkpoint/
+# (flanpipe.model.checkpointing._complete): without them a load fails only inside the job that loads it.
+CHECKPOINT_FILES = ("metadata.json", "common.pt")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of the decoder-only transformer (config/models/{name}.yaml)."""

@@ -8,6 +8,7 @@ a registry entry and a template file, no code.
 from __future__ import annotations
 
 import glob
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,11 @@ from flanpipe.core.io import PROJECT_ROOT, read_yaml, resolve_config_path
 
 SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "registry.schema.yaml"
 ROLES = ("train", "validation", "test")
+# Columns ingest writes beside the canonical fields (flanpipe.data.ingest); no field may take their names.
+# ``references``: every acceptable answer, where the source holds several (the first is ``answer``).
+REFERENCES = "references"
+RESERVED_COLUMNS = ("example_id", REFERENCES)
+_SPLIT_PART = re.compile(r"^\s*(?P<name>[^\[\]+\s]+)\s*(\[[^\]]*\])?\s*$")
 
 # FLAN's overlap rules (paper section 3): holding out one of these clusters also removes its partners
 # from training, because their tasks are near-duplicates (NLI <-> paraphrase) or share passages.
@@ -45,6 +51,17 @@ class SourceSpec:
     name: str | None = None  # hf config name
     data_dir: str | None = None  # hf data_dir (manual downloads)
     revision: str | None = None  # hf revision (refs/convert/parquet serves script repos as Parquet)
+    # hf: source split name -> the repo's file patterns that make it (datasets' data_files), where the repo's
+    # layout would fold other directories (GEM's challenge_*) into a split
+    data_files: Mapping[str, tuple[str, ...]] | None = None
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """A role read as a seeded random sample of ``rows`` rows of its source split (registry ``holdout``)."""
+
+    rows: int
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -64,12 +81,16 @@ class DatasetSpec:
     answer_key_field: str | None = None  # source list column of option keys the answer names (ARC's "A".."E")
     answer_offset: int = 0  # subtracted from index answers (1 for 1-based labels)
     answer_round: bool = False  # round numeric answers first (STS-B similarity -> "0".."5")
+    # a list-typed answer: "references" (each element is an acceptable answer; all are scored) or "first"
+    # (the elements are parts of one answer, e.g. DROP's multi-span answers: only the first is kept)
+    answer_list: Literal["references", "first"] = "references"
     label_map: Mapping[str, str | int | None] | None = None  # raw answer (as text) -> option text / index
     join: Mapping[str, str] = field(default_factory=dict)  # field -> separator for list-typed sources
     bad_rows: str | None = None  # per-dataset override of data.bad_rows
     paper_dataset: str = ""  # the paper's dataset this loader belongs to (default: its own name)
     eval_only: bool = False  # never trained on: marked so, or its splits have no train
     published: Mapping[str, float | str | None] | None = None  # the paper's scores + source (report only)
+    holdout: Mapping[str, Holdout] = field(default_factory=dict)  # role -> seeded sample of its source split
     defined_in: str = ""  # registry file, for error messages
 
     @property
@@ -84,6 +105,28 @@ class DatasetSpec:
     @property
     def canonical_fields(self) -> tuple[str, ...]:
         return tuple(self.fields)
+
+    def held_out_by(self, role: str) -> tuple[str, Holdout] | None:
+        """(the role, its holdout) whose sample ``role`` must leave out: another role that samples the
+        split ``role`` reads (dbpedia_14's validation samples train, so the train role skips those rows)."""
+        split = self.splits.get(role)
+        for other, h in self.holdout.items():
+            if other != role and self.splits.get(other) == split:
+                return other, h
+        return None
+
+
+def split_names(expr: str) -> tuple[str, ...]:
+    """The source split names a split expression reads: "train[:-200]" -> ("train",),
+    "train[:100]+train[-100:]" -> ("train",), "validation" -> ("validation",) (datasets' slice syntax)."""
+    names: list[str] = []
+    for part in expr.split("+"):
+        m = _SPLIT_PART.match(part)
+        if m is None:
+            raise ValueError(f"split expression {expr!r}: cannot read {part!r} as NAME or NAME[slice]")
+        if m["name"] not in names:
+            names.append(m["name"])
+    return tuple(names)
 
 
 def _expand(paths: Iterable[str | Path]) -> list[Path]:
@@ -112,6 +155,11 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
             name=src.get("name"),
             data_dir=src.get("data_dir"),
             revision=src.get("revision"),
+            data_files=(
+                {k: (v,) if isinstance(v, str) else tuple(v) for k, v in src["data_files"].items()}
+                if src.get("data_files")
+                else None
+            ),
         ),
         fields=fields,
         metric=raw["metric"],
@@ -123,15 +171,21 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
         answer_key_field=raw.get("answer_key_field"),
         answer_offset=int(raw.get("answer_offset", 0)),
         answer_round=bool(raw.get("answer_round", False)),
+        answer_list=raw.get("answer_list", "references"),
         label_map={str(k): v for k, v in raw["label_map"].items()} if raw.get("label_map") else None,
         join=dict(raw.get("join") or {}),
         bad_rows=raw.get("bad_rows"),
         paper_dataset=raw.get("paper_dataset", name),
         eval_only=bool(raw.get("eval_only", False)) or "train" not in (raw.get("splits") or {"train": "train"}),
         published=dict(raw["published"]) if raw.get("published") else None,
+        holdout={role: Holdout(int(h["rows"]), int(h["seed"])) for role, h in (raw.get("holdout") or {}).items()},
         defined_in=str(path),
     )
     where = f"{path}: dataset {name!r}"
+    reserved = sorted(set(spec.fields) & set(RESERVED_COLUMNS))
+    if reserved:
+        raise RegistryError(f"{where}: field name(s) {reserved} are reserved for the columns ingest adds; rename them")
+    _check_sources(spec, where)
     if spec.options is not None and spec.options_field is not None:
         raise RegistryError(f"{where}: give either 'options' or 'options_field', not both")
     if spec.options_field is not None and spec.options_field not in spec.fields:
@@ -149,6 +203,40 @@ def _entry_to_spec(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
     if spec.source.type == "local" and "{split}" not in spec.source.path:
         raise RegistryError(f"{where}: local source path must contain '{{split}}': {spec.source.path!r}")
     return spec
+
+
+def _check_sources(spec: DatasetSpec, where: str) -> None:
+    """Split expressions read, data_files cover every split read, and a holdout samples a mapped role."""
+    read: dict[str, tuple[str, ...]] = {}
+    for role, expr in spec.splits.items():
+        try:
+            read[role] = split_names(expr)
+        except ValueError as e:
+            raise RegistryError(f"{where}: splits.{role}: {e}") from None
+    files = spec.source.data_files
+    if files is not None:
+        if spec.source.type != "hf":
+            raise RegistryError(f"{where}: source.data_files is for hf sources (a local source names its files)")
+        missing = sorted({n for names in read.values() for n in names} - set(files))
+        if missing:
+            raise RegistryError(
+                f"{where}: 'splits' reads source split(s) {missing} but source.data_files defines only "
+                f"{sorted(files)}; with data_files, datasets knows no other split"
+            )
+    for role in spec.holdout:
+        if role not in spec.splits:
+            raise RegistryError(f"{where}: holdout.{role}: the entry's 'splits' does not map {role!r}")
+        if spec.splits[role] != split_names(spec.splits[role])[0]:
+            raise RegistryError(
+                f"{where}: holdout.{role}: split {spec.splits[role]!r} is a slice; a holdout samples a whole split"
+            )
+    sampled = [spec.splits[r] for r in spec.holdout]
+    twice = sorted({s for s in sampled if sampled.count(s) > 1})
+    if twice:
+        raise RegistryError(
+            f"{where}: holdout: two roles sample split(s) {twice}; their samples could overlap, so give one "
+            "role the sample and the other a slice or another split"
+        )
 
 
 def _check_options(spec: DatasetSpec, where: str) -> None:
@@ -264,6 +352,7 @@ def with_local_mirror(registry: Mapping[str, DatasetSpec], mirror: str | None) -
             spec,
             source=SourceSpec(type="local", format="jsonl", path=f"{mirror.rstrip('/')}/{name}/{{split}}.jsonl"),
             splits=identity,
+            holdout={},  # the mirror's files hold each role's rows already
         )
         for name, spec in registry.items()
     }

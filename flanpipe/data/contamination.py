@@ -37,6 +37,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from flanpipe.core.io import write_json
+from flanpipe.data.ingest import read_ingest_report
 from flanpipe.data.patterns import Template, parse_pattern
 from flanpipe.data.templates import load_templates
 
@@ -336,6 +337,26 @@ def audit_contamination(
     }
 
 
+def split_hygiene(canonical: Mapping[str, Mapping[str, str | os.PathLike[str]]]) -> dict[str, object]:
+    """What ingest counted (flanpipe.data.ingest.split_hygiene, stored in each canonical parquet's footer):
+    per dataset and split the exact duplicates inside it and, for train, the rows equal to a validation/test
+    row and how many were dropped; plus totals. ``canonical``: dataset -> split -> canonical parquet."""
+    per: dict[str, dict[str, object]] = {}
+    totals = {"duplicates_within": 0, "train_rows_in_eval": 0, "dropped_from_train": 0, "splits_unknown": 0}
+    for d in sorted(canonical):
+        for s, path in sorted(canonical[d].items()):
+            report = read_ingest_report(path)
+            h = report.get("split_hygiene") if report else None
+            per.setdefault(d, {})[s] = h
+            if h is None:  # written before ingest counted duplicates
+                totals["splits_unknown"] += 1
+                continue
+            totals["duplicates_within"] += int(h["duplicates_within"])
+            totals["train_rows_in_eval"] += int(h.get("train_rows_in_eval", 0))
+            totals["dropped_from_train"] += int(h.get("dropped_from_train", 0))
+    return {"datasets": per, "totals": totals}
+
+
 def run_audit(
     mixture: str | os.PathLike[str],
     eval_splits: Mapping[str, Mapping[str, str | os.PathLike[str]]],
@@ -344,11 +365,19 @@ def run_audit(
     cfg: AuditConfig = AuditConfig(),
     *,
     max_examples: int | None = None,
+    train_splits: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> dict[str, object]:
     """Rule ``audit``: write the report, then raise if it failed (the JSON stays for the reviewer,
-    under ``<out>.failed.json``, so the rule's output never exists for a run that must not train)."""
+    under ``<out>.failed.json``, so the rule's output never exists for a run that must not train).
+
+    ``train_splits``: dataset -> canonical train parquet of the datasets the run trains on; with the eval
+    splits, their ingest split-hygiene counts go into the report (``split_hygiene``)."""
     templates = {d: load_templates(p) for d, p in template_files.items()}
     report = audit_contamination(mixture, eval_splits, templates, cfg, max_examples=max_examples)
+    canonical: dict[str, dict[str, str | os.PathLike[str]]] = {d: dict(s) for d, s in eval_splits.items()}
+    for d, path in (train_splits or {}).items():
+        canonical.setdefault(d, {})["train"] = path
+    report["split_hygiene"] = split_hygiene(canonical)
     if not report["passed"]:
         write_json(Path(str(out) + ".failed.json"), report)
         raise ContaminationError("contamination audit failed:\n  " + "\n  ".join(report["failures"]))

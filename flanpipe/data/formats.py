@@ -8,8 +8,11 @@ dataset changes no other dataset's formats. Everything stays a Polars expression
 
 Few-shot exemplars: ``shots`` training examples per dataset chosen by a seeded hash (``fewshot_exemplars``,
 as the few-shot baseline uses), rendered under the row's template, in the row's options format. An exemplar's
-own row is always zero-shot (it would otherwise see its own answer). Flan 2022 draws exemplars per example;
-a fixed set per dataset is the cheap, vectorised approximation (stated, not hidden).
+own row is always zero-shot (it would otherwise see its own answer). Where the exemplars end is kept beside the
+text (``EXEMPLAR_ENDS``): a row longer than lengths.inputs loses exemplars from the front when it is tokenized,
+never its own question (cutting the end would leave a target for a question the row no longer shows).
+Flan 2022 draws exemplars per example; a fixed set per dataset is the cheap, vectorised approximation
+(stated, not hidden).
 Pattern templates only: a Jinja (P3) template renders as written (its options are part of its text).
 """
 
@@ -17,14 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import polars as pl
 
 from flanpipe.core.registry import DatasetSpec
-from flanpipe.data.patterns import Template, fewshot_exemplars, pattern_fewshot_prefix, rendered_columns
+from flanpipe.data.patterns import Template, fewshot_exemplars, pattern_fewshot_exemplars, rendered_columns
 
 _UNIT = float(2**64)
+# A few-shot row's exemplar boundaries: character offsets in ``inputs`` where each exemplar ends (empty for a
+# zero-shot row). Tokenization (flanpipe.data.tokenize) drops whole exemplars from the front of a row too long
+# for lengths.inputs, so the row's own prompt is kept whole; only shards with few-shot rows carry the column.
+EXEMPLAR_ENDS = "exemplar_ends"
 
 
 @dataclass(frozen=True)
@@ -78,16 +86,31 @@ def render_train_formats(
     no_opts_inputs = rendered_columns(spec, "train", template_id, chosen, False)[at]
     show = uniform(spec.name, "options", mix.seed) < mix.options if spec.has_options else pl.lit(True)
     inputs = pl.when(show).then(with_opts[at]).otherwise(no_opts_inputs)
+    columns = list(with_opts)
     if mix.fewshot > 0:
         exemplars = fewshot_exemplars(lf, mix.shots, mix.seed)
         ids = exemplars.select("example_id").collect()["example_id"].to_list()
+        if len(ids) < mix.shots or lf.select(pl.len()).collect().item() <= mix.shots:
+            n = lf.select(pl.len()).collect().item()
+            raise ValueError(
+                f"dataset {spec.name!r}: formats.shots = {mix.shots} exemplars need more than {mix.shots} training "
+                f"examples, and it has {n}: no row could be few-shot (exemplars' own rows stay zero-shot). "
+                "Lower formats.shots, or leave the dataset out"
+            )
         prefix: Any = pl.lit("")
+        ends: Any = _int_list([])
         for t in chosen:
             for shown in (True, False):
-                text = pattern_fewshot_prefix(exemplars, spec, t, shown)
-                prefix = pl.when((template_id == t.index) & (show == shown)).then(pl.lit(text)).otherwise(prefix)
+                pieces = pattern_fewshot_exemplars(exemplars, spec, t, shown)
+                this = (template_id == t.index) & (show == shown)
+                prefix = pl.when(this).then(pl.lit("".join(pieces))).otherwise(prefix)
+                ends = pl.when(this).then(_int_list(list(accumulate(map(len, pieces))))).otherwise(ends)
         fewshot = (uniform(spec.name, "fewshot", mix.seed) < mix.fewshot) & ~pl.col("example_id").is_in(ids)
         inputs = pl.when(fewshot).then(pl.concat_str([prefix, inputs])).otherwise(inputs)
-    columns = list(with_opts)
+        columns.append(pl.when(fewshot).then(ends).otherwise(_int_list([])).alias(EXEMPLAR_ENDS))
     columns[at] = inputs.alias("inputs")
     return lf.select(columns)
+
+
+def _int_list(values: list[int]) -> pl.Expr:
+    return pl.lit(pl.Series([values], dtype=pl.List(pl.Int32))).first()

@@ -49,7 +49,16 @@ def _token_name(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """A checkpoint's JSON side file ({} when absent); a broken one names itself."""
+    if not path.exists():
+        return {}
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(out).__name__}")
+    return out
 
 
 @dataclass
@@ -126,7 +135,10 @@ def load_hf_tokenizer(directory: str | os.PathLike[str]) -> HFTokenizer:
         from tokenizers import Tokenizer as HFBackend
 
         source = d / "tokenizer.json"
-        backend = HFBackend.from_file(str(source))
+        try:
+            backend = HFBackend.from_file(str(source))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
+            raise ValueError(f"{source}: not a tokenizers tokenizer.json: {e}") from None
         kind = "tokenizers"
         lookup = backend.token_to_id
         vocab = backend.get_vocab_size(with_added_tokens=True)
@@ -134,7 +146,10 @@ def load_hf_tokenizer(directory: str | os.PathLike[str]) -> HFTokenizer:
         import sentencepiece as spm
 
         source = d / "tokenizer.model"
-        backend = spm.SentencePieceProcessor(model_file=str(source))
+        try:
+            backend = spm.SentencePieceProcessor(model_file=str(source))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{source}: not a SentencePiece model: {e}") from None
         kind = "sentencepiece"
 
         def lookup(piece: str) -> int | None:
@@ -145,16 +160,31 @@ def load_hf_tokenizer(directory: str | os.PathLike[str]) -> HFTokenizer:
     else:
         raise FileNotFoundError(f"{d}: no tokenizer.json or tokenizer.model")
     ids = {k: _special_id(v, lookup) for k, v in names.items()}
-    fallback = _read_json(d / "generation_config.json") or _read_json(d / "config.json")
+    missing = {k: names[k] for k, i in ids.items() if names[k] is not None and i is None}
+    if missing:  # a foreign tokenizer file beside this config: its ids would silently mean other tokens
+        named = ", ".join(f"{k} {v!r}" for k, v in missing.items())
+        raise ValueError(
+            f"{d / 'tokenizer_config.json'} names {named}, which {source} does not have (its vocabulary of {vocab} "
+            "lacks it): the tokenizer file is not this checkpoint's, or the config names the wrong token"
+        )
+    fallback_path = d / "generation_config.json" if (d / "generation_config.json").exists() else d / "config.json"
+    fallback = _read_json(fallback_path)
     eos = ids["eos_token"]
     if eos is None:
         eos = fallback.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) else eos
+        if eos is not None and not 0 <= int(eos) < vocab:
+            raise ValueError(f"{fallback_path}: eos_token_id {eos} is not an id of {source} (0..{vocab - 1})")
     if eos is None:
         raise ValueError(f"{d}: no EOS token in tokenizer_config.json, generation_config.json or config.json")
     bos = ids["bos_token"]
     if bos is None and kind == "sentencepiece":
         bos = backend.bos_id() if backend.bos_id() >= 0 else None
     add_bos = bool(tcfg.get("add_bos_token", kind == "sentencepiece"))
+    if add_bos and bos is None:
+        raise ValueError(
+            f"{d / 'tokenizer_config.json'}: add_bos_token is true but {source} has no BOS token "
+            "(set bos_token to one of its tokens, or add_bos_token: false)"
+        )
     pad = ids["pad_token"] if ids["pad_token"] is not None else eos
     return HFTokenizer(backend, kind, vocab, int(eos), int(pad), bos, add_bos, source)

@@ -3,20 +3,35 @@
 The canonical form has ``example_id`` (the row's position in the source split, so every later stage can
 point back to the raw example) and one column per canonical field of the registry entry. For
 classification datasets ``answer`` holds the option *text*, so templates and metrics never see label ids.
+Where the answer's source holds lists (several acceptable answers: TriviaQA's aliases, SQuAD's answers, or a
+JSONL with one answer on some lines and a list on others), ``answer`` is the first reference (the training
+target) and a ``references`` column keeps them all (evaluation scores against every one).
+
+Split hygiene: every split's exact duplicates (rows equal in every canonical field) are counted, and the
+train role is compared with the canonical validation/test splits of the same dataset; train rows that are
+also eval rows fail the job, are dropped from train (the default) or only warned about (config
+``data.split_duplicates``). The counts go to the job's log and into the parquet's footer
+(``FOOTER_KEY``), where the run's contamination audit reads them (``read_ingest_report``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 
 from flanpipe.core.io import atomic_path
-from flanpipe.core.registry import DatasetSpec
+from flanpipe.core.registry import REFERENCES, DatasetSpec, Holdout
 
 Policy = Literal["fail", "drop"]
+DuplicatePolicy = Literal["fail", "drop", "warn"]
+FOOTER_KEY = "flanpipe.ingest"  # parquet key-value metadata: ingest's report, split hygiene included
+_HASH = "__row_hash"
 
 
 class DataError(ValueError):
@@ -109,10 +124,52 @@ def read_local(spec: DatasetSpec, role: str, root: Path = Path(".")) -> pl.LazyF
     if fmt in ("jsonl", "csv") and _is_blank(path):
         raise DataError(f"dataset {spec.name!r} split {role!r} ({path}): the split is empty (the file has no rows)")
     if fmt == "jsonl":
-        return pl.scan_ndjson(path, infer_schema_length=None)
+        return answers_as_references(pl.scan_ndjson(path, infer_schema_length=None), spec, path)
     if fmt == "parquet":
         return pl.scan_parquet(path)
     return pl.scan_csv(path, infer_schema_length=None)
+
+
+def _struct_path(source: str, schema: pl.Schema) -> bool:
+    """Whether a dot path walks structs only (no list on the way), so one JSON path addresses it."""
+    head, *rest = source.split(".")
+    dtype = schema.get(head)
+    for part in rest:
+        if not isinstance(dtype, pl.Struct):
+            return False
+        dtype = {f.name: f.dtype for f in dtype.fields}.get(part)
+    return dtype is not None
+
+
+def _with_leaf(dtype: pl.DataType, path: list[str], leaf: pl.DataType) -> pl.DataType:
+    """``dtype`` with the struct field at ``path`` retyped to ``leaf``."""
+    if not path:
+        return leaf
+    assert isinstance(dtype, pl.Struct)
+    return pl.Struct(
+        [pl.Field(f.name, _with_leaf(f.dtype, path[1:], leaf) if f.name == path[0] else f.dtype) for f in dtype.fields]
+    )
+
+
+def answers_as_references(lf: pl.LazyFrame, spec: DatasetSpec, path: Path) -> pl.LazyFrame:
+    """JSONL answers of mixed shape: a string on some lines and a list on others.
+
+    Polars infers such a column as text and writes the list lines as their JSON ('["5", "five"]'), which
+    would train on a Python-looking list. When any line holds a list at the answer's source path, the lines
+    are decoded again with that column typed as a list of strings: a lone string becomes a one-element list,
+    so every row reads as references (the first is the target; ``canonical_exprs``)."""
+    src = spec.fields.get("answer")
+    schema = lf.collect_schema()
+    if not isinstance(src, str) or not _struct_path(src, schema) or _resolved_dtype(src, schema) != pl.Utf8:
+        return lf
+    parts = src.split(".")
+    json_path = "$" + "".join(f"['{p}']" for p in parts) + "[0]"
+    lines = pl.scan_lines(path).filter(pl.col("line").str.strip_chars() != "")  # scan_ndjson skips blank lines
+    if not lines.select(pl.col("line").str.json_path_match(json_path).is_not_null().any()).collect().item():
+        return lf
+    head = parts[0]
+    retyped = {name: _with_leaf(d, parts[1:], pl.List(pl.Utf8)) if name == head else d for name, d in schema.items()}
+    return lines.select(pl.col("line").str.json_decode(pl.Struct(retyped)).alias("__row")).unnest("__row")
 
 
 def read_hf(spec: DatasetSpec, role: str, cache_dir: str | None = None) -> pl.LazyFrame:
@@ -127,6 +184,7 @@ def read_hf(spec: DatasetSpec, role: str, cache_dir: str | None = None) -> pl.La
             spec.source.name,
             split=split,
             data_dir=spec.source.data_dir,
+            data_files={k: list(v) for k, v in spec.source.data_files.items()} if spec.source.data_files else None,
             revision=spec.source.revision,
             cache_dir=cache_dir or os.environ.get("FLANPIPE_HF_CACHE"),
         )
@@ -175,7 +233,16 @@ def canonical_exprs(spec: DatasetSpec, schema: pl.Schema, where: str = "") -> li
             f"the source has columns {list(schema)}. Fix 'fields' of {spec.name!r} in "
             f"{spec.defined_in or 'the registry'} or the data"
         )
+    for name, srcs in spec.fields.items():
+        for src in (srcs,) if isinstance(srcs, str) else srcs:
+            problem = _nested_problem(src, schema)
+            if problem:
+                raise DataError(
+                    f"{where or f'dataset {spec.name!r}'}: field {name} <- {src!r}: {problem}. Fix 'fields' of "
+                    f"{spec.name!r} in {spec.defined_in or 'the registry'} or the data"
+                )
     exprs: list[pl.Expr] = []
+    references: list[pl.Expr] = []
     if spec.answer_key_field is not None:
         exprs.append(_column_expr(spec.answer_key_field).cast(pl.List(pl.Utf8)).alias("__answer_keys"))
     for name, src in spec.fields.items():
@@ -191,11 +258,31 @@ def canonical_exprs(spec: DatasetSpec, schema: pl.Schema, where: str = "") -> li
                     expr = expr.list.eval(pl.element().cast(pl.List(pl.Utf8)).list.join(" | "))
                 expr = expr.cast(pl.List(pl.Utf8)).list.join(spec.join[name])
             elif isinstance(dtype, pl.List):  # a list of references: train on the first
+                if name == "answer" and dtype.inner == pl.Utf8 and spec.answer_list == "references":  # all scored
+                    answers = pl.element().filter(pl.element().str.strip_chars() != "")  # a blank one is no answer
+                    expr = expr.list.eval(answers)
+                    references.append(expr.alias(REFERENCES))
                 expr = expr.list.first()
             if name != "answer":  # the answer keeps its dtype: an int label indexes the options
                 expr = expr.cast(pl.Utf8)
         exprs.append(expr.alias(name))
-    return exprs
+    return exprs + references  # the references column last, after the canonical fields
+
+
+def _nested_problem(source: str, schema: pl.Schema) -> str | None:
+    """Why dot path ``source`` does not address a nested field of ``schema`` (None when it does)."""
+    head, *rest = source.split(".")
+    dtype, walked = schema[head], head
+    for part in rest:
+        if isinstance(dtype, pl.List):
+            dtype = dtype.inner
+        if not isinstance(dtype, pl.Struct):
+            return f"{walked!r} holds {dtype}, not a struct with field {part!r}"
+        names = {f.name: f.dtype for f in dtype.fields}
+        if part not in names:
+            return f"{walked!r} has no field {part!r} in any row (its fields: {sorted(names)})"
+        dtype, walked = names[part], f"{walked}.{part}"
+    return None
 
 
 def _resolved_dtype(source: str, schema: pl.Schema) -> pl.DataType:
@@ -240,9 +327,12 @@ def answer_expr(spec: DatasetSpec, dtype: pl.DataType) -> pl.Expr:
     return raw.cast(pl.Utf8)
 
 
-def bad_row_reasons(spec: DatasetSpec) -> dict[str, pl.Expr]:
-    """Named predicates for rows that cannot become examples (checked on canonical columns)."""
+def bad_row_reasons(spec: DatasetSpec, answer_dtype: pl.DataType = pl.Utf8) -> dict[str, pl.Expr]:
+    """Named predicates for rows that cannot become examples (checked on canonical columns). An empty answer
+    would train a target of a bare EOS and score every prediction against "" (text answers only)."""
     reasons = {f"null {name}": pl.col(name).is_null() for name in spec.fields}
+    if answer_dtype == pl.Utf8:
+        reasons["empty answer"] = pl.col("answer").str.strip_chars() == ""
     if spec.options is not None:
         reasons["answer not in options"] = pl.col("answer").is_not_null() & ~pl.col("answer").is_in(list(spec.options))
     if spec.options_field is not None:
@@ -273,7 +363,7 @@ def canonicalize(
     canon = canon.with_columns(answer_expr(spec, canon.collect_schema()["answer"]).alias("answer"))
     if spec.answer_key_field is not None:
         canon = canon.drop("__answer_keys")
-    reasons = bad_row_reasons(spec)
+    reasons = bad_row_reasons(spec, canon.collect_schema()["answer"])
     counts_row = canon.select(pl.len().alias("rows"), *[pred.sum().alias(r) for r, pred in reasons.items()]).collect(
         engine="streaming"
     )
@@ -301,6 +391,112 @@ def canonicalize(
     return canon, bad
 
 
+def holdout_ids(n_rows: int, h: Holdout, where: str = "holdout") -> list[int]:
+    """Source positions of a holdout: ``h.rows`` of ``n_rows`` drawn by ``random.Random(h.seed)``, sorted.
+
+    Python's seeded ``random`` draws the same sample on every machine, and only the row count is needed, so
+    both roles (the sample, and the role that leaves it out) compute it alone, in any order."""
+    if h.rows >= n_rows:
+        raise DataError(f"{where}: holdout of {h.rows} rows from a split of {n_rows}; nothing would remain")
+    return sorted(random.Random(h.seed).sample(range(n_rows), h.rows))
+
+
+def apply_holdout(canon: pl.LazyFrame, spec: DatasetSpec, role: str, n_rows: int, where: str) -> pl.LazyFrame:
+    """The role's rows: its holdout sample (registry ``holdout``), or its split without another role's
+    sample, or (no holdout) all of them. ``example_id`` stays the row's position in the source split."""
+    if role in spec.holdout:
+        return canon.filter(pl.col("example_id").is_in(holdout_ids(n_rows, spec.holdout[role], where)))
+    other = spec.held_out_by(role)
+    if other is None:
+        return canon
+    return canon.filter(~pl.col("example_id").is_in(holdout_ids(n_rows, other[1], f"{where} (holdout.{other[0]})")))
+
+
+def _row_hash(fields: list[str]) -> pl.Expr:
+    """One 64-bit hash per row over the canonical fields: the cheap first pass of duplicate finding;
+    equal hashes are then compared field by field, so the counts are exact."""
+    return pl.struct(fields).hash(seed=0x5EED).alias(_HASH)
+
+
+def count_duplicates_within(canon: pl.LazyFrame, fields: list[str]) -> int:
+    """Rows equal in every field to an earlier row of the same split (exact: hash, then compare)."""
+    hashed = canon.select(*fields, _row_hash(fields))
+    suspects = hashed.filter(pl.col(_HASH).is_duplicated()).select(fields).collect(engine="streaming")
+    if suspects.height == 0:
+        return 0
+    return suspects.height - suspects.select(pl.struct(fields).n_unique()).item()
+
+
+def duplicates_of(canon: pl.LazyFrame, other: pl.LazyFrame, fields: list[str]) -> pl.DataFrame:
+    """``example_id`` of the rows of ``canon`` equal in every field to some row of ``other``, with the
+    first such ``other`` row's id (``other_id``), exact: hash join, then compare the fields."""
+    theirs = other.select(pl.col("example_id").alias("other_id"), *fields, _row_hash(fields))
+    mine = canon.select("example_id", *fields, _row_hash(fields))
+    pairs = mine.join(theirs.select(_HASH).unique(), on=_HASH, how="semi").join(theirs, on=_HASH, suffix="__other")
+    same = pl.all_horizontal([pl.col(f).eq_missing(pl.col(f"{f}__other")) for f in fields])
+    return (
+        pairs.filter(same)
+        .group_by("example_id")
+        .agg(pl.col("other_id").min())
+        .sort("example_id")
+        .collect(engine="streaming")
+    )
+
+
+def split_hygiene(
+    canon: pl.LazyFrame,
+    spec: DatasetSpec,
+    role: str,
+    eval_splits: Mapping[str, str | os.PathLike[str]],
+    policy: DuplicatePolicy,
+    where: str,
+) -> tuple[pl.LazyFrame, dict[str, Any]]:
+    """Count exact duplicates inside the split and, for the train role, against the dataset's canonical
+    validation/test splits (``eval_splits``); apply ``policy`` to train rows that are eval rows.
+
+    Why ``drop`` is the default: a train row that is also a test row inflates the score the report
+    states, so it must not stay silently; failing would stop a long run over a few rows the source itself
+    repeats (GEM's challenge samples, carve-outs of train), while dropping keeps every eval set exactly as
+    published and costs training a handful of rows, which the log and the audit count."""
+    fields = list(spec.fields)
+    report: dict[str, Any] = {"fields": fields, "duplicates_within": count_duplicates_within(canon, fields)}
+    if role != "train" or not eval_splits:
+        return canon, report
+    found = {r: duplicates_of(canon, pl.scan_parquet(p), fields) for r, p in sorted(eval_splits.items())}
+    report["duplicates_with"] = {r: df.height for r, df in found.items()}
+    ids = sorted({i for df in found.values() for i in df["example_id"].to_list()})
+    report["train_rows_in_eval"] = len(ids)  # a row equal to both a validation and a test row counts once
+    report["policy"] = policy
+    report["dropped_from_train"] = len(ids) if policy == "drop" else 0
+    if ids and policy == "fail":
+        r, df = next((r, df) for r, df in found.items() if df.height)
+        raise DataError(
+            f"{where}: {len(ids)} train row(s) equal an eval row in every field {fields} "
+            f"({report['duplicates_with']}); first: train example_id {df['example_id'][0]} = {r} example_id "
+            f"{df['other_id'][0]}. Fix the splits of {spec.name!r} in {spec.defined_in or 'the registry'} "
+            "(e.g. source.data_files, holdout), or set data.split_duplicates: drop (drop them from train) or warn"
+        )
+    if ids and policy == "drop":
+        canon = canon.filter(~pl.col("example_id").is_in(ids))
+    return canon, report
+
+
+def read_ingest_report(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The report ingest stored in a canonical parquet's footer (None for a file written without one)."""
+    raw = pl.read_parquet_metadata(path).get(FOOTER_KEY)
+    return json.loads(raw) if raw else None
+
+
+def _describe_hygiene(dataset: str, role: str, h: Mapping[str, Any]) -> str:
+    """One line for the job's log."""
+    text = f"split hygiene: {dataset} {role}: {h['duplicates_within']} exact duplicate row(s) inside the split"
+    if "duplicates_with" in h:
+        cross = ", ".join(f"{n} also in {r}" for r, n in h["duplicates_with"].items())
+        action = {"drop": f"{h['dropped_from_train']} dropped from train", "warn": "kept (warn)"}.get(h["policy"], "")
+        text += f"; train rows: {cross}" + (f" -> {action}" if action and any(h["duplicates_with"].values()) else "")
+    return text + f" (data.split_duplicates: {h.get('policy', '-')})"
+
+
 def ingest_split(
     spec: DatasetSpec,
     role: str,
@@ -308,22 +504,35 @@ def ingest_split(
     policy: Policy = "fail",
     root: Path = Path("."),
     hf_cache: str | None = None,
+    *,
+    eval_splits: Mapping[str, str | os.PathLike[str]] | None = None,
+    split_duplicates: DuplicatePolicy = "drop",
 ) -> dict[str, object]:
-    """Read one split of ``spec`` and write its canonical Parquet; return a small report.
+    """Read one split of ``spec`` and write its canonical Parquet; return a small report (also stored in
+    the parquet's footer under ``FOOTER_KEY``).
 
     ``root`` prefixes relative local source paths (config data.root); ``hf_cache`` is the
-    HuggingFace datasets cache (config data.hf_cache; default HF_HOME's).
+    HuggingFace datasets cache (config data.hf_cache; default HF_HOME's). ``eval_splits`` (train role):
+    the dataset's canonical validation/test parquet, which train rows are checked against under
+    ``split_duplicates`` (config data.split_duplicates).
     """
     if spec.source.type == "local":
-        lf = read_local(spec, role, root)
         origin = str(local_path(spec, role, root))
     else:
-        lf = read_hf(spec, role, cache_dir=hf_cache)
         origin = f"hf:{spec.source.path}/{spec.source.name or ''}:{spec.splits[role]}"
-    try:
+    where = f"dataset {spec.name!r} split {role!r} ({origin})"
+    try:  # reading is inside: a JSONL's schema (answers_as_references) already meets bad UTF-8 or JSON
+        lf = read_local(spec, role, root) if spec.source.type == "local" else read_hf(spec, role, cache_dir=hf_cache)
         canon, dropped = canonicalize(lf, spec, role, spec.bad_rows or policy, origin)
+        if role in spec.holdout or spec.held_out_by(role) is not None:
+            canon = apply_holdout(canon, spec, role, lf.select(pl.len()).collect().item(), where)
+        canon, hygiene = split_hygiene(canon, spec, role, eval_splits or {}, split_duplicates, where)
+        report: dict[str, Any] = {"dataset": spec.name, "split": role, "dropped": dropped, "source": origin}
+        report["split_hygiene"] = hygiene
+        print(_describe_hygiene(spec.name, role, hygiene), flush=True)
         with atomic_path(out_path) as tmp:
-            canon.sink_parquet(tmp)  # streamed: a 40M-row WMT split never sits in memory
+            # streamed: a 40M-row WMT split never sits in memory
+            canon.sink_parquet(tmp, metadata={FOOTER_KEY: json.dumps(report, sort_keys=True)})
     except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as e:  # bad UTF-8, bad JSON, a non-object line
         local = Path(origin) if spec.source.type == "local" else None
         bad = _first_invalid_utf8(local) if local is not None and "utf-8" in str(e).lower() else None
@@ -337,4 +546,4 @@ def ingest_split(
             raise DataError(f"dataset {spec.name!r} split {role!r}: {origin} is not valid JSONL at {bad}") from e
         raise DataError(f"dataset {spec.name!r} split {role!r}: cannot read {origin}: {e}") from e
     rows = pl.scan_parquet(out_path).select(pl.len()).collect().item()
-    return {"dataset": spec.name, "split": role, "rows": rows, "dropped": dropped, "source": origin}
+    return {**report, "rows": rows}

@@ -12,16 +12,26 @@ Rendering follows promptsource's ``Template.apply`` (written from its documented
 3. the output is split on ``|||`` and each part stripped: part 0 is the inputs, part 1 the targets.
    ``|||`` inside example text is escaped before rendering so it cannot split the output.
 
-Differences from promptsource, on purpose: the ``choice`` filter picks deterministically per (template,
-example) instead of with ``random``; variable text is not truncated (tokenization enforces lengths); an
-output that is not exactly "inputs ||| targets" is an error naming the template and example.
+P3's template environment: promptsource renders with a plain ``jinja2.Environment`` plus the global ``zip``
+and the filters ``choice`` (a random element), ``most_frequent`` (the list of the most frequent items, ties
+kept) and ``highlight`` (an HTML span, for its browser); templates also call jinja's own ``range``,
+``namespace`` and the ``random`` filter. The sandbox offers all of these (``PROMPTSOURCE_FILTERS``,
+``GLOBALS``), so P3's templates import and render as written.
+
+Differences from promptsource, on purpose: ``choice`` and ``random`` draw from a generator seeded per
+(template, example) (``start_row``), not from the process-wide ``random``, so a shard renders the same text
+every time; jinja's ``lipsum`` is left out (no promptsource template calls it, and it draws from the
+process-wide ``random``, which no per-example seed reaches); variable text is not truncated (tokenization
+enforces lengths); an output that is not exactly "inputs ||| targets" is an error naming the template and
+example.
 
 What the sandbox enforces (``GuardedSandbox``, an ``ImmutableSandboxedEnvironment``, never a plain one):
 
 - at load/validation time (``unsafe_constructs``): no attribute or item whose name starts with ``_``
   (``''.__class__``, ``x['__globals__']``, ``x|attr('__init__')``), no include/import/extends, and every
-  free variable must be a field, a declared variable, ``answer_choices`` or one of the few globals
-  (``range``, ``zip``, ``enumerate``): jinja's ``cycler``, ``joiner``, ``lipsum``, ``namespace`` are removed;
+  free variable must be a field, a declared variable, ``answer_choices`` or one of the globals
+  (``GLOBALS``: promptsource's ``range``, ``zip``, ``namespace``, ``dict``, ``cycler``, ``joiner``, plus
+  ``enumerate``); ``lipsum`` is removed;
 - at render time: jinja's sandbox refuses unsafe attributes and calls (``SecurityError``); collections are
   immutable; ``range`` yields at most ``MAX_RANGE`` items; ``*`` cannot build a string/list longer than
   ``MAX_OUTPUT_CHARS`` and ``**`` exponents are bounded; every call, attribute, item and ``range`` step
@@ -35,6 +45,7 @@ import hashlib
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,7 +59,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from flanpipe.core.registry import DatasetSpec
+from flanpipe.core.registry import REFERENCES, DatasetSpec
 from flanpipe.data.patterns import SHARD_SCHEMA, Template, TemplateError, rendered_columns
 
 SEPARATOR = "|||"
@@ -57,7 +68,9 @@ MAX_RANGE = 10_000
 MAX_OUTPUT_CHARS = 1_000_000
 MAX_EXPONENT = 256
 ROW_SECONDS = 1.0
-GLOBALS = ("range", "zip", "enumerate")
+# promptsource's environment: jinja's default globals (less lipsum) plus zip; enumerate is flanpipe's own
+GLOBALS = ("range", "zip", "enumerate", "namespace", "dict", "cycler", "joiner")
+PROMPTSOURCE_FILTERS = ("choice", "most_frequent", "highlight", "random")  # "random": jinja's, re-seeded
 _PIPE_ESCAPE = "\ue0f1\ue0f2\ue0f1"  # private-use code points: upper/title/trim leave them alone
 _ARROW_TYPES = {
     "dataset": pa.large_string(),
@@ -83,10 +96,11 @@ class JinjaSpec:
     """A promptsource template kept verbatim.
 
     ``variables`` rebuilds the source record's shape from canonical fields (``{answers: {text: [answer]}}``
-    makes ``answers.text[0]`` the canonical ``answer``; ``options[0]`` is one entry of a list field, as
-    SuperGLUE COPA's ``choice1``); ``label`` names the variable that receives the gold answer's index in the
-    dataset's options (P3 indexes ``answer_choices`` with the source label), plus ``label_offset`` where the
-    source counts from 1 (WinoGrande's ``answer`` "1"/"2").
+    makes ``answers.text[0]`` the canonical ``answer``; ``{answers: {text: references}}`` gives the list of
+    every acceptable answer, as Quoref's ``answers.text | choice`` expects; ``options[0]`` is one entry of a
+    list field, as SuperGLUE COPA's ``choice1``); ``label`` names the variable that receives the gold
+    answer's index in the dataset's options (P3 indexes ``answer_choices`` with the source label), plus
+    ``label_offset`` where the source counts from 1 (WinoGrande's ``answer`` "1"/"2").
     """
 
     jinja: str
@@ -97,19 +111,24 @@ class JinjaSpec:
     label_offset: int = 0
 
 
-def _deterministic_choice(env: GuardedSandbox, items: Sequence[Any]) -> Any:
-    """promptsource draws with ``random``; we seed by (template, example) so shards are reproducible."""
-    return random.Random(env.row_seed).choice(list(items))
+def _most_frequent(items: Sequence[Any]) -> list[Any] | None:
+    """promptsource's ``most_frequent``: every item of the highest count, in first-seen order (so
+    ``answers.text | most_frequent | choice`` picks among the tied majority answers); None for no items."""
+    if not items:
+        return None
+    counts = Counter(items).most_common()  # equal counts keep first-seen order
+    return [item for item, n in counts if n == counts[0][1]]
 
 
-def _most_frequent(items: Sequence[Any]) -> Any:
-    return Counter(items).most_common(1)[0][0]
+def _highlight(text: Any) -> str:
+    """promptsource's ``highlight`` (its browser marks substituted text): the same HTML span."""
+    return "<span style='color: #F08080'>" + str(text) + "</span>"
 
 
 class GuardedSandbox(ImmutableSandboxedEnvironment):
     """ImmutableSandboxedEnvironment plus a per-row deadline, a bounded ``range`` and bounded ``*``/``**``.
 
-    Not thread-safe: the deadline and the ``choice`` seed belong to the row being rendered.
+    Not thread-safe: the deadline and the random stream belong to the row being rendered.
     """
 
     intercepted_binops = frozenset({"*", "**"})
@@ -119,15 +138,24 @@ class GuardedSandbox(ImmutableSandboxedEnvironment):
         self.row_seconds = row_seconds
         self.deadline = float("inf")
         self.row_seed = 0
-        for name in ("cycler", "joiner", "lipsum", "namespace", "dict"):
-            self.globals.pop(name, None)
-        self.globals.update(range=self._range, zip=zip, enumerate=enumerate)
-        self.filters["choice"] = lambda items: _deterministic_choice(self, items)
-        self.filters["most_frequent"] = _most_frequent
+        self.rng = random.Random(0)
+        self.globals.pop("lipsum", None)  # process-wide randomness (see the module doc)
+        self.globals.update(range=self._range, zip=zip, enumerate=enumerate)  # namespace/dict/cycler/joiner: jinja's
+        self.filters.update(
+            choice=self._choice, random=self._choice, most_frequent=_most_frequent, highlight=_highlight
+        )
 
     def start_row(self, seed: int) -> None:
+        """A row begins: its deadline starts and its random stream is reseeded, so every draw of the row
+        (answer choices first, then the template, in render order) is a function of ``seed`` alone."""
         self.deadline = time.monotonic() + self.row_seconds
         self.row_seed = seed
+        self.rng = random.Random(seed)
+
+    def _choice(self, items: Sequence[Any]) -> Any:
+        """promptsource's ``choice`` and jinja's ``random``: one element, drawn from the row's stream."""
+        self.check_deadline()
+        return self.rng.choice(list(items))
 
     def check_deadline(self) -> None:
         if time.monotonic() > self.deadline:
@@ -253,7 +281,7 @@ def validate(t: Template, spec: DatasetSpec, path: str | os.PathLike[str]) -> No
     fields = set(spec.fields)
     for var, shape in j.variables.items():
         for f in _shape_fields(shape):
-            if f not in fields:
+            if f not in fields and f != REFERENCES:
                 raise TemplateError(
                     f"{where}: variable {var!r} uses {f!r}, not a field of dataset {spec.name!r} "
                     f"(fields: {sorted(fields)})"
@@ -274,6 +302,45 @@ def validate(t: Template, spec: DatasetSpec, path: str | os.PathLike[str]) -> No
             )
     if CHOICES in meta.find_undeclared_variables(env.parse(j.jinja)) and j.answer_choices is None:
         raise TemplateError(f"{where}: uses answer_choices but defines none")
+    check_static_text(j, f"{where} of dataset {spec.name!r}")
+    if j.label is not None and j.answer_choices is not None and _is_literal(j.answer_choices) and spec.options:
+        n = len(j.answer_choices.split(SEPARATOR))
+        if n != len(spec.options):  # the label is the gold's index in the registry's options
+            raise TemplateError(
+                f"{where} (answer_choices): {n} literal choices, but 'label: {j.label}' indexes dataset "
+                f"{spec.name!r}'s {len(spec.options)} options {list(spec.options)}: they must be the same labels, in "
+                "the same order"
+            )
+
+
+def _is_literal(source: str) -> bool:
+    """Jinja source with no expression, statement or comment: it renders as itself."""
+    return not any(mark in source for mark in ("{{", "{%", "{#"))
+
+
+def check_static_text(j: JinjaSpec, where: str) -> None:
+    """What the source text alone decides, checked while planning: a template without ``|||`` can never
+    render "inputs ||| targets", and literal answer_choices must be distinct, non-empty choices (a repeated
+    choice makes the gold of that label ambiguous)."""
+    if SEPARATOR not in j.jinja:
+        raise TemplateError(
+            f"{where}: the template has no '{SEPARATOR}', so it can never render \"inputs {SEPARATOR} targets\" "
+            f"(promptsource separates the prompt from its target with '{SEPARATOR}')"
+        )
+    if j.answer_choices is not None and _is_literal(j.answer_choices):
+        problem = choices_problem([c.strip() for c in j.answer_choices.split(SEPARATOR)])
+        if problem:
+            raise TemplateError(f"{where} (answer_choices): {problem}")
+
+
+def choices_problem(choices: Sequence[str]) -> str | None:
+    """Why a rendered list of answer choices cannot be ranked (a repeated or empty choice), or None."""
+    repeated = sorted(c for c, n in Counter(choices).items() if n > 1)
+    if repeated:
+        return f"choice(s) {repeated} repeated in {list(choices)}: the gold of a repeated label is ambiguous"
+    if "" in choices:
+        return f"a choice renders empty in {list(choices)}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -291,6 +358,8 @@ def _escape(value: Any) -> Any:
 
 
 def _build(shape: Any, row: Mapping[str, Any]) -> Any:
+    if shape == REFERENCES and row.get(REFERENCES) is None:  # a one-answer source: the answer is the list
+        return [row["answer"]]
     if isinstance(shape, str):
         m = INDEXED_FIELD.match(shape)
         return row[m["field"]][int(m["index"])] if m else row[shape]
@@ -331,21 +400,34 @@ def _unescape(s: str) -> str:
     return s.replace(_PIPE_ESCAPE, SEPARATOR)
 
 
-def apply(env: GuardedSandbox, c: Compiled, ctx: dict[str, Any], seed: int) -> tuple[str, str, list[str]]:
-    """promptsource's apply: choices first, then the template; both split on ``|||`` and stripped."""
+def apply(env: GuardedSandbox, c: Compiled, ctx: dict[str, Any], seed: int) -> tuple[str, str, list[str]] | None:
+    """promptsource's apply: choices first, then the template; both split on ``|||`` and stripped.
+
+    None for a row P3 drops: one whose prompt renders empty (a conditional template that has nothing to ask of
+    this example; P3's shards keep only rows with a non-empty prompt). An empty target, or repeated or empty
+    answer choices, cannot be trained on or scored: errors."""
     env.start_row(seed)
     ctx = dict(ctx)
     choices: list[str] = []
     if c.choices is not None:
         choices = [_unescape(x).strip() for x in c.choices.render(ctx).split(SEPARATOR)]
+        if problem := choices_problem(choices):
+            raise ValueError(f"answer_choices: {problem}")
         ctx[CHOICES] = choices
     text = c.body.render(ctx)
     env.check_deadline()
     if len(text) > MAX_OUTPUT_CHARS:
         raise RenderLimitError(f"output of {len(text)} characters (at most {MAX_OUTPUT_CHARS})")
     parts = [_unescape(p).strip() for p in text.split(SEPARATOR)]
+    if parts == [""] or (len(parts) == 2 and not parts[0]):
+        return None
     if len(parts) != 2:
         raise ValueError(f"renders {len(parts) - 1} '|||' separators, not one between inputs and targets")
+    if not parts[1]:
+        raise ValueError(
+            f"the target renders empty (prompt {parts[0][:80]!r}): the example would train on a bare EOS or be "
+            "scored against ''"
+        )
     return parts[0], parts[1], choices
 
 
@@ -369,17 +451,22 @@ def render_rows(
     env = env or GuardedSandbox()
     compiled = {t.index: compile_template(env, t) for t in templates}
     out: dict[str, list[Any]] = {k: [] for k in SHARD_SCHEMA}
+    dropped: dict[int, list[int]] = {}
     for row, tid in zip(df.iter_rows(named=True), template_ids, strict=True):
         c = compiled[tid]
         try:
             ctx = context(row, c.template.jinja, spec)
-            inputs, targets, choices = apply(env, c, ctx, _seed(tid, row["example_id"]))
+            rendered = apply(env, c, ctx, _seed(tid, row["example_id"]))
         except Exception as e:  # noqa: BLE001 -- source Jinja may fail in any way; the sandbox keeps it harmless
             kind = "refused by the sandbox" if isinstance(e, SecurityError) else "does not render"
             raise TemplateError(
                 f"{_where(spec.templates, c.template)}: dataset {spec.name!r}, example_id {row['example_id']}: "
                 f"{kind}: {e}"
             ) from None
+        if rendered is None:
+            dropped.setdefault(tid, []).append(row["example_id"])
+            continue
+        inputs, targets, choices = rendered
         out["dataset"].append(spec.name)
         out["cluster"].append(spec.cluster)
         out["split"].append(split)
@@ -389,6 +476,13 @@ def render_rows(
         out["inputs"].append(inputs)
         out["targets"].append(targets)
         out["options"].append(choices)
+    for tid, ids in sorted(dropped.items()):  # into the render job's log: counted, never silent
+        print(
+            f"{_where(spec.templates, compiled[tid].template)}: dataset {spec.name!r} ({split}): dropped {len(ids)} "
+            f"of the rows it rendered, whose prompt renders empty, as P3 drops them (example_ids {ids[:10]}"
+            f"{' ...' if len(ids) > 10 else ''})",
+            file=sys.stderr,
+        )
     # through Arrow: Polars' Python constructor builds one Series per inner options list (half the time)
     arrow = pa.table({k: pa.array(v, type=_ARROW_TYPES[k]) for k, v in out.items()})
     return pl.from_arrow(arrow).cast(SHARD_SCHEMA)  # type: ignore[union-attr,return-value]

@@ -213,6 +213,7 @@ def pack_to_indexed_dataset(
             "examples_available": len(encoded),
             "truncated_inputs": encoded.truncated_inputs,
             "truncated_targets": encoded.truncated_targets,
+            "trimmed_exemplars": encoded.trimmed_exemplars,  # few-shot rows that lost exemplars to fit inputs
             "inputs_length": encoded.inputs_length,
             "targets_length": encoded.targets_length,
             "pack_length": pack_length,

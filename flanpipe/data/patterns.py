@@ -158,16 +158,16 @@ def fewshot_exemplars(train: pl.LazyFrame, shots: int, seed: int) -> pl.LazyFram
     return train.sort(pl.col("example_id").hash(seed)).head(shots)
 
 
-def solved_examples(rendered: pl.LazyFrame | pl.DataFrame) -> str:
-    """Rendered exemplars as a few-shot prefix: each "inputs\ntargets", separated by blank lines."""
+def solved_example_list(rendered: pl.LazyFrame | pl.DataFrame) -> list[str]:
+    """Rendered exemplars, each "inputs\ntargets\n\n": a few-shot prefix is their concatenation."""
     rows = rendered.select(pl.concat_str([pl.col("inputs"), pl.lit("\n"), pl.col("targets")]))
     rows = rows.collect() if isinstance(rows, pl.LazyFrame) else rows
-    return "".join(f"{r}\n\n" for r in rows.to_series())
+    return [f"{r}\n\n" for r in rows.to_series()]
 
 
-def pattern_fewshot_prefix(
+def pattern_fewshot_exemplars(
     exemplars: pl.LazyFrame, spec: DatasetSpec, template: Template, options_in_prompt: bool = True
-) -> str:
-    """k solved examples under one pattern template (the prefix of a k-shot prompt)."""
+) -> list[str]:
+    """k solved examples under one pattern template, one string each (``solved_example_list``)."""
     columns = rendered_columns(spec, "train", pl.lit(template.index), [template], options_in_prompt)
-    return solved_examples(exemplars.select(columns))
+    return solved_example_list(exemplars.select(columns))

@@ -3,8 +3,8 @@
 promptsource ``templates.yaml`` is read strictly as data, never run: it goes through a ``yaml.SafeLoader``
 subclass that builds its two custom tags (``!Template``, ``!TemplateMetadata``) as plain dicts; every other
 tag (``!!python/object``...) is refused. Jinja is only *parsed* (to decide whether a template is a plain
-substitution) and only *rendered* in jinja2's ``ImmutableSandboxedEnvironment``, to prove each conversion
-faithful.
+substitution) and only *rendered* in the guarded sandbox of the Jinja kind (jinja2's
+``ImmutableSandboxedEnvironment`` with promptsource's filters and globals), to prove each conversion faithful.
 
 
 promptsource -> ``{field}`` pattern (the Jinja AST is walked; nothing is matched with regexes):
@@ -57,12 +57,12 @@ from typing import Any
 
 import polars as pl
 import yaml
-from jinja2 import StrictUndefined, meta, nodes
+from jinja2 import meta, nodes
 from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flanpipe.core.io import StrictLoader
-from flanpipe.data.jinja_templates import GLOBALS, JinjaSpec, unsafe_constructs
+from flanpipe.data.jinja_templates import GLOBALS, GuardedSandbox, JinjaSpec, unsafe_constructs
 from flanpipe.data.template_import import (
     ANSWER,
     ImportedTemplate,
@@ -147,9 +147,11 @@ def find_promptsource_file(source: str | os.PathLike[str], dataset: str) -> Path
 # promptsource: Jinja -> pattern
 
 
-def sandbox() -> ImmutableSandboxedEnvironment:
-    """Where source Jinja is rendered: no attribute writes, no unsafe calls; undefined names are errors."""
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+def sandbox() -> GuardedSandbox:
+    """Where source Jinja is parsed and rendered: the guarded sandbox that renders the shards, so it knows
+    promptsource's filters and globals (``choice``, ``most_frequent``, ``namespace``, ...; a template that
+    calls them is kept, not skipped as unparsable) and refuses what the shards would refuse."""
+    return GuardedSandbox()
 
 
 @dataclass(frozen=True)
@@ -498,6 +500,7 @@ def import_promptsource(
     env = sandbox()
     kept: list[tuple[ImportedTemplate, tuple[str, ...] | str | None, dict[str, Any]]] = []
     skipped: list[SkippedTemplate] = []
+    broken: list[SkippedTemplate] = []  # --verbatim: prompts of the original task that cannot be kept as written
     for key, t in doc["templates"].items():
         if not isinstance(t, dict):
             raise TemplateImportError(f"{path}: template {key}: expected a !Template mapping")
@@ -513,7 +516,7 @@ def import_promptsource(
             try:
                 kept.append((verbatim_template(env, t, src, fmap, label_offset, label), None, t))
             except Unconvertible as e:
-                skipped.append(SkippedTemplate(src, str(e)))
+                (skipped if _turned(t) else broken).append(SkippedTemplate(src, str(e)))
             continue
         try:
             conv = convert_template(env, jinja, answer_choices, fmap)
@@ -535,6 +538,13 @@ def import_promptsource(
         choice_key = _choice_key(env, answer_choices) if uses_choices and answer_choices is not None else None
         kept.append((ImportedTemplate(src, conv.inputs, conv.targets, turned), choice_key, t))
 
+    if broken:  # --verbatim promises every prompt of the task as written: a missing one fails the import
+        reasons = "; ".join(f"{b.source}: {b.reason}" for b in broken)
+        raise TemplateImportError(
+            f"{path}: --verbatim keeps every prompt of {dataset!r} that does the original task as written, but "
+            f"{len(broken)} cannot be kept ({reasons}); nothing written. Fix or remove them in the source, or import "
+            "without --verbatim (--jinja keeps what parses and lists what it skips)"
+        )
     # {answer}/{options_} render ONE option list per dataset: keep the templates that agree on it.
     notes: list[str] = []
     keys = [k for _, k, _ in kept if k is not None]
@@ -595,6 +605,33 @@ def _label_variable(tree: nodes.Template, free: set[str]) -> str | None:
     return "label" if "label" in free else None
 
 
+def variable_shapes(field_map: Mapping[str, str], free: set[str]) -> dict[str, Any]:
+    """``--field-map`` as Jinja ``variables``: ``a=b`` renames a variable, ``a.x=b`` builds ``a`` as a
+    mapping whose ``x`` is field ``b`` (``answers.text=references``: P3's ``answers.text`` is the list of
+    every reference). Only the template's free variables; an identity rename is no variable."""
+    shapes: dict[str, Any] = {}
+    for old, new in sorted(field_map.items()):
+        head, *rest = old.split(".")
+        if head not in free or (not rest and new == head):
+            continue
+        if not rest:
+            shapes[head] = new
+            continue
+        node = shapes.setdefault(head, {})
+        for part in rest[:-1]:
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise Unconvertible(f"--field-map maps {head!r} both whole and by its parts")
+        node[rest[-1]] = new
+    return shapes
+
+
+def _turned(t: Mapping[str, Any]) -> bool:
+    """promptsource's metadata says the template does not do the original task."""
+    metadata = t.get("metadata")
+    return isinstance(metadata, dict) and metadata.get("original_task") is False
+
+
 def verbatim_template(
     env: ImmutableSandboxedEnvironment,
     t: Mapping[str, Any],
@@ -608,8 +645,7 @@ def verbatim_template(
     The variable indexing ``answer_choices`` becomes ``label``: at render time it receives the gold answer's
     index in the registry's options, so those must follow the source's label order.
     """
-    metadata = t.get("metadata")
-    if isinstance(metadata, dict) and metadata.get("original_task") is False:
+    if _turned(t):
         raise Unconvertible("original_task is false (turned-around cannot be checked for a Jinja template)")
     jinja, answer_choices = t["jinja"], t.get("answer_choices")
     try:
@@ -619,9 +655,11 @@ def verbatim_template(
             free |= meta.find_undeclared_variables(env.parse(answer_choices))
     except JinjaError as e:
         raise Unconvertible(f"Jinja does not parse: {_first_line(e)}") from None
+    if SEPARATOR not in jinja:
+        raise Unconvertible(f"no '{SEPARATOR}' between prompt and target: it can never render both")
     label = label_name if label_name is not None and label_name in free else _label_variable(tree, free)
     free -= {CHOICES, label or "", *GLOBALS}
-    variables = {v: field_map[v] for v in sorted(free) if v in field_map and field_map[v] != v}
+    variables = variable_shapes(field_map, free)
     name = t.get("name") if isinstance(t.get("name"), str) else ""
     offset = label_offset if label is not None else 0
     return ImportedTemplate(src, "", "", False, JinjaSpec(jinja, answer_choices, label, variables, name, offset))

@@ -9,6 +9,7 @@ review" -> "{sentence}"); any other non-original task is skipped. At most ``MAX_
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -54,7 +55,8 @@ class ImportedTemplate:
 
     def key(self) -> tuple[Any, ...]:
         j = self.jinja
-        extra = (j.jinja, j.answer_choices, j.label, j.label_offset, tuple(sorted(j.variables.items()))) if j else ()
+        variables = json.dumps(j.variables, sort_keys=True) if j else ""  # shapes nest: compare them as text
+        extra = (j.jinja, j.answer_choices, j.label, j.label_offset, variables) if j else ()
         return (self.inputs, self.targets, *extra)
 
 
@@ -92,12 +94,13 @@ class ImportResult:
 
 def parse_field_map(items: Iterable[str]) -> dict[str, str]:
     """``old=new`` pairs renaming source variables to our canonical field names (registry ``fields`` keys);
-    ``new`` may be one entry of a list field, ``choice1=options[0]``, for templates kept as Jinja."""
+    for templates kept as Jinja, ``new`` may be one entry of a list field, ``choice1=options[0]``, and
+    ``old`` a nested path, ``answers.text=references`` (P3's list of answers -> every reference)."""
     out: dict[str, str] = {}
     for item in items:
         old, sep, new = (s.strip() for s in item.partition("="))
-        if not sep or not old.isidentifier():
-            raise TemplateImportError(f"--field-map {item!r}: expected old=new with old a variable name")
+        if not sep or not all(part.isidentifier() for part in old.split(".")):
+            raise TemplateImportError(f"--field-map {item!r}: expected old=new with old a variable name (or a.b)")
         try:
             ok = parse_pattern("{" + new + "}") == [("field", new)]
         except ValueError:
@@ -233,9 +236,8 @@ def _jinja_entry(j: JinjaSpec) -> list[str]:
         lines.append(f"    label: {_quoted(j.label)}")
     if j.label_offset:
         lines.append(f"    label_offset: {j.label_offset}")
-    if j.variables:
-        pairs = ", ".join(f"{_quoted(k)}: {_quoted(v)}" for k, v in j.variables.items())
-        lines.append("    variables: {" + pairs + "}")
+    if j.variables:  # JSON is YAML flow style, and shapes may nest ({"answers": {"text": "references"}})
+        lines.append("    variables: " + json.dumps(dict(j.variables), ensure_ascii=False))
     return lines
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 
 import polars as pl
 
 from flanpipe.core.io import atomic_path, read_yaml
-from flanpipe.core.registry import DatasetSpec
+from flanpipe.core.registry import REFERENCES, DatasetSpec
 from flanpipe.data import jinja_templates
-from flanpipe.data.formats import FormatMix, render_train_formats
+from flanpipe.data.formats import EXEMPLAR_ENDS, FormatMix, render_train_formats
 from flanpipe.data.patterns import (  # noqa: F401 (re-exported: the pattern kind's names, as callers know them)
     INSTRUCTION_MODES,
     MAX_TURNED_AROUND,
@@ -32,10 +33,10 @@ from flanpipe.data.patterns import (  # noqa: F401 (re-exported: the pattern kin
     options_expr,
     parse_pattern,
     pattern_expr,
-    pattern_fewshot_prefix,
+    pattern_fewshot_exemplars,
     placeholders,
     rendered_columns,
-    solved_examples,
+    solved_example_list,
 )
 
 
@@ -212,13 +213,14 @@ def render_train(lf: pl.LazyFrame, spec: DatasetSpec, chosen: Sequence[Template]
     return lf.select(rendered_columns(spec, "train", template_id, chosen))
 
 
-def fewshot_prefix(
+def fewshot_exemplar_texts(
     exemplars: pl.LazyFrame, spec: DatasetSpec, template: Template, options_in_prompt: bool = True
-) -> str:
-    """k solved examples under the same template, each "inputs\ntargets", separated by blank lines."""
+) -> list[str]:
+    """k solved examples under the same template, each "inputs\ntargets\n\n": a k-shot prefix is their
+    concatenation, and their lengths give the exemplar ends that let a too-long prompt drop exemplars."""
     if template.kind == "jinja":
-        return solved_examples(jinja_templates.render_template(exemplars, spec, "train", template))
-    return pattern_fewshot_prefix(exemplars, spec, template, options_in_prompt)
+        return solved_example_list(jinja_templates.render_template(exemplars, spec, "train", template))
+    return pattern_fewshot_exemplars(exemplars, spec, template, options_in_prompt)
 
 
 def render_eval(
@@ -234,7 +236,8 @@ def render_eval(
     """Every example under every template that does the task (turned-around ones are not scored).
 
     With ``exemplars`` (few-shot), the same k exemplars, rendered under the scored template, precede
-    every example's inputs.
+    every example's inputs, and ``EXEMPLAR_ENDS`` says where each ends, so that evaluation drops exemplars
+    from the front of a prompt too long for lengths.inputs (tokenize.fit_exemplars) rather than its question.
     """
     scored = [t for t in chosen if not t.turned_around]
     base = lf.head(max_examples) if max_examples else lf
@@ -244,11 +247,43 @@ def render_eval(
             frame = check_gold_in_choices(jinja_templates.render_template(base, spec, split, t), spec, t)
         else:
             frame = base.select(rendered_columns(spec, split, pl.lit(t.index), [t], options_in_prompt))
+        frame = with_references(frame, base, spec, split, t)
         if exemplars is not None:
-            prefix = fewshot_prefix(exemplars, spec, t, options_in_prompt)
-            frame = frame.with_columns(pl.concat_str([pl.lit(prefix), pl.col("inputs")]).alias("inputs"))
+            pieces = fewshot_exemplar_texts(exemplars, spec, t, options_in_prompt)
+            frame = frame.with_columns(
+                pl.concat_str([pl.lit("".join(pieces)), pl.col("inputs")]).alias("inputs"),
+                pl.lit(pl.Series([list(accumulate(map(len, pieces)))], dtype=pl.List(pl.Int32)))
+                .first()
+                .alias(EXEMPLAR_ENDS),
+            )
         frames.append(frame)
     return pl.concat(frames)
+
+
+def with_references(
+    frame: pl.LazyFrame, base: pl.LazyFrame, spec: DatasetSpec, split: str, t: Template
+) -> pl.LazyFrame:
+    """Add an eval shard's ``references`` column: every target that counts as right for an example.
+
+    Where the canonical split keeps several acceptable answers (its ``references`` column), the template's
+    target is rendered once per answer, as if it were the only one (``answer`` and, for Jinja variables,
+    ``references`` set to it), so "The answer is {answer}." scores "The answer is five." right too.
+    Otherwise, and for a Jinja template that scores its own answer_choices by label, the one target."""
+    one = frame.with_columns(pl.concat_list(pl.col("targets")).alias(REFERENCES))
+    if REFERENCES not in base.collect_schema() or (t.jinja is not None and t.jinja.label is not None):
+        return one
+    each = base.explode(REFERENCES).filter(pl.col(REFERENCES).is_not_null()).with_columns(answer=pl.col(REFERENCES))
+    if t.kind == "jinja":
+        each = each.with_columns(pl.concat_list(pl.col("answer")).alias(REFERENCES))
+        targets = jinja_templates.render_template(each, spec, split, t)
+    else:
+        targets = each.select(rendered_columns(spec, split, pl.lit(t.index), [t]))
+    refs = targets.group_by("example_id", maintain_order=True).agg(
+        pl.col("targets").unique(maintain_order=True).alias(REFERENCES)
+    )
+    return frame.join(refs, on="example_id", how="left", maintain_order="left").with_columns(
+        pl.coalesce(REFERENCES, pl.concat_list(pl.col("targets"))).alias(REFERENCES)
+    )
 
 
 def check_gold_in_choices(frame: pl.LazyFrame, spec: DatasetSpec, t: Template) -> pl.LazyFrame:
@@ -284,7 +319,15 @@ def render_shard(
     with atomic_path(out_path) as tmp:
         lf.sink_parquet(tmp)
     rows = pl.scan_parquet(out_path).select(pl.len()).collect().item()
-    return {"dataset": spec.name, "rows": rows, "templates": [t.index for t in chosen], "mode": mode}
+    examples = pl.scan_parquet(canonical).select(pl.len()).collect().item()
+    # one row per example: a missing one is a Jinja prompt that rendered empty (dropped as P3 does, logged)
+    return {
+        "dataset": spec.name,
+        "rows": rows,
+        "dropped_empty_prompt": examples - rows,
+        "templates": [t.index for t in chosen],
+        "mode": mode,
+    }
 
 
 def render_eval_shard(
@@ -323,7 +366,19 @@ def render_eval_shard(
     ]
     with atomic_path(out_path) as tmp:
         pl.concat(frames).sink_parquet(tmp)
-    return {"dataset": spec.name, "splits": list(canonical), "mode": mode, "options": options_in_prompt, "shots": shots}
+    rows = pl.scan_parquet(out_path).select(pl.len()).collect().item()
+    scored = sum(not t.turned_around for t in chosen)
+    sizes = [pl.scan_parquet(p).select(pl.len()).collect().item() for p in canonical.values()]
+    expected = scored * sum(min(n, max_examples) if max_examples else n for n in sizes)
+    return {
+        "dataset": spec.name,
+        "splits": list(canonical),
+        "mode": mode,
+        "options": options_in_prompt,
+        "shots": shots,
+        "rows": rows,
+        "dropped_empty_prompt": expected - rows,  # (example, template) pairs whose Jinja prompt rendered empty
+    }
 
 
 def preview(spec: DatasetSpec, canonical: str | os.PathLike[str], n: int) -> str:

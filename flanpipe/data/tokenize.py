@@ -5,7 +5,9 @@
 
 The encoding rule is the contract the packer, trainer and evaluator share (ARCH.md, "Tokenizer"):
 input ids truncated to ``inputs_length``; target ids truncated to ``targets_length - 1`` and then the
-tokenizer's EOS appended, so a target always ends in EOS and never exceeds ``targets_length``.
+tokenizer's EOS appended, so a target always ends in EOS and never exceeds ``targets_length``. Rank
+classification (flanpipe.eval.evaluate) scores an option as a target, but whole unless ``eval.option_tokens``
+caps it: a cut at ``targets_length`` could make two options tie.
 
 BOS and other special tokens: the input is encoded as the checkpoint's tokenizer encodes a prompt
 (``add_special=True``: a Llama tokenizer puts BOS first, as ``transformers`` does), the target as bare
@@ -290,6 +292,7 @@ class EncodedExamples:
     truncated_targets: int  # examples whose target was cut to targets_length - 1 (+ EOS)
     inputs_length: int
     targets_length: int
+    trimmed_exemplars: int = 0  # few-shot examples that lost exemplars to fit inputs_length (their own prompt kept)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -391,6 +394,95 @@ def token_positions(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
 
 
+def _after_exemplars(texts: pl.Series, ends: pl.Series, drop: np.ndarray) -> pl.Series:
+    """Each text without its first ``drop[i]`` exemplars (``drop`` >= 1): cut at that exemplar's end."""
+    frame = pl.DataFrame({"t": texts, "e": ends, "k": pl.Series(drop, dtype=pl.Int32)})
+    return frame.select(pl.col("t").str.slice(pl.col("e").list.get(pl.col("k") - 1))).to_series()
+
+
+def _splice(
+    flat: np.ndarray, lengths: np.ndarray, rows: np.ndarray, sub_flat: np.ndarray, sub_lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(flat ids, lengths) with the sequences of ``rows`` replaced by (sub_flat, sub_lengths), no loop over rows:
+    each kept token moves from its old start + position to its new start + position."""
+    new_lengths = lengths.copy()
+    new_lengths[rows] = sub_lengths
+    old_start, new_start = np.cumsum(lengths) - lengths, np.cumsum(new_lengths) - new_lengths
+    out = np.empty(int(new_lengths.sum()), dtype=flat.dtype)
+    keep = np.ones(len(lengths), dtype=bool)
+    keep[rows] = False
+    kept = lengths[keep]
+    at = token_positions(kept)
+    out[np.repeat(new_start[keep], kept) + at] = flat[np.repeat(old_start[keep], kept) + at]
+    out[np.repeat(new_start[rows], sub_lengths) + token_positions(sub_lengths)] = sub_flat
+    return out, new_lengths
+
+
+def _exemplar_drops(
+    tok: Tokenizer,
+    texts: pl.Series,
+    ends: pl.Series,
+    have: np.ndarray,
+    inputs_length: int,
+    num_threads: int,
+    by_words: bool,
+) -> np.ndarray:
+    """How many exemplars each of ``texts`` (all over ``inputs_length``) must lose from the front to fit: as
+    few as make it fit, all of them if its own prompt alone is too long. The loop is over the exemplar count
+    (formats.shots / the eval shots), not over rows; each round re-encodes only the rows still too long."""
+    drop = np.zeros(len(texts), dtype=np.int64)
+    fits = np.zeros(len(texts), dtype=bool)
+    for j in range(1, int(have.max(initial=0)) + 1):
+        pending = np.flatnonzero(~fits & (have >= j))
+        if not len(pending):
+            break
+        drop[pending] = j
+        trial = _after_exemplars(texts.gather(pending), ends.gather(pending), drop[pending])
+        _, lengths = _encode_texts(tok, trial, num_threads, by_words, add_special=True)
+        fits[pending] = lengths <= inputs_length
+    return drop
+
+
+def _drop_exemplars(
+    tok: Tokenizer,
+    inputs: pl.Series,
+    ends: pl.Series,
+    in_flat: np.ndarray,
+    in_len: np.ndarray,
+    inputs_length: int,
+    num_threads: int,
+    by_words: bool,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Few-shot rows longer than ``inputs_length`` lose whole exemplars from the front (``_exemplar_drops``),
+    so the question its target answers stays in the prompt; only those rows are re-encoded. Returns the new
+    (flat ids, lengths) and the number of rows that lost exemplars."""
+    n_exemplars = ends.list.len().to_numpy()
+    over = np.flatnonzero((in_len > inputs_length) & (n_exemplars > 0))
+    if not len(over):
+        return in_flat, in_len, 0
+    texts, row_ends = inputs.gather(over), ends.gather(over)
+    drop = _exemplar_drops(tok, texts, row_ends, n_exemplars[over], inputs_length, num_threads, by_words)
+    sub_flat, sub_len = _encode_texts(tok, _after_exemplars(texts, row_ends, drop), num_threads, by_words, True)
+    flat, lengths = _splice(in_flat, in_len, over, sub_flat, sub_len)
+    return flat, lengths, len(over)
+
+
+def fit_exemplars(tok: Tokenizer, inputs: pl.Series, ends: pl.Series, inputs_length: int) -> tuple[pl.Series, int]:
+    """Few-shot input texts that fit ``inputs_length`` tokens by losing exemplars from the front, the rule
+    packing applies to training rows (``_drop_exemplars``), for callers that encode text themselves (evaluation,
+    whose conventions encode input and option together). ``ends``: each row's exemplar end offsets
+    (``flanpipe.data.formats.EXEMPLAR_ENDS``; empty for a zero-shot row). Returns the texts and how many rows
+    lost exemplars."""
+    _, lengths = _encode_texts(tok, inputs, 1, False, add_special=True)
+    have = ends.list.len().to_numpy()
+    over = np.flatnonzero((lengths > inputs_length) & (have > 0))
+    if not len(over):
+        return inputs, 0
+    texts, row_ends = inputs.gather(over), ends.gather(over)
+    drop = _exemplar_drops(tok, texts, row_ends, have[over], inputs_length, 1, False)
+    return inputs.clone().scatter(over, _after_exemplars(texts, row_ends, drop)), len(over)
+
+
 def _encode_chunk(
     tok: Tokenizer,
     inputs: pl.Series,
@@ -399,8 +491,14 @@ def _encode_chunk(
     targets_length: int,
     num_threads: int,
     by_words: bool,
+    exemplar_ends: pl.Series | None = None,
 ) -> EncodedExamples:
     in_flat, in_len = _encode_texts(tok, inputs, num_threads, by_words, add_special=True)
+    trimmed = 0
+    if exemplar_ends is not None:
+        in_flat, in_len, trimmed = _drop_exemplars(
+            tok, inputs, exemplar_ends, in_flat, in_len, inputs_length, num_threads, by_words
+        )
     tg_flat, tg_len = _encode_texts(tok, targets, num_threads, by_words, add_special=False)
     in_pos, tg_pos = token_positions(in_len), token_positions(tg_len)
     keep_in = np.minimum(in_len, inputs_length)
@@ -424,6 +522,7 @@ def _encode_chunk(
         truncated_targets=int((tg_len > targets_length - 1).sum()),
         inputs_length=inputs_length,
         targets_length=targets_length,
+        trimmed_exemplars=trimmed,
     )
 
 
@@ -449,7 +548,7 @@ def _concat_consuming(parts: list[EncodedExamples]) -> EncodedExamples:
     offsets = np.empty(n_examples + 1, dtype=np.int64)
     input_lengths = np.empty(n_examples, dtype=first.input_lengths.dtype)
     offsets[0] = 0
-    t = e = truncated_inputs = truncated_targets = 0
+    t = e = truncated_inputs = truncated_targets = trimmed = 0
     parts.reverse()
     while parts:
         p = parts.pop()
@@ -460,6 +559,7 @@ def _concat_consuming(parts: list[EncodedExamples]) -> EncodedExamples:
             truncated_inputs + p.truncated_inputs,
             truncated_targets + p.truncated_targets,
         )
+        trimmed += p.trimmed_exemplars
         t, e = t + len(p.tokens), e + len(p)
         del p
     return EncodedExamples(
@@ -470,6 +570,7 @@ def _concat_consuming(parts: list[EncodedExamples]) -> EncodedExamples:
         truncated_targets=truncated_targets,
         inputs_length=first.inputs_length,
         targets_length=first.targets_length,
+        trimmed_exemplars=trimmed,
     )
 
 
@@ -480,8 +581,12 @@ def encode_examples(
     inputs_length: int,
     targets_length: int,
     num_threads: int | None = None,
+    exemplar_ends: pl.Series | None = None,
 ) -> EncodedExamples:
-    """Encode (input, target) pairs with the shared truncation + EOS rule, batched and multi-threaded."""
+    """Encode (input, target) pairs with the shared truncation + EOS rule, batched and multi-threaded.
+
+    ``exemplar_ends`` (a few-shot formats shard's ``flanpipe.data.formats.EXEMPLAR_ENDS``): a row too long for
+    ``inputs_length`` first loses exemplars from the front (``_drop_exemplars``), then is cut like any other."""
     if inputs_length < 0 or targets_length < 1:
         raise ValueError(
             f"need inputs_length >= 0 and targets_length >= 1 (room for EOS), got {inputs_length} and {targets_length}"
@@ -504,6 +609,7 @@ def encode_examples(
             targets_length,
             threads,
             by_words,
+            None if exemplar_ends is None else exemplar_ends.slice(s, _ENCODE_CHUNK),
         )
         for s in range(0, max(len(inputs), 1), _ENCODE_CHUNK)
     ]
@@ -521,12 +627,21 @@ def encode_parquet(
     only the int32 tokens (4 bytes a token) accumulate, one batch of text at a time beside them."""
     import pyarrow.parquet as pq
 
+    from flanpipe.data.formats import EXEMPLAR_ENDS
+
     pf = pq.ParquetFile(path)
+    columns = ["inputs", "targets", *([EXEMPLAR_ENDS] if EXEMPLAR_ENDS in pf.schema_arrow.names else [])]
     parts = [
-        encode_examples(tok, batch["inputs"], batch["targets"], inputs_length, targets_length, num_threads)
-        for batch in (
-            pl.from_arrow(b) for b in pf.iter_batches(batch_size=_ENCODE_CHUNK, columns=["inputs", "targets"])
+        encode_examples(
+            tok,
+            batch["inputs"],
+            batch["targets"],
+            inputs_length,
+            targets_length,
+            num_threads,
+            batch[EXEMPLAR_ENDS] if EXEMPLAR_ENDS in columns else None,
         )
+        for batch in (pl.from_arrow(b) for b in pf.iter_batches(batch_size=_ENCODE_CHUNK, columns=columns))
     ]
     if not parts:
         return encode_examples(tok, [], [], inputs_length, targets_length, num_threads)

@@ -21,7 +21,9 @@ Rank classification can share the input across its options (``share_prefix``): t
 are prefilled once, the cache rows are then copied to one row per (example, option), and the option
 tokens are scored one position per step. The prompt is encoded once instead of once per option, at the
 price of one forward call per option position; that was slower on CPU for short options (see
-ParallelLM), so by default options are scored with one full forward per (input, option) row.
+ParallelLM), so by default a scorer that takes a block mask scores each example's input and all its options
+in one packed row (flanpipe.eval.evaluate.option_logprobs_packed), and one that cannot (Transformer Engine's
+spec) one full forward per (input, option) row.
 """
 
 from __future__ import annotations
@@ -121,6 +123,11 @@ class ParallelLM:
             raise ValueError(f"sequence length {s} > max_position_embeddings")
         positions = torch.arange(s).unsqueeze(0).expand(b, s)
         return self._forward(tokens.long(), positions, None, s)
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the model has (max_position_embeddings): rank classification checks input + option against it."""
+        return self.cfg.max_position_embeddings
 
     @property
     def takes_mask(self) -> bool:
@@ -232,8 +239,9 @@ def option_logprobs_shared(
     input_ids: Sequence[Sequence[int]],
     options_ids: Sequence[Sequence[Sequence[int]]],
     batch_size: int,
-) -> list[list[float]]:
-    """log p(option | input) summed over the option's tokens; same contract as evaluate.option_logprobs.
+) -> tuple[list[list[float]], list[list[float]]]:
+    """log p(option | input) summed over the option's tokens, and its last token's alone (evaluate.OptionLogprobs'
+    fields); same contract as evaluate.option_logprobs.
 
     Examples (sorted by input length) are batched so that their (example, option) rows fit
     ``batch_size``. Their inputs are prefilled once up to the shortest input of the batch; the cache
@@ -248,6 +256,7 @@ def option_logprobs_shared(
         raise ValueError("every option needs at least one token")
     order = sorted(range(len(input_ids)), key=lambda k: -len(input_ids[k]))
     out: list[list[float]] = [[] for _ in input_ids]
+    out_last: list[list[float]] = [[] for _ in input_ids]
     start = 0
     while start < len(order):
         batch = [order[start]]
@@ -268,19 +277,21 @@ def option_logprobs_shared(
         lm.take_rows(ctx, example_of)  # one cache row per (example, option)
         logits = logits[example_of]
         score = torch.zeros(len(seqs), dtype=torch.float64)
+        last = torch.zeros(len(seqs), dtype=torch.float64)
         for t in range(lo, width):  # logits predict position t of every row
             scored = (n_in <= t) & (t < total)
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(1, buf[:, t, None]).squeeze(1)
-            score += torch.where(scored, logp.double(), torch.zeros((), dtype=torch.float64))
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(1, buf[:, t, None]).squeeze(1).double()
+            score += torch.where(scored, logp, torch.zeros((), dtype=torch.float64))
+            last = torch.where(t == total - 1, logp, last)
             if t == width - 1:
                 break
             logits = lm.step(ctx, buf[:, t])
-        scores = score.tolist()
+        scores, lasts = score.tolist(), last.tolist()
         r = 0
         for k in batch:
-            out[k] = scores[r : r + len(options_ids[k])]
+            out[k], out_last[k] = scores[r : r + len(options_ids[k])], lasts[r : r + len(options_ids[k])]
             r += len(options_ids[k])
-    return out
+    return out, out_last
 
 
 def init_eval_parallel(tp: int, pp: int) -> None:

@@ -11,11 +11,14 @@ multi-reference support.
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 import string
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 
+import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
 
@@ -166,36 +169,74 @@ def get_metric(name: str) -> Metric:
 # ---------------------------------------------------------------------------------------------------
 # rank classification: which option wins under each scoring rule
 
-SCORINGS = ("sum", "per_char", "per_token")  # config eval.scoring; "sum" is FLAN's rank classification
+SCORINGS = ("sum", "acc_norm", "per_char_eos", "per_token")
+"""Rank-classification rules (config eval.scoring), for option k of an example with ``own_k`` the summed log-prob of
+the option's own scored tokens (its text tokens; under the lm_eval convention lm-evaluation-harness's continuation,
+the " " delimiter included as it is tokenized), ``eos_k`` the log-prob of the EOS after it (0 where the convention
+scores none), ``chars_k`` the option text's characters (delimiter not counted) and ``tokens_k`` the scored tokens
+(EOS included):
+
+- ``sum``: own_k + eos_k. FLAN's rank classification; under the lm_eval convention lm-evaluation-harness's ``acc``.
+- ``acc_norm``: own_k / chars_k. lm-evaluation-harness's ``acc_norm`` exactly (``argmax(lls / completion_len)``,
+  ``completion_len = len(choice)``): the EOS never enters it, whatever the convention.
+- ``per_char_eos``: (own_k + eos_k) / chars_k. What flanpipe once called per_char: acc_norm's rule with the EOS
+  log-prob in the numerator; equal to acc_norm under the lm_eval convention.
+- ``per_token``: (own_k + eos_k) / tokens_k, a tokenizer-dependent length normalisation.
+"""
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Per rule: each example's winning option (ties go to the earliest, as numpy's argmax) and whether its best
+    score was shared by another option (a tie: the pick is the option order's, not the model's)."""
+
+    winners: dict[str, list[int]]
+    tied: dict[str, list[bool]]
+
+
+def rule_scores(own: np.ndarray, eos: np.ndarray, chars: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """Every rule's score of each option (flat arrays, one entry per option): the formulas of ``SCORINGS``."""
+    total = own + eos
+    return {"sum": total, "acc_norm": own / chars, "per_char_eos": total / chars, "per_token": total / tokens}
 
 
 def rank_choices(
-    logprobs: Sequence[Sequence[float]],
-    option_chars: Sequence[Sequence[int]],
-    option_tokens: Sequence[Sequence[int]],
-) -> dict[str, list[int]]:
-    """Winning option index per example under every scoring rule (ties go to the earliest option).
+    own: Sequence[Sequence[float]],
+    chars: Sequence[Sequence[int]],
+    tokens: Sequence[Sequence[int]],
+    eos: Sequence[Sequence[float]] | None = None,
+) -> Ranking:
+    """Winning option and tie flag per example under every rule of ``SCORINGS`` (see there for the formulas).
 
-    ``sum``: summed log p(option | input), FLAN's rule; ``per_char``: divided by the option text's length
-    in characters (lm-evaluation-harness's acc_norm), which does not depend on the tokenizer;
-    ``per_token``: divided by the scored tokens (EOS included). Long options lose summed log-prob just by
-    having more tokens, so the normalised rules are the usual check that a ranking is not a length bias.
-    Computed from the per-option sums the scorer already returns: no second model pass.
+    ``own``/``eos``: the per-option log-probs the scorer returns (``eos`` None: no EOS scored, the lm_eval
+    convention); ``chars``/``tokens``: the option text's characters and the scored tokens. Long options lose
+    summed log-prob just by having more tokens, so the normalised rules are the usual check that a ranking is not
+    a length bias. One pass over the flat options (numpy), no second model pass.
     """
-    if not len(logprobs) == len(option_chars) == len(option_tokens):
-        raise ValueError(
-            f"{len(logprobs)} examples of log-probs but {len(option_chars)}/{len(option_tokens)} of lengths"
-        )
-    out: dict[str, list[int]] = {s: [] for s in SCORINGS}
-    for lp, chars, toks in zip(logprobs, option_chars, option_tokens, strict=True):
-        if not len(lp) == len(chars) == len(toks) or not lp:
-            raise ValueError(f"options of one example: {len(lp)} log-probs, {len(chars)} / {len(toks)} lengths")
-        if min(chars) < 1 or min(toks) < 1:
-            raise ValueError("every option needs at least one character and one token to be length-normalised")
-        for name, score in (
-            ("sum", lp),
-            ("per_char", [x / n for x, n in zip(lp, chars, strict=True)]),
-            ("per_token", [x / n for x, n in zip(lp, toks, strict=True)]),
-        ):
-            out[name].append(max(range(len(score)), key=score.__getitem__))
-    return out
+    parts = {"own": own, "chars": chars, "tokens": tokens, **({"eos": eos} if eos is not None else {})}
+    if len({len(x) for x in parts.values()}) != 1:
+        raise ValueError(f"examples per input: { ({k: len(x) for k, x in parts.items()}) }")
+    if not own:
+        return Ranking({k: [] for k in SCORINGS}, {k: [] for k in SCORINGS})
+    counts = {k: np.fromiter(map(len, x), dtype=np.int64, count=len(x)) for k, x in parts.items()}
+    n = counts["own"]
+    bad = np.flatnonzero((n == 0) | np.any([c != n for c in counts.values()], axis=0))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"options of example {i}: { ({k: len(x[i]) for k, x in parts.items()}) } values")
+    total = int(n.sum())
+    flat = {k: np.fromiter(itertools.chain.from_iterable(x), dtype=np.float64, count=total) for k, x in parts.items()}
+    if min(flat["chars"].min(), flat["tokens"].min()) < 1:
+        raise ValueError("every option needs at least one character and one token to be length-normalised")
+    if np.isnan(flat["own"]).any() or ("eos" in flat and np.isnan(flat["eos"]).any()):
+        raise ValueError("an option's log-prob is NaN: the model's logits are not finite")
+    scores = rule_scores(flat["own"], flat.get("eos", np.zeros(total)), flat["chars"], flat["tokens"])
+    starts = np.cumsum(n) - n
+    example = np.repeat(np.arange(len(n)), n)
+    winners, tied = {}, {}
+    for name, score in scores.items():
+        is_max = score == np.repeat(np.maximum.reduceat(score, starts), n)
+        first = np.flatnonzero(is_max)[np.unique(example[is_max], return_index=True)[1]]  # earliest best option
+        winners[name] = (first - starts).tolist()
+        tied[name] = (np.add.reduceat(is_max, starts) > 1).tolist()
+    return Ranking(winners, tied)

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flanpipe.core.model_config import CHECKPOINT_FILES
+
 FORMAT = 2  # 2: optimizer entry = {inner torch state, bf16 master weights}; layout has vpp; model chunks
 PREEMPTED_EXIT_CODE = 143
 """Exit status after a SIGTERM-triggered save (128 + SIGTERM, what a shell reports for a
@@ -64,7 +66,7 @@ def iter_name(step: int) -> str:
 
 
 def _complete(path: Path) -> bool:
-    return path.is_dir() and (path / "metadata.json").exists() and (path / "common.pt").exists()
+    return path.is_dir() and all((path / name).exists() for name in CHECKPOINT_FILES)
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:

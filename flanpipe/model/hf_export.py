@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flanpipe.core.model_config import ModelConfig, load_model_config
+from flanpipe.core.io import atomic_path
+from flanpipe.core.model_config import CHECKPOINT_FILES, ModelConfig, load_model_config
 from flanpipe.model.hf_format import (
     TOKENIZER_FILES,
+    architecture,
     architecture_of,
     check_exportable,
+    check_tokenizer,
     global_names,
     hf_config_from_model,
     layer_names,
+    read_config_json,
     to_hf,
 )
 
@@ -66,38 +71,101 @@ def write_safetensors(tensors: Iterator[tuple[str, Any]], out: Path, max_shard_b
     return files
 
 
+# What an export writes besides the weights: anything else in an --out dir is someone else's file.
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+EXPORT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", *TOKENIZER_FILES)
+
+
+def is_export_file(name: str) -> bool:
+    """A file name ``export_hf`` writes (weights, shards, index, config, tokenizer and generation files)."""
+    return name in EXPORT_FILES or bool(_SHARD.fullmatch(name))
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """An export directory holds exactly one export. An existing one is replaced only with ``force`` (an older
+    export with other sharding would leave weights ``from_pretrained`` loads instead of the new ones); a
+    directory holding anything an export does not write is never touched."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; not overwriting it")
+    present = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in present if not is_export_file(n)]
+    if foreign:
+        raise ValueError(
+            f"{out}: holds {foreign[:8]}, which export-hf does not write: not an export-hf output, not overwriting it"
+        )
+    if present and not force:
+        raise ValueError(
+            f"{out}: holds an earlier export ({present[:6]}); pass --force to replace it (the whole directory: "
+            "no file of the earlier export is kept)"
+        )
+
+
+def _check_run_dir(run: Path, *names: str) -> None:
+    """The model dir must be a finished one: model.json, and dist_checkpointing's files under checkpoint/."""
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: model dir not found (model.json + checkpoint/, e.g. results/models/RUN)")
+    missing = [n for n in names if not (run / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{run}: not a finished model dir, it lacks {missing} (model.json + checkpoint/)")
+
+
+def _base_side_dir(base: Path, cfg: ModelConfig, run: Path) -> Path:
+    """``--base``'s side files (``base/hf`` of an import, or an HF dir): it must exist and hold them, and its
+    tokenizer must give no id past the model's rows, as import checks."""
+    if not base.is_dir():
+        raise FileNotFoundError(f"--base {base}: not found (an import-hf output dir, or an HF checkpoint dir)")
+    side = _side_dir(base)
+    if side is None:
+        raise ValueError(
+            f"--base {base}: holds no config.json or tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) "
+            f"nor an hf/ dir with them; point it at the import-hf output the run was tuned from"
+        )
+    check_tokenizer(side, cfg, where=f"the embedding rows of {run / 'model.json'}")
+    return side
+
+
 def export_hf(
     run_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
     base: str | os.PathLike[str] | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    force: bool = False,
 ) -> Path:
     """flanpipe model dir (model.json + checkpoint/) -> an HF directory ``from_pretrained`` loads.
 
     Tokenizer files, generation_config.json and the original config.json's other fields come from
-    ``base`` (an ``import_hf`` output dir, or an HF dir), default ``run_dir`` itself.
+    ``base`` (an ``import_hf`` output dir, or an HF dir), default ``run_dir`` itself. Written into a temporary
+    sibling and renamed into place whole, so a failed export leaves nothing and a replaced one (``force``)
+    leaves no file of the old one.
     """
     from flanpipe.model.gpt import load_scorer
 
     run, out = Path(run_dir), Path(out_dir)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max shard size must be positive, got {max_shard_bytes} bytes")
+    _check_run_dir(run, "model.json")
+    check_out_dir(out, force)
     cfg = load_model_config(run / "model.json")
-    side = _side_dir(Path(base) if base else run)
-    base_config = json.loads((side / "config.json").read_text()) if side and (side / "config.json").exists() else None
-    arch = base_config["architectures"][0] if base_config else architecture_of(cfg)
+    side = _base_side_dir(Path(base), cfg, run) if base else _side_dir(run)
+    base_config = read_config_json(side / "config.json") if side and (side / "config.json").exists() else None
+    arch = architecture(base_config, side / "config.json") if side and base_config else architecture_of(cfg)
     check_exportable(cfg, arch, str(run / "model.json"))
+    _check_run_dir(run, *(f"checkpoint/{n}" for n in CHECKPOINT_FILES))
     scorer = load_scorer(run)
     state = {k: v.detach().float() for k, v in scorer.model.state_dict().items() if not k.endswith("_extra_state")}
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(megatron_to_hf_tensors(state, arch, cfg), out, max_shard_bytes)
-    (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg, arch, base_config), indent=2) + "\n")
-    if side:
-        for name in TOKENIZER_FILES:
-            if (side / name).exists():
-                shutil.copy2(side / name, out / name)
-    if not (out / "generation_config.json").exists() and base_config:
-        gen = {k: base_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in base_config}
-        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    with atomic_path(out, directory=True) as tmp:
+        write_safetensors(megatron_to_hf_tensors(state, arch, cfg), tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf_config_from_model(cfg, arch, base_config), indent=2) + "\n")
+        if side:
+            for name in TOKENIZER_FILES:
+                if (side / name).exists():
+                    shutil.copy2(side / name, tmp / name)
+        if not (tmp / "generation_config.json").exists() and base_config:
+            gen = {k: base_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in base_config}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out
 
 

@@ -19,6 +19,7 @@ The layouts (see /work/shared/notes/hf-megatron.md):
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -168,11 +169,22 @@ def model_config_from_hf(config: dict[str, Any], path: Path) -> tuple[str, Model
     return arch, cfg
 
 
+def read_config_json(path: Path) -> dict[str, Any]:
+    """An HF ``config.json`` as a dict; a broken one names itself."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HFFormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise HFFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def load_model_file(path: str | os.PathLike[str]) -> ModelConfig:
     """Any model file a config may name: flanpipe's YAML / model.json, or an HF checkpoint's ``config.json``
     (base.hf), converted here so that the plan reads it like a YAML (torch-free)."""
     if Path(path).name == "config.json":
-        return model_config_from_hf(json.loads(Path(path).read_text()), Path(path))[1]
+        return model_config_from_hf(read_config_json(Path(path)), Path(path))[1]
     return load_model_config(path)
 
 
@@ -420,32 +432,98 @@ def global_names(arch: str, prefix: str, cfg: ModelConfig) -> dict[str, str]:
 # --------------------------------------------------------------------------- reading
 
 
+# bytes per element of each safetensors dtype (the format's own names)
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of one ``.safetensors`` file, from its header alone (torch-free, a few KB read).
+
+    The format: an 8-byte little-endian header size, a JSON header giving each tensor's dtype, shape and
+    byte range, then the data. The file must end exactly where the last range ends, so a truncated or
+    half-written file (a copy cut short) is named here, not deep inside a conversion job."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not 0 < n <= size - 8:
+                raise HFFormatError(f"{path}: not a safetensors file (truncated or empty: {size} bytes)")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        if isinstance(e, HFFormatError):
+            raise
+        raise HFFormatError(f"{path}: unreadable safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise HFFormatError(f"{path}: unreadable safetensors header: not a JSON object")
+    shapes: dict[str, tuple[int, ...]] = {}
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape, (begin, stop) = tuple(int(x) for x in entry["shape"]), entry["data_offsets"]
+            itemsize = _DTYPE_BYTES[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise HFFormatError(f"{path}: tensor '{name}' has a malformed header entry {entry!r}") from None
+        if stop - begin != itemsize * math.prod(shape):
+            raise HFFormatError(f"{path}: tensor '{name}' spans {stop - begin} bytes, not {shape} x {itemsize}")
+        shapes[name], end = shape, max(end, stop)
+    if size != 8 + n + end:
+        raise HFFormatError(
+            f"{path}: truncated or half-written: the header says {8 + n + end} bytes, the file has {size} "
+            "(copy it again)"
+        )
+    return shapes
+
+
+def _weights_hint(directory: Path) -> str:
+    """What a directory without safetensors holds instead, and how to convert it."""
+    other = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".h5", ".msgpack"))
+    if not other:
+        return ""
+    return (
+        f" (it holds {other[:4]}: flanpipe reads safetensors only; convert once with transformers: "
+        "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True))"
+    )
+
+
 class SafetensorsReader:
     """Tensors of an HF directory by name, read one at a time with safetensors' lazy ``safe_open``.
 
-    Each read opens the file anew: the file's mapping is dropped after every tensor, so reading a
-    multi-GB shard never keeps it resident in this process.
+    Opening reads only the headers (``read_safetensors_header``: torch-free, so planning checks a checkpoint
+    with it). Each tensor read opens its file anew: the file's mapping is dropped after every tensor, so
+    reading a multi-GB shard never keeps it resident in this process.
     """
 
     def __init__(self, hf_dir: str | os.PathLike[str]):
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
+        self.shapes: dict[str, tuple[int, ...]] = {}
         if index.exists():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except (ValueError, AttributeError) as e:
+                raise HFFormatError(f"{index}: not a safetensors index: {e}") from None
             if not isinstance(weight_map, dict):
                 raise HFFormatError(f"{index}: missing field 'weight_map'")
+            headers = {}
             for file in sorted(set(weight_map.values())):
                 if not (self.dir / file).exists():
                     raise HFFormatError(f"{index}: shard '{file}' named in weight_map is missing from {self.dir}")
+                headers[file] = read_safetensors_header(self.dir / file)
+            for name, file in weight_map.items():
+                if name not in headers[file]:
+                    raise HFFormatError(f"{self.dir / file}: tensor '{name}' named in {index.name} is not in this file")
+                self.shapes[name] = headers[file][name]
             self.files = {name: self.dir / file for name, file in weight_map.items()}
         elif single.exists():
-            from safetensors import safe_open
-
-            with safe_open(single, "pt") as f:
-                self.files = {name: single for name in f.keys()}
+            self.shapes = read_safetensors_header(single)
+            self.files = dict.fromkeys(self.shapes, single)
         else:
-            raise HFFormatError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+            hint = _weights_hint(self.dir)
+            raise HFFormatError(f"{self.dir}: no model.safetensors or model.safetensors.index.json{hint}")
         self.read: set[str] = set()
 
     def names(self) -> list[str]:
@@ -455,27 +533,25 @@ class SafetensorsReader:
         return name in self.files
 
     def check(self, name: str, shape: tuple[int, ...]) -> Path:
-        """The file holding ``name``, after checking it is there with ``shape`` (reads the header only)."""
-        from safetensors import safe_open
-
+        """The file holding ``name``, after checking it is there with ``shape`` (from the header)."""
         if name not in self.files:
             raise HFFormatError(f"{self.dir}: tensor '{name}' not found in the checkpoint")
         path = self.files[name]
-        with safe_open(path, "pt") as f:
-            if name not in f.keys():
-                raise HFFormatError(f"{path}: tensor '{name}' named in the index is not in this file")
-            got = tuple(f.get_slice(name).get_shape())
-        if got != tuple(shape):
-            raise HFFormatError(f"{path}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+        if self.shapes[name] != tuple(shape):
+            raise HFFormatError(f"{path}: tensor '{name}' has shape {list(self.shapes[name])}, expected {list(shape)}")
         return path
 
     def get(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None):  # noqa: ANN201
         """Tensor ``name`` (a torch tensor), or only its ``rows`` [start, stop) through safetensors'
         lazy ``get_slice``, after ``check`` (the error names the tensor and its file)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(self.check(name, shape), "pt") as f:
-            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
+        path = self.check(name, shape)
+        try:
+            with safe_open(path, "pt") as f:
+                t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
+        except SafetensorError as e:  # changed under us since the header was read
+            raise HFFormatError(f"{path}: tensor '{name}' cannot be read: {e}") from None
         self.read.add(name)
         return t
 
@@ -489,7 +565,7 @@ def read_hf_config(hf_dir: str | os.PathLike[str]) -> tuple[str, ModelConfig, di
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise HFFormatError(f"{path}: not found")
-    raw = json.loads(path.read_text())
+    raw = read_config_json(path)
     arch, cfg = model_config_from_hf(raw, path)
     prefix = ""
     if arch == "GPT2LMHeadModel":
@@ -506,3 +582,56 @@ def unused_tensors(reader: SafetensorsReader, arch: str, prefix: str, cfg: Model
         for names in layer_names(arch, prefix, i, cfg).values():
             wanted.update(names)
     return [n for n in reader.names() if n not in wanted and not n.endswith(_IGNORED_SUFFIXES)]
+
+
+def expected_shapes(arch: str, prefix: str, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor the conversion reads, with the shape config.json implies."""
+    h, v = cfg.hidden_size, cfg.tokenizer_vocab_size or cfg.vocab_size
+    want: dict[str, tuple[int, ...]] = {}
+    for local, hf_name in global_names(arch, prefix, cfg).items():
+        big = {"embedding.word_embeddings.weight": (v, h), "output_layer.weight": (v, h),
+               "embedding.position_embeddings.weight": (cfg.max_position_embeddings, h)}  # fmt: skip
+        want[hf_name] = big.get(local, (h,))
+    for i in range(cfg.num_layers):
+        for names in layer_names(arch, prefix, i, cfg).values():
+            want.update(zip(names, hf_shapes(arch, names, cfg), strict=True))
+    return want
+
+
+def check_hf_checkpoint(hf_dir: str | os.PathLike[str]) -> tuple[str, ModelConfig, dict[str, Any], str]:
+    """``read_hf_config`` plus every weight check that needs only the headers: each file whole (not truncated),
+    every tensor the conversion reads present with its shape, no tensor it would leave unused, the output layer
+    as ``tie_word_embeddings`` says. Torch-free and cheap (headers only), so planning runs it for base.hf and
+    the import job runs it again before writing anything."""
+    arch, cfg, raw, prefix = read_hf_config(hf_dir)
+    reader = SafetensorsReader(hf_dir)
+    tied = cfg.share_embeddings_and_output_weights
+    if arch != "GPT2LMHeadModel" and reader.has("lm_head.weight") == tied:
+        state = "true" if tied else "false (or unset)"
+        has = "has" if tied else "has no"
+        raise HFFormatError(
+            f"{Path(hf_dir) / 'config.json'}: tie_word_embeddings is {state} but the checkpoint {has} "
+            "lm_head.weight: the output layer would be converted wrong; fix tie_word_embeddings in config.json"
+        )
+    extra = unused_tensors(reader, arch, prefix, cfg)
+    if extra:
+        raise HFFormatError(f"{hf_dir}: tensors flanpipe's {arch} mapping does not use: {extra[:8]}")
+    for name, shape in expected_shapes(arch, prefix, cfg).items():
+        reader.check(name, shape)
+    return arch, cfg, raw, prefix
+
+
+def check_tokenizer(hf_dir: Path, cfg: ModelConfig, where: str = "config.json vocab_size (embedding rows)") -> None:
+    """A checkpoint directory's tokenizer (if it has one) must load, name special tokens it has, and give
+    no id past the model's embedding rows (``where`` says whose rows, for the message)."""
+    from flanpipe.data.hf_tokenizer import load_hf_tokenizer
+
+    try:
+        tok = load_hf_tokenizer(hf_dir)
+    except FileNotFoundError:
+        return
+    except ValueError as e:
+        raise HFFormatError(str(e)) from None
+    rows = cfg.tokenizer_vocab_size or cfg.vocab_size
+    if tok.vocab_size > rows:
+        raise HFFormatError(f"{tok.source}: tokenizer has {tok.vocab_size} ids but {where} is {rows}")

@@ -35,17 +35,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flanpipe.core.io import atomic_path
 from flanpipe.core.model_config import ModelConfig
 from flanpipe.model.hf_format import (
     TOKENIZER_FILES,
-    HFFormatError,
     SafetensorsReader,
+    check_hf_checkpoint,
+    check_tokenizer,
     global_names,
     hf_shapes,
     layer_names,
     read_hf_config,
     to_megatron,
-    unused_tensors,
 )
 
 
@@ -63,38 +64,18 @@ def import_hf(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -
     any TP/PP.
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    arch, cfg, _, prefix = read_hf_config(hf_dir)
-    reader = SafetensorsReader(hf_dir)
-    extra = unused_tensors(reader, arch, prefix, cfg)
-    if extra:
-        raise HFFormatError(f"{hf_dir}: tensors flanpipe's {arch} mapping does not use: {extra[:8]}")
-    _check_tokenizer(hf_dir, cfg)
-    if out.exists():
-        if any(out.iterdir()) and not (out / "model.json").exists():
-            raise ValueError(f"{out}: exists and is not an import-hf output (no model.json); not overwriting it")
-        shutil.rmtree(out)
-    _check_shapes(reader, arch, prefix, cfg)
-    out.mkdir(parents=True)
-    stream_checkpoint(hf_dir, out / "checkpoint")
-    (out / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    _copy_side_files(hf_dir, out / "hf")
-    (out / "hf" / "architecture").write_text(arch + "\n")
+    arch, cfg, _, prefix = check_hf_checkpoint(hf_dir)  # headers only: nothing is written for a bad checkpoint
+    check_tokenizer(hf_dir, cfg)
+    if out.exists() and any(out.iterdir()) and not (out / "model.json").exists():
+        raise ValueError(f"{out}: exists and is not an import-hf output (no model.json); not overwriting it")
+    # written beside and renamed into place whole: a killed import leaves no checkpoint without model.json
+    # (which a rerun would refuse as foreign) and replaces an earlier import only once it is complete
+    with atomic_path(out, directory=True) as tmp:
+        stream_checkpoint(hf_dir, tmp / "checkpoint")
+        (tmp / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        _copy_side_files(hf_dir, tmp / "hf")
+        (tmp / "hf" / "architecture").write_text(arch + "\n")
     return cfg
-
-
-def _check_tokenizer(hf_dir: Path, cfg: ModelConfig) -> None:
-    """The tokenizer's ids must all have an embedding row."""
-    from flanpipe.data.hf_tokenizer import load_hf_tokenizer
-
-    try:
-        tok = load_hf_tokenizer(hf_dir)
-    except FileNotFoundError:
-        return
-    rows = cfg.tokenizer_vocab_size or cfg.vocab_size
-    if tok.vocab_size > rows:
-        raise HFFormatError(
-            f"{tok.source}: tokenizer has {tok.vocab_size} ids but config.json vocab_size (embedding rows) is {rows}"
-        )
 
 
 # --------------------------------------------------------------------------- streaming writer
@@ -182,23 +163,6 @@ def _megatron_tensor(reader: SafetensorsReader, arch: str, prefix: str, cfg: Mod
     local = name.split(".", 3)[3]
     parts = [reader.get(n, shape) for n, shape in _layer_sources(arch, prefix, cfg, name)]
     return to_megatron(arch, local, parts, cfg)
-
-
-def _check_shapes(reader: SafetensorsReader, arch: str, prefix: str, cfg: ModelConfig) -> None:
-    """Every HF tensor the conversion reads exists with its expected shape (only headers are read), so a
-    bad checkpoint is named before anything is written."""
-
-    h, v = cfg.hidden_size, cfg.tokenizer_vocab_size or cfg.vocab_size
-    want: dict[str, tuple[int, ...]] = {}
-    for local, hf_name in global_names(arch, prefix, cfg).items():
-        big = {"embedding.word_embeddings.weight": (v, h), "output_layer.weight": (v, h),
-               "embedding.position_embeddings.weight": (cfg.max_position_embeddings, h)}  # fmt: skip
-        want[hf_name] = big.get(local, (h,))
-    for i in range(cfg.num_layers):
-        for names in layer_names(arch, prefix, i, cfg).values():
-            want.update(zip(names, hf_shapes(arch, names, cfg), strict=True))
-    for name, shape in want.items():
-        reader.check(name, shape)
 
 
 def _return_large_frees_to_the_os() -> None:

@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flanpipe.core.io import resolve_config_path
+from flanpipe.core.model_config import CHECKPOINT_FILES
 
 if TYPE_CHECKING:
     from flanpipe.core.model_config import ModelConfig
     from flanpipe.core.registry import DatasetSpec
     from flanpipe.data.patterns import Template
     from flanpipe.plan.runs import Evaluation, Run
-
-# What Megatron's dist_checkpointing.save writes into a checkpoint dir (flanpipe.model.checkpointing._complete):
-# without them the load fails only inside the training job, after the queue wait.
-CHECKPOINT_FILES = ("metadata.json", "common.pt")
 
 
 class PlanError(ValueError):
@@ -74,7 +71,8 @@ def check_models(config: Mapping[str, Any], runs: Mapping[str, Run]) -> None:
     """Everything about the models that would otherwise fail inside packing or training, checked now.
 
     Each run's model config must load and split over train.tensor/pipeline_model_parallel_size, hold a
-    packed row (lengths.pack <= max_position_embeddings) and a token id of the tokenizer (the given
+    packed row (lengths.pack <= max_position_embeddings) and a capped option beside a full input (lengths.inputs +
+    eval.option_tokens <= max_position_embeddings) and a token id of the tokenizer (the given
     tokenizer.model's pieces, or at most tokenizer.vocab_size when one is trained); a given base
     checkpoint must have been trained with the model config it is tuned as.
     """
@@ -99,6 +97,13 @@ def check_models(config: Mapping[str, Any], runs: Mapping[str, Run]) -> None:
         if pack > cfg.max_position_embeddings:
             raise PlanError(
                 f"config key lengths.pack: packed rows of {pack} tokens are longer than max_position_embeddings = "
+                f"{cfg.max_position_embeddings} of model config {path} ({key})"
+            )
+        cap, inputs = config["eval"]["option_tokens"], config["lengths"]["inputs"]
+        if cap is not None and inputs + cap > cfg.max_position_embeddings:
+            raise PlanError(
+                f"config key eval.option_tokens: an option of {cap} tokens beside a full input of lengths.inputs = "
+                f"{inputs} is {inputs + cap} tokens, longer than max_position_embeddings = "
                 f"{cfg.max_position_embeddings} of model config {path} ({key})"
             )
     _check_tokenizer(config, models)
@@ -144,6 +149,11 @@ def _check_checkpoint(config: Mapping[str, Any], run: Run, want: ModelConfig) ->
             "it must hold model.json and checkpoint/ as a trained run's results/models/<run>/ does"
         )
     model_json = Path(directory) / "model.json"
+    if not model_json.is_file() and (Path(directory) / "config.json").is_file():
+        raise PlanError(
+            f"config key {key}: {directory} holds an HF config.json but no model.json: a HuggingFace checkpoint, "
+            "which base.hf imports (base.checkpoint is a flanpipe model dir: model.json + checkpoint/)"
+        )
     got = _load_model(model_json, key)
     weights = Path(directory) / "checkpoint"
     missing = [f for f in CHECKPOINT_FILES if not (weights / f).is_file()]
@@ -226,6 +236,40 @@ def check_template_counts(
                     f"config key {key}: {k} templates per dataset asked for (run {run.name!r}), but dataset {d!r} "
                     f"has only {len(natural)} that do the task itself (turned-around ones are not counted); "
                     f"lower the count to <= {len(natural)} or add templates"
+                )
+
+
+def check_formats(
+    config: Mapping[str, Any],
+    registry: Mapping[str, DatasetSpec],
+    templates: Mapping[str, Sequence[Template]],
+    runs: Iterable[Run],
+) -> None:
+    """Flan 2022's prompt formats (config ``formats``, the options ablation's shares) rewrite pattern prompts: a
+    ``kind: jinja`` template shows its options as written and has no exemplar slot, so a run whose training
+    templates include one fails here, not in its render job."""
+    from flanpipe.data.templates import select_templates
+
+    fmt = config.get("formats") or {}
+    for run in runs:
+        if run.kind != "tune" or run.train_mode != "natural":
+            continue
+        options = fmt.get("options", 1.0) if run.options_share is None else run.options_share
+        asked = [
+            k for k, v in (("formats.fewshot", fmt.get("fewshot", 0.0) > 0), ("formats.options", options < 1)) if v
+        ]
+        if not asked:
+            continue
+        key = asked if run.options_share is None else ["ablations.options"]
+        for d in run.datasets:
+            chosen = select_templates(templates.get(d, ()), run.num_templates) if d in templates else []
+            jinja = [t.index for t in chosen if t.kind == "jinja"]
+            if jinja:
+                raise PlanError(
+                    f"config key {' / '.join(key)}: run {run.name!r} trains on dataset {d!r} with kind: jinja "
+                    f"template(s) {jinja} of {registry[d].templates}; prompt formats (few-shot exemplars, the options "
+                    "block left out) apply to {field} pattern templates only, a jinja template renders as written. "
+                    "Use pattern templates for training (templates.files), or the default formats"
                 )
 
 

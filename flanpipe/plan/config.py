@@ -15,7 +15,7 @@ from typing import Any
 
 import jsonschema
 
-from flanpipe.core.io import FLOAT_12, PROJECT_ROOT, read_yaml
+from flanpipe.core.io import PROJECT_ROOT, load_yaml_text, read_yaml
 from flanpipe.core.registry import DatasetSpec, load_registry, with_clusters, with_local_mirror, with_template_files
 from flanpipe.core.train_config import BatchSplitError, spec_keys, split_batch
 from flanpipe.train.planner import node_split
@@ -53,12 +53,38 @@ def _types(schema: Mapping[str, Any]) -> list[str]:
     return [types] if isinstance(types, str) else list(types or [])
 
 
+def _yaml_scalar(text: str) -> Any:
+    """``text`` as a YAML 1.2 plain scalar reads (``'1'`` -> 1, ``'3e-5'`` -> 3e-05, ``'true'`` -> True,
+    ``'null'`` -> None), or ``text`` itself when it is no scalar of another type."""
+    try:
+        value = load_yaml_text(text, "<config value>")
+    except ValueError:
+        return text
+    return value if value is None or isinstance(value, bool | int | float) else text
+
+
+def _fits(value: Any, types: list[str]) -> bool:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return (
+        ("integer" in types and is_int)
+        or ("number" in types and (is_int or isinstance(value, float)))
+        or ("boolean" in types and isinstance(value, bool))
+        or ("null" in types and value is None)
+    )
+
+
 def _number(value: Any, schema: Mapping[str, Any]) -> Any:
-    """One value as the number its field wants: ``1000.0`` -> 1000 in an integer field, and ``'3e-5'`` (a
-    string to YAML 1.1 readers such as PyYAML and Snakemake's) -> 3e-05 in a number field."""
+    """One value as the type its field wants.
+
+    Strings are read as YAML 1.2 scalars where the field takes no string: Snakemake passes every nested
+    ``--config`` value as a string (``--config base='{hf: DIR, fewshot: 1}'`` gives fewshot ``'1'``) and its
+    YAML 1.1 reader keeps ``3e-5`` a string. In a field that takes a string or null, ``'null'`` is null
+    (``--config model=null``). Then ``1000.0`` -> 1000 in an integer field."""
     types = _types(schema)
-    if isinstance(value, str) and ("number" in types or "integer" in types) and FLOAT_12.match(value.strip()):
-        value = float(value.replace("_", ""))
+    if isinstance(value, str) and types:
+        typed = _yaml_scalar(value.strip())
+        if ("string" not in types and _fits(typed, types)) or ("null" in types and typed is None):
+            value = typed
     if isinstance(value, float) and value.is_integer() and "integer" in types and "number" not in types:
         return int(value)
     return value
@@ -101,9 +127,8 @@ def with_hf_base(config: dict[str, Any]) -> dict[str, Any]:
     (a given model config must describe the same architecture) and ``tokenizer.model`` its directory.
 
     The tokenizer is read from the HF dir itself, not the imported copy, so the plan-time vocabulary checks
-    run before the import job exists. Torch-free: config.json is plain JSON (flanpipe.model.hf_import's config side)."""
-    import json
-
+    run before the import job exists. Torch-free: config.json is plain JSON and the weights' headers are read
+    without torch, so a checkpoint the import job would refuse fails here, before the queue wait."""
     from flanpipe.core.io import resolve_config_path
     from flanpipe.model.hf_format import load_model_file
 
@@ -121,13 +146,19 @@ def with_hf_base(config: dict[str, Any]) -> dict[str, Any]:
     hf_dir = resolve_config_path(base["hf"])
     path = hf_dir / "config.json"
     if not path.is_file():
-        raise ConfigError(
-            f"config key base.hf: {path} not found; base.hf must be a HuggingFace checkpoint dir holding config.json"
+        hint = (
+            " (it holds model.json: a flanpipe model dir, e.g. an import-hf output; give it as base.checkpoint)"
+            if (hf_dir / "model.json").is_file()
+            else ""
         )
-    from flanpipe.model.hf_format import HFFormatError, model_config_from_hf
+        raise ConfigError(
+            f"config key base.hf: {path} not found; base.hf must be a HuggingFace checkpoint dir holding "
+            f"config.json{hint}"
+        )
+    from flanpipe.model.hf_format import HFFormatError, check_hf_checkpoint
 
-    try:
-        _, want = model_config_from_hf(json.loads(path.read_text()), path)
+    try:  # config.json and the safetensors headers (missing shard, truncated file, tie, shapes): no torch
+        _, want, _, _ = check_hf_checkpoint(hf_dir)
     except (HFFormatError, ValueError, KeyError) as e:
         raise ConfigError(f"config key base.hf: {e}") from None
     if config["model"] and Path(config["model"]) != path:
@@ -193,6 +224,13 @@ def check_cross_fields(config: Mapping[str, Any]) -> None:
             f"config key templates.num_templates: {tpl['num_templates']} has no effect with templates.train_mode = "
             f"{tpl['train_mode']!r} (it counts natural-instruction templates); the runs train on all examples "
             "with no template",
+            stacklevel=2,
+        )
+    fmt = config["formats"]
+    if (fmt["fewshot"] > 0 or fmt["options"] < 1) and tpl["train_mode"] != "natural":
+        warnings.warn(
+            f"config key formats: {dict(fmt)} has no effect with templates.train_mode = {tpl['train_mode']!r}: prompt "
+            "formats rewrite natural-instruction prompts, and the main runs train on prompts without instructions",
             stacklevel=2,
         )
     if t["micro_batch_size"] and t["global_batch_size"] % t["micro_batch_size"]:

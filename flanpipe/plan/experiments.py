@@ -49,6 +49,7 @@ from flanpipe.plan.checks import (
     PlanError,
     PlanWarning,
     check_cluster_names,
+    check_formats,
     check_models,
     check_scale_checkpoints,
     check_splits,
@@ -166,11 +167,11 @@ class Plan:
     def audited_datasets(self, run: str) -> list[str]:
         """Datasets whose evaluations (main results and ablations) score this run's model: what it is audited on.
 
-        Evaluation-only entries are left out: training waits on this audit, so auditing one added to a finished
-        run would retrain it (they are never in a mixture; an overlap through another dataset goes unchecked).
+        Evaluation-only entries too: they are never in a mixture themselves, but their examples can be (an
+        entry built from another dataset's train split), and a score on leaked examples is no zero-shot score.
         """
         evals = self.evaluations + [e for es in self.ablations.values() for e in es]
-        return sorted({e.dataset for e in evals if e.run == run and not self.registry[e.dataset].eval_only})
+        return sorted({e.dataset for e in evals if e.run == run})
 
     def template_audited_datasets(self, run: str) -> list[str]:
         """Audited datasets that some evaluation of this run prompts with natural instructions.
@@ -392,6 +393,7 @@ def check_plan(config: Mapping[str, Any], plan: Plan) -> None:
         try:
             check_splits(config, plan.registry, runs, evaluations)
             check_template_counts(config, plan.templates, runs)
+            check_formats(config, plan.registry, plan.templates, runs)
             if ablation == "scale":
                 check_scale_checkpoints(config["ablations"]["scale"])
         except PlanError as e:
@@ -399,10 +401,29 @@ def check_plan(config: Mapping[str, Any], plan: Plan) -> None:
                 raise
             plan.ablation_errors.setdefault(ablation, f"ablation {ablation}: {e}")
     base = config["base"]
-    if base["fewshot"] and not base["checkpoint"] and not base["pretrain_steps"]:
+    if base["fewshot"] and all(r.kind is RunKind.TUNE for r in plan.runs.values()):
         warnings.warn(
             f"config key base.fewshot = {base['fewshot']} has no effect: there is no base model "
-            "(base.checkpoint is null and base.pretrain_steps is 0), so no few-shot baseline is evaluated",
+            "(base.checkpoint and base.hf are null and base.pretrain_steps is 0), so no few-shot baseline is evaluated",
+            PlanWarning,
+            stacklevel=2,
+        )
+    check_eval_only_scored(config, plan)
+
+
+def check_eval_only_scored(config: Mapping[str, Any], plan: Plan) -> None:
+    """An evaluation-only dataset exists to be scored: one that no planned evaluation scores (its cluster is held
+    out by no run, and eval.eval_only_all_runs is false) is named with the ways to score it, never dropped silently.
+    """
+    planned = {e.dataset for e in plan.evaluations} | {e.dataset for es in plan.ablations.values() for e in es}
+    unscored = sorted(d for d, s in plan.registry.items() if s.eval_only and d not in planned)
+    if unscored:
+        clusters = sorted({plan.registry[d].cluster for d in unscored})
+        warnings.warn(
+            f"evaluation-only dataset(s) {unscored} are scored by no run: no run holds out their cluster(s) "
+            f"{clusters} (held_out: {list(config['held_out'])}) and eval.eval_only_all_runs is false. Hold out the "
+            "cluster, set eval.eval_only_all_runs: true (every main run and the base score them), or leave them "
+            "out (config 'datasets')",
             PlanWarning,
             stacklevel=2,
         )

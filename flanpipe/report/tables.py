@@ -420,12 +420,20 @@ def _cluster_markdown(cluster: str, c: Mapping[str, Any], slots: Sequence[str], 
 # The paper's models, in the order of its comparison table, and the model flanpipe reproduces FLAN with.
 PUBLISHED_MODELS = (
     ("flan_137b_zero_shot", "FLAN 137B zero-shot"),
+    ("flan_137b_few_shot", "FLAN 137B few-shot"),  # its exemplar count (flan_137b_few_shot_k) in the cell
     ("lamda_pt_137b_zero_shot", "LaMDA-PT 137B zero-shot"),
     ("lamda_pt_137b_few_shot", "LaMDA-PT 137B few-shot"),
     ("gpt3_175b_zero_shot", "GPT-3 175B zero-shot"),
     ("gpt3_175b_few_shot", "GPT-3 175B few-shot"),
 )
 FLAN_BASE_MODEL = "lamda_pt_137b"
+
+
+def _published_cell(published: Mapping[str, Any], key: str) -> str:
+    """One published figure; a few-shot one with its exemplar count ("84.5 (k=8)") when the source gives it."""
+    cell = _fmt(published.get(key))
+    k = published.get(f"{key}_k")
+    return f"{cell} (k={k})" if k is not None and published.get(key) is not None else cell
 
 
 def _published_markdown(datasets: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -443,7 +451,7 @@ def _published_markdown(datasets: Sequence[Mapping[str, Any]]) -> list[str]:
     for d in have:
         p, x = d["published"], ours[d["dataset"]]
         mine = None if x is None else x.get("mean")
-        row = [d["dataset"], _fmt(mine), *(_fmt(p.get(k)) for k, _ in PUBLISHED_MODELS)]
+        row = [d["dataset"], _fmt(mine), *(_published_cell(p, k) for k, _ in PUBLISHED_MODELS)]
         flan = p.get("flan_137b_zero_shot")
         if same:
             row.append("–" if mine is None or flan is None else f"{mine - flan:+.1f}")

@@ -34,3 +34,14 @@ def test_ingest_of_a_split_the_entry_does_not_map(tmp_path: Path) -> None:
         DataError, match=rf"dataset 'qa' has no 'train' split: 'splits' of its entry in {reg} maps only"
     ):
         ingest_split(spec, "train", tmp_path / "out.parquet")
+
+
+def test_empty_answer_is_a_bad_row(tmp_path: Path) -> None:
+    """A pattern template's "{answer}" target rendered empty (trained on a bare EOS, scored against "")."""
+    spec = load_registry([registry_dir(tmp_path)])["qa"]
+    raw = write(tmp_path / "data" / "qa" / "train.jsonl", '{"q": "who?", "a": "Ada"}\n{"q": "what?", "a": "  "}\n')
+    out = tmp_path / "out" / "train.parquet"
+    with pytest.raises(DataError, match=rf"'qa' split 'train' \({raw}\): 1 bad row\(s\) of 2 \{{'empty answer': 1\}}"):
+        ingest_split(spec, "train", out)
+    assert_nothing_written(out)
+    assert ingest_split(spec, "train", out, policy="drop")["dropped"] == {"empty answer": 1}

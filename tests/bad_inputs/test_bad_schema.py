@@ -108,6 +108,32 @@ def test_integer_fields_take_whole_numbers_only(tmp_path: Path) -> None:
         validate_config(raw_config(tmp_path, eval={"examples": True}))
 
 
+def test_nested_config_values_from_the_command_line_are_typed_by_the_schema(tmp_path: Path) -> None:
+    """Snakemake reads a nested ``--config base='{hf: DIR, fewshot: 1}'`` with YAML's BaseLoader: every value a
+    string, so ``base.fewshot: '1' is not of type 'integer'``; a top-level ``model=null`` arrives as "null"."""
+    cli = raw_config(
+        tmp_path,
+        base={"fewshot": "1", "pretrain_steps": "0"},
+        train={"lr": "3e-5", "micro_batch_size": "4", "global_batch_size": "8", "max_micro_batch_size": "8"},
+        eval={"eval_only_all_runs": "true", "examples": "20"},
+        formats={"fewshot": "0.5"},
+        ablations={"templates": {"counts": ["1", "2"]}},
+        tokenizer={"model": "null", "vocab_size": "1024"},
+    )
+    cfg = validate_config(cli)
+    assert cfg["base"] == {**cfg["base"], "fewshot": 1, "pretrain_steps": 0}
+    assert cfg["train"]["lr"] == 3e-5 and cfg["train"]["micro_batch_size"] == 4
+    assert cfg["eval"]["eval_only_all_runs"] is True and cfg["eval"]["examples"] == 20
+    assert cfg["formats"]["fewshot"] == 0.5 and cfg["ablations"]["templates"]["counts"] == [1, 2]
+    assert cfg["tokenizer"]["model"] is None
+    # a string the schema's type cannot read is still an error naming the key; string fields stay strings
+    with pytest.raises(ConfigError, match=r"config key base\.fewshot: 'one' is not of type 'integer'"):
+        validate_config(raw_config(tmp_path, base={"fewshot": "one"}))
+    with pytest.raises(ConfigError, match=r"config key eval\.eval_only_all_runs: '2' is not of type 'boolean'"):
+        validate_config(raw_config(tmp_path, eval={"eval_only_all_runs": "2"}))
+    assert validate_config(raw_config(tmp_path, held_out=["1"]))["held_out"] == ["1"]
+
+
 @pytest.mark.parametrize(
     ("bad", "culprit"),
     [
@@ -130,6 +156,8 @@ def test_config_values_that_contradict_each_other(tmp_path: Path, bad: dict, cul
 
 
 def test_config_values_without_effect_warn(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"config key formats: .* has no effect with templates\.train_mode = 'no_tem"):
+        validate_config(raw_config(tmp_path, formats={"fewshot": 0.5}, templates={"train_mode": "no_template"}))
     with pytest.warns(UserWarning, match=r"templates\.num_templates: 2 has no effect with templates\.train_mode"):
         validate_config(raw_config(tmp_path, templates={"num_templates": 2, "train_mode": "no_template"}))
     with pytest.warns(UserWarning, match=r"train\.save_interval: 500 > train\.steps = 100"):

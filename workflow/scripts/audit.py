@@ -15,12 +15,15 @@ snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
 with log_to(snakemake.log[0]):
     splits: dict[str, dict[str, str]] = {}
     template_files: dict[str, str] = {}
-    for key, path in snakemake.input.items():  # "<validation|test|templates>__<dataset>" (rules/audit.smk)
+    train: dict[str, str] = {}
+    for key, path in snakemake.input.items():  # "<validation|test|train|templates>__<dataset>" (rules/audit.smk)
         what, _, dataset = key.partition("__")
         if not dataset:
             continue
         if what == "templates":
             template_files[dataset] = path
+        elif what == "train":
+            train[dataset] = path
         else:
             splits.setdefault(dataset, {})[what] = path
     report = run_audit(
@@ -30,5 +33,6 @@ with log_to(snakemake.log[0]):
         snakemake.output[0],
         AuditConfig(**snakemake.params.audit),
         max_examples=snakemake.params.max_examples,
+        train_splits=train,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "datasets"}, indent=2))

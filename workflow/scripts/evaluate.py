@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from flanpipe.core.io import log_to
-from flanpipe.eval.evaluate import eval_argv, evaluate_many
+from flanpipe.eval.evaluate import RankConfig, eval_argv, evaluate_many
 from flanpipe.train.launch import launch
 
 snakemake = snakemake  # noqa: F821,PLW0127 (injected by Snakemake)
@@ -27,7 +27,7 @@ with log_to(snakemake.log[0]):
         Path(snakemake.output[0]),
     )
     kw = {"lengths": snakemake.params.lengths, "batch_size": snakemake.params.batch_size, "tp": tp, "pp": pp}
-    kw["scoring"] = snakemake.params.scoring
+    kw["rank"] = RankConfig(**snakemake.params.rank)
     tasks, mpi = int(snakemake.resources.tasks), str(snakemake.resources.mpi)
     if tasks == 1 and not mpi.strip():
         print(json.dumps(evaluate_many(*args, **kw), indent=2))

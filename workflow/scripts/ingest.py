@@ -23,5 +23,7 @@ with log_to(snakemake.log[0]):
         policy=snakemake.params.bad_rows,
         root=Path(snakemake.params.root),
         hf_cache=snakemake.params.hf_cache,
+        eval_splits={r: snakemake.input[r] for r in ("validation", "test") if r in snakemake.input.keys()},
+        split_duplicates=snakemake.params.split_duplicates,
     )
     print(json.dumps(report))
