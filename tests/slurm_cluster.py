@@ -19,11 +19,12 @@ hosts can only ever meet over the bridge.
 
 Records and clean-up: every file lives under one scratch directory except the ``/etc/slurm/slurm.conf``
 symlink (the snakemake jobstep plugin strips ``SLURM_CONF`` with every other ``SLURM_*`` variable before
-its nested ``srun``) and the namespaces and links of several hosts. Before creating a namespace or link,
-``start()`` appends its name to ``records.json`` in the scratch directory, and the machine
-lock file names that records file; ``stop()`` removes exactly what the records list, daemons through
-their pid files, and a later session removes what an interrupted one left behind the same way. No
-process or interface is ever found by a broad name.
+its nested ``srun``), the machine's lock and records files in /tmp, and the namespaces and links of
+several hosts. ``start()`` appends the name of each
+namespace and link to ``MACHINE_RECORDS`` before creating it, and each daemon's pid and program once
+started; ``stop()`` removes exactly what the records list, and the next session (the machine lock admits
+one at a time) removes what an interrupted one left the same way. No process or interface is ever found
+by a broad name.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ DEFAULT_CONF = Path("/etc/slurm/slurm.conf")  # where clients look once SLURM_CO
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 POLICY_RC = Path("/usr/sbin/policy-rc.d")
 # One test cluster per machine at a time: /etc/slurm/slurm.conf can name only one, and a job's nested
-# srun finds its controller through it alone. Concurrent test sessions queue on this lock; while held,
-# the lock file holds the path of the holder's records.json.
+# srun finds its controller through it alone. Concurrent test sessions queue on this lock.
 MACHINE_LOCK = Path("/tmp/flanpipe-slurm-test.lock")
+MACHINE_RECORDS = Path("/tmp/flanpipe-slurm-test.records.json")  # what the lock holder made (module docstring)
 SUBNET_BASE = ipaddress.ip_network("10.213.0.0/16")  # the test hosts' /24 is picked inside this, unused
 
 
@@ -230,16 +231,17 @@ def _read_records(path: Path) -> dict[str, list[str]]:
 def remove_recorded(records: Path) -> list[str]:
     """Undo what ``records`` lists, newest kind last made first; return what was removed.
 
-    pid files: their daemons (only if the pid still runs that program). Namespaces: the processes
+    Daemons: by recorded pid, only if it still runs the recorded program. Namespaces: the processes
     still inside each (``ip netns pids``: jobs' ranks and slurmstepds of a host), then the namespace.
     Links: the bridge ports (deleting one end of a veth pair deletes both) and the bridge. Files under
     the scratch directory are left to whoever owns it (pytest's tmp_path).
     """
     rec = _read_records(records)
     done: list[str] = []
-    for pid_file in rec.get("pid_files", []):
-        if _stop_pid_file(Path(pid_file)):
-            done.append(f"daemon {pid_file}")
+    for entry in rec.get("daemons", []):
+        pid, program = entry.split(maxsplit=1)
+        if _stop_pid(int(pid), program):
+            done.append(f"{program} {pid}")
     for ns in rec.get("netns", []):
         r = _ip("netns", "pids", ns, check=False)
         for pid in r.stdout.split() if r.returncode == 0 else []:
@@ -295,7 +297,7 @@ class SlurmCluster:
 
     @property
     def records(self) -> Path:
-        return self.root / "records.json"
+        return MACHINE_RECORDS
 
     @property
     def env(self) -> dict[str, str]:
@@ -321,12 +323,10 @@ class SlurmCluster:
         for d in ("munge", "state", "spool", "run", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         (self.root / "munge").chmod(0o755)  # munged refuses a socket directory others can write
-        self._record("pid_files", str(self._pid_file("munged")), str(self._pid_file("slurmctld")))
         if self.hosts > 1:
             self._make_hosts()
         else:
             self.nodes = [TestHost(self.host, "127.0.0.1")]
-        self._record("pid_files", *(str(self._pid_file(f"slurmd.{h.name}")) for h in self.nodes))
         self._start_munge()
         real_memory = int(mem_total_mb() * 0.9)  # slurmd drains a node that claims more than it has
         self.conf.write_text(
@@ -475,7 +475,7 @@ class SlurmCluster:
 
     def _lock(self, timeout_s: float) -> None:
         """Wait for the machine-wide lock (released by ``stop``, or by the kernel if this process dies), then
-        undo what an interrupted session's records list, and put ours in the lock file."""
+        undo what an interrupted session's records list."""
         fd = os.open(MACHINE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         deadline, said = time.monotonic() + timeout_s, False
         while True:
@@ -491,12 +491,9 @@ class SlurmCluster:
                     said = True
                 time.sleep(1)
         self._lock_fd = fd
-        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        if previous and Path(previous) != self.records and Path(previous).exists():
-            removed = remove_recorded(Path(previous))  # its owner died holding the lock: nobody uses them
-            print(f"removed what an interrupted test cluster left ({previous}): {', '.join(removed) or 'nothing'}")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(self.records).encode(), 0)
+        if self.records.exists():  # its owner died holding the lock: nobody uses what it lists
+            removed = remove_recorded(self.records)
+            print(f"removed what an interrupted test cluster left: {', '.join(removed) or 'nothing'}")
 
     def _run(self, cmd: list[str]) -> None:
         exe = _which(cmd[0]) or cmd[0]
@@ -540,6 +537,7 @@ class SlurmCluster:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C meant for pytest reaches the daemons through stop() only
             )
+        self._record("daemons", f"{self._procs[name].pid} {program}")  # nsenter and unshare exec: the same pid
 
     def _wait_idle(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -570,7 +568,7 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Cancel this cluster's jobs, end the daemons started here (reverse order), then remove what
-        ``records.json`` lists: leftover processes in the hosts' namespaces, links, namespaces, files.
+        the records list: leftover processes in the hosts' namespaces, links, namespaces, files.
 
         Each daemon is this process's child (its pid is also in its pid file): nothing else is signalled.
         """
@@ -590,12 +588,12 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        remove_recorded(self.records)  # what the pid files and names still say exists
+        if self._lock_fd is not None:  # the records are the lock holder's: never another session's
+            remove_recorded(self.records)  # what the records still say exists
         if self._linked and DEFAULT_CONF.is_symlink() and DEFAULT_CONF.resolve() == self.conf.resolve():
             DEFAULT_CONF.unlink()
         self._linked = False
         if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 
@@ -644,16 +642,14 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise SlurmUnavailable(f"no free /24 for the test hosts in {SUBNET_BASE}")
 
 
-def _stop_pid_file(pid_file: Path, timeout_s: float = 10.0) -> bool:
-    """SIGTERM the process in ``pid_file`` if it still runs the program the file is named after (a reused
-    pid is left alone); True if one was signalled."""
-    name = pid_file.name.split(".")[0]
+def _stop_pid(pid: int, program: str, timeout_s: float = 10.0) -> bool:
+    """SIGTERM ``pid`` if it still runs ``program`` (a reused pid is left alone), SIGKILL it if it lingers;
+    True if it was signalled."""
     try:
-        pid = int(pid_file.read_text().split()[0])
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    if not name.startswith(comm) or not _alive(pid):  # comm is truncated to 15 characters
+    if not program.startswith(comm) or not _alive(pid):  # comm is truncated to 15 characters
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from flanpipe import cli
+from flanpipe.core.threads import pool_env
 from flanpipe.train.launch import (
     collective_timeout_s,
     first_host,
@@ -124,6 +125,14 @@ def test_socket_interface_is_the_one_the_master_is_reached_through() -> None:
         pick("gpu03", 2)
 
 
+def test_launch_help_lists_what_a_site_may_set(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["launch", "--help"])
+    out = capsys.readouterr().out
+    for name in ("MASTER_ADDR", "FLANPIPE_PORT_RANGE", "FLANPIPE_SOCKET_IFNAME", "FLANPIPE_COLLECTIVE_TIMEOUT_S"):
+        assert f"  {name}: " in out
+
+
 def test_ipv4_interfaces_sees_loopback() -> None:
     assert ipv4_interfaces().get("lo") == "127.0.0.1"
 
@@ -163,7 +172,7 @@ def test_torch_env_from_slurm() -> None:
         "MASTER_PORT": str(15000 + 4242),
         "GLOO_SOCKET_IFNAME": "eth0",  # gloo and NCCL bind where the master is reached, never a guess
         "NCCL_SOCKET_IFNAME": "eth0",
-        "OMP_NUM_THREADS": "8",
+        **pool_env(8),  # SLURM_CPUS_PER_TASK: OpenMP and BLAS pools alike
     }
 
 
@@ -215,19 +224,24 @@ def test_threads_per_rank_splits_the_job(job: int, ranks: int, per_rank: int) ->
 
 
 def test_rank_threads_env_follows_the_job_not_a_fixed_one() -> None:
+    from flanpipe.core.threads import POOL_VARS
     from flanpipe.train.launch import rank_threads_env
 
+    def threads(env: dict[str, str]) -> str:
+        assert env.keys() == set(POOL_VARS) and len(set(env.values())) == 1, env  # BLAS pools too, alike
+        return env["OMP_NUM_THREADS"]
+
     # Snakemake sets OMP_NUM_THREADS to the rule's threads in every shell job: 2 threads, 1 rank -> 2
-    assert rank_threads_env(1, env={"OMP_NUM_THREADS": "2"}) == {"OMP_NUM_THREADS": "2"}
-    assert rank_threads_env(2, env={"OMP_NUM_THREADS": "8"}) == {"OMP_NUM_THREADS": "4"}
-    assert rank_threads_env(2, threads=6, env={"OMP_NUM_THREADS": "8"}) == {"OMP_NUM_THREADS": "3"}  # --threads wins
+    assert threads(rank_threads_env(1, env={"OMP_NUM_THREADS": "2"})) == "2"
+    assert threads(rank_threads_env(2, env={"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"})) == "4"
+    assert threads(rank_threads_env(2, threads=6, env={"OMP_NUM_THREADS": "8"})) == "3"  # --threads wins
     # srun spreads 8 ranks over 2 nodes: 4 local ranks share this node's 16 threads
-    assert rank_threads_env(8, "srun", threads=16, env={"SLURM_JOB_NUM_NODES": "2"}) == {"OMP_NUM_THREADS": "4"}
+    assert threads(rank_threads_env(8, "srun", threads=16, env={"SLURM_JOB_NUM_NODES": "2"})) == "4"
     # nothing said: the CPUs this process may use, split over the ranks
     import os
 
     cpus = len(os.sched_getaffinity(0))
-    assert rank_threads_env(1, env={}) == {"OMP_NUM_THREADS": str(cpus)}
+    assert threads(rank_threads_env(1, env={})) == str(cpus)
 
 
 def test_launch_passes_the_rank_threads_to_the_ranks(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -256,8 +270,9 @@ def test_launch_passes_the_rank_threads_to_the_ranks(monkeypatch: pytest.MonkeyP
 
 def test_srun_task_threads_are_slurms_cpus_per_task() -> None:
     """Under srun the CPUs SLURM bound to the task win over a job-wide OMP_NUM_THREADS."""
-    env = torch_env_from_slurm({**SRUN_TASK, "OMP_NUM_THREADS": "64"}, resolve_host=first_host, interface=eth0)
-    assert env["OMP_NUM_THREADS"] == "8"
+    job = {**SRUN_TASK, "OMP_NUM_THREADS": "64", "MKL_NUM_THREADS": "64"}  # what Snakemake gave the whole job
+    env = torch_env_from_slurm(job, resolve_host=first_host, interface=eth0)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "8"
 
 
 def test_ckpt_dir_of_train_args() -> None:

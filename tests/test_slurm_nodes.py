@@ -462,26 +462,24 @@ def test_two_host_conf_names_each_host_and_its_address(tmp_path: Path) -> None:
 
 
 def test_clean_up_touches_only_what_the_records_name(tmp_path: Path) -> None:
-    """A recorded daemon is stopped; a pid file whose pid now runs another program is left alone; links and
+    """A recorded daemon is stopped; a recorded pid that now runs another program is left alone; links and
     namespaces are removed only under the recorded names (none exist here), and the records go last."""
     from slurm_cluster import remove_recorded
 
     mine = subprocess.Popen(["sleep", "300"])
     other = subprocess.Popen(["sleep", "300"])
     try:
-        (tmp_path / "sleep.pid").write_text(f"{mine.pid}\n")
-        (tmp_path / "munged.pid").write_text(f"{other.pid}\n")  # pid reused by a program that is not munged
         records = tmp_path / "records.json"
         records.write_text(
             json.dumps(
                 {
-                    "pid_files": [str(tmp_path / "sleep.pid"), str(tmp_path / "munged.pid")],
+                    "daemons": [f"{mine.pid} sleep", f"{other.pid} munged"],  # other's pid reused by a non-munged
                     "links": ["fpnonexist0"],
                     "netns": ["flanpipe-nonexistent-node1"],
                 }
             )
         )
-        assert remove_recorded(records) == [f"daemon {tmp_path / 'sleep.pid'}"]
+        assert remove_recorded(records) == [f"sleep {mine.pid}"]
         assert mine.wait(timeout=10) == -signal.SIGTERM
         assert other.poll() is None and not records.exists()
     finally:

@@ -42,6 +42,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from flanpipe.core.threads import job_threads, pool_env, threads_per_rank
+
 PORT_RANGE = (15000, 24999)  # inclusive: clear of Linux's ephemeral range (32768..60999) and of torchrun's 29500
 COLLECTIVE_TIMEOUT_S = 600.0  # NCCL's own default; long enough for a 137B checkpoint save between collectives
 
@@ -101,19 +103,18 @@ def srun_flags(mpi_argv: Sequence[str]) -> list[str]:
 def rank_threads_env(
     nproc: int, mpi: str = "", threads: int | None = None, env: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """``OMP_NUM_THREADS`` for the ranks: the job's threads / the ranks on this node.
+    """Thread pools of the ranks (``OMP_NUM_THREADS`` and the BLAS ones: flanpipe.core.threads.pool_env): the
+    job's threads / the ranks on this node.
 
     torchrun puts all ``nproc`` ranks on this node; srun spreads them over ``SLURM_JOB_NUM_NODES``
     nodes (ceil(nproc / nodes) here). E.g. a 2-thread job with 1 rank: 2 threads; with 2 ranks: 1 each.
     torchrun keeps an OMP_NUM_THREADS it finds (it only defaults it to 1 when unset).
     """
-    from flanpipe.core.threads import job_threads, threads_per_rank
-
     env = os.environ if env is None else env
     nodes = int(env.get("SLURM_JOB_NUM_NODES", "1") or 1) if mpi.strip() else 1
     local = -(-nproc // max(1, nodes))
     total = threads if threads else job_threads(dict(env))
-    return {"OMP_NUM_THREADS": str(threads_per_rank(total, local))}
+    return pool_env(threads_per_rank(total, local))
 
 
 def launch(
@@ -327,10 +328,10 @@ def torch_env_from_slurm(
         "MASTER_PORT": env.get("MASTER_PORT") or str(master_port(env["SLURM_JOB_ID"], port_range(env))),
         "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME") or ifname,
         "NCCL_SOCKET_IFNAME": env.get("NCCL_SOCKET_IFNAME") or ifname,
-        # Intra-op threads = the CPUs SLURM bound to this task (--cpus-per-task: the job's CPUs on the
-        # node / its tasks there), else what the launcher computed, else 1.
-        "OMP_NUM_THREADS": env.get("SLURM_CPUS_PER_TASK") or env.get("OMP_NUM_THREADS") or "1",
     }
+    # Every pool (OpenMP and BLAS alike) = the CPUs SLURM bound to this task (--cpus-per-task: the job's
+    # CPUs on the node / its tasks there), else what the launcher computed, else 1.
+    out.update(pool_env(int(env.get("SLURM_CPUS_PER_TASK") or env.get("OMP_NUM_THREADS") or 1)))
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
     if per_node:
         out["LOCAL_WORLD_SIZE"] = str(tasks_on_node(per_node, int(env.get("SLURM_NODEID", "0"))))
