@@ -16,7 +16,8 @@
     flanpipe templates preview DATASET -n N
     flanpipe plan --model lamda_pt_137b --gpus 128 [--gpu-mem-gib 80] [--json]   TP/PP/DP layout planner
     flanpipe bench train [--json] [--peer]        Megatron GPTModel vs plain PyTorch fwd+bwd tokens/s
-                                                  (--peer: whole steps vs transformers' LlamaForCausalLM)
+                                                  (--peer: whole steps vs transformers' LlamaForCausalLM,
+                                                  each in its own process, interleaved, load average printed)
     flanpipe bench data [--json] [--scale S] [--workdir DIR] [--peer]   render/mix/tokenize/pack on a FLAN-sized
                                                   workload (--peer: tokenize + pack vs datasets + TRL bfd)
     flanpipe bench eval [--json] [--workdir DIR] [--peer]   evaluation: per-dataset cache-free vs grouped KV-cache
@@ -369,7 +370,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         return
     cfg = bench_model_from(args.model, overrides)
     result = bench_train(
-        cfg, batch_size=args.batch_size, seq_length=args.seq_length, iters=args.iters, warmup=args.warmup
+        cfg, batch_size=args.batch_size, seq_length=args.seq_length, iters=args.iters or 20, warmup=args.warmup
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -396,22 +397,38 @@ def _bench_train_peer(args: argparse.Namespace, overrides: dict[str, Any]) -> No
         raise SystemExit(3)
     cfg = bench_model_from(args.model, overrides, base=LLAMA_BENCH)
     r = bench_train_peer(
-        cfg, batch_size=args.batch_size, seq_length=args.seq_length, iters=args.iters, warmup=args.warmup
+        cfg,
+        batch_size=args.batch_size,
+        seq_length=args.seq_length,
+        iters=args.iters or 30,
+        warmup=args.warmup,
+        threads=args.threads,
+        same_heap=args.same_heap,
     )
     if args.json:
         print(json.dumps(r, indent=2))
         return
-    m = r["model"]
+    m, load = r["model"], r["loadavg_1m"]
     print(
         f"Llama-shaped: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
         f"SwiGLU {m['ffn_hidden_size']}, vocab {m['vocab_size']}; {r['params_flanpipe']:,} params "
         f"(HF {r['params_hf']:,}); batch {r['batch_size']} x {r['seq_length']} = micro {r['micro_batch_size']} "
-        f"x {r['accumulation']}; AdamW + clip 1.0; {r['threads']} threads"
+        f"x {r['accumulation']}; AdamW + clip 1.0; {r['threads']} threads; each side in its own process, "
+        f"{r['iters']} steps each, interleaved{'; same heap settings on both sides' if r['same_heap'] else ''}"
     )
     for name, row in r["timings"].items():
-        ms = row["s_per_iter_median"] * 1e3
-        print(f"  {name:<9} {row['tokens_per_s']:>9.0f} tokens/s {ms:>8.1f} ms/step (median)")
-    print(f"  flanpipe / HF = {r['ratio_flanpipe_over_hf']:.2f} (median step {r['ratio_flanpipe_over_hf_median']:.2f})")
+        print(
+            f"  {name:<9} {row['tokens_per_s_median']:>9.0f} tokens/s at the median step "
+            f"({row['s_per_iter_median'] * 1e3:.1f} ms; CPU {row['cpu_s_per_step_median'] * 1e3:.1f} ms, "
+            f"of it kernel {row['sys_s_per_step_median'] * 1e3:.1f} ms; "
+            f"{row['minor_faults_per_step_median']:,.0f} page faults/step)"
+        )
+    q1, q3 = r["ratio_paired_quartiles"][0], r["ratio_paired_quartiles"][-1]
+    print(
+        f"  flanpipe / HF = {r['ratio_paired_median']:.3f} (median of per-round ratios; quartiles {q1:.3f}-{q3:.3f}); "
+        f"median steps {r['ratio_flanpipe_over_hf_median']:.3f}; CPU time {r['ratio_cpu_median']:.3f}"
+    )
+    print(f"  load average (1 min): {load['start']} start, {load['mean']} mean, {load['max']} max, {load['end']} end")
     print(f"  first-step loss {r['first_step_loss']}; HF attention: {r['hf_attention']}")
     print("  differs: " + "; ".join(r["differences"]))
 
@@ -667,9 +684,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ffn", type=int, help="default 4 x --hidden when --hidden is given")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seq-length", type=int, default=256)
-    s.add_argument("--iters", type=int, default=20)
+    s.add_argument("--iters", type=int, help="timed iterations per side (default 20; --peer: 30, for a stable median)")
     s.add_argument("--warmup", type=int, default=3)
     s.add_argument("--peer", action="store_true", help="whole AdamW steps vs transformers' LlamaForCausalLM")
+    s.add_argument("--threads", type=int, help="--peer: torch threads of each side (default: every core)")
+    s.add_argument(
+        "--same-heap", action="store_true", help="--peer: the peer's process gets flanpipe's allocator settings too"
+    )
     s.add_argument("--json", action="store_true")
     s = bench.add_parser("import-hf", help="peak RSS of import-hf vs the size of a generated >= 2 GB checkpoint")
     s.set_defaults(fn=cmd_bench_import_hf)

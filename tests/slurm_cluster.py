@@ -166,8 +166,8 @@ def slurm_conf(
         "CredType=cred/munge",
         f"AuthInfo=socket={root}/munge/munge.socket.2,cred_expire={cred_expire_s}",
         # A job step's processes are found by process group (a container has no cgroups): linuxproc follows
-        # parent links only, so a rank's helper processes orphaned by its death (Megatron's checkpoint
-        # writer spawns a multiprocessing Manager) would outlive the step and hold its output open.
+        # parent links only, so a rank's helper processes orphaned by its death (dist_checkpointing's forked
+        # writers, a spawned multiprocessing helper) would outlive the step and hold its output open.
         "ProctrackType=proctrack/pgid",
         "TaskPlugin=task/none",
         "SelectType=select/cons_tres",

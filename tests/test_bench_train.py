@@ -90,7 +90,8 @@ def test_cli_bench_train_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_peer_llama_same_shape_and_both_train() -> None:
-    """``bench train --peer`` at tiny scale: equal parameter counts, both sides take real AdamW steps."""
+    """``bench train --peer`` at tiny scale: equal parameter counts, both sides take real AdamW steps, each
+    in its own process, and the figures come with the load average they were taken at."""
     pytest.importorskip("transformers", reason="the peer needs transformers: pip install 'flanpipe[bench]'")
     from flanpipe.bench.peer_train import LLAMA_BENCH, bench_train_peer
 
@@ -101,4 +102,8 @@ def test_peer_llama_same_shape_and_both_train() -> None:
     for loss in r["first_step_loss"].values():  # untrained: close to ln(vocab) = ln(256) = 5.55
         assert abs(loss - 5.55) < 0.3
     assert set(r["timings"]) == {"flanpipe", "hf_llama"} and r["ratio_flanpipe_over_hf"] > 0
+    for row in r["timings"].values():
+        assert row["cpu_s_per_step_median"] > 0 and row["minor_faults_per_step_median"] >= 0
+    assert r["ratio_paired_median"] > 0 and len(r["ratio_paired_quartiles"]) >= 1
+    assert set(r["loadavg_1m"]) == {"start", "mean", "max", "end"}
     json.dumps(r)

@@ -13,6 +13,7 @@ from flanpipe.train.rows import (
     attention_mask,
     batch_iterator,
     microbatch_rows,
+    plain_causal,
     position_ids,
     training_batch,
 )
@@ -51,6 +52,14 @@ def test_attention_mask_is_block_diagonal_causal():
                     allowed = seg_i == seg_j and j <= i
                 assert bool(mask[r, 0, i, j]) == (not allowed), (r, i, j)
     assert not mask.all(dim=-1).any(), "no query row may be fully masked"
+
+
+def test_only_rows_of_one_whole_document_go_without_a_mask():
+    """forward_step passes no mask (the model's causal default) exactly when the dense mask is plain causal."""
+    assert plain_causal(attention_mask(SEGMENTS[1:2]))  # one document filling the row
+    assert plain_causal(attention_mask(torch.tensor([[4] * 8, [1] * 8])))  # any segment id
+    assert not plain_causal(attention_mask(SEGMENTS))  # packed documents and pads
+    assert not plain_causal(attention_mask(torch.tensor([[1] * 6 + [0] * 2])))  # pads see only themselves
 
 
 def test_label_mask_and_labels_exact():

@@ -38,7 +38,9 @@ def test_workstation_command_is_torchrun() -> None:
         "flanpipe.train.loop",
         *TRAIN_ARGS,
     ]
-    assert launch_command(TRAIN_ARGS, 1, mpi="  ")[2] == "torch.distributed.run"  # blank = no mpi
+    assert launch_command(TRAIN_ARGS, 2, mpi="  ")[2] == "torch.distributed.run"  # blank = no mpi
+    # one rank: the module itself (it makes its own 1-process group), no torchrun agent
+    assert launch_command(TRAIN_ARGS, 1) == [sys.executable, "-m", "flanpipe.train.loop", *TRAIN_ARGS]
 
 
 def test_mpi_command_runs_one_worker_per_task() -> None:
@@ -287,31 +289,12 @@ def test_ckpt_dir_of_train_args() -> None:
     assert ckpt_dir_of([*args, "--ckpt-dir", "/scratch/run.ckpt"]) == Path("/scratch/run.ckpt")
 
 
-def test_the_checkpoint_writer_survives_sigterm() -> None:
-    """The Manager Megatron's writer reports through ignores SIGTERM (flanpipe.model.megatron_compat)."""
-    import os
-    import signal
-    import time
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    from flanpipe.model import megatron_compat
-
-    megatron_compat.protect_checkpoint_writer()
-    process = megatron_compat._WRITER_MANAGER._process
-    os.kill(process.pid, signal.SIGTERM)
-    time.sleep(0.5)
-    queue = filesystem_async._get_write_results_queue()
-    queue.put({"written": 1})
-    assert queue.get() == {"written": 1} and process.is_alive()
-
-
 def test_sigterm_to_every_process_of_the_step_saves_and_exits_143(tmp_path, megatron_packed_dir) -> None:
     """SLURM signals every process of a job step (preemption, --signal=TERM@300, scancel -s TERM), not
     only the ranks: each rank here is its own process group, as an srun task is, and the whole group gets
-    SIGTERM, once a periodic save has started Megatron's checkpoint writer. Both ranks finish the step,
-    save one checkpoint and exit 143 (the writer would otherwise die of the signal and the save with it:
-    BrokenPipeError, exit 1, an iter_N.tmp left behind)."""
+    SIGTERM, once a periodic save has run. Both ranks finish the step, save one checkpoint and exit 143
+    (a writer helper process in the group would die of the signal and the save with it: BrokenPipeError,
+    exit 1, an iter_N.tmp left behind; saves keep their results in process: save_results_in_process)."""
     import json
     import os
     import signal

@@ -58,7 +58,8 @@ def test_all_model_configs_load() -> None:
 
 def test_fusions_follow_the_kernels_that_exist() -> None:
     """The GPU path turns on a Megatron fusion only where its kernel is installed; the decisions are
-    checked here (this machine has no GPU to run them). CPU: none at all."""
+    checked here (this machine has no GPU to run them). CPU: none of Megatron's kernels; a gated SiLU
+    takes the bias+SwiGLU path, which megatron_compat computes eagerly."""
     from flanpipe.core.model_config import ModelConfig
     from flanpipe.model.gpt import fusion_flags
 
@@ -68,6 +69,9 @@ def test_fusions_follow_the_kernels_that_exist() -> None:
     lamda_like = ModelConfig(**base)
     cpu = fusion_flags(lamda_like, on_gpu=False, te=True, apex=frozenset({"scaled_masked_softmax_cuda"}))
     assert cpu["use_cpu_initialization"] and not any(v for k, v in cpu.items() if k != "use_cpu_initialization")
+    swiglu = ModelConfig(**{**base, "activation": "silu"})
+    cpu_swiglu = fusion_flags(swiglu, on_gpu=False, te=False, apex=frozenset())
+    assert {k for k, v in cpu_swiglu.items() if v} == {"use_cpu_initialization", "bias_activation_fusion"}
 
     plain = fusion_flags(lamda_like, on_gpu=True, te=False, apex=frozenset())
     assert plain == {

@@ -161,6 +161,29 @@ def _expected(enc: EncodedExamples) -> Counter:
     return Counter(tuple(map(tuple, (a.tolist(), b.tolist()))) for a, b in map(enc.example, range(len(enc))))
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8])
+def test_indexed_rows_writer_writes_megatrons_bytes(tmp_path: Path, dtype) -> None:
+    """flanpipe's writer (no Megatron import in a pack job) writes exactly the .bin/.idx that Megatron's
+    IndexedDatasetBuilder writes for one document per row, in two chunks as pack_to_indexed_dataset does."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from flanpipe.data.packing import IndexedRowsWriter
+
+    rows = np.random.default_rng(0).integers(0, 200, (7, 5)).astype(dtype)
+    ours = IndexedRowsWriter(tmp_path / "ours", dtype, 5)
+    ours.add_rows(rows[:3])
+    ours.add_rows(rows[3:])
+    ours.finalize()
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=dtype)
+    for row in rows:
+        builder.add_document(row, [5])
+    builder.finalize(str(tmp_path / "ref.idx"))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
+    with pytest.raises(ValueError, match="expected"):
+        IndexedRowsWriter(tmp_path / "bad", dtype, 5).add_rows(rows[:, :4])
+
+
 def test_pack_round_trip(tmp_path: Path):
     enc = _random_encoded(500, inputs_length=40, targets_length=12, seed=0)
     out = tmp_path / "packed"

@@ -181,6 +181,37 @@ def test_cpu_rope_and_cross_entropy_match_megatrons():
     assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-7)
 
 
+def test_cpu_swiglu_matches_megatrons_unfused_mlp_bit_for_bit():
+    """A gated SiLU's MLP through megatron_compat's eager SwiGLU (the bias+activation fusion path on a CPU)
+    equals Megatron's unfused MLP exactly: output and every gradient."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.mlp import MLP
+
+    from flanpipe.model.gpt import init_single_process, transformer_config
+
+    init_single_process()
+    cfg = ModelConfig(**{**MODEL, "gated_linear_unit": True, "activation": "silu"})
+    fused = transformer_config(cfg)
+    assert fused.bias_activation_fusion  # what flanpipe.model.gpt.fusion_flags chooses on a CPU
+    unfused = dataclasses.replace(fused, bias_activation_fusion=False)
+    spec = get_gpt_layer_local_spec().submodules.mlp.submodules
+    ours, ref = MLP(fused, spec), MLP(unfused, spec)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    # MLP returns (output, fc2 bias) when it leaves the bias add to the caller (skip_bias_add)
+    out, expected = (sum(t for t in mlp(x) if t is not None) for mlp in (ours, ref))
+    assert torch.equal(out, expected)
+    g = torch.randn_like(out)
+    for a, e in zip(
+        torch.autograd.grad(out, [x, *ours.parameters()], g),
+        torch.autograd.grad(expected, [x, *ref.parameters()], g),
+        strict=True,
+    ):
+        assert torch.equal(a, e)
+
+
 def test_sdpa_attention_matches_megatrons_on_packed_rows():
     """flanpipe.model.gpt's fused attention equals Megatron's local DotProductAttention (float rounding)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention

@@ -561,9 +561,6 @@ def _run(cfg: BenchConfig, work: Path, peer: bool = False) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
     times = StageTimes()
     with times.stage("import"):
-        # imported up front so the ~4 s Megatron import is not billed to packing
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401
-
         from flanpipe.data.packing import pack_to_indexed_dataset
         from flanpipe.data.templates import render_shard
         from flanpipe.data.tokenize import encode_parquet, open_tokenizer, train_tokenizer

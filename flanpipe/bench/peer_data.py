@@ -43,8 +43,6 @@ def _high_water_mb() -> float:
 
 def flanpipe_side(a: dict[str, Any]) -> dict[str, Any]:
     """Rule pack's path: encode the mixture on every core, BFD-pack, write the IndexedDatasets."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401  (import not timed)
-
     from flanpipe.data.packing import pack_to_indexed_dataset
     from flanpipe.data.tokenize import encode_parquet, open_tokenizer
 

@@ -1,20 +1,30 @@
 """The train bench's peer: the same tiny Llama-shaped model trained by ``transformers`` and by flanpipe.
 
-    flanpipe bench train --peer
+    flanpipe bench train --peer [--iters 30] [--threads N] [--same-heap]
 
 Both sides run whole optimizer steps on the same tokens: zero grads, forward + backward over the
 micro-batches (one here: the micro-batch rule gives 8 rows x 1 pass for a global batch of 8 on one
 rank), clip the global grad norm to 1.0, AdamW (betas 0.9/0.95, eps 1e-8, no weight decay).
 
 - peer: ``transformers.LlamaForCausalLM`` (what an HF user picks, default attention implementation)
-  in a plain loop with ``torch.optim.AdamW``.
+  in a plain loop with ``torch.optim.AdamW`` (its default implementation).
 - flanpipe: Megatron-Core GPTModel in Megatron's DDP, flanpipe.train.optim's optimizer and
   flanpipe.train.loop's forward step through Megatron's ``forward_backward`` schedule, as rule train runs it.
 
 Shape: Llama's block exactly: RMSNorm, SwiGLU (gated SiLU), rope, no biases, untied embeddings, equal
 widths, multi-head attention (no GQA: kv heads = heads), so both sides have the same parameters. The
-input rows are one causal document each (the dense packed-row mask Megatron takes is plain causal
-then), and HF shifts labels inside, so it scores s - 1 tokens per row where Megatron scores s.
+input rows are one causal document each (so flanpipe.train.loop.forward_step passes no dense mask, as
+HF passes none: both run torch's causal attention), and HF shifts labels inside, so it scores s - 1
+tokens per row where Megatron scores s.
+
+Measured so that load from other work cannot decide it: each side lives in its own process (set up as
+its user runs it: flanpipe's as rule train sets up a training process, see flanpipe.core.heap; the
+peer's as a plain script), and the parent makes them step in turn, one at a time, A B then B A, so
+each round's two steps see the same machine. The figures: median step of each side, the median of
+the per-round ratios (the pairing cancels slow drifts in load), CPU seconds per step, minor page
+faults per step, and the 1-minute load average at the start, during (mean, max over rounds) and at
+the end. ``--same-heap`` gives the peer's process flanpipe's allocator settings too, which isolates
+what the model and step code are worth from what the process setting is worth.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from typing import Any
 import torch
 
 from flanpipe.bench.train import timing_stats
-from flanpipe.core.model_config import ModelConfig, param_count
+from flanpipe.core.model_config import ModelConfig
 
 # 4 layers, hidden 256, SwiGLU ffn 704 (~8/3 x 256, rounded to 64), vocab 4096:
 # per layer 4 x 256^2 (attention) + 3 x 256 x 704 (gate, up, down) = 262k + 541k = 803k -> 3.21M,
@@ -154,21 +164,122 @@ def flanpipe_trainer(cfg: ModelConfig, seq_length: int, micro: int, accumulation
         s = sum(x["lm loss"] for x in store)
         return float(s[0] / s[1])
 
+    step.params = sum(p.numel() for chunk in chunks for p in chunk.parameters())  # type: ignore[attr-defined]
     return step
 
 
-def time_steps(steps: dict[str, Callable[[], float]], iters: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per step of each side, interleaved (A B A B ...) so machine load hits both alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(iters):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    return times
+SIDES = ("flanpipe", "hf_llama")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """One optimizer step as its own process measured it."""
+
+    wall_s: float
+    cpu_s: float
+    """CPU seconds of the process (all its threads), user + system."""
+    sys_s: float
+    minor_faults: int
+    loss: float
+
+
+def _side_step(side: str, cfg: ModelConfig, micro_batches: list[torch.Tensor], seed: int) -> Callable[[], float]:
+    """Build ``side`` in this process: its optimizer step over ``micro_batches`` (``.params``: its parameter count)."""
+    if side == "flanpipe":
+        micro, seq_length = micro_batches[0].shape
+        step = flanpipe_trainer(cfg, seq_length, micro, len(micro_batches), seed)
+        return _with_params(partial(step, micro_batches), step.params)
+    model = hf_llama(cfg, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=BETAS, eps=EPS, weight_decay=0.0)
+    return _with_params(partial(hf_step, model, opt, micro_batches), sum(p.numel() for p in model.parameters()))
+
+
+def _with_params(step: partial, params: int) -> partial:
+    step.params = params  # type: ignore[attr-defined]
+    return step
+
+
+def _timed(step: Callable[[], float]) -> StepTiming:
+    import resource
+
+    r0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+    loss = step()
+    wall, cpu, r1 = time.perf_counter() - t0, time.process_time() - c0, resource.getrusage(resource.RUSAGE_SELF)
+    return StepTiming(wall, cpu, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt, loss)
+
+
+def _worker(side: str, cfg: ModelConfig, tokens: torch.Tensor, micro: int, seed: int, threads: int, same_heap: bool,
+            conn: Any) -> None:  # fmt: skip
+    """One side's process: build it, report its first step's loss, then one timed step per request."""
+    import traceback
+
+    from flanpipe.core import heap
+    from flanpipe.model import megatron_compat
+
+    try:
+        megatron_compat.quiet_warnings()
+        torch.set_num_threads(threads)
+        if side == "hf_llama" and same_heap:
+            heap.keep_freed_memory()  # what flanpipe.train.loop.init_distributed does for a training process
+        step = _side_step(side, cfg, list(tokens.split(micro)), seed)
+        conn.send(("ready", {"loss": step(), "params": step.params}))
+        while conn.recv() is not None:
+            conn.send(("step", _timed(step)))
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _receive(conn: Any, side: str) -> Any:
+    kind, value = conn.recv()
+    if kind == "error":
+        raise RuntimeError(f"bench train --peer: the {side} side failed:\n{value}")
+    return value
+
+
+def time_interleaved_processes(
+    cfg: ModelConfig, tokens: torch.Tensor, micro: int, seed: int, *, iters: int, warmup: int, threads: int,
+    same_heap: bool = False,
+) -> tuple[dict[str, dict[str, float]], dict[str, list[StepTiming]], list[float]]:  # fmt: skip
+    """Each side in its own process, stepping in turn (A B, B A, ...): each side's first-step loss and
+    parameter count, ``iters`` timed steps per side after ``warmup`` untimed ones, and the 1-minute load
+    average after each round."""
+    import multiprocessing as mp
+    import os
+
+    ctx = mp.get_context("spawn")  # fresh interpreters: nothing of this process (threads, heap) is inherited
+    pipes, procs = {}, []
+    try:
+        for side in SIDES:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(side, cfg, tokens, micro, seed, threads, same_heap, child))
+            proc.start()
+            child.close()
+            pipes[side] = parent
+            procs.append(proc)
+        first = {side: _receive(pipes[side], side) for side in SIDES}
+        times: dict[str, list[StepTiming]] = {side: [] for side in SIDES}
+        loads = []
+        for r in range(warmup + iters):
+            for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+                pipes[side].send("step")
+                timing = _receive(pipes[side], side)
+                if r >= warmup:
+                    times[side].append(timing)
+            if r >= warmup:
+                loads.append(os.getloadavg()[0])
+    finally:
+        for conn in pipes.values():
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    return first, times, loads
 
 
 def bench_train_peer(
@@ -176,56 +287,74 @@ def bench_train_peer(
     *,
     batch_size: int = 8,
     seq_length: int = 256,
-    iters: int = 10,
-    warmup: int = 2,
+    iters: int = 30,
+    warmup: int = 3,
     max_micro_batch: int = 8,
     seed: int = 1234,
+    threads: int | None = None,
+    same_heap: bool = False,
 ) -> dict[str, Any]:
-    """Whole training steps/s of flanpipe's Megatron path and of HF's LlamaForCausalLM, same shape."""
+    """Whole training steps/s of flanpipe's Megatron path and of HF's LlamaForCausalLM, same shape,
+    each in its own process, interleaved step by step (see the module docstring)."""
+    import os
+    import statistics
+
     from flanpipe.plan.config import micro_batch_for
     from flanpipe.train.planner import model_flops_per_step
 
     cfg = llama_shaped(cfg)
     if seq_length > cfg.max_position_embeddings:
         raise ValueError(f"seq_length={seq_length} > max_position_embeddings={cfg.max_position_embeddings}")
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"need iters >= 1 and warmup >= 0, got {iters}, {warmup}")
+    threads = threads or torch.get_num_threads()
     micro = micro_batch_for(batch_size, 1, max_micro_batch)
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, cfg.vocab_size, (batch_size, seq_length), generator=gen)
-    micro_batches = list(tokens.split(micro))
-
-    ours = flanpipe_trainer(cfg, seq_length, micro, len(micro_batches), seed)
-    hf = hf_llama(cfg, seed)
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=BETAS, eps=EPS, weight_decay=0.0)
-    first = {"flanpipe": ours(micro_batches), "hf_llama": hf_step(hf, hf_opt, micro_batches)}
-    times = time_steps(
-        {"flanpipe": lambda: ours(micro_batches), "hf_llama": lambda: hf_step(hf, hf_opt, micro_batches)},
-        iters,
-        max(0, warmup - 1),
+    load_start = os.getloadavg()[0]
+    first, steps, loads = time_interleaved_processes(
+        cfg, tokens, micro, seed, iters=iters, warmup=warmup, threads=threads, same_heap=same_heap
     )
     tokens_per_step = batch_size * seq_length
     flops = float(model_flops_per_step(cfg, tokens_per_step, seq_length))
-    timings = {name: timing_stats(t, tokens_per_step, flops) for name, t in times.items()}
-    hf_params = sum(p.numel() for p in hf.parameters())
+    timings = {}
+    for side, ts in steps.items():
+        timings[side] = timing_stats([t.wall_s for t in ts], tokens_per_step, flops)
+        timings[side]["cpu_s_per_step_median"] = statistics.median(t.cpu_s for t in ts)
+        timings[side]["sys_s_per_step_median"] = statistics.median(t.sys_s for t in ts)
+        timings[side]["minor_faults_per_step_median"] = statistics.median(t.minor_faults for t in ts)
+    fp, hf = timings["flanpipe"], timings["hf_llama"]
+    paired = [h.wall_s / f.wall_s for f, h in zip(steps["flanpipe"], steps["hf_llama"], strict=True)]
     return {
         "model": cfg.to_dict(),
-        "params_flanpipe": param_count(cfg),
-        "params_hf": hf_params,
-        "hf_attention": getattr(hf.config, "_attn_implementation", None),
+        "params_flanpipe": first["flanpipe"]["params"],
+        "params_hf": first["hf_llama"]["params"],
+        "hf_attention": "sdpa",
         "differences": [
             "HF shifts labels inside: s-1 scored tokens per row vs s",
-            "flanpipe: Megatron local spec, attention by torch SDPA with a dense boolean mask (what packed rows need)",
+            "flanpipe: Megatron local spec, attention by torch SDPA, causal (rows of one document: no dense mask)",
         ],
         "batch_size": batch_size,
         "micro_batch_size": micro,
-        "accumulation": len(micro_batches),
+        "accumulation": batch_size // micro,
         "seq_length": seq_length,
         "optimizer": {"name": "AdamW", "lr": 1e-3, "betas": BETAS, "eps": EPS, "clip_grad": CLIP},
         "iters": iters,
-        "threads": torch.get_num_threads(),
+        "warmup": warmup,
+        "threads": threads,
+        "same_heap": same_heap,
         "torch": torch.__version__,
-        "first_step_loss": first,
+        "first_step_loss": {side: first[side]["loss"] for side in SIDES},
         "timings": timings,
-        "ratio_flanpipe_over_hf": timings["flanpipe"]["tokens_per_s"] / timings["hf_llama"]["tokens_per_s"],
-        "ratio_flanpipe_over_hf_median": timings["flanpipe"]["tokens_per_s_median"]
-        / timings["hf_llama"]["tokens_per_s_median"],
+        "ratio_flanpipe_over_hf": hf["s_per_iter_mean"] / fp["s_per_iter_mean"],
+        "ratio_flanpipe_over_hf_median": hf["s_per_iter_median"] / fp["s_per_iter_median"],
+        "ratio_paired_median": statistics.median(paired),
+        "ratio_paired_quartiles": [float(q) for q in statistics.quantiles(paired, n=4)] if len(paired) > 1 else paired,
+        "ratio_cpu_median": hf["cpu_s_per_step_median"] / fp["cpu_s_per_step_median"],
+        "loadavg_1m": {
+            "start": round(load_start, 2),
+            "mean": round(statistics.fmean(loads), 2),
+            "max": round(max(loads), 2),
+            "end": round(os.getloadavg()[0], 2),
+        },
     }

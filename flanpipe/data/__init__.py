@@ -3,6 +3,6 @@ canonical parquet, templates (``{field}`` patterns, Jinja/P3) and their importer
 capped mixing, the tokenizer and the encoding rule, best-fit packing, the contamination audit, provenance and
 the trainer's row order.
 
-Layer 1: may import ``core`` only. Torch-free at import (Polars, SentencePiece, tokenizers); the packer
-imports Megatron's IndexedDatasetBuilder only when it writes.
+Layer 1: may import ``core`` only. Torch-free (Polars, SentencePiece, tokenizers); the packer writes
+Megatron's IndexedDataset files itself (flanpipe.data.packing.IndexedRowsWriter).
 """

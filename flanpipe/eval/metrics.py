@@ -6,6 +6,10 @@ never special-case a dataset. References are either one string per prediction or
 of acceptable strings per prediction (multi-reference QA, translation, data-to-text);
 string-matching metrics take the max over references, BLEU uses sacrebleu's native
 multi-reference support.
+
+The scoring libraries load on first use: an evaluate job whose datasets are all accuracy-scored never
+imports them (rouge_score pulls in nltk, and through it scipy.stats, scikit-learn and pandas: ~1.2 s of
+a job's start on the shared 2-core machine, ``python -X importtime``).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import sacrebleu
-from rouge_score import rouge_scorer
+
+if TYPE_CHECKING:
+    from rouge_score.rouge_scorer import RougeScorer
 
 References = Sequence[str] | Sequence[Sequence[str]]
 Metric = Callable[[Sequence[str], References], float]
@@ -110,6 +116,8 @@ def bleu(predictions: Sequence[str], references: References) -> float:
     wants reference *streams* (the k-th reference of every example), so a ragged set of
     references is padded with None, which sacrebleu skips.
     """
+    import sacrebleu
+
     refs = _reference_lists(predictions, references)
     n_streams = max(len(rs) for rs in refs)
     streams = [[rs[k] if k < len(rs) else None for rs in refs] for k in range(n_streams)]
@@ -117,8 +125,10 @@ def bleu(predictions: Sequence[str], references: References) -> float:
 
 
 @cache
-def _rouge_scorer() -> rouge_scorer.RougeScorer:
+def _rouge_scorer() -> RougeScorer:
     """One shared scorer; building it loads the Porter stemmer."""
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 

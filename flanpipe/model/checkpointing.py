@@ -30,7 +30,6 @@ What one checkpoint holds:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -44,21 +43,19 @@ import torch
 import torch.distributed as dist
 
 from flanpipe.core.model_config import CHECKPOINT_FILES
+from flanpipe.core.preemption import (  # noqa: F401 (re-exported: checkpointing's names for the run's files)
+    PREEMPTED_EXIT_CODE,
+    PREEMPTED_MARKER,
+    clear_preempted,
+    default_ckpt_dir,
+    fsync_dir,
+    mark_preempted,
+    was_preempted,
+    write_atomic,
+)
 
 FORMAT = 2  # 2: optimizer entry = {inner torch state, bf16 master weights}; layout has vpp; model chunks
-PREEMPTED_EXIT_CODE = 143
-"""Exit status after a SIGTERM-triggered save (128 + SIGTERM, what a shell reports for a
-process SIGTERM killed): a wrapper or SLURM epilog can requeue on it. Under srun each rank
-exits with it; torchrun reports any non-zero worker status as its own failure (1), so
-``flanpipe launch`` turns that into 143 when the preempted marker (below) says the ranks saved."""
-
 ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-def default_ckpt_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """``results/models/run`` -> ``results/models/run.ckpt`` (outside the Snakemake output)."""
-    out = Path(out_dir).absolute()
-    return out.with_name(out.name + ".ckpt")
 
 
 def iter_name(step: int) -> str:
@@ -86,29 +83,6 @@ def checkpoint_step(path: Path) -> int:
     if m is None:
         raise ValueError(f"not a checkpoint directory name: {path}")
     return int(m.group(1))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
@@ -227,6 +201,8 @@ def save(
     """Save a resumable checkpoint for ``step`` atomically (collective); return its path."""
     from megatron.core import dist_checkpointing
 
+    from flanpipe.model import megatron_compat
+
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / iter_name(step)
     tmp = ckpt_dir / (iter_name(step) + ".tmp")
@@ -243,13 +219,14 @@ def save(
         "layout": layout(),
         "fingerprint": fingerprint,
     }
+    megatron_compat.save_results_in_process()
     dist_checkpointing.save(state, str(tmp))  # ends with a barrier: every rank has written
     if dist.get_rank() == 0:
         if final.exists():  # a checkpoint of this step left by an earlier, interrupted attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        _write_atomic(ckpt_dir / "latest", final.name + "\n")
+        fsync_dir(ckpt_dir)
+        write_atomic(ckpt_dir / "latest", final.name + "\n")
         prune(ckpt_dir, keep)
     dist.barrier()
     return final
@@ -327,7 +304,10 @@ def save_weights(model: torch.nn.Module | list[torch.nn.Module], ckpt_dir: str |
     """
     from megatron.core import dist_checkpointing
 
+    from flanpipe.model import megatron_compat
+
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    megatron_compat.save_results_in_process()
     dist_checkpointing.save(chunks_sharded_state(model if isinstance(model, list) else [model]), str(ckpt_dir))
 
 
@@ -380,24 +360,6 @@ class StopOnSignal:
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-PREEMPTED_MARKER = "preempted.json"
-"""Written into the checkpoint dir by rank 0 when a SIGTERM'd run has saved; ``flanpipe launch`` removes
-it before starting the ranks. It is how the launcher tells a clean preemption from a crash behind
-torchrun, which reports any worker exit as its own failure (status 1)."""
-
-
-def mark_preempted(ckpt_dir: Path, step: int, path: Path) -> None:
-    _write_atomic(Path(ckpt_dir) / PREEMPTED_MARKER, json.dumps({"step": step, "checkpoint": str(path)}) + "\n")
-
-
-def clear_preempted(ckpt_dir: Path) -> None:
-    (Path(ckpt_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
-
-
-def was_preempted(ckpt_dir: Path) -> bool:
-    return (Path(ckpt_dir) / PREEMPTED_MARKER).is_file()
 
 
 class Preempted(Exception):  # noqa: N818 - it is an outcome, not an error

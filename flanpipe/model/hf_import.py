@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flanpipe.core import heap
 from flanpipe.core.io import atomic_path
 from flanpipe.core.model_config import ModelConfig
 from flanpipe.model.hf_format import (
@@ -165,22 +166,6 @@ def _megatron_tensor(reader: SafetensorsReader, arch: str, prefix: str, cfg: Mod
     return to_megatron(arch, local, parts, cfg)
 
 
-def _return_large_frees_to_the_os() -> None:
-    """Fix glibc's mmap threshold at 1 MiB: every tensor the import allocates then lives in its own mapping
-    and goes back to the OS when freed. Left dynamic, glibc raises the threshold after each freed mapping
-    (up to 32 MiB), so chunks of a few MB to 32 MB land in the heap, which only shrinks from its top: the
-    2 GiB bench import held 0.44 GiB beyond the interpreter that way, 0.25 GiB with the threshold fixed.
-    A no-op where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):
-        pass
-
-
 def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
     """Write the torch_dist checkpoint ``save_weights`` would write for the whole model, in this one
     process, one tensor resident at a time (see the module docstring).
@@ -203,7 +188,7 @@ def stream_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
     from flanpipe.model.gpt import init_single_process, model_provider
 
     megatron_compat.quiet_warnings()
-    _return_large_frees_to_the_os()
+    heap.return_large_frees_to_the_os()  # one tensor at a time: give each back when freed
     arch, cfg, _, prefix = read_hf_config(hf_dir)
     reader = SafetensorsReader(hf_dir)
     init_single_process()

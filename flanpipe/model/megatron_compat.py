@@ -11,14 +11,17 @@ tensor factories map a CUDA device to the CPU and whose ``torch.cuda`` answers
 forwards to the real torch, so code outside those modules sees torch unchanged.
 
 ``apply()`` is a no-op when CUDA is available, so the GPU path runs unpatched Megatron.
-``protect_checkpoint_writer()`` is the one fix both paths need: under SLURM a job step's SIGTERM reaches
-every process of the step, Megatron's checkpoint-writer helper included.
+
+Importing this module imports ``megatron.core`` (every flanpipe module that imports it is about to use
+Megatron), with ``torch.compile`` deferred to first call while Megatron loads (``import_megatron``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import sys
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -203,6 +206,72 @@ def cpu_transformer_overrides() -> dict[str, Any]:
     }
 
 
+def _compile_on_first_call(compile_: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile`` as a decorator that calls ``compile_`` when the decorated function first runs.
+
+    ``torch.compile(fn)`` compiles lazily anyway (at the first call), but the decoration itself imports
+    torch._dynamo and torch._inductor (and sympy through them). Modules and other non-functions go to
+    ``compile_`` at once."""
+
+    def compile_lazily(fn: Any = None, **options: Any) -> Any:
+        if fn is None:  # torch.compile(**options)(fn)
+            return functools.partial(compile_lazily, **options)
+        if not isinstance(fn, types.FunctionType):
+            return compile_(fn, **options)
+        compiled = None
+
+        @functools.wraps(fn)
+        def first_call_compiles(*args: Any, **kwargs: Any) -> Any:
+            nonlocal compiled
+            if compiled is None:
+                compiled = compile_(fn, **options)
+            return compiled(*args, **kwargs)
+
+        return first_call_compiles
+
+    return compile_lazily
+
+
+def import_megatron() -> None:
+    """Import ``megatron.core`` with its ``@jit_fuser`` functions compiled on first call (idempotent).
+
+    Megatron binds ``jit_fuser = torch.compile`` when it loads and decorates ~40 fusion kernels with it
+    at import, which imports torch._dynamo and torch._inductor: 3.0-3.3 s of CPU for ``import
+    megatron.core`` vs 1.35 s with the decoration deferred (three runs each on the shared 2-core
+    machine, CPU seconds, load 10-11). On a CPU none of those kernels ever runs (``fusion_flags``); on
+    a GPU each compiles at its first call, as torch.compile would. A no-op once Megatron is loaded.
+    """
+    if "megatron.core.jit" in sys.modules:
+        return
+    quiet_warnings()  # Megatron warns at import that TE/Apex are absent
+    real = torch.compile
+    torch.compile = _compile_on_first_call(real)  # type: ignore[assignment]
+    try:
+        import megatron.core  # noqa: F401
+        import megatron.core.jit  # noqa: F401  # (where jit_fuser is bound: loaded by megatron.core today)
+    finally:
+        torch.compile = real  # type: ignore[assignment]
+
+
+def save_results_in_process() -> None:
+    """Let dist_checkpointing's synchronous saves pass their write results through an in-process queue.
+
+    Its torch_dist writer collects results in a module-level queue that it creates, on first use, as
+    ``multiprocessing.get_context("spawn").Manager().Queue()``: a server process that starts a fresh
+    interpreter and re-imports the caller's ``__main__`` (for a training rank, flanpipe.train.loop with
+    torch and Megatron), 2-4 s before a job's first save can finish. That queue exists for async saves,
+    which run the writer in a background process; a synchronous save (the only kind flanpipe makes)
+    puts and gets the results in the calling process, where ``queue.Queue`` does the same. The bytes
+    written are the same (the forked per-bucket writers are untouched). Idempotent.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def quiet_warnings() -> None:
     """Hide known, harmless warnings that would otherwise fill every training log.
 
@@ -216,41 +285,6 @@ def quiet_warnings() -> None:
     warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
     warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
     warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
-
-
-_WRITER_MANAGER: Any = None
-
-
-def protect_checkpoint_writer() -> None:
-    """Start the process Megatron's checkpoint writer sends its results through, deaf to SIGTERM
-    (idempotent; on GPU and CPU alike).
-
-    dist_checkpointing's torch_dist writer collects every save's results in a queue served by a
-    multiprocessing Manager, a spawned server process in the rank's process group, started at the first
-    save. SLURM delivers a step's SIGTERM (preemption, ``--signal=TERM@300`` before the time limit,
-    ``scancel -s TERM``) to every process of the step, so that server dies while the rank, which turns
-    SIGTERM into "finish the step, save, exit 143", goes on to save through it: BrokenPipeError, exit 1,
-    and the save left as an ``iter_N.tmp`` no one resumes from. Started here ignoring SIGTERM (its
-    initializer is ``signal.signal`` itself: the spawned server imports nothing of flanpipe; a mask would
-    not do, threads started by the re-imported main module would still take the signal), it outlives it;
-    the rank still shuts it down when it exits, and SIGKILL still ends it.
-    """
-    import functools
-    import multiprocessing
-    import signal
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    global _WRITER_MANAGER
-    if _WRITER_MANAGER is not None or getattr(filesystem_async, "_results_queue", None) is not None:
-        return  # ours already, or Megatron's own (a save ran before this was called)
-    if not hasattr(filesystem_async, "_results_queue"):
-        return  # a Megatron without that module global: nothing to pre-empt
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=functools.partial(signal.signal, signal.SIGTERM, signal.SIG_IGN))
-    filesystem_async._results_queue = manager.Queue()
-    _WRITER_MANAGER = manager
 
 
 def apply() -> None:
@@ -294,13 +328,17 @@ def apply() -> None:
         mc_language_module.LanguageModule.setup_embeddings_and_output_layer
     )
 
-    # CPU speed (bench train --peer): Megatron's unfused RoPE ends in a cat with an empty
-    # pass-through slice (a full copy of q and k), and its vocab-parallel cross entropy at TP=1 does
-    # by hand, in several passes, what one fused log-softmax kernel does.
+    # CPU speed (bench train --peer): Megatron's unfused RoPE copies q and k twice (a cat with an
+    # empty pass-through slice, and rotate_half's cat), its vocab-parallel cross entropy at TP=1 does
+    # by hand, in several passes, what one fused log-softmax kernel does, and its bias+SwiGLU fusion
+    # (what flanpipe.model.gpt.fusion_flags turns on for a gated SiLU) is a torch.compile kernel.
     from megatron.core import tensor_parallel as mc_tensor_parallel
     from megatron.core.models.common.embeddings import rope_utils as mc_rope_utils
+    from megatron.core.transformer import mlp as mc_mlp
 
-    mc_rope_utils._apply_rotary_pos_emb_bshd = _rope_bshd_without_copy(mc_rope_utils._apply_rotary_pos_emb_bshd)
+    mc_mlp.bias_swiglu_impl = _swiglu_cpu
+
+    mc_rope_utils._apply_rotary_pos_emb_bshd = _rope_bshd_halves(mc_rope_utils._apply_rotary_pos_emb_bshd)
     mc_tensor_parallel.vocab_parallel_cross_entropy = _plain_cross_entropy_at_tp1(
         mc_tensor_parallel.vocab_parallel_cross_entropy
     )
@@ -308,12 +346,49 @@ def apply() -> None:
     _APPLIED = True
 
 
-def _rope_bshd_without_copy(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Megatron's unfused RoPE (``_apply_rotary_pos_emb_bshd``), bit for bit, minus its final copy.
+class _RopeHalves(torch.autograd.Function):
+    """``t * cos + rotate_half(t) * sin``, rotate_half([t1, t2]) = [-t2, t1], written half by half.
+
+    Megatron's unfused form builds ``rotate_half`` with a negation and a ``cat`` (a full copy of q and k),
+    and autograd's backward undoes both with another negation and ``cat``. The result is laid out head by
+    head ([b, heads, s, dim] in memory, seen as [s, b, heads, dim]), so the attention kernel's contiguous
+    copy of q and k (flanpipe.model.gpt) is free. Per half, the same products
+    and sums in the same order (a + (-b) is a - b in IEEE arithmetic), so the result and the gradient
+    are bit for bit Megatron's:
+        out1 = t1 c1 - t2 s1                 d t1 = g1 c1 + g2 s2
+        out2 = t2 c2 + t1 s2                 d t2 = g2 c2 - g1 s1
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = t.shape[-1] // 2
+        if t.dim() == 4:  # q or k as [s, b, heads, dim], stored head by head: what the attention kernel reads
+            s, b, heads, dim = t.shape
+            out = t.new_empty((b, heads, s, dim)).permute(2, 0, 1, 3)
+        else:
+            out = torch.empty_like(t)
+        torch.mul(t, cos, out=out)
+        out[..., :h] -= t[..., h:] * sin[..., :h]
+        out[..., h:] += t[..., :h] * sin[..., h:]
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        h = g.shape[-1] // 2
+        grad = g * cos
+        grad[..., :h] += g[..., h:] * sin[..., h:]
+        grad[..., h:] -= g[..., :h] * sin[..., :h]
+        return grad, None, None
+
+
+def _rope_bshd_halves(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Megatron's unfused RoPE (``_apply_rotary_pos_emb_bshd``), bit for bit, without its copies.
 
     When the rotary dim is the whole head dim (every flanpipe model), the pass-through slice is
-    empty and ``cat((t, t_pass))`` only copies ``t``; the same arithmetic is returned uncopied.
-    Other layouts (partial rotary, interleaved, MLA) go to ``original``.
+    empty and the final ``cat((t, t_pass))`` only copies ``t``; ``_RopeHalves`` also drops the
+    rotation's own ``cat``. Other layouts (partial rotary, interleaved, MLA) go to ``original``.
     """
 
     def rope(
@@ -323,19 +398,81 @@ def _rope_bshd_without_copy(original: Callable[..., Any]) -> Callable[..., Any]:
         multi_latent_attention: bool = False,
         mscale: float = 1.0,
     ) -> torch.Tensor:
-        if rotary_interleaved or multi_latent_attention or freqs.shape[-1] != t.shape[-1]:
+        if rotary_interleaved or multi_latent_attention or freqs.shape[-1] != t.shape[-1] or t.shape[-1] % 2:
             return original(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
         cos_ = (torch.cos(freqs) * mscale).to(t.dtype)
         sin_ = (torch.sin(freqs) * mscale).to(t.dtype)
-        x1, x2 = torch.chunk(t, 2, dim=-1)
-        return (t * cos_) + (torch.cat((-x2, x1), dim=-1) * sin_)
+        return _RopeHalves.apply(t, cos_, sin_)
 
     rope.original = original  # type: ignore[attr-defined]  # for the equality test
     return rope
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(a) * b`` for ``[a, b] = x.chunk(2, -1)``, its gradient written into one tensor.
+
+    Megatron's unfused gated MLP computes ``silu(a) * (b + glu_linear_offset)`` (a copy of b to add
+    0.0) and autograd joins the two halves' gradients with a ``cat``. Here the forward is the same
+    two ops without the copy, and the backward writes each half's gradient in place with the very
+    ops autograd uses (``silu_backward`` of g b for a, g silu(a) for b): bit for bit the same values.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        act = torch.nn.functional.silu(a)
+        ctx.save_for_backward(a, b, act)
+        return act * b
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        a, b, act = ctx.saved_tensors
+        f = a.shape[-1]
+        grad = g.new_empty((*g.shape[:-1], 2 * f))
+        torch.ops.aten.silu_backward.grad_input(g * b, a, grad_input=grad[..., :f])
+        torch.mul(g, act, out=grad[..., f:])
+        return grad
+
+
+def _swiglu_cpu(
+    x: torch.Tensor, bias: torch.Tensor | None, fp8_input_store: bool = False, cpu_offload_input: bool = False
+) -> torch.Tensor:
+    """What Megatron's MLP calls for a gated SiLU under ``bias_activation_fusion`` (its
+    ``bias_swiglu_impl``, a torch.compile kernel that needs a GPU or a C++ toolchain): the bias added
+    as the unfused path adds it, then ``_SwiGLU``."""
+    if fp8_input_store or cpu_offload_input:
+        raise ValueError("the CPU SwiGLU keeps its input in the model's dtype (no fp8 store, no CPU offload)")
+    return _SwiGLU.apply(x if bias is None else x + bias)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy ``-log_softmax(logits)[target]`` whose backward writes the gradient in one go.
+
+    autograd's ``F.cross_entropy`` backward first fills a zero tensor the size of the logits (nll_loss's
+    gradient: -g at each target), then log_softmax's backward reads it back with the saved log-probs and
+    reduces it per row. The gradient is ``g (softmax - onehot(target))``: one exp of the saved log-probs
+    scaled by g, then -g added at each target. Same forward values; the gradient agrees to float rounding
+    (3e-8 on 2,048 x 4,096 logits), 21.6 vs 26.2 ms CPU for forward + backward there (1 thread, 26 rounds
+    interleaved, load 26).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(logp, target)
+        return -logp.gather(1, target[:, None]).squeeze(1)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logp, target = ctx.saved_tensors
+        grad = torch.exp(logp).mul_(g[:, None])
+        grad.scatter_add_(1, target[:, None], -g[:, None])
+        return grad, None
+
+
 def _plain_cross_entropy_at_tp1(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Megatron's ``vocab_parallel_cross_entropy``, by ``F.cross_entropy`` when the vocab is not split.
+    """Megatron's ``vocab_parallel_cross_entropy``, by one log-softmax (``_CrossEntropy``) when the vocab
+    is not split.
 
     At TP=1 each rank holds the whole vocabulary, so the per-token loss is the plain cross entropy:
     the same math in one log-softmax pass (equal to ~1e-7 relative, not bit for bit: the sums run
@@ -350,9 +487,7 @@ def _plain_cross_entropy_at_tp1(original: Callable[..., Any]) -> Callable[..., A
             or parallel_state.get_tensor_model_parallel_world_size() != 1
         ):
             return original(logits, target, label_smoothing)
-        flat = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
-        )
+        flat = _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
         return flat.view(target.shape)
 
     cross_entropy.original = original  # type: ignore[attr-defined]  # for the equality test
@@ -371,3 +506,6 @@ def _tensor_cuda_is_identity(method: Callable[..., Any]) -> Callable[..., Any]:
             torch.Tensor.cuda = original  # type: ignore[method-assign]
 
     return wrapped
+
+
+import_megatron()  # before any caller's first ``from megatron.core import ...``

@@ -3,8 +3,14 @@
     launch(train_args, nproc, mpi="")
         mpi empty (workstation, or a single-node job):
             python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node N -m flanpipe.train.loop ARGS
+            one rank (N = 1): python -m flanpipe.train.loop ARGS, which makes its own 1-process group
         mpi given (SLURM: the slurm profile sets it to "srun"):
             srun -n N --kill-on-bad-exit=1 python -m flanpipe.train.launch worker ARGS
+
+A single rank needs no torchrun: its agent process imports torch and starts an elastic rendezvous
+before the rank does (~2 s of CPU per job on the shared 2-core machine, load 22: 2.1-2.2 s of user CPU
+for ``torchrun --nproc_per_node 1`` of an empty module vs 0.02 s for ``python -m`` of it), and the
+default DAG's training jobs are all one rank.
 
 Why two paths: torchrun spawns and supervises the ranks itself, which is what a workstation needs, while
 under SLURM the ranks must be SLURM tasks, so ``srun`` places them (across nodes too), binds their CPUs
@@ -68,6 +74,8 @@ def launch_command(train_args: Sequence[str], nproc: int, mpi: str = "", module:
     docstring); ``train_args`` are that module's arguments."""
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if not mpi.strip() and nproc == 1:
+        return [sys.executable, "-m", module, *train_args]
     if not mpi.strip():
         return [
             sys.executable,
@@ -122,12 +130,13 @@ def launch(
 ) -> int:
     """Run the training ranks to completion; return the launcher's exit status.
 
-    SIGTERM to the launcher (a scheduler's preemption or time limit) is passed on to torchrun or srun,
-    whose ranks finish their step, save and exit 143. srun reports 143 itself; torchrun reports any
-    worker exit as 1, so behind it a run counts as preempted when rank 0 left the checkpoint dir's
-    preempted marker, and the launcher exits 143 too: a requeue, not a failure.
+    SIGTERM to the launcher (a scheduler's preemption or time limit) is passed on to the single rank,
+    torchrun or srun, whose ranks finish their step, save and exit 143. A single rank and srun report
+    143 themselves; torchrun reports any worker exit as 1, so behind it a run counts as preempted when
+    rank 0 left the checkpoint dir's preempted marker, and the launcher exits 143 too: a requeue, not a
+    failure.
     """
-    from flanpipe.model.checkpointing import PREEMPTED_EXIT_CODE, clear_preempted, was_preempted
+    from flanpipe.core.preemption import PREEMPTED_EXIT_CODE, clear_preempted, was_preempted
 
     cmd = launch_command(train_args, nproc, mpi, module)
     env = {**os.environ, **rank_threads_env(nproc, mpi, threads)}
@@ -151,7 +160,7 @@ def ckpt_dir_of(train_args: Sequence[str]) -> Path:
     parser.add_argument("--out", required=True)
     parser.add_argument("--ckpt-dir", default=None)
     args, _ = parser.parse_known_args(list(train_args))
-    from flanpipe.model.checkpointing import default_ckpt_dir
+    from flanpipe.core.preemption import default_ckpt_dir
 
     return Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir(args.out)
 

@@ -53,13 +53,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from flanpipe.core import heap
 from flanpipe.core.model_config import ModelConfig, flops_per_token, load_model_config, param_count
 from flanpipe.core.train_config import RankGrid, TrainConfig, parse_spec, plan_layout
 from flanpipe.core.train_config import fingerprint as train_fingerprint
 from flanpipe.model import checkpointing, megatron_compat
 from flanpipe.model.gpt import model_provider
 from flanpipe.train.optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state, set_lr
-from flanpipe.train.rows import PackedDataset, batch_iterator, packed_seq_params
+from flanpipe.train.rows import PackedDataset, batch_iterator, packed_seq_params, plain_causal
 
 megatron_compat.quiet_warnings()  # before Megatron is first imported (it warns at import)
 
@@ -71,7 +72,8 @@ def init_distributed(tp: int, pp: int, vpp: int = 1) -> None:
 
     gloo on CPU, nccl on GPU, every collective bounded by flanpipe.train.launch.collective_timeout_s (a
     rank lost with its node fails the others within it, not torch's 30 minutes). An existing group is
-    reused; Megatron's model-parallel state is rebuilt if it was initialised with other sizes.
+    reused; Megatron's model-parallel state is rebuilt if it was initialised with other sizes. The process
+    keeps freed memory for the next step (flanpipe.core.heap.keep_freed_memory: no kernel page zeroing per step).
     """
     from datetime import timedelta
 
@@ -79,6 +81,7 @@ def init_distributed(tp: int, pp: int, vpp: int = 1) -> None:
 
     from flanpipe.train.launch import collective_timeout_s
 
+    heap.keep_freed_memory()
     megatron_compat.apply()
     if tp > 1:
         # Megatron's TP linears overlap the input-grad all-reduce with the weight-grad GEMM and
@@ -199,8 +202,9 @@ def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.
     """One micro-batch through this stage: ``(output, partial(loss_func, loss_mask))``.
 
     Every stage reads the batch (it is cheap): the first needs tokens, all need positions and the
-    mask, the last needs labels. With the Transformer Engine spec the micro-batch is flattened
-    to one [1, b*s] THD sequence described by cu_seqlens instead of a dense mask.
+    mask (none when every row is one document: rows.plain_causal), the last needs labels. With the
+    Transformer Engine spec the micro-batch is flattened to one [1, b*s] THD sequence described by
+    cu_seqlens instead of a dense mask.
     """
     batch = next(data_iterator)
     if torch.cuda.is_available():
@@ -216,7 +220,9 @@ def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.
             packed_seq_params=params,
         )
         return output, partial(loss_func, flat["loss_mask"])
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    mask = batch["attention_mask"]
+    mask = None if plain_causal(mask) else mask  # rows of one document each: the model's causal default
+    output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -370,7 +376,6 @@ def set_up(
     resume = _resume_point(ckpt_dir, fingerprint, tc.steps)
 
     model = build_model(cfg, tc, load_init=resume is None)
-    megatron_compat.protect_checkpoint_writer()  # a step's SIGTERM must not kill the saves it asks for
     optimizer = build_optimizer(
         model,
         lr=tc.lr,

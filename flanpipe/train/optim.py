@@ -461,7 +461,10 @@ def build_optimizer(
     if optimizer == "adafactor":
         inner = Adafactor(groups, lr=lr, **(adafactor or {}))
     else:
-        inner = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+        # fused: one kernel per step over all parameters (torch's CPU and CUDA kernels), where the default
+        # on a CPU is a Python loop of ~8 ops per parameter: 6.6x less time per step on the bench model
+        # (89 vs 13.5 ms for 5.3M parameters, 1 thread); same update to float rounding (~3e-8).
+        inner = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
     config = OptimizerConfig(
         optimizer=optimizer,
         lr=lr,

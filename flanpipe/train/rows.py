@@ -82,6 +82,19 @@ def attention_mask(segments: torch.Tensor) -> torch.Tensor:
     return (~allowed).unsqueeze(1)
 
 
+def plain_causal(mask: torch.Tensor) -> bool:
+    """Whether ``attention_mask`` is the plain causal mask in every row (one document per row, no pads).
+
+    Such a batch needs no dense mask: the model's default causal attention is the same thing, and torch's
+    fused kernel runs ``is_causal`` without reading and adding a [b, s, s] mask in every layer (forward +
+    backward of one bench layer, 8 x 4 heads x 256 x 64: 24.4 vs 27.5 ms CPU, 1 thread, 36 rounds
+    interleaved, load 9). Cost: one comparison over b x s x s booleans per micro-batch.
+    """
+    s = mask.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(torch.equal(mask, causal.expand_as(mask)))
+
+
 def label_mask(segments: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Float [b, s]: 1 where predicting labels[i] = tokens[i+1] is trained.
 
