@@ -142,6 +142,7 @@ def slurm_conf(
     slurmd_port: int,
     slurmd_timeout_s: int = 300,
     cred_expire_s: int = 120,
+    kill_wait_s: int = 30,
 ) -> str:
     """slurm.conf of the test cluster; the first partition is the default and every partition holds every host.
 
@@ -151,7 +152,9 @@ def slurm_conf(
     stay visible to squeue long enough for the executor's status checks (it needs >= 3 x its initial wait).
     Per-host daemon files use slurmd's ``%n`` (its NodeName), so several slurmds share one scratch directory.
     ``slurmd_timeout_s``: silence after which slurmctld marks a host DOWN (and requeues its jobs);
-    ``cred_expire_s``: job credential lifetime, also how long a requeued job waits before it may start again.
+    ``cred_expire_s``: job credential lifetime, also how long a requeued job waits before it may start again;
+    ``kill_wait_s``: SIGTERM to SIGKILL of a step being ended, also how long srun waits, once a rank has
+    failed, for the step of a node that lost it (a crashed host that came back) before the job ends.
     """
     gres = f" Gres=gpu:{gpus}" if gpus else ""
     names = ",".join(h.name for h in hosts)
@@ -179,6 +182,7 @@ def slurm_conf(
         "MinJobAge=300",
         "ReturnToService=2",  # a host that comes back (slurmd registers again) is schedulable again
         f"SlurmdTimeout={slurmd_timeout_s}",
+        f"KillWait={kill_wait_s}",
         "SchedulerParameters=sched_interval=2",
         f"StateSaveLocation={root}/state",
         f"SlurmdSpoolDir={root}/spool/%n",
@@ -273,7 +277,8 @@ class SlurmCluster:
     ``gpus`` declares that many GPUs per host, backed by empty files in place of /dev/nvidiaN: enough for
     slurmctld to accept and schedule ``--gpus``/``--gres`` requests on a machine that has none.
     ``slurmd_timeout_s`` is how long slurmctld waits for a silent slurmd before it marks the host DOWN and
-    requeues its jobs; ``cred_expire_s`` how long a requeued job then waits (SLURM's defaults: 300 and 120).
+    requeues its jobs; ``cred_expire_s`` how long a requeued job then waits; ``kill_wait_s`` how long srun
+    waits for a failed step's processes, a crashed host's included (SLURM's defaults: 300, 120 and 30).
     """
 
     root: Path
@@ -283,6 +288,7 @@ class SlurmCluster:
     hosts: int = 1
     slurmd_timeout_s: int = 300
     cred_expire_s: int = 120
+    kill_wait_s: int = 30
     host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     startup_s: float = 0.0
     nodes: list[TestHost] = field(default_factory=list)
@@ -342,6 +348,7 @@ class SlurmCluster:
                 slurmd_port=free_port(),
                 slurmd_timeout_s=self.slurmd_timeout_s,
                 cred_expire_s=self.cred_expire_s,
+                kill_wait_s=self.kill_wait_s,
             )
         )
         if self.gpus:

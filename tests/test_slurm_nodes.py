@@ -57,6 +57,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         partitions=profile_partitions(profile),
         gpus=1,  # per host: --gpus 2 --ntasks-per-gpu 1 puts one rank on each
         hosts=HOSTS,
+        # A crashed host that comes back: srun, its step ended by the surviving rank's failure, waits up to
+        # KillWait + 2 s for the lost host's step before the job ends (35 s after the host returned at
+        # SLURM's 30, 10 s at 5: measured with sleep tasks on these hosts, load ~1)
+        kill_wait_s=5,
     )
     try:
         c.start()
@@ -446,9 +450,10 @@ def test_two_host_conf_names_each_host_and_its_address(tmp_path: Path) -> None:
     hosts = [TestHost("node1", "10.213.0.2", "ns1", "h1", "p1"), TestHost("node2", "10.213.0.3", "ns2", "h2", "p2")]
     conf = slurm_conf(
         tmp_path, ("vm", "10.213.0.1"), hosts, cpus=2, real_memory_mb=1000, partitions=("cpu", "gpu"), gpus=1,
-        ctld_port=1, slurmd_port=2, slurmd_timeout_s=30, cred_expire_s=10,
+        ctld_port=1, slurmd_port=2, slurmd_timeout_s=30, cred_expire_s=10, kill_wait_s=5,
     )  # fmt: skip
     assert "SlurmctldHost=vm(10.213.0.1)" in conf and "SlurmdTimeout=30" in conf and "cred_expire=10" in conf
+    assert "KillWait=5" in conf
     for h in hosts:
         assert f"NodeName={h.name} NodeAddr={h.addr} NodeHostname={h.name} CPUs=2 RealMemory=1000 Gres=gpu:1" in conf
     assert "PartitionName=gpu Nodes=node1,node2 Default=NO" in conf
@@ -469,6 +474,10 @@ def test_clean_up_touches_only_what_the_records_name(tmp_path: Path) -> None:
     mine = subprocess.Popen(["sleep", "300"])
     other = subprocess.Popen(["sleep", "300"])
     try:
+        for p in (mine, other):  # Popen returns at fork: until exec the child's /proc comm is python's
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{p.pid}/comm").read_text().strip() != "sleep" and time.monotonic() < deadline:
+                time.sleep(0.01)
         records = tmp_path / "records.json"
         records.write_text(
             json.dumps(
