@@ -454,6 +454,14 @@ class SlurmCluster:
             proc.wait()  # reap it: it is this process's child
         return pids
 
+    def kill_slurmd(self, h: TestHost) -> int:
+        """Host ``h``'s slurmd dies alone (SIGKILL); its slurmstepds, and the job steps they run, go on.
+        Returns its pid; ``start_slurmd`` brings it back."""
+        proc = self._procs.pop(f"slurmd.{h.name}")
+        proc.kill()
+        proc.wait()  # reap it: it is this process's child
+        return proc.pid
+
     def reboot(self, h: TestHost) -> None:
         """Host ``h`` comes back, empty: link up, a fresh slurmd (ReturnToService=2 puts it back in service)."""
         _ip("link", "set", h.port or "", "up")

@@ -13,7 +13,8 @@ committed profile runs unedited but for sizes (test_slurm.fit_profile, plus ``no
 - a rank killed mid-run fails the job within seconds; a crashed host (link cut, then its slurmd,
   slurmstepd and rank killed) makes the surviving rank fail at flanpipe's collective timeout (set short
   here; torch's default is 30 minutes); either way Snakemake's retry resumes from the last checkpoint, no
-  checkpoint is left half written, and the finished run equals the uninterrupted one bit for bit.
+  checkpoint is left half written, and the finished run equals the uninterrupted one bit for bit;
+- a host's slurmd killed alone ends no job step (each step runs under its own slurmstepd).
 
 What it cannot prove: anything about GPUs, NCCL or InfiniBand (gloo over a veth bridge on one CPU machine),
 real network latency, several ranks per host, or a node that never comes back (the retry needs both
@@ -403,6 +404,47 @@ def test_host_crash_fails_the_job_at_the_collective_timeout_and_the_retry_resume
     jobs = train_jobs(work)
     assert len(jobs) == 2 and jobs[0] == first_job, out[-3000:]  # one failed attempt, one retry
     assert_resumed_equal(work, dp_run, out)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_hosts_slurmd_killed_alone_ends_no_job_step(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """SIGKILL the second host's slurmd while a two-host step runs: the step runs to its end (each step has
+    its own slurmstepd, which reports to srun and slurmctld itself) and srun exits 0; with the slurmd back
+    the job ends and the host is schedulable. (So a slurmd kill is no node loss; the crash test above is.)"""
+    lost = cluster.nodes[1]
+    out = tmp_path / "job.out"
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "srun -n 2 --ntasks-per-node 1 bash -c 'sleep 6; echo \"task $SLURM_PROCID on $(hostname) done\"'\n"
+        'echo "srun exit $?"\n'
+    )
+    r = subprocess.run(
+        ["sbatch", "-N", str(HOSTS), "-n", str(RANKS), "-o", str(out), str(script)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job, deadline = r.stdout.split()[-1], time.monotonic() + 120
+    while not any(
+        Path(f"/proc/{pid}/comm").exists() and Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"
+        for pid in cluster.host_pids(lost)
+    ):  # the step's task runs on the host
+        assert time.monotonic() < deadline, f"job {job}: no task on {lost.name}\n{cluster.logs()}"
+        time.sleep(0.1)
+    cluster.kill_slurmd(lost)
+    while "srun exit" not in (out.read_text() if out.exists() else ""):
+        assert time.monotonic() < deadline, f"job {job}: srun did not end\n{cluster.logs()}"
+        time.sleep(0.2)
+    said = out.read_text()
+    assert "srun exit 0" in said and all(f"task {i} on {h.name} done" in said for i, h in enumerate(cluster.nodes))
+    cluster.start_slurmd(lost)
+    while job_state(cluster, job):
+        assert time.monotonic() < deadline, f"job {job} did not end once slurmd was back: {job_state(cluster, job)}"
+        time.sleep(0.2)
+    cluster.wait_node_state(lost, ("idle", "mix", "alloc"))
 
 
 # --------------------------------------------------------------------------- plan and profile agree
