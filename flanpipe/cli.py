@@ -635,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--module", help="ranks run this module's main (flanpipe.eval.evaluate); default flanpipe.train.loop"
     )
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then flanpipe.train.loop's --spec/--data/--out")
+    from flanpipe.train.launch import SITE_ENV  # stdlib-only module: cheap at parser build
+
+    s.formatter_class = argparse.RawDescriptionHelpFormatter
+    s.epilog = "under srun, from the allocation unless the environment sets:\n" + "\n".join(
+        f"  {name}: {what}" for name, what in SITE_ENV.items()
+    )
     s = add("evaluate", cmd_evaluate, "zero-shot evaluation of one dataset")
     s.add_argument("--model", required=True)
     s.add_argument("--tokenizer", required=True, help="SentencePiece .model or checkpoint tokenizer dir")

@@ -5,7 +5,7 @@
 from pathlib import Path
 
 from flanpipe.plan.checks import check_config_files
-from flanpipe.plan.config import check_world, validate_config
+from flanpipe.plan.config import check_nodes, check_world, validate_config
 from flanpipe.plan.experiments import plan_experiment
 from flanpipe.data.ingest import check_local_source
 from flanpipe.core.io import resolve_config_path
@@ -30,12 +30,15 @@ def set_resource(rule, name):
     """A resource the profile or --set-resources gives ``rule`` for every job, or None.
 
     Snakemake has no public API for this: it reads workflow.resource_settings.overwrite_resources,
-    Snakemake's own table of set-resources. A callable resource is known only per job (reading its
+    Snakemake's own table of set-resources. A string is evaluated only per job, so its text is returned
+    (``mpi: "srun"`` -> "srun"); a resource computed by a function is known only per job (reading its
     ``value`` raises ValueError) and counts as not set, as does a Snakemake without that table.
     """
     try:
         res = workflow.resource_settings.overwrite_resources.get(rule, {})
         value = res.get(name)
+        if getattr(value, "is_evaluable", lambda: False)() and isinstance(getattr(value, "raw", None), str):
+            return value.raw.strip().strip("'\"")
         return getattr(value, "value", value)
     except (AttributeError, ValueError):
         return None
@@ -79,6 +82,13 @@ def _train_world():
 
 
 check_world(config, *_train_world())  # world = TP x PP x DP and the batch arithmetic, before any job
+check_nodes(  # the profile's nodes: srun ranks filling them evenly, whole TP groups per node, before any job
+    "train",
+    _train_world()[0],
+    set_resource("train", "nodes"),
+    config["train"]["tensor_model_parallel_size"],
+    set_resource("train", "mpi"),
+)
 
 CONDA_ENV = "../workflow/envs/flanpipe.yaml"  # every rule's software (--sdm conda); relative to rules/
 EXPERIMENT = Path(workflow.configfiles[-1]).name if workflow.configfiles else "flanpipe"
@@ -308,6 +318,16 @@ def eval_tasks(wildcards=None):
 
     tp, pp = eval_layout(config)
     return tp * pp
+
+
+def _check_eval_nodes():
+    """The profile's evaluate `nodes` against its ranks (check_nodes), before any job."""
+    from flanpipe.eval.layout import eval_layout
+
+    check_nodes("evaluate", eval_world(), set_resource("evaluate", "nodes"), eval_layout(config)[0], set_resource("evaluate", "mpi"))
+
+
+_check_eval_nodes()
 
 
 def eval_group_inputs(wildcards):

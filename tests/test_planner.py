@@ -255,3 +255,44 @@ def test_eval_memory_and_layout_for_lamda_137b() -> None:
     # one node, TP=8: 32 GiB of weights + 20 GiB of KV cache + 5 GiB of logits per GPU; training needs 32+ GPUs
     assert (p["tp"], p["pp"], p["gpus"]) == (8, 1, 8)
     assert 2 * param_count(cfg) / p["gpus"] / GIB < 80
+
+
+def test_node_split_fills_nodes_evenly_with_whole_tp_groups() -> None:
+    from flanpipe.train.planner import node_split, slurm_resources
+
+    assert node_split(16, 2, tp=8) == 8  # one TP group of 8 per node
+    assert node_split(128, 16, tp=8) == 8  # config/flan137b.yaml: TP8 x PP4 x DP4
+    with pytest.raises(ValueError, match="do not fill 3 nodes evenly"):
+        node_split(2, 3)
+    with pytest.raises(ValueError, match="split a tensor-parallel group of 4"):
+        node_split(12, 2, tp=4)  # 6 ranks per node: the second TP group straddles both nodes
+    # what `flanpipe plan` prints for profiles/slurm: as few nodes as hold the GPUs, evenly
+    assert slurm_resources(128, 8, tp=8) == {"nodes": 16, "tasks": 128, "gpu": 128, "ranks_per_node": 8}
+    assert slurm_resources(12, 8) == {"nodes": 2, "tasks": 12, "gpu": 12, "ranks_per_node": 6}
+    assert slurm_resources(4, 8) == {"nodes": 1, "tasks": 4, "gpu": 4, "ranks_per_node": 4}
+    with pytest.raises(ValueError, match="evenly"):
+        slurm_resources(13, 8)
+
+
+def test_plan_prints_the_profiles_nodes_and_tasks() -> None:
+    from flanpipe.train.planner import enumerate_layouts
+
+    cfg = load_model_config(MODELS / "lamda_pt_137b.yaml")
+    p = plan(cfg, Hardware(gpus=128), Workload())
+    assert p["slurm"] == {"nodes": 16, "tasks": 128, "gpu": 128, "ranks_per_node": 8}
+    assert "set-resources train: nodes: 16, tasks: 128, gpu: 128 (8 ranks per node)" in format_plan(p)
+    # 12 GPUs on 8-GPU nodes run as 2 x 6: no TP group of 4 or 8 is offered (it would cross nodes)
+    assert {lay.tp for lay in enumerate_layouts(SMALL, Hardware(gpus=12, gpus_per_node=8), rows=12)} <= {1, 2}
+
+
+def test_check_nodes_refuses_what_the_nodes_cannot_hold() -> None:
+    from flanpipe.plan.config import ConfigError, check_nodes
+
+    assert check_nodes("train", 16, 2, tp=8, mpi="srun") == 8
+    assert check_nodes("train", 8, None, tp=8) == 8  # nodes unset: one node
+    with pytest.raises(ConfigError, match="set-resources train: tasks=2, nodes=3"):
+        check_nodes("train", 2, 3, tp=1, mpi="srun")
+    with pytest.raises(ConfigError, match="train:mpi is empty"):
+        check_nodes("train", 2, 2, tp=1, mpi="")  # torchrun --standalone cannot span nodes
+    with pytest.raises(ConfigError, match="evaluate:nodes: want an integer"):
+        check_nodes("evaluate", 2, "two", tp=1, mpi="srun")

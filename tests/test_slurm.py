@@ -68,7 +68,7 @@ def failed_rule_logs(work: Path) -> str:
     return "".join(tails) + "\n"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: tests/test_slurm_nodes.py starts its own cluster, after this one stops
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     profile = yaml.safe_load(PROFILE.read_text())
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), partitions=profile_partitions(profile), gpus=RANKS)

@@ -27,6 +27,17 @@ POOL_VARS = (
 )
 
 
+def pool_env(n: int) -> dict[str, str]:
+    """The environment that sizes every pool of a process started with it to ``n`` threads (at least 1).
+
+    All of them, not only ``OMP_NUM_THREADS``: torch's matmuls run on MKL or OpenBLAS, whose own
+    variables Snakemake sets to the whole job's threads, so a training rank given only OMP_NUM_THREADS=1
+    still ran its BLAS on every core of the job (oversubscribed beside the other ranks, and summing in
+    another order than a rank that had them at 1).
+    """
+    return dict.fromkeys(POOL_VARS, str(max(1, int(n))))
+
+
 def limit_threads(n: int) -> int:
     """Size every pool of this process to ``n`` threads (at least 1); return n.
 
@@ -34,8 +45,7 @@ def limit_threads(n: int) -> int:
     that is reported on stderr rather than silently ignored.
     """
     n = max(1, int(n))
-    for var in POOL_VARS:
-        os.environ[var] = str(n)
+    os.environ.update(pool_env(n))
     if "polars" in sys.modules:
         import polars as pl
 

@@ -18,6 +18,7 @@ import jsonschema
 from flanpipe.core.io import PROJECT_ROOT, load_yaml_text, read_yaml
 from flanpipe.core.registry import DatasetSpec, load_registry, with_clusters, with_local_mirror, with_template_files
 from flanpipe.core.train_config import OPERATIONAL, BatchSplitError, fact_keys, split_batch
+from flanpipe.train.planner import node_split
 
 SCHEMA_PATH = PROJECT_ROOT / "config" / "schemas" / "config.schema.yaml"
 
@@ -284,6 +285,28 @@ def check_world(config: Mapping[str, Any], world: int, source: str = "training r
     except BatchSplitError as e:
         raise ConfigError(f"config key {e}" if e.key else str(e)) from None
     return grid.dp
+
+
+def check_nodes(rule: str, tasks: int, nodes: Any, tp: int, mpi: Any = "") -> int:
+    """The profile's ``nodes`` for ``rule`` against its ``tasks`` ranks, before any job; return ranks per node.
+
+    ``nodes`` unset (None) is one node. Several nodes need the ranks started by srun (``mpi``), not by
+    ``torchrun --standalone``, and ranks that fill the nodes evenly, whole TP groups per node
+    (flanpipe.train.planner.node_split: the arithmetic ``flanpipe plan`` prints the profile's values with).
+    """
+    if nodes is None:
+        return tasks
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError(f"set-resources {rule}:nodes: want an integer >= 1, got {nodes!r}")
+    if nodes > 1 and not str(mpi or "").strip():
+        raise ConfigError(
+            f"set-resources {rule}:nodes is {nodes} but {rule}:mpi is empty: torchrun --standalone starts every "
+            f"rank on one node; set {rule}:mpi to srun (profiles/slurm)"
+        )
+    try:
+        return node_split(tasks, nodes, tp)
+    except ValueError as e:
+        raise ConfigError(f"set-resources {rule}: tasks={tasks}, nodes={nodes}: {e}") from None
 
 
 def _derived_micro_batch(t: Mapping[str, Any], dp: int) -> int:

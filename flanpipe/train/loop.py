@@ -84,11 +84,16 @@ __all__ = ["RankGrid", "TrainConfig", "parse_spec", "plan_layout", "train", "run
 def init_distributed(tp: int, pp: int, vpp: int = 1) -> None:
     """torch.distributed from the torchrun env (a 1-process group without it) + Megatron groups.
 
-    gloo on CPU, nccl on GPU. An existing group is reused; Megatron's model-parallel state is
-    rebuilt if it was initialised with other sizes. The process keeps freed memory for the next
-    step (flanpipe.core.heap.keep_freed_memory: no kernel page zeroing per step).
+    gloo on CPU, nccl on GPU, every collective bounded by flanpipe.train.launch.collective_timeout_s (a
+    rank lost with its node fails the others within it, not torch's 30 minutes). An existing group is
+    reused; Megatron's model-parallel state is rebuilt if it was initialised with other sizes. The process
+    keeps freed memory for the next step (flanpipe.core.heap.keep_freed_memory: no kernel page zeroing per step).
     """
+    from datetime import timedelta
+
     from megatron.core import parallel_state
+
+    from flanpipe.train.launch import collective_timeout_s
 
     heap.keep_freed_memory()
     megatron_compat.apply()
@@ -99,10 +104,11 @@ def init_distributed(tp: int, pp: int, vpp: int = 1) -> None:
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=collective_timeout_s())
     if not dist.is_initialized():
         backend = "nccl" if on_gpu else "gloo"
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)  # env:// rendezvous set up by torchrun
+            dist.init_process_group(backend, timeout=timeout)  # env:// rendezvous set up by torchrun or srun
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
@@ -118,6 +124,8 @@ def init_distributed(tp: int, pp: int, vpp: int = 1) -> None:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        # Megatron's TP/PP/DP groups carry their own timeout (default 30 minutes), not the default group's
+        distributed_timeout_minutes=timeout.total_seconds() / 60,
     )
 
 
@@ -668,6 +676,7 @@ def maybe_stop(run: Run, logger: StepLogger, stopper: checkpointing.StopOnSignal
     if run.rank == 0:
         checkpointing.mark_preempted(run.ckpt_dir, done_steps, path)
         print(f"flanpipe.train.loop: SIGTERM: saved {path} at step {done_steps}; exiting", flush=True)
+    dist.barrier()  # no rank exits before the marker exists: srun --kill-on-bad-exit ends the rest at the first exit
     raise checkpointing.Preempted(done_steps, path)
 
 

@@ -366,8 +366,9 @@ def enumerate_layouts(cfg: ModelConfig, hw: Hardware, rows: int) -> list[Layout]
     A DP that does not divide the batch still yields one (infeasible) layout so the plan says why.
     """
     layouts = []
+    per_node = ranks_per_node(hw.gpus, hw.gpus_per_node)
     for tp in _divisors(min(hw.gpus_per_node, hw.gpus)):
-        if hw.gpus_per_node % tp:
+        if hw.gpus_per_node % tp or per_node % tp:  # a TP group never crosses a node
             continue
         for pp in _divisors(cfg.num_layers):
             if hw.gpus % (tp * pp) or not _fits(cfg, tp, pp):
@@ -470,6 +471,7 @@ def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, *, model_name: str = "") 
             f"no TP x PP split of {cfg.num_layers} layers / {cfg.num_attention_heads} heads divides {hw.gpus} GPUs"
         )
     best = recommend(candidates)
+    slurm = slurm_resources(hw.gpus, hw.gpus_per_node, best["tp"] if best else 1)
     n = param_count(cfg)
     notes = [
         f"global batch = {wl.batch_tokens} tokens / {wl.seq_length} = {rows} packed rows: DP can be at most {rows}, "
@@ -497,6 +499,7 @@ def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, *, model_name: str = "") 
         "notes": notes,
         "candidates": candidates,
         "recommended": best,
+        "slurm": slurm,
     }
 
 
@@ -529,8 +532,57 @@ def format_plan(p: dict[str, Any], top: int = 10) -> str:
             f"recompute={r['recompute']}: {r['memory_gib']['total']:.1f} GiB/GPU, bubble {r['bubble_fraction']:.3f}, "
             f"{r['step_time_s']:.3f} s/step, {r['total_hours']:.2f} h"
         )
+    sl = p["slurm"]
+    lines.append(
+        f"profiles/slurm, set-resources train: nodes: {sl['nodes']}, tasks: {sl['tasks']}, gpu: {sl['gpu']} "
+        f"({sl['ranks_per_node']} ranks per node)"
+    )
     lines += [f"note: {n}" for n in p["notes"]]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- nodes (SLURM: profiles/slurm)
+
+
+def node_split(tasks: int, nodes: int, tp: int = 1) -> int:
+    """Ranks per node when ``tasks`` ranks run on ``nodes`` nodes; ValueError unless they fill the nodes
+    evenly and every node holds whole tensor-parallel groups.
+
+    srun places a job's ranks in blocks (ranks 0..k-1 on the first node, k..2k-1 on the next) and Megatron
+    makes each TP group of consecutive ranks, so k = tasks / nodes being a multiple of TP keeps every TP
+    all-reduce inside one node (NVLink, not the network). Uneven nodes would leave GPUs idle on some, or
+    ask more ranks of a node than it has GPUs. E.g. 16 tasks on 2 nodes at TP 8: 8 per node, one TP group
+    each; 12 tasks on 2 nodes at TP 4: 6 per node, and the second group straddles both: refused.
+    """
+    if tasks < 1 or nodes < 1:
+        raise ValueError(f"need tasks >= 1 and nodes >= 1, got tasks={tasks}, nodes={nodes}")
+    if tasks % nodes:
+        fits = sorted({nodes * (tasks // nodes), nodes * (tasks // nodes + 1)} - {0})
+        raise ValueError(
+            f"{tasks} ranks do not fill {nodes} nodes evenly: tasks must be a multiple of nodes "
+            f"(e.g. tasks {' or '.join(map(str, fits))}, or nodes dividing {tasks})"
+        )
+    per = tasks // nodes
+    if per % tp:
+        raise ValueError(
+            f"{per} ranks per node ({tasks} tasks / {nodes} nodes) split a tensor-parallel group of {tp} "
+            "across nodes: ranks per node must be a multiple of TP"
+        )
+    return per
+
+
+def ranks_per_node(gpus: int, gpus_per_node: int) -> int:
+    """Ranks per node on as few nodes as hold ``gpus`` ranks (ceil(gpus / gpus_per_node) nodes), spread evenly."""
+    return node_split(gpus, -(-gpus // gpus_per_node))
+
+
+def slurm_resources(gpus: int, gpus_per_node: int, tp: int = 1) -> dict[str, int]:
+    """The train rule's set-resources in profiles/slurm for ``gpus`` ranks (one per GPU) on nodes of
+    ``gpus_per_node`` GPUs: ``nodes``, ``tasks`` and ``gpu`` (the DAG checks the same arithmetic,
+    flanpipe.plan.config.check_nodes), plus the ranks per node they imply."""
+    nodes = -(-gpus // gpus_per_node)
+    per = node_split(gpus, nodes, tp)
+    return {"nodes": nodes, "tasks": gpus, "gpu": gpus, "ranks_per_node": per}
 
 
 # ---------------------------------------------------------------- evaluation (flanpipe.eval.inference)
