@@ -23,7 +23,7 @@ run: setup
 	$(VENV)/bin/snakemake --cores $(CORES) --profile profiles/local
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 lint: setup
 	$(VENV)/bin/ruff check .

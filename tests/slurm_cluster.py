@@ -443,12 +443,16 @@ class SlurmCluster:
         its slurmd, slurmstepds and ranks alike. Returns the pids killed. (Killing its slurmd alone would end
         nothing: each job step runs under its own slurmstepd, which outlives slurmd.)"""
         _ip("link", "set", h.port or "", "down")
-        pids = self.host_pids(h)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        pids: list[int] = []
+        deadline = time.monotonic() + 10.0
+        while (alive := [p for p in self.host_pids(h) if p not in pids]) and time.monotonic() < deadline:
+            for pid in alive:  # again until none is left: a process may fork while its siblings are killed
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            pids += alive
+            time.sleep(0.1)
         proc = self._procs.pop(f"slurmd.{h.name}", None)
         if proc is not None:
             proc.wait()  # reap it: it is this process's child
