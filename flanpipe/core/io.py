@@ -104,6 +104,18 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_json_object(path: str | os.PathLike[str], error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """A JSON file that must hold one object (a checkpoint's side files); a broken one names itself
+    through ``error`` (the caller's error class)."""
+    try:
+        out = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise error(f"{path}: expected a JSON object, got {type(out).__name__}")
+    return out
+
+
 def files_digest(files: dict[str, str | os.PathLike[str]]) -> str:
     """sha256 (hex) of named files' contents: name -> path, hashed in name order, each name and size before its
     bytes so that moving bytes from one file to the next changes the digest. Streams in 1 MiB reads, so a

@@ -8,11 +8,12 @@ the checkpoint's ``tokenizer_config.json`` / ``generation_config.json`` / ``conf
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from flanpipe.core.io import read_json_object
 
 
 class Tokenizer(Protocol):
@@ -50,15 +51,7 @@ def _token_name(value: Any) -> str | None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """A checkpoint's JSON side file ({} when absent); a broken one names itself."""
-    if not path.exists():
-        return {}
-    try:
-        out = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(out).__name__}")
-    return out
+    return read_json_object(path) if path.exists() else {}
 
 
 @dataclass

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flanpipe.core.io import read_json_object
 from flanpipe.core.model_config import ModelConfig, load_model_config
 
 VOCAB_MULTIPLE = 128
@@ -171,13 +172,7 @@ def model_config_from_hf(config: dict[str, Any], path: Path) -> tuple[str, Model
 
 def read_config_json(path: Path) -> dict[str, Any]:
     """An HF ``config.json`` as a dict; a broken one names itself."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise HFFormatError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise HFFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json_object(path, HFFormatError)
 
 
 def load_model_file(path: str | os.PathLike[str]) -> ModelConfig:
