@@ -146,21 +146,10 @@ def test_verbatim_import_fails_when_a_prompt_cannot_be_kept(tmp_path: Path, caps
         + "    metadata: !TemplateMetadata\n      original_task: false\n",
     )
     out = tmp_path / "toy.yaml"
+    argv = ["templates", "import", "--from", "promptsource", str(root), "--dataset", "toy", "--verbatim"]
+    argv += ["--out", str(out)]
     with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "templates",
-                "import",
-                "--from",
-                "promptsource",
-                str(root),
-                "--dataset",
-                "toy",
-                "--verbatim",
-                "--out",
-                str(out),
-            ]
-        )
+        main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert 'but 1 cannot be kept (u-2 "broken": Jinja does not parse' in err and "nothing written" in err
@@ -169,20 +158,7 @@ def test_verbatim_import_fails_when_a_prompt_cannot_be_kept(tmp_path: Path, caps
         root / "toy" / "templates.yaml",
         (root / "toy" / "templates.yaml").read_text().replace("{{ ctx |||", "{{ ctx }} |||"),
     )
-    main(
-        [
-            "templates",
-            "import",
-            "--from",
-            "promptsource",
-            str(root),
-            "--dataset",
-            "toy",
-            "--verbatim",
-            "--out",
-            str(out),
-        ]
-    )
+    main(argv)
     assert out.exists()  # the turned-around one is left out by design (u-3), and says so in the summary
 
 
