@@ -342,6 +342,16 @@ def assert_resumed_equal(work: Path, dp_run: Path, out: str) -> None:
     assert not list((model_dir(work).parent / f"{RUN}.ckpt").glob("*.tmp")), "a half-written save was left"
 
 
+def finish_after_one_retry(
+    proc: subprocess.Popen[str], cluster: SlurmCluster, work: Path, dp_run: Path, first_job: str
+) -> None:
+    """The run ends after one failed attempt (``first_job``) and one retry, equal to the uninterrupted run."""
+    out = finish(proc, cluster, work)
+    jobs = train_jobs(work)
+    assert len(jobs) == 2 and jobs[0] == first_job, out[-3000:]  # one failed attempt, one retry
+    assert_resumed_equal(work, dp_run, out)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_rank_lost_fails_the_job_fast_and_the_retry_resumes(
@@ -361,10 +371,7 @@ def test_rank_lost_fails_the_job_fast_and_the_retry_resumes(
     ended_s = time.monotonic() - t_kill
     print(f"rank on {cluster.nodes[1].name} killed after {ckpt}: job {first_job} ended {ended_s:.1f} s later")
     assert ended_s < COLLECTIVE_TIMEOUT_S + 15  # the collective fails (or times out) and srun ends the step
-    out = finish(proc, cluster, work)
-    jobs = train_jobs(work)
-    assert len(jobs) == 2 and jobs[0] == first_job, out[-3000:]  # one failed attempt, one retry
-    assert_resumed_equal(work, dp_run, out)
+    finish_after_one_retry(proc, cluster, work, dp_run, first_job)
 
 
 @pytest.mark.slurm
@@ -405,10 +412,7 @@ def test_host_crash_fails_the_job_at_the_collective_timeout_and_the_retry_resume
         f"{timed_out_s:.1f} s later; the host back, job {first_job} ended at {ended_s:.1f} s"
     )
     assert timed_out_s < COLLECTIVE_TIMEOUT_S + 10  # the collective that was in flight, plus one step
-    out = finish(proc, cluster, work)
-    jobs = train_jobs(work)
-    assert len(jobs) == 2 and jobs[0] == first_job, out[-3000:]  # one failed attempt, one retry
-    assert_resumed_equal(work, dp_run, out)
+    finish_after_one_retry(proc, cluster, work, dp_run, first_job)
 
 
 @pytest.mark.slurm
