@@ -97,6 +97,21 @@ def test_packed_option_scores_equal_one_row_per_option(lm: ParallelLM) -> None:
         option_logprobs_packed(lm, [[4]], [[[5], []]], batch_size=2)
 
 
+def test_logits_at_positions_equal_the_full_logits_there(lm: ParallelLM) -> None:
+    """``masked_logits(at=...)`` runs the output layer on the picked positions only: the same values as
+    the full [b, s, V] logits indexed there, in the [P, J, V] layout of the picks."""
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(3, VOCAB, (3, 10), generator=gen)
+    positions = torch.arange(10).expand(3, 10)
+    mask = torch.ones(10, 10, dtype=torch.bool).triu(1).expand(3, 1, 10, 10)
+    rows = torch.tensor([[2], [0], [2], [1]])
+    cols = torch.tensor([[9, 0, 4], [1, 1, 7], [3, 8, 2], [5, 6, 0]])
+    full = lm.masked_logits(tokens, positions, mask)
+    got = lm.masked_logits(tokens, positions, mask, at=(rows, cols))
+    assert got.shape == (4, 3, VOCAB)
+    torch.testing.assert_close(got, full[rows, cols], rtol=1e-6, atol=1e-5)
+
+
 def test_cache_rejects_sequences_past_the_position_table(lm: ParallelLM) -> None:
     with pytest.raises(ValueError, match="max_position_embeddings"):
         greedy_generate_cached(lm, [[5] * 60], 8, eos_id=1, batch_size=1)

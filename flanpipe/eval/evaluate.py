@@ -252,14 +252,13 @@ def option_logprobs_packed(
         sees = (seg[:, None, :] == 1) | (seg[:, :, None] == seg[:, None, :])
         real = (seg[:, :, None] != 0) & (seg[:, None, :] != 0)
         allowed = (causal & sees & real) | torch.eye(width, dtype=torch.bool)  # a pad attends only to itself
-        logits = scorer.masked_logits(tokens, pos, (~allowed).unsqueeze(1))
         row_i, first, n_opt = (torch.tensor(c) for c in zip(*picks, strict=True))
         n_in = torch.tensor([len(input_ids[ex]) for ex in idx])[row_i]
         j = torch.arange(int(n_opt.max()))[None, :]
         valid = j < n_opt[:, None]  # [P, J]
         at = (first[:, None] + j).clamp(max=width - 1)  # option token j's column
         pred = torch.where(j == 0, n_in[:, None] - 1, at - 1)  # the column whose logits predict it
-        picked = logits[row_i[:, None], pred]  # [P, J, V]
+        picked = scorer.masked_logits(tokens, pos, (~allowed).unsqueeze(1), at=(row_i[:, None], pred))  # [P, J, V]
         logp = torch.log_softmax(_float_logits(picked), dim=-1)
         tok_logp = logp.gather(-1, tokens[row_i[:, None], at].to(logp.device)[..., None]).squeeze(-1).double()
         sums = torch.where(valid, tok_logp, torch.zeros_like(tok_logp)).sum(-1).cpu().tolist()

@@ -61,6 +61,17 @@ def _rope_at(rope: torch.nn.Module, positions: torch.Tensor, *args: Any, **kwarg
     return emb[:, :, None, :]
 
 
+def _hidden_at(
+    at: tuple[torch.Tensor, torch.Tensor], module: torch.nn.Module, args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
+    """Forward pre-hook of the output layer: its input [s, b, h] cut to the positions ``at`` = (rows [P, 1],
+    cols [P, J]), laid out [J, P, h], so that GPTModel's closing [s, b] -> [b, s] transpose returns [P, J, V].
+    The same cut Megatron makes itself for last-token logits (``materialize_only_last_token_logits``)."""
+    rows, cols = at
+    hidden = args[0]
+    return (hidden[cols.t(), rows.t()], *args[1:]), kwargs
+
+
 class ParallelLM:
     """This rank's stage of a GPTModel replica (TP x PP ranks), scored with or without a KV cache."""
 
@@ -92,9 +103,16 @@ class ParallelLM:
             self.pp_group = ps.get_pipeline_model_parallel_group()
 
     def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, ctx: Any, out_len: int, mask: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: Any,
+        out_len: int,
+        mask: torch.Tensor | None = None,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One forward through the pipeline; logits [b, out_len, V] (float32, CPU) on every PP rank."""
+        """One forward through the pipeline; logits [b, out_len, V] (float32, CPU) on every PP rank, or with
+        ``at`` = (rows [P, 1], cols [P, J]) only those positions' logits, [P, J, V] (``_hidden_at``)."""
         import torch.distributed as dist
 
         b, s = tokens.shape
@@ -105,10 +123,19 @@ class ParallelLM:
             self.model.set_input_tensor(hidden)
         # mask None: the spec's causal mask (prefill), none needed for one new token per row
         mask = None if mask is None else mask.to(self.device)
-        out = self.model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
+        hook = None
+        if at is not None and self.last:
+            at = tuple(t.to(self.device) for t in at)
+            hook = self.model.output_layer.register_forward_pre_hook(partial(_hidden_at, at), with_kwargs=True)
+        try:
+            out = self.model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
+        finally:
+            if hook is not None:
+                hook.remove()
+        shape = (b, out_len) if at is None else tuple(at[1].shape)
         if not self.last:
             dist.send(out.contiguous(), dst=self.next_rank)
-            logits = torch.empty(b, out_len, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
+            logits = torch.empty(*shape, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
         else:
             logits = out.float().contiguous()
         if self.pp > 1:
@@ -136,18 +163,29 @@ class ParallelLM:
         return not getattr(self.model, "flanpipe_uses_te", False)
 
     @torch.no_grad()
-    def masked_logits(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Logits [b, s, V] of rows with explicit positions and a bool mask [b, 1, s, s] (True = masked)."""
+    def masked_logits(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Logits [b, s, V] of rows with explicit positions and a bool mask [b, 1, s, s] (True = masked).
+
+        ``at`` = (rows [P, 1], cols [P, J]): only the logits at (rows[p], cols[p, j]), [P, J, V]. Rank
+        classification reads a few positions per row (each option token's predictor), and the output layer
+        runs on those alone: on the default's few-shot prompts most of a row is input, whose logits no one reads.
+        """
         if int(positions.max()) >= self.cfg.max_position_embeddings:
             raise ValueError("a position is past max_position_embeddings")
         rope = getattr(self.model, "rotary_pos_emb", None)
         if rope is None:  # learned absolute positions: the embedding reads ``positions`` itself
-            return self._forward(tokens.long(), positions.long(), None, tokens.shape[1], mask)
+            return self._forward(tokens.long(), positions.long(), None, tokens.shape[1], mask, at)
         # GPTModel rotates by column, not by position_ids; for the duration of this call, this
         # instance's RoPE returns per-row angles [s, b, 1, d] (apply_rotary_pos_emb broadcasts over b)
         rope.forward = partial(_rope_at, rope, positions.to(self.device))
         try:
-            return self._forward(tokens.long(), positions.long(), None, tokens.shape[1], mask)
+            return self._forward(tokens.long(), positions.long(), None, tokens.shape[1], mask, at)
         finally:
             del rope.forward
 
