@@ -153,7 +153,8 @@ def test_lr_schedule_and_clipping_match_references():
 
 
 def test_cpu_rope_and_cross_entropy_match_megatrons():
-    """The CPU fast paths megatron_compat installs: RoPE bit for bit, TP=1 cross entropy to 1e-6."""
+    """The CPU fast paths megatron_compat installs: RoPE to 1 ulp (a fused multiply-add may round once where
+    Megatron rounds twice), TP=1 cross entropy to 1e-6."""
     from megatron.core import tensor_parallel
     from megatron.core.models.common.embeddings import rope_utils
 
@@ -165,9 +166,11 @@ def test_cpu_rope_and_cross_entropy_match_megatrons():
     t = torch.randn(16, 2, 4, 8, generator=gen, requires_grad=True)
     freqs = torch.randn(16, 1, 1, 8, generator=gen)
     ours, ref = rope(t, freqs), rope.original(t, freqs)
-    assert torch.equal(ours, ref)
+    torch.testing.assert_close(ours, ref, rtol=2.5e-7, atol=1e-6)
     g = torch.randn(ours.shape, generator=gen)
-    assert torch.equal(torch.autograd.grad(ours, t, g)[0], torch.autograd.grad(ref, t, g)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, t, g)[0], torch.autograd.grad(ref, t, g)[0], rtol=2.5e-7, atol=1e-6
+    )
 
     ce = tensor_parallel.vocab_parallel_cross_entropy
     logits = torch.randn(16, 2, 64, generator=gen)
@@ -179,6 +182,29 @@ def test_cpu_rope_and_cross_entropy_match_megatrons():
     assert torch.allclose(ours, ref, rtol=1e-6, atol=0)
     grads = [torch.autograd.grad(x.sum(), logits)[0] for x in (ours, ref)]
     assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_rmsnorm_matches_torchs():
+    """megatron_compat.CpuRMSNorm (what a CPU model's RMSNorms become): torch's forward exactly, its gradients
+    to float rounding; without grad (evaluation) torch's own path."""
+    from flanpipe.model import megatron_compat
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.nn.RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.rand(32, generator=gen) + 0.5)
+    ours = torch.nn.RMSNorm(32, eps=1e-5)
+    ours.load_state_dict(ref.state_dict())
+    megatron_compat.use_cpu_norms(torch.nn.Sequential(ours))
+    assert type(ours) is megatron_compat.CpuRMSNorm
+    x = torch.randn(7, 3, 32, generator=gen, requires_grad=True)
+    g = torch.randn(7, 3, 32, generator=gen)
+    a, b = ours(x), ref(x)
+    assert torch.equal(a, b)
+    for ga, gb in zip(torch.autograd.grad(a, [x, ours.weight], g), torch.autograd.grad(b, [x, ref.weight], g)):
+        torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
 
 
 def test_cpu_swiglu_matches_megatrons_unfused_mlp_bit_for_bit():

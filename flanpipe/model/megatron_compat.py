@@ -352,11 +352,14 @@ class _RopeHalves(torch.autograd.Function):
     Megatron's unfused form builds ``rotate_half`` with a negation and a ``cat`` (a full copy of q and k),
     and autograd's backward undoes both with another negation and ``cat``. The result is laid out head by
     head ([b, heads, s, dim] in memory, seen as [s, b, heads, dim]), so the attention kernel's contiguous
-    copy of q and k (flanpipe.model.gpt) is free. Per half, the same products
-    and sums in the same order (a + (-b) is a - b in IEEE arithmetic), so the result and the gradient
-    are bit for bit Megatron's:
+    copy of q and k (flanpipe.model.gpt) is free. Per half, one ``addcmul_`` adds the rotated product in
+    place (no temporary, one pass less over q and k each way):
         out1 = t1 c1 - t2 s1                 d t1 = g1 c1 + g2 s2
         out2 = t2 c2 + t1 s2                 d t2 = g2 c2 - g1 s1
+    The same products and sums as Megatron's; the CPU kernel may fuse a multiply-add (one rounding
+    instead of two), so values and gradients agree to 1 ulp (4.8e-7 on unit-scale inputs), not bit for
+    bit. Forward + backward of q or k [256, 8, 4, 32]: 1.9 vs 2.5 ms with a temporary (1 thread, 40 rounds
+    interleaved, quiet machine).
     """
 
     @staticmethod
@@ -368,8 +371,8 @@ class _RopeHalves(torch.autograd.Function):
         else:
             out = torch.empty_like(t)
         torch.mul(t, cos, out=out)
-        out[..., :h] -= t[..., h:] * sin[..., :h]
-        out[..., h:] += t[..., :h] * sin[..., h:]
+        out[..., :h].addcmul_(t[..., h:], sin[..., :h], value=-1.0)
+        out[..., h:].addcmul_(t[..., :h], sin[..., h:])
         ctx.save_for_backward(cos, sin)
         return out
 
@@ -378,8 +381,8 @@ class _RopeHalves(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         h = g.shape[-1] // 2
         grad = g * cos
-        grad[..., :h] += g[..., h:] * sin[..., h:]
-        grad[..., h:] -= g[..., :h] * sin[..., :h]
+        grad[..., :h].addcmul_(g[..., h:], sin[..., h:])
+        grad[..., h:].addcmul_(g[..., :h], sin[..., :h], value=-1.0)
         return grad, None, None
 
 
@@ -406,6 +409,55 @@ def _rope_bshd_halves(original: Callable[..., Any]) -> Callable[..., Any]:
 
     rope.original = original  # type: ignore[attr-defined]  # for the equality test
     return rope
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``x * rstd * w``, rstd = 1 / sqrt(mean(x^2) + eps), with its gradient written out by hand.
+
+    torch's RMSNorm has a fused CPU forward (``_fused_rms_norm``) but no CPU backward: autograd differentiates
+    the composite (pow, mean, add, rsqrt, two products), ~15 elementwise passes over the activations. By
+    hand, with xhat = x rstd and gw = g w:
+        dw = sum over rows of g xhat
+        dx = rstd (gw - xhat mean(gw xhat))
+    six passes. Same forward values (the same fused kernel); gradients agree to float rounding (1.5e-7).
+    Forward + backward of [256, 8, 256]: 7.3 vs 10.0 ms (1 thread, 60 rounds interleaved).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, w, rstd = ctx.saved_tensors
+        xhat = x * rstd
+        gw = g * w
+        dw = (g * xhat).reshape(-1, x.shape[-1]).sum(0)
+        dx = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)).mul_(rstd)
+        return dx, dw, None
+
+
+class CpuRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm (same parameters and state dict) whose training pass goes through ``_RMSNorm``;
+    no-grad passes (evaluation) and other dtypes keep torch's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or x.dtype != torch.float32 or self.weight is None:
+            return super().forward(x)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return _RMSNorm.apply(x, self.weight, eps)
+
+
+def use_cpu_norms(model: torch.nn.Module) -> None:
+    """Give every torch RMSNorm in ``model`` (Megatron's local spec builds them: ``WrappedTorchNorm``) the
+    hand-written backward (``CpuRMSNorm``). A no-op without torch's fused CPU forward (torch < 2.9)."""
+    if not hasattr(torch.ops.aten, "_fused_rms_norm"):
+        return
+    for module in model.modules():
+        if type(module) is torch.nn.RMSNorm and len(module.normalized_shape) == 1:
+            module.__class__ = CpuRMSNorm
 
 
 class _SwiGLU(torch.autograd.Function):
