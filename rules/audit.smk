@@ -19,9 +19,8 @@ rule audit:
         parsed_templates=audit_template_facts,
         version=stage_version("audit"),
     threads: 2
-    # A run's audit gates its training (rule train takes it as input), so it goes ahead of everything else,
-    # training included (priority 10): a held-out run's audit that waited for two free cores behind the base
-    # model's evaluate jobs held that run's training back ~95 s in a default DAG.
+    # A run's audit gates its training (rule train takes it as input): what a training run waits on goes ahead
+    # of everything else, training included (priority 10), as rule pack does.
     priority: 20
     log:
         "logs/audit/{run}.log",

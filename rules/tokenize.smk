@@ -34,6 +34,9 @@ rule pack:
         seed=config["mixture"]["seed"],
         version=stage_version("pack"),
     threads: 4
+    # What a training run waits on goes first (as rule audit): a held-out run's pack left waiting for two free
+    # cores (behind the base model's training, then its evaluate jobs) started that run's training ~80 s late.
+    priority: 20
     log:
         "logs/pack/{run}.log",
     benchmark:

@@ -33,9 +33,9 @@ rule train:
         ops=contract.train_ops(config),  # operational (log/save cadence, micro-batch, TP/PP): never a rerun
         version=stage_version("train"),
     threads: train_threads  # the two held-out runs train side by side; split over ranks
-    # Training is the DAG's critical path: every evaluation and the report wait on a run. Without a priority
-    # Snakemake handed a free core to the base model's evaluate jobs first, and the second held-out run
-    # waited for them: it started 64 s after the first (221 s default DAG, 2 cores).
+    # Training is the DAG's critical path: every evaluation and the report wait on a run, so a free core goes
+    # to a run before any evaluate job; its own inputs (pack, audit: priority 20) before it. Without these,
+    # the default's second held-out run started 64-80 s after the first (2 cores).
     priority: 10
     log:
         "logs/train/{run}.log",
