@@ -201,7 +201,8 @@ def test_cpu_rmsnorm_matches_torchs():
     g = torch.randn(7, 3, 32, generator=gen)
     a, b = ours(x), ref(x)
     assert torch.equal(a, b)
-    for ga, gb in zip(torch.autograd.grad(a, [x, ours.weight], g), torch.autograd.grad(b, [x, ref.weight], g)):
+    grads = (torch.autograd.grad(y, [x, norm.weight], g) for y, norm in ((a, ours), (b, ref)))
+    for ga, gb in zip(*grads, strict=True):
         torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
