@@ -113,3 +113,22 @@ def test_adding_an_eval_only_dataset_plans_only_its_evaluation(built: Path) -> N
     assert own <= {j.split("[")[0] for j in new} <= own | {"audit"}, new
     assert "audit[run=heldout_nli]" in replanned  # new here, or already planned by an earlier edit of this module
     assert {j for j in new if "rte_test_only" not in j} <= {"audit[run=heldout_nli]"}, new  # nli's own job is kept
+
+
+@pytest.mark.slow
+def test_what_training_waits_on_is_scheduled_first(built: Path) -> None:
+    """Rule priorities put the critical path first on a busy machine: a run's pack and audit (what its training
+    waits on), then training, then everything else (evaluation above all, which would otherwise take the core a
+    waiting run needs: the default DAG's second held-out run once started 64-80 s after the first)."""
+    jobs: list[list] = []
+    for line in snakemake(built, "--dry-run", "--forceall").splitlines():
+        if m := JOB.match(line):
+            jobs.append([m.group(1), 0])
+        elif (m := re.match(r"^\s+priority: (\d+)$", line)) and jobs:
+            jobs[-1][1] = int(m.group(1))
+    by_rule: dict[str, set[int]] = {}
+    for rule, priority in jobs:
+        by_rule.setdefault(rule, set()).add(priority)
+    assert by_rule["pack"] == by_rule["audit"] == {20}
+    assert by_rule["train"] == {10}
+    assert all(p == {0} for rule, p in by_rule.items() if rule not in {"pack", "audit", "train"}), by_rule
