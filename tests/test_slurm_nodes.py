@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,25 @@ def job_env(cluster: SlurmCluster) -> dict[str, str]:
     return {**venv(cluster.env), "FLANPIPE_COLLECTIVE_TIMEOUT_S": str(COLLECTIVE_TIMEOUT_S)}
 
 
+_BACKGROUND: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_snakemake_left() -> Iterator[None]:
+    """A test that fails while its snakemake runs leaves none behind: it would outlive the cluster, polling
+    daemons that are gone (three were found still running after the host-crash test had failed)."""
+    yield
+    while _BACKGROUND:
+        proc = _BACKGROUND.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def snakemake_slurm(cluster: SlurmCluster, work: Path, *targets: str) -> subprocess.Popen[str]:
     """`snakemake --profile slurm TARGETS` in ``work``, in the background; output in work/snakemake.out."""
     out = open(work / "snakemake.out", "w")  # noqa: SIM115 (closed by finish())
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--profile", "slurm", *targets],
         cwd=work,
         env=job_env(cluster),
@@ -138,6 +154,8 @@ def snakemake_slurm(cluster: SlurmCluster, work: Path, *targets: str) -> subproc
         stderr=subprocess.STDOUT,
         text=True,
     )
+    _BACKGROUND.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen[str], cluster: SlurmCluster, work: Path, timeout_s: float = 900) -> str:
