@@ -268,6 +268,55 @@ def test_sdpa_attention_matches_megatrons_on_packed_rows():
             assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)
 
 
+def test_tuning_scores_only_the_trained_positions_with_the_same_loss_and_gradients():
+    """forward_step runs the output layer and cross entropy on the loss-carrying positions alone
+    (gpt.logits_at): the loss sum, the token count and every gradient equal the full forward's."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    from flanpipe.model.gpt import init_single_process
+    from flanpipe.train.loop import forward_step, output_layer, target_positions
+    from flanpipe.train.rows import training_batch
+
+    init_single_process()
+    torch.manual_seed(0)
+    model = model_provider(ModelConfig(**MODEL))
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, 64, (3, 16), generator=gen)
+    segments = torch.tensor([[1] * 6 + [2] * 7 + [0] * 3, [1] * 16, [4] * 9 + [5] * 7])
+    loss_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0], [0] * 10 + [1] * 6, [0] * 7 + [1] * 9])
+    batch = training_batch(tokens, segments, loss_mask)
+    trained = int((batch["loss_mask"] != 0).sum())
+    assert 0 < trained < tokens.numel()
+
+    def run(cut: bool) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        if cut:
+            output, finish = forward_step(iter([batch]), model)
+            assert output.shape == (trained, 1)  # one cross entropy per trained position, none elsewhere
+        else:  # the plain call: logits and cross entropy at every position, then masked
+            output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+            finish = lambda out: (torch.sum(out.float() * batch["loss_mask"]), int(batch["loss_mask"].sum()))  # noqa: E731
+        loss_sum, count = finish(output)[:2]
+        loss_sum.backward()
+        return loss_sum.detach(), int(count), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, cut = run(cut=False), run(cut=True)
+    assert cut[1] == full[1] == trained
+    assert torch.allclose(cut[0], full[0], rtol=1e-6, atol=1e-6), (cut[0], full[0])
+    for name, grad in full[2].items():
+        assert torch.allclose(cut[2][name], grad, rtol=1e-5, atol=1e-7), name
+
+    # Rows trained everywhere (LM pretraining) and a stage without the output layer are left whole.
+    head = get_attr_wrapped_model(model, "output_layer")
+    assert output_layer(model) is head
+    ones = torch.ones_like(batch["loss_mask"])
+    assert target_positions(batch["labels"], ones, head)[2] is None
+    assert target_positions(batch["labels"], batch["loss_mask"], None)[2] is None
+    labels, mask, (rows, cols) = target_positions(batch["labels"], batch["loss_mask"], head)
+    assert labels.shape == mask.shape == rows.shape == cols.shape == (trained, 1)
+    assert torch.equal(labels[:, 0], batch["labels"][batch["loss_mask"] != 0])
+
+
 def test_a_train_job_alone_in_the_dag_gets_every_core():
     from flanpipe.core.threads import train_job_threads
 

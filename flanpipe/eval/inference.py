@@ -39,6 +39,7 @@ import torch
 from flanpipe.core.model_config import ModelConfig
 from flanpipe.eval.layout import check_eval_layout
 from flanpipe.model import megatron_compat
+from flanpipe.model.gpt import logits_at
 
 
 def _right_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int = 0) -> torch.LongTensor:
@@ -59,17 +60,6 @@ def _rope_at(rope: torch.nn.Module, positions: torch.Tensor, *args: Any, **kwarg
     else:
         emb = torch.cat((freqs, freqs), dim=-1)
     return emb[:, :, None, :]
-
-
-def _hidden_at(
-    at: tuple[torch.Tensor, torch.Tensor], module: torch.nn.Module, args: tuple, kwargs: dict
-) -> tuple[tuple, dict]:
-    """Forward pre-hook of the output layer: its input [s, b, h] cut to the positions ``at`` = (rows [P, 1],
-    cols [P, J]), laid out [J, P, h], so that GPTModel's closing [s, b] -> [b, s] transpose returns [P, J, V].
-    The same cut Megatron makes itself for last-token logits (``materialize_only_last_token_logits``)."""
-    rows, cols = at
-    hidden = args[0]
-    return (hidden[cols.t(), rows.t()], *args[1:]), kwargs
 
 
 class ParallelLM:
@@ -112,7 +102,7 @@ class ParallelLM:
         at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One forward through the pipeline; logits [b, out_len, V] (float32, CPU) on every PP rank, or with
-        ``at`` = (rows [P, 1], cols [P, J]) only those positions' logits, [P, J, V] (``_hidden_at``)."""
+        ``at`` = (rows [P, 1], cols [P, J]) only those positions' logits, [P, J, V] (gpt.logits_at)."""
         import torch.distributed as dist
 
         b, s = tokens.shape
@@ -123,15 +113,9 @@ class ParallelLM:
             self.model.set_input_tensor(hidden)
         # mask None: the spec's causal mask (prefill), none needed for one new token per row
         mask = None if mask is None else mask.to(self.device)
-        hook = None
-        if at is not None and self.last:
-            at = tuple(t.to(self.device) for t in at)
-            hook = self.model.output_layer.register_forward_pre_hook(partial(_hidden_at, at), with_kwargs=True)
-        try:
+        at = None if at is None or not self.last else tuple(t.to(self.device) for t in at)
+        with logits_at(getattr(self.model, "output_layer", None), at):
             out = self.model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
-        finally:
-            if hook is not None:
-                hook.remove()
         shape = (b, out_len) if at is None else tuple(at[1].shape)
         if not self.last:
             dist.send(out.contiguous(), dst=self.next_rank)

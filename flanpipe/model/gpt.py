@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +280,42 @@ def sdpa_core_attention() -> type:
 
     _SDPA_CORE_ATTENTION = SdpaDotProductAttention
     return SdpaDotProductAttention
+
+
+def _hidden_at(
+    at: tuple[torch.Tensor, torch.Tensor], module: torch.nn.Module, args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
+    """Forward pre-hook of the output layer: its input [s, b, h] cut to the positions ``at`` = (rows [P, 1],
+    cols [P, J]), laid out [J, P, h], so that GPTModel's closing [s, b] -> [b, s] transpose returns [P, J, V]."""
+    rows, cols = at
+    hidden = args[0]
+    return (hidden[cols.t(), rows.t()], *args[1:]), kwargs
+
+
+@contextmanager
+def logits_at(output_layer: torch.nn.Module | None, at: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+    """While open, ``output_layer`` (a GPTModel's, the last pipeline stage's) runs only on the positions
+    ``at`` = (rows [P, 1], cols [P, J]): the model returns logits [P, J, V] (or, given labels [P, J], their
+    cross entropy [P, J]) instead of [b, s, ...]. The cut Megatron makes itself for last-token logits
+    (``materialize_only_last_token_logits``), at any positions.
+
+    Why: the output layer costs 2 h V FLOPs per position forward (4 h V backward) and its logits 4 V bytes,
+    for positions that may never be read: rank classification reads each option token's predictor, and
+    instruction tuning trains on the targets alone (a quarter of the default's packed positions). The
+    positions' hidden states are those of the full forward, so what is computed is the same up to float
+    summation order. ``at`` or ``output_layer`` None (a stage without one) changes nothing. The cut needs
+    the whole sequence at the output layer: with sequence parallelism (never on in flanpipe) it is refused.
+    """
+    if at is None or output_layer is None:
+        yield
+        return
+    if getattr(output_layer, "sequence_parallel", False):
+        raise ValueError("logits_at: the output layer's input is split over the sequence (sequence parallelism)")
+    hook = output_layer.register_forward_pre_hook(partial(_hidden_at, at), with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def mask_padded_vocab(output_layer: torch.nn.Module, real: int, padded: int, tp: int) -> None:
