@@ -31,6 +31,19 @@ def test_pack_and_launch_jobs_import_neither_torch_nor_megatron() -> None:
     assert _loaded(code, ("torch", "megatron")) == []
 
 
+def test_ingest_and_render_jobs_load_neither_the_schema_validator_nor_arrow() -> None:
+    """~80 of the default's ~130 jobs ingest or render: they rebuild a spec from its facts (no registry file
+    to validate: jsonschema loads in load_registry) and render patterns through Polars (pyarrow and numpy
+    load when Jinja rows are rendered)."""
+    code = (
+        "from flanpipe.core.registry import spec_from_facts\n"
+        "from flanpipe.data.ingest import ingest_split\n"
+        "from flanpipe.data.formats import FormatMix\n"
+        "from flanpipe.data.templates import render_shard, render_eval_shard\n"
+    )
+    assert _loaded(code, ("jsonschema", "pyarrow", "numpy", "torch")) == []
+
+
 def test_an_evaluate_job_loads_no_metric_library_and_no_compiler_at_import() -> None:
     """rouge_score (-> nltk -> scipy) and sacrebleu load on first use; Megatron's @jit_fuser kernels are
     decorated without importing torch._dynamo / torch._inductor."""

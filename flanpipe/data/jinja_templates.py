@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 from jinja2 import StrictUndefined, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.exceptions import TemplateError as JinjaError
@@ -72,19 +71,26 @@ ROW_SECONDS = 1.0
 GLOBALS = ("range", "zip", "enumerate", "namespace", "dict", "cycler", "joiner")
 PROMPTSOURCE_FILTERS = ("choice", "most_frequent", "highlight", "random")  # "random": jinja's, re-seeded
 _PIPE_ESCAPE = "\ue0f1\ue0f2\ue0f1"  # private-use code points: upper/title/trim leave them alone
-_ARROW_TYPES = {
-    "dataset": pa.large_string(),
-    "cluster": pa.large_string(),
-    "split": pa.large_string(),
-    "example_id": pa.int64(),
-    "template_id": pa.int32(),
-    "turned_around": pa.bool_(),
-    "inputs": pa.large_string(),
-    "targets": pa.large_string(),
-    "options": pa.large_list(pa.large_string()),
-}
 _ENTRY_KEYS = {"kind", "name", "jinja", "answer_choices", "label", "label_offset", "variables", "turned_around"}
 INDEXED_FIELD = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*)\[(?P<index>\d+)\]$")  # a variable shape "options[0]"
+
+
+def _arrow_types() -> dict[str, Any]:
+    """The shard's columns as Arrow types; pyarrow loads here, when Jinja rows are rendered (~120 ms with
+    numpy), not in every render job that imports this module."""
+    import pyarrow as pa
+
+    return {
+        "dataset": pa.large_string(),
+        "cluster": pa.large_string(),
+        "split": pa.large_string(),
+        "example_id": pa.int64(),
+        "template_id": pa.int32(),
+        "turned_around": pa.bool_(),
+        "inputs": pa.large_string(),
+        "targets": pa.large_string(),
+        "options": pa.large_list(pa.large_string()),
+    }
 
 
 class RenderLimitError(SecurityError):
@@ -484,7 +490,10 @@ def render_rows(
             file=sys.stderr,
         )
     # through Arrow: Polars' Python constructor builds one Series per inner options list (half the time)
-    arrow = pa.table({k: pa.array(v, type=_ARROW_TYPES[k]) for k, v in out.items()})
+    import pyarrow as pa
+
+    types = _arrow_types()
+    arrow = pa.table({k: pa.array(v, type=types[k]) for k, v in out.items()})
     return pl.from_arrow(arrow).cast(SHARD_SCHEMA)  # type: ignore[union-attr,return-value]
 
 
