@@ -113,8 +113,8 @@ class ParallelLM:
             self.model.set_input_tensor(hidden)
         # mask None: the spec's causal mask (prefill), none needed for one new token per row
         mask = None if mask is None else mask.to(self.device)
-        at = None if at is None or not self.last else tuple(t.to(self.device) for t in at)
-        with logits_at(getattr(self.model, "output_layer", None), at):
+        cut = None if at is None or not self.last else tuple(t.to(self.device) for t in at)
+        with logits_at(getattr(self.model, "output_layer", None), cut):
             out = self.model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
         shape = (b, out_len) if at is None else tuple(at[1].shape)
         if not self.last:
