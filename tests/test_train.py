@@ -309,6 +309,14 @@ def test_tuning_scores_only_the_trained_positions_with_the_same_loss_and_gradien
     # Rows trained everywhere (LM pretraining) and a stage without the output layer are left whole.
     head = get_attr_wrapped_model(model, "output_layer")
     assert output_layer(model) is head
+
+    class Wrapper(torch.nn.Module):  # as Megatron's DDP and Float16Module hold the GPTModel: ``.module``
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+    assert output_layer(Wrapper(Wrapper(model))) is head
+    assert output_layer(Wrapper(torch.nn.Linear(2, 2))) is None  # a pipeline stage without the output layer
     ones = torch.ones_like(batch["loss_mask"])
     assert target_positions(batch["labels"], ones, head)[2] is None
     assert target_positions(batch["labels"], batch["loss_mask"], None)[2] is None
