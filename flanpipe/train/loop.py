@@ -236,8 +236,9 @@ def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.
         return output, partial(loss_func, flat["loss_mask"])
     mask = batch["attention_mask"]
     mask = None if plain_causal(mask) else mask  # rows of one document each: the model's causal default
-    labels, loss_mask, at = target_positions(batch["labels"], batch["loss_mask"], output_layer(model))
-    with logits_at(output_layer(model), at):
+    head = output_layer(model)
+    labels, loss_mask, at = target_positions(batch["labels"], batch["loss_mask"], head)
+    with logits_at(head, at):
         output = model(batch["tokens"], batch["position_ids"], mask, labels=labels)
     return output, partial(loss_func, loss_mask)
 
@@ -258,9 +259,10 @@ def target_positions(
     carry loss (FLAN's 1,024 inputs + 256 targets: at most a fifth), and the logits and cross entropy of the
     rest are multiplied by 0. Scoring the P trained positions alone gives the same loss and gradients up to
     float summation order, minus the output layer's 6 h V FLOPs (forward + backward) and the cross entropy
-    at every other position: 8-9% of the default's tuning step on a CPU (`flanpipe bench train` has no such
-    rows: its loss covers every position). The positions go out as one row [P, 1] (loss mask of ones). A stage
-    without the output layer, or rows trained everywhere (LM pretraining), keep [b, s].
+    at every other position: 1.08x on the default's tuning step, forward + backward, on a CPU (`flanpipe
+    bench train` has no such rows: its loss covers every position). The positions go out as one row [P, 1],
+    labels and loss-mask values alike. A stage without the output layer, or rows trained everywhere (LM
+    pretraining) or nowhere, keep [b, s].
     """
     if head is None:
         return labels, loss_mask, None
